@@ -1,0 +1,188 @@
+"""The host side of the agent protocol: one client per VM, treating every guest byte as hostile.
+
+A frame larger than ``MAX_GUEST_PAYLOAD``, a frame of a type or request the host did not ask
+for, bad JSON or an EXIT with fields of the wrong type raise ``AgentProtocolError``; the caller
+then destroys the VM. The host also enforces the output cap itself, whatever the guest claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fission.agent import protocol
+from fission.agent.protocol import FrameType
+from fission.errors import AgentProtocolError, VMError
+
+OutputSink = Callable[[str, bytes], None]
+STDIN_CHUNK = 64 * 1024
+STREAM_NAMES = {FrameType.STDOUT: "stdout", FrameType.STDERR: "stderr"}
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """What the agent is asked to run; see ``guest.Execution`` for how each field is used."""
+
+    argv: list[str]
+    env: dict[str, str]
+    timeout: float
+    memory_bytes: int
+    pids_max: int
+    output_limit: int
+    cwd: str | None = None
+    script: str | None = None
+    script_name: str = "main"
+    stdin: bool = False
+
+
+@dataclass(frozen=True)
+class ExecOutcome:
+    """How a program ended, as reported by the agent (or by the host's own deadline)."""
+
+    exit_code: int
+    signal: int
+    timed_out: bool
+    oom: bool
+    output_truncated: bool
+    duration_ms: float
+
+
+def parse_exit(message: dict[str, Any]) -> ExecOutcome:
+    """Validate an EXIT frame's fields; anything malformed is an AgentProtocolError."""
+    try:
+        exit_code, sig = message["exit_code"], message["signal"]
+        flags = [message[name] for name in ("timed_out", "oom", "output_truncated")]
+        duration = message["duration_ms"]
+    except KeyError as exc:
+        raise AgentProtocolError(f"EXIT frame lacks {exc.args[0]!r}") from exc
+    if type(exit_code) is not int or not 0 <= exit_code <= 255:
+        raise AgentProtocolError(f"EXIT frame has a bad exit_code {exit_code!r}")
+    if type(sig) is not int or not 0 <= sig <= 128:
+        raise AgentProtocolError(f"EXIT frame has a bad signal {sig!r}")
+    if not all(type(flag) is bool for flag in flags):
+        raise AgentProtocolError("EXIT frame flags must be booleans")
+    if type(duration) not in (int, float) or duration < 0:
+        raise AgentProtocolError(f"EXIT frame has a bad duration_ms {duration!r}")
+    return ExecOutcome(exit_code, sig, flags[0], flags[1], flags[2], float(duration))
+
+
+class AgentClient:
+    """Speaks the framed protocol to one guest agent over a byte stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._next_request = 1
+        self.hello: dict[str, Any] = {}
+
+    async def _read_frame(self) -> protocol.Frame:
+        try:
+            header = await self._reader.readexactly(protocol.HEADER_SIZE)
+            frame_type, request_id, length = protocol.parse_header(
+                header, protocol.MAX_GUEST_PAYLOAD)
+            payload = await self._reader.readexactly(length) if length else b""
+        except protocol.ProtocolError as exc:
+            raise AgentProtocolError(f"the guest sent a malformed frame: {exc}") from exc
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise VMError("the guest closed the agent channel (the VM stopped)") from exc
+        return protocol.Frame(frame_type, request_id, payload)
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise VMError("the agent channel is closed (the VM stopped)") from exc
+
+    async def handshake(self, timeout: float) -> dict[str, Any]:
+        """Send INIT (wall clock and a fresh random seed) and wait for the agent's HELLO."""
+        init = {"time_ns": time.time_ns(), "seed": secrets.token_hex(64)}
+        await self._send(protocol.encode_json(FrameType.INIT, 0, init))
+        async with asyncio.timeout(timeout):
+            frame = await self._read_frame()
+        if frame.type != FrameType.HELLO:
+            raise AgentProtocolError(f"expected HELLO from the guest, got {frame.type.name}")
+        hello = self._decode(frame)
+        if hello.get("protocol") != protocol.PROTOCOL_VERSION:
+            raise AgentProtocolError(f"guest agent speaks protocol {hello.get('protocol')!r}, "
+                                     f"host speaks {protocol.PROTOCOL_VERSION}: rebuild images")
+        self.hello = hello
+        return hello
+
+    @staticmethod
+    def _decode(frame: protocol.Frame) -> dict[str, Any]:
+        try:
+            return protocol.decode_json(frame.payload)
+        except protocol.ProtocolError as exc:
+            raise AgentProtocolError(f"bad {frame.type.name} frame from the guest: {exc}") from exc
+
+    async def exec(self, request: ExecRequest, on_output: OutputSink,
+                   stdin: bytes | None = None) -> ExecOutcome:
+        """Run ``request`` and stream its output to ``on_output`` until the agent's EXIT.
+
+        The caller bounds the wait (the host-side deadline) and destroys the VM when it passes.
+        """
+        request_id = self._next_request
+        self._next_request += 1
+        message = asdict(request) | {"stdin": stdin is not None}
+        await self._send(protocol.encode_json(FrameType.EXEC, request_id, message))
+        feeder = None
+        if stdin is not None:
+            feeder = asyncio.create_task(self._feed_stdin(request_id, stdin))
+        try:
+            return await self._collect(request_id, request.output_limit, on_output)
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+
+    async def _feed_stdin(self, request_id: int, data: bytes) -> None:
+        for start in range(0, len(data), STDIN_CHUNK):
+            await self._send(protocol.encode(FrameType.STDIN, request_id,
+                                             data[start : start + STDIN_CHUNK]))
+        await self._send(protocol.encode(FrameType.STDIN, request_id, b""))
+
+    async def _collect(self, request_id: int, output_limit: int,
+                       on_output: OutputSink) -> ExecOutcome:
+        received = 0
+        host_truncated = False
+        while True:
+            frame = await self._read_frame()
+            if frame.request_id != request_id:
+                raise AgentProtocolError(
+                    f"the guest answered request {frame.request_id} while {request_id} runs")
+            if frame.type in STREAM_NAMES:
+                room = output_limit - received
+                data = frame.payload[: max(room, 0)]
+                if len(data) < len(frame.payload):
+                    host_truncated = True
+                if data:
+                    received += len(data)
+                    on_output(STREAM_NAMES[frame.type], data)
+            elif frame.type == FrameType.EXIT:
+                outcome = parse_exit(self._decode(frame))
+                if host_truncated and not outcome.output_truncated:
+                    outcome = ExecOutcome(outcome.exit_code, outcome.signal, outcome.timed_out,
+                                          outcome.oom, True, outcome.duration_ms)
+                return outcome
+            elif frame.type == FrameType.ERROR:
+                detail = str(self._decode(frame).get("message", "no detail"))[:2000]
+                raise VMError(f"the guest agent could not run the program: {detail}")
+            else:
+                raise AgentProtocolError(f"unexpected {frame.type.name} frame during a run")
+
+    async def kill(self, request_id: int) -> None:
+        """Ask the agent to kill a running request's processes."""
+        await self._send(protocol.encode_json(FrameType.KILL, request_id, {}))
+
+    async def close(self) -> None:
+        """Close the channel (the VM itself is the caller's to destroy)."""
+        self._writer.close()
+        try:
+            async with asyncio.timeout(1.0):
+                await self._writer.wait_closed()
+        except (TimeoutError, OSError):
+            pass

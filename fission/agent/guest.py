@@ -1,0 +1,553 @@
+"""The guest agent: PID 1 inside every fission microVM.
+
+Stdlib only (it runs on the guest image's Python, 3.9 or newer). The initramfs has already
+mounted /proc, /sys, the cgroup2 tree, /dev, /run and the writable root, brought ``lo`` up and
+set the hostname; the agent then:
+
+* opens its virtio-serial port (named ``org.fission.agent``) and speaks the framed protocol of
+  ``protocol.py`` over it;
+* runs each EXEC request as the unprivileged ``sandbox`` user (uid 1000) in a cgroup of its own
+  with memory, pids and (through the VM) CPU limits, with an environment built only from the
+  request, and a deadline after which the whole cgroup is killed;
+* streams stdout and stderr back in chunks, stops forwarding at the output cap and says so;
+* ends a run when its main process ends, killing whatever it left behind, and reaps every
+  zombie, since orphans are re-parented to PID 1.
+
+The agent never trusts a request to be well formed: a bad request gets an ERROR frame, and the
+agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+if __package__:
+    from . import protocol
+else:  # run as a script inside the guest, with protocol.py beside it
+    import protocol  # type: ignore[no-redef]
+
+AGENT_VERSION = "1"
+PORT_NAME = "org.fission.agent"
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+SANDBOX_HOME = "/home/sandbox"
+CGROUP_ROOT = "/sys/fs/cgroup"
+RUN_DIR = "/run/fission"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def log(message: str) -> None:
+    """Write one line to the kernel console (the VM's serial log on the host)."""
+    try:
+        with open("/dev/kmsg", "w") as kmsg:
+            kmsg.write(f"fission-agent: {message}\n")
+    except OSError:
+        sys.stderr.write(f"fission-agent: {message}\n")
+
+
+def find_port(sys_root: str = "/sys/class/virtio-ports") -> str:
+    """Return the /dev path of the agent's virtio-serial port."""
+    for entry in sorted(os.listdir(sys_root)):
+        try:
+            with open(os.path.join(sys_root, entry, "name")) as f:
+                if f.read().strip() == PORT_NAME:
+                    return "/dev/" + entry
+        except OSError:
+            continue
+    raise RuntimeError(f"no virtio port named {PORT_NAME}")
+
+
+def write_file(path: str, text: str) -> None:
+    """Write ``text`` to a (sysfs or cgroup) file."""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def read_cgroup_events(cgroup: str, name: str = "memory.events") -> dict[str, int]:
+    """Parse a cgroup ``key value`` file into a dict."""
+    events: dict[str, int] = {}
+    try:
+        with open(os.path.join(cgroup, name)) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                events[key] = int(value or 0)
+    except (OSError, ValueError):
+        pass
+    return events
+
+
+def build_env(requested: dict[str, str]) -> dict[str, str]:
+    """The program's whole environment: safe defaults overlaid with what the request names."""
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": SANDBOX_HOME,
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+    }
+    for key, value in requested.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key:
+            raise ValueError(f"bad environment entry {key!r}")
+        if "\0" in key or "\0" in value:
+            raise ValueError(f"environment entry {key!r} holds a NUL byte")
+        env[key] = value
+    return env
+
+
+class Execution:
+    """One program the agent is running for one request."""
+
+    def __init__(self, agent: Agent, request_id: int, request: dict[str, Any]) -> None:
+        self.agent = agent
+        self.request_id = request_id
+        argv = request.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("argv must be a non-empty list of strings")
+        if any("\0" in a for a in argv):
+            raise ValueError("argv holds a NUL byte")
+        self.argv = list(argv)
+        self.env = build_env(request.get("env") or {})
+        self.cwd = str(request.get("cwd") or SANDBOX_HOME)
+        self.timeout = float(request.get("timeout", 30.0))
+        self.memory_bytes = int(request.get("memory_bytes", 0))
+        self.pids_max = int(request.get("pids_max", 0))
+        self.output_limit = int(request.get("output_limit", 10 * 1024 * 1024))
+        self.wants_stdin = bool(request.get("stdin", False))
+        if self.timeout <= 0 or self.output_limit < 0:
+            raise ValueError("timeout must be positive and output_limit not negative")
+        self.script = request.get("script")
+        self.script_name = os.path.basename(str(request.get("script_name") or "main"))
+        self.workdir = os.path.join(RUN_DIR, str(request_id))
+        self.cgroup = os.path.join(CGROUP_ROOT, f"run-{request_id}")
+        self.pid = 0
+        self.status: int | None = None
+        self.stdin_fd = -1
+        self.stdin_buffer = bytearray()
+        self.stdin_closing = False
+        self.out_fds: dict[int, protocol.FrameType] = {}
+        self.forwarded = 0
+        self.truncated = False
+        self.timed_out = False
+        self.killed = False
+        self.started = 0.0
+        self.deadline = 0.0
+        self.drain_deadline = 0.0
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Prepare the cgroup and script file, then fork and exec the program."""
+        os.makedirs(self.workdir, mode=0o755, exist_ok=True)
+        argv = list(self.argv)
+        if isinstance(self.script, str):
+            path = os.path.join(self.workdir, self.script_name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.script)
+            os.chmod(path, 0o644)
+            argv.append(path)
+        os.mkdir(self.cgroup)
+        if self.memory_bytes > 0:
+            write_file(os.path.join(self.cgroup, "memory.max"), str(self.memory_bytes))
+            write_file(os.path.join(self.cgroup, "memory.swap.max"), "0")
+            write_file(os.path.join(self.cgroup, "memory.oom.group"), "1")
+        if self.pids_max > 0:
+            write_file(os.path.join(self.cgroup, "pids.max"), str(self.pids_max))
+        self._spawn(argv)
+        self.started = time.monotonic()
+        self.deadline = self.started + self.timeout
+
+    def _spawn(self, argv: list[str]) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        if self.wants_stdin:
+            in_r, in_w = os.pipe()
+        else:
+            in_r, in_w = os.open("/dev/null", os.O_RDONLY), -1
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        procs = os.path.join(self.cgroup, "cgroup.procs")
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            self._child(argv, procs, in_r, out_w, err_w, report_w)
+        for fd in (in_r, out_w, err_w, report_w):
+            os.close(fd)
+        failure = b""
+        while True:
+            chunk = os.read(report_r, 4096)
+            if not chunk:
+                break
+            failure += chunk
+        os.close(report_r)
+        self.pid = pid
+        self.agent.pids[pid] = self
+        for fd, kind in ((out_r, protocol.FrameType.STDOUT), (err_r, protocol.FrameType.STDERR)):
+            os.set_blocking(fd, False)
+            self.out_fds[fd] = kind
+            self.agent.selector.register(fd, selectors.EVENT_READ, ("out", self))
+        if in_w >= 0:
+            os.set_blocking(in_w, False)
+            self.stdin_fd = in_w
+        if failure:
+            self.agent.send(protocol.FrameType.STDERR, self.request_id,
+                            b"fission: cannot start program: " + failure + b"\n")
+
+    def _child(self, argv: list[str], procs: str, in_r: int, out_w: int, err_w: int,
+               report_w: int) -> None:
+        try:
+            os.setsid()
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM,
+                        signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            if report_w != 3:
+                os.dup2(report_w, 3)
+                os.set_inheritable(3, False)
+            os.closerange(4, 65536)
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+            os.setgroups([])
+            os.setgid(SANDBOX_GID)
+            os.setuid(SANDBOX_UID)
+            os.chdir(self.cwd)
+            os.execvpe(argv[0], argv, self.env)
+        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+            try:
+                os.write(3, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
+            finally:
+                os._exit(127)
+        os._exit(127)
+
+    # -- running -----------------------------------------------------------------------------
+    def on_output(self, fd: int) -> None:
+        """Read what the program wrote on ``fd`` and forward it within the output cap."""
+        try:
+            data = os.read(fd, protocol.OUTPUT_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_output(fd)
+            return
+        room = self.output_limit - self.forwarded
+        if room <= 0:
+            self.truncated = True
+            return
+        if len(data) > room:
+            data = data[:room]
+            self.truncated = True
+        self.forwarded += len(data)
+        self.agent.send(self.out_fds[fd], self.request_id, data)
+
+    def _close_output(self, fd: int) -> None:
+        self.agent.selector.unregister(fd)
+        os.close(fd)
+        del self.out_fds[fd]
+
+    def feed_stdin(self, data: bytes) -> None:
+        """Queue bytes for the program's stdin; empty ``data`` closes it after the queue."""
+        if self.stdin_fd < 0:
+            return
+        if data:
+            self.stdin_buffer += data
+        else:
+            self.stdin_closing = True
+        self.flush_stdin()
+
+    def flush_stdin(self) -> None:
+        """Write as much queued stdin as the pipe takes now."""
+        if self.stdin_fd < 0:
+            return
+        try:
+            while self.stdin_buffer:
+                written = os.write(self.stdin_fd, self.stdin_buffer[: 64 * 1024])
+                del self.stdin_buffer[:written]
+        except BlockingIOError:
+            pass
+        except OSError:  # the program closed its stdin: drop the rest
+            self.stdin_buffer.clear()
+            self.stdin_closing = True
+        if not self.stdin_buffer and self.stdin_closing:
+            os.close(self.stdin_fd)
+            self.stdin_fd = -1
+
+    def kill(self, timed_out: bool = False) -> None:
+        """Kill every process of this run (the whole cgroup)."""
+        self.timed_out = self.timed_out or timed_out
+        self.killed = True
+        try:
+            write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
+        except OSError as exc:
+            log(f"cgroup.kill of {self.cgroup} failed: {exc}")
+            if self.status is None and self.pid:
+                os.kill(-self.pid, signal.SIGKILL)
+
+    def tick(self, now: float) -> bool:
+        """Advance deadlines; return True when the run is over and EXIT has been sent."""
+        if self.status is None:
+            if now >= self.deadline and not self.timed_out:
+                self.kill(timed_out=True)
+            if self.stdin_fd >= 0 and self.stdin_buffer:
+                self.flush_stdin()
+            return False
+        if self.drain_deadline == 0.0:
+            # The main process is gone: whatever it left behind dies with it.
+            self.kill()
+            self.drain_deadline = now + DRAIN_SECONDS
+        if self.out_fds and now < self.drain_deadline:
+            return False
+        self.finish()
+        return True
+
+    def next_wakeup(self) -> float:
+        """The monotonic time at which tick() must next run."""
+        if self.status is None:
+            return self.deadline
+        return self.drain_deadline or time.monotonic()
+
+    def finish(self) -> None:
+        """Send EXIT, then release the pipes, the cgroup and the script directory."""
+        for fd in list(self.out_fds):
+            self._close_output(fd)
+        if self.stdin_fd >= 0:
+            os.close(self.stdin_fd)
+            self.stdin_fd = -1
+        events = read_cgroup_events(self.cgroup)
+        oom = events.get("oom_kill", 0) > 0 or events.get("oom_group_kill", 0) > 0
+        status = self.status or 0
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            exit_code, signal_number = 128 + sig, sig
+        else:
+            exit_code, signal_number = os.WEXITSTATUS(status), 0
+        self.agent.send_json(protocol.FrameType.EXIT, self.request_id, {
+            "exit_code": exit_code,
+            "signal": signal_number,
+            "timed_out": self.timed_out,
+            "oom": oom,
+            "output_truncated": self.truncated,
+            "duration_ms": round((time.monotonic() - self.started) * 1000.0, 3),
+        })
+        self.agent.pids.pop(self.pid, None)
+        self.agent.remove_cgroup_later(self.cgroup)
+        remove_tree(self.workdir)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory tree the agent made, ignoring what is already gone."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Agent:
+    """The agent's event loop: one channel, many executions, every child reaped."""
+
+    def __init__(self, channel_fd: int) -> None:
+        self.channel_fd = channel_fd
+        self.selector = selectors.DefaultSelector()
+        self.decoder = protocol.FrameDecoder(protocol.MAX_HOST_PAYLOAD)
+        self.executions: dict[int, Execution] = {}
+        self.pids: dict[int, Execution] = {}
+        self.stale_cgroups: list[str] = []
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.selector.register(channel_fd, selectors.EVENT_READ, ("channel", None))
+        self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
+
+    def send(self, frame_type: protocol.FrameType, request_id: int, payload: bytes) -> None:
+        """Write one whole frame to the host."""
+        view = memoryview(protocol.encode(frame_type, request_id, payload))
+        while view:
+            view = view[os.write(self.channel_fd, view):]
+
+    def send_json(self, frame_type: protocol.FrameType, request_id: int,
+                  message: dict[str, Any]) -> None:
+        """Write one control frame to the host."""
+        self.send(frame_type, request_id, protocol.dump_json(message))
+
+    def run(self) -> None:
+        """Serve requests until the VM is destroyed."""
+        while True:
+            now = time.monotonic()
+            wakeups = [e.next_wakeup() for e in self.executions.values()]
+            timeout = max(0.0, min(wakeups) - now) if wakeups else None
+            if any(e.stdin_buffer for e in self.executions.values()):
+                timeout = 0.01 if timeout is None else min(timeout, 0.01)
+            for key, _ in self.selector.select(timeout):
+                kind, execution = key.data
+                if kind == "channel":
+                    self.on_channel()
+                elif kind == "wake":
+                    self.reap()
+                elif kind == "out" and execution is not None:
+                    execution.on_output(key.fd)
+            self.reap()
+            now = time.monotonic()
+            for request_id, execution in list(self.executions.items()):
+                if execution.tick(now):
+                    del self.executions[request_id]
+            self.sweep_cgroups()
+
+    def on_channel(self) -> None:
+        """Read from the host and act on every whole frame."""
+        try:
+            data = os.read(self.channel_fd, 256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            time.sleep(0.05)  # host side disconnected; wait for a new connection
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except protocol.ProtocolError as exc:
+            log(f"bad frame from host: {exc}")
+            self.decoder = protocol.FrameDecoder(protocol.MAX_HOST_PAYLOAD)
+            self.send_json(protocol.FrameType.ERROR, 0, {"message": f"bad frame: {exc}"})
+            return
+        for frame in frames:
+            try:
+                self.handle(frame)
+            except Exception as exc:  # noqa: BLE001 - a bad request never stops the agent
+                log(f"request {frame.request_id} failed: {traceback.format_exc()}")
+                self.send_json(protocol.FrameType.ERROR, frame.request_id,
+                               {"message": f"{type(exc).__name__}: {exc}"})
+
+    def handle(self, frame: protocol.Frame) -> None:
+        """Act on one frame from the host."""
+        kind, rid = frame.type, frame.request_id
+        if kind == protocol.FrameType.INIT:
+            self.init(protocol.decode_json(frame.payload))
+            self.send_json(protocol.FrameType.HELLO, rid, {
+                "protocol": protocol.PROTOCOL_VERSION,
+                "agent": AGENT_VERSION,
+                "kernel": os.uname().release,
+            })
+        elif kind == protocol.FrameType.PING:
+            self.send_json(protocol.FrameType.PONG, rid, {})
+        elif kind == protocol.FrameType.EXEC:
+            if rid in self.executions:
+                raise ValueError(f"request {rid} is already running")
+            execution = Execution(self, rid, protocol.decode_json(frame.payload))
+            try:
+                execution.start()
+            except BaseException:
+                remove_tree(execution.workdir)
+                self.remove_cgroup_later(execution.cgroup)
+                raise
+            self.executions[rid] = execution
+        elif kind == protocol.FrameType.STDIN:
+            execution = self.executions.get(rid)
+            if execution is not None:
+                execution.feed_stdin(frame.payload)
+        elif kind == protocol.FrameType.KILL:
+            execution = self.executions.get(rid)
+            if execution is not None:
+                execution.kill()
+        else:
+            raise ValueError(f"frame type {kind.name} is not for the guest")
+
+    def init(self, message: dict[str, Any]) -> None:
+        """Set the wall clock and mix the host's seed into the kernel's random pool."""
+        time_ns = message.get("time_ns")
+        if isinstance(time_ns, int) and time_ns > 0:
+            try:
+                time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+            except OSError as exc:
+                log(f"cannot set the clock: {exc}")
+        seed = message.get("seed")
+        if isinstance(seed, str) and seed:
+            try:
+                with open("/dev/urandom", "wb") as f:
+                    f.write(bytes.fromhex(seed))
+            except (OSError, ValueError) as exc:
+                log(f"cannot seed the random pool: {exc}")
+
+    def reap(self) -> None:
+        """Collect every exited child; remember the status of the runs' main processes."""
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            execution = self.pids.get(pid)
+            if execution is not None and execution.status is None:
+                execution.status = status
+
+    def remove_cgroup_later(self, cgroup: str) -> None:
+        """Remove a run's cgroup once its last process is gone."""
+        self.stale_cgroups.append(cgroup)
+        self.sweep_cgroups()
+
+    def sweep_cgroups(self) -> None:
+        """Try to remove cgroups of finished runs; keep the busy ones for later."""
+        remaining = []
+        for cgroup in self.stale_cgroups:
+            try:
+                os.rmdir(cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    remaining.append(cgroup)
+        self.stale_cgroups = remaining
+
+
+def prepare_system() -> None:
+    """Delegate the cgroup controllers and protect the agent from the OOM killer."""
+    try:
+        write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "+memory +pids")
+    except OSError as exc:
+        log(f"cannot enable cgroup controllers: {exc}")
+    try:
+        write_file("/proc/self/oom_score_adj", "-1000")
+    except OSError:
+        pass
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+
+
+def main() -> None:
+    """Entry point inside the VM."""
+    prepare_system()
+    port = find_port()
+    channel_fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
+    log(f"ready on {port}")
+    Agent(channel_fd).run()
+
+
+if __name__ == "__main__":
+    while True:  # PID 1 must never exit: that would panic the guest kernel
+        try:
+            main()
+        except Exception:  # noqa: BLE001
+            log(f"agent crashed, restarting: {traceback.format_exc()}")
+            time.sleep(0.5)

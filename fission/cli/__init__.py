@@ -1,0 +1,30 @@
+"""The ``fission`` command line: a thin adapter over the orchestrator and the image builder."""
+
+from __future__ import annotations
+
+import typer
+
+from fission.cli import images, run
+
+app = typer.Typer(
+    name="fission",
+    help="Run untrusted code inside throwaway microVMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("run", context_settings={"allow_interspersed_args": True})(run.run_command)
+app.add_typer(images.app, name="images")
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print fission's version."""
+    from fission import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

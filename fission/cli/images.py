@@ -1,0 +1,64 @@
+"""`fission images build|list`: make and inspect the kernel, initramfs and root disks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fission.cli.errors import abort
+from fission.errors import FissionError
+
+app = typer.Typer(help="Build and list the VM images.", no_args_is_help=True)
+
+
+@app.command("build")
+def build_command(
+    languages: Annotated[list[str] | None, typer.Argument(help="python, node, bash or all.")] = None,
+) -> None:
+    """Build the kernel, initramfs and root disks (cached; rebuilt when inputs change)."""
+    from fission.images.build import build_images
+
+    try:
+        build_images(languages or ["all"])
+    except FissionError as exc:
+        abort(exc)
+
+
+@app.command("list")
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the built images and whether each is ready to run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fission.images.recipes import RECIPES
+    from fission.images.store import image_set, load_manifest
+
+    manifest = load_manifest()
+    rows = []
+    for name, recipe in RECIPES.items():
+        entry = manifest.get("rootfs", {}).get(name)
+        try:
+            image_set(name)
+            status = "ready"
+        except FissionError as exc:
+            status = "not built" if entry is None else f"stale: {exc.message}"
+        path = Path(entry["path"]) if entry else None
+        size = path.stat().st_blocks * 512 if path and path.exists() else 0
+        rows.append({"language": name, "status": status, "packages": list(recipe.packages),
+                     "path": str(path) if path else None, "size_mb": round(size / 2**20, 1)})
+    kernel = manifest.get("kernel", {})
+    if as_json:
+        typer.echo(json.dumps({"kernel": kernel.get("package"), "images": rows}, indent=2))
+        return
+    table = Table(title=f"fission images (kernel: {kernel.get('package', 'not built')})")
+    for column in ("language", "status", "packages", "size MB", "path"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["language"], row["status"], " ".join(row["packages"]),
+                      str(row["size_mb"]), row["path"] or "-")
+    Console().print(table)

@@ -1,0 +1,115 @@
+"""`fission run`: run code in a fresh microVM and exit with the program's exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fission.cli.errors import abort
+from fission.errors import FissionError, InvalidInput
+
+
+def read_code(code: str | None, file: Path | None) -> str:
+    """The program text from the argument or ``--file`` (exactly one of them)."""
+    if (code is None) == (file is None):
+        raise InvalidInput("give the code as an argument or with --file PATH (one of the two)")
+    if file is None:
+        assert code is not None
+        return code
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"--file {file}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise InvalidInput(f"--file {file} is a directory, not a file") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"--file {file} is not UTF-8 text") from exc
+    except OSError as exc:
+        raise InvalidInput(f"--file {file}: {exc.strerror}") from exc
+
+
+class LiveOutput:
+    """Writes output chunks to this process's stdout and stderr as they arrive."""
+
+    def __init__(self) -> None:
+        self.closed: set[str] = set()
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        if stream in self.closed:
+            return
+        target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        try:
+            target.write(data)
+            target.flush()
+        except BrokenPipeError:
+            self.closed.add(stream)
+
+
+async def _run_cancellable(spec, on_output):  # type: ignore[no-untyped-def]
+    """Run ``spec``; SIGTERM cancels the run so the VM is still destroyed."""
+    from fission.core.orchestrator import run
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run(spec, on_output)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def run_command(
+    code: Annotated[str | None, typer.Argument(help="The program text.", show_default=False)] = None,
+    lang: Annotated[str, typer.Option("--lang", "-l", help="python, node (javascript) or bash.")] = "python",
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the program from PATH.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds the program may run (boot excluded).")] = 30.0,
+    memory: Annotated[int, typer.Option(help="Memory for the program, in MB.")] = 256,
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    disk: Annotated[int, typer.Option(help="Writable disk space, in MB.")] = 512,
+    pids: Annotated[int, typer.Option(help="Most processes and threads at once.")] = 256,
+    output_limit: Annotated[float, typer.Option(help="Cap on stdout+stderr, in MB.")] = 10.0,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable; the host's environment never leaks in.")] = None,
+    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Pass this process's stdin to the program.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+) -> None:
+    """Run CODE in a fresh microVM; exit with its exit code (124 on timeout)."""
+    from fission.core.languages import resolve_language
+    from fission.core.limits import Limits, parse_env
+    from fission.core.spec import RunSpec
+
+    try:
+        spec = RunSpec(
+            language=resolve_language(lang),
+            code=read_code(code, file),
+            limits=Limits(timeout=timeout, memory_mb=memory, cpus=cpus, disk_mb=disk, pids=pids,
+                          output_limit_mb=output_limit),
+            env=parse_env(env or []),
+            stdin=sys.stdin.buffer.read() if stdin else None,
+        )
+        result = asyncio.run(_run_cancellable(spec, None if as_json else LiveOutput()))
+    except FissionError as exc:
+        abort(exc)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.stderr.write("fission: interrupted; the VM was destroyed\n")
+        raise SystemExit(130) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+    else:
+        notes = []
+        if result.timed_out:
+            notes.append(f"timed out after {spec.limits.timeout:g} s (--timeout)")
+        if result.oom:
+            notes.append(f"killed: out of memory (--memory {spec.limits.memory_mb} MB)")
+        if result.truncated:
+            notes.append(f"output truncated at {spec.limits.output_limit_mb:g} MB (--output-limit)")
+        for note in notes:
+            sys.stderr.write(f"fission: {note}\n")
+    sys.stdout.flush()
+    raise SystemExit(result.exit_code)

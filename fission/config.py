@@ -1,0 +1,31 @@
+"""Where fission keeps its files: the image cache and the per-VM runtime directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def cache_dir() -> Path:
+    """Root of the image cache (``FISSION_CACHE_DIR`` overrides the user cache dir)."""
+    override = os.environ.get("FISSION_CACHE_DIR")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("fission"))
+
+
+def runtime_dir() -> Path:
+    """Root of the per-VM directories: sockets, logs and disk overlays (``FISSION_RUNTIME_DIR``).
+
+    Unix socket paths are limited to 107 bytes, so the default is short: the user's runtime dir
+    when it exists, else ``/tmp/fission-<uid>``.
+    """
+    override = os.environ.get("FISSION_RUNTIME_DIR")
+    if override:
+        path = Path(override)
+    elif os.environ.get("XDG_RUNTIME_DIR") and os.path.isdir(os.environ["XDG_RUNTIME_DIR"]):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "fission"
+    else:
+        path = Path(f"/tmp/fission-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path

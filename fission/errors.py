@@ -1,0 +1,130 @@
+"""The one error hierarchy of fission.
+
+Every failure fission itself reports is a ``FissionError``; a program that exits non-zero inside a
+sandbox is a result, not an error. Each class carries a short ``code`` slug (for the API and
+``--json``) and the HTTP status a server answers with::
+
+    FissionError                      internal (500)
+    ├── InvalidInput                  invalid_input (400)
+    │   ├── UnknownLanguage           unknown_language (400)
+    │   └── LimitOutOfRange           limit_out_of_range (400)
+    ├── NotReady                      not_ready (503)
+    │   ├── ImagesNotBuilt            images_not_built (503)
+    │   └── MissingTool               missing_tool (503)
+    ├── ImageBuildFailed              image_build_failed (500)
+    ├── VMError                       vm_error (500)
+    │   ├── VMStartFailed             vm_start_failed (500)
+    │   ├── BootTimeout               boot_timeout (504)
+    │   └── AgentProtocolError        agent_protocol_error (502)
+    └── Busy                          busy (429)
+"""
+
+from __future__ import annotations
+
+
+class FissionError(Exception):
+    """Root of every error fission raises on purpose."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(FissionError):
+    """The caller asked for something that cannot be done as asked."""
+
+    code = "invalid_input"
+    http_status = 400
+
+
+class UnknownLanguage(InvalidInput):
+    """The language name is not one fission knows."""
+
+    code = "unknown_language"
+
+
+class LimitOutOfRange(InvalidInput):
+    """A resource limit is outside the range fission accepts."""
+
+    code = "limit_out_of_range"
+
+
+class NotReady(FissionError):
+    """The host lacks something fission needs before it can run code."""
+
+    code = "not_ready"
+    http_status = 503
+
+
+class ImagesNotBuilt(NotReady):
+    """The kernel, initramfs or root image for a language has not been built."""
+
+    code = "images_not_built"
+
+
+class MissingTool(NotReady):
+    """A host program fission needs is not installed."""
+
+    code = "missing_tool"
+
+
+class ImageBuildFailed(FissionError):
+    """Building a kernel, initramfs or root image failed."""
+
+    code = "image_build_failed"
+
+
+class VMError(FissionError):
+    """A microVM failed in a way that is not the user program's doing."""
+
+    code = "vm_error"
+
+
+class VMStartFailed(VMError):
+    """The VMM process could not be started or died while starting."""
+
+    code = "vm_start_failed"
+
+
+class BootTimeout(VMError):
+    """The guest agent did not answer within the boot deadline."""
+
+    code = "boot_timeout"
+    http_status = 504
+
+
+class AgentProtocolError(VMError):
+    """The guest sent something that breaks the agent protocol; the VM is destroyed."""
+
+    code = "agent_protocol_error"
+    http_status = 502
+
+
+class Busy(FissionError):
+    """No capacity is free within the caller's deadline."""
+
+    code = "busy"
+    http_status = 429
+
+
+ERRORS_BY_CODE: dict[str, type[FissionError]] = {
+    cls.code: cls
+    for cls in (
+        FissionError,
+        InvalidInput,
+        UnknownLanguage,
+        LimitOutOfRange,
+        NotReady,
+        ImagesNotBuilt,
+        MissingTool,
+        ImageBuildFailed,
+        VMError,
+        VMStartFailed,
+        BootTimeout,
+        AgentProtocolError,
+        Busy,
+    )
+}

@@ -1,0 +1,82 @@
+"""Finding the host programs image builds and VMs need, and running them with a log."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from fission.errors import ImageBuildFailed, MissingTool
+
+# Which Debian package ships each program, for error messages that say what to install.
+PACKAGE_OF: dict[str, str] = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "busybox": "busybox-static",
+    "apt-get": "apt",
+    "apt-cache": "apt",
+    "dpkg-deb": "dpkg",
+}
+
+
+def require_tool(name: str) -> str:
+    """Return the path of program ``name`` or raise MissingTool naming its package."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found is None:
+        package = PACKAGE_OF.get(name, name)
+        raise MissingTool(
+            f"{name} is not installed: install the Debian package '{package}' "
+            f"(apt-get install {package}) or run `make setup`"
+        )
+    return found
+
+
+def is_static_elf(data: bytes) -> bool:
+    """True when ``data`` is a 64-bit ELF executable with no program interpreter (static)."""
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # ELFCLASS64 only
+        return False
+    little = data[5] == 1
+    order = "little" if little else "big"
+    phoff = int.from_bytes(data[32:40], order)
+    phentsize = int.from_bytes(data[54:56], order)
+    phnum = int.from_bytes(data[56:58], order)
+    for index in range(phnum):
+        start = phoff + index * phentsize
+        if start + 4 > len(data):
+            return False
+        if int.from_bytes(data[start : start + 4], order) == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def run_logged(argv: list[str], log: Path, *, timeout: float, cwd: Path | None = None,
+               what: str) -> None:
+    """Run a build command with output to ``log``; raise ImageBuildFailed with its tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(("$ " + " ".join(argv) + "\n").encode())
+        out.flush()
+        try:
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise ImageBuildFailed(f"{what} took longer than {timeout:.0f} s; log: {log}") from exc
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise ImageBuildFailed(
+            f"{what} failed (exit {proc.returncode}); log: {log}\n" + "\n".join(tail)
+        )
+
+
+def capture(argv: list[str], *, timeout: float, what: str) -> str:
+    """Run a query command and return its stdout; raise ImageBuildFailed if it fails."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ImageBuildFailed(f"{what} took longer than {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        raise ImageBuildFailed(f"{what} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout

@@ -1,0 +1,114 @@
+"""Choosing the CPU accelerator: KVM when a probe boot proves it works here, else TCG.
+
+``/dev/kvm`` existing is not enough: on nested hosts with a paravirtual KVM, stock guest
+kernels hang. So the first time, fission boots the real guest kernel and initramfs under KVM
+with ``fission.probe=1`` (the initramfs prints a marker and powers off) and caches the answer,
+keyed by the host kernel, QEMU and the guest kernel. ``FISSION_ACCEL=kvm|tcg`` overrides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+from pathlib import Path
+
+from fission.config import cache_dir
+from fission.errors import InvalidInput
+from fission.images.recipes import cache_key
+
+ACCELS = ("kvm", "tcg")
+PROBE_MARKER = b"FISSION-PROBE-OK"
+PROBE_TIMEOUT = 20.0
+
+
+def accel_override() -> str | None:
+    """The accelerator forced by ``FISSION_ACCEL``, if any."""
+    value = os.environ.get("FISSION_ACCEL", "").strip().lower()
+    if not value:
+        return None
+    if value not in ACCELS:
+        raise InvalidInput(f"FISSION_ACCEL={value!r} is not valid: use kvm or tcg (or unset it)")
+    return value
+
+
+def kvm_device_usable(path: str = "/dev/kvm") -> bool:
+    """True when ``/dev/kvm`` exists and this user may open it read-write."""
+    return os.path.exists(path) and os.access(path, os.R_OK | os.W_OK)
+
+
+def tsc_khz(cpuinfo: str) -> int | None:
+    """The host TSC frequency in kHz from /proc/cpuinfo text (TCG's guest TSC runs at it)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            try:
+                return int(float(value) * 1000)
+            except ValueError:
+                return None
+    return None
+
+
+def tcg_kernel_args() -> tuple[str, ...]:
+    """Kernel arguments a TCG guest needs.
+
+    Under TCG the guest's TSC calibration against the PIT fails at random (emulation jitter),
+    and the kernel then hangs; telling it the TSC frequency skips the calibration.
+    """
+    try:
+        khz = tsc_khz(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        khz = None
+    return (f"tsc_early_khz={khz}",) if khz else ()
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "accel.json"
+
+
+async def probe_kvm(qemu: str, kernel: Path, initramfs: Path) -> bool:
+    """Boot the guest kernel under KVM and report whether the initramfs answered in time."""
+    argv = [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128",
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initramfs),
+            "-append", "console=ttyS0 quiet panic=-1 reboot=t fission.probe=1"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+    seen = b""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            assert proc.stdout is not None
+            while PROBE_MARKER not in seen:
+                chunk = await proc.stdout.read(4096)
+                if not chunk:
+                    break
+                seen = (seen + chunk)[-4096:]
+    except TimeoutError:
+        pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    return PROBE_MARKER in seen
+
+
+async def detect_accel(qemu: str, qemu_version: str, kernel: Path, initramfs: Path) -> str:
+    """``kvm`` or ``tcg`` for this host, probing once and caching the answer."""
+    forced = accel_override()
+    if forced:
+        return forced
+    if not kvm_device_usable():
+        return "tcg"
+    key = cache_key(platform.release(), qemu_version, str(kernel), str(initramfs))
+    try:
+        cached = json.loads(_cache_file().read_text())
+        if cached.get("key") == key and cached.get("accel") in ACCELS:
+            return str(cached["accel"])
+    except (OSError, ValueError):
+        pass
+    accel = "kvm" if await probe_kvm(qemu, kernel, initramfs) else "tcg"
+    _cache_file().parent.mkdir(parents=True, exist_ok=True)
+    _cache_file().write_text(json.dumps({"key": key, "accel": accel}))
+    return accel

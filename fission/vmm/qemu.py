@@ -1,0 +1,230 @@
+"""The QEMU driver: one ``qemu-system-x86_64 -M microvm`` process per VM.
+
+The command line is built by a pure function (``qemu_argv``) and unit-tested; ``QemuVM`` only
+spawns, watches and kills. What each VM gets:
+
+* no NIC at all (``-nic none``, and ``-nodefaults`` so no other device appears);
+* the language's root disk read-only, and a writable scratch disk attached with
+  ``snapshot=on``: QEMU writes to a temporary copy-on-write overlay in the VM's directory, so the
+  cached disk never changes and the writes vanish with the VM. The scratch disk's size is the
+  run's disk cap;
+* the agent on a virtio-serial port backed by a Unix socket, QMP on another;
+* virtio-rng fed from the host's /dev/urandom;
+* QEMU's seccomp sandbox (no obsolete syscalls, no privilege changes, no spawning, no
+  resource-control calls), and SIGKILL if the process that started it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from fission.errors import MissingTool, VMError, VMStartFailed
+from fission.images.tools import require_tool
+from fission.vmm.base import Capabilities, VirtualMachine, VMConfig
+
+AGENT_PORT_NAME = "org.fission.agent"
+SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1", "reboot=t", "cryptomgr.notests")
+TCG_TB_SIZE_MB = 128
+SOCKET_WAIT_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class QemuPaths:
+    """Files of one VM inside its directory."""
+
+    workdir: Path
+
+    @property
+    def agent_socket(self) -> Path:
+        """Unix socket of the agent's virtio-serial port."""
+        return self.workdir / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        """Unix socket of QMP."""
+        return self.workdir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        """The guest's serial console."""
+        return self.workdir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's own stdout and stderr."""
+        return self.workdir / "qemu.log"
+
+
+def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
+    """The full QEMU command line for ``config`` under ``accel`` (``kvm`` or ``tcg``)."""
+    paths = QemuPaths(config.workdir)
+    if accel == "kvm":
+        accel_args = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        accel_args = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MB}", "-cpu", "max"]
+    kernel_args = " ".join((*BASE_KERNEL_ARGS, *config.kernel_args))
+    return [
+        qemu,
+        "-name", f"fission-{config.vm_id},process=fission-{config.vm_id}",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        *accel_args,
+        "-smp", str(config.vcpus),
+        "-m", f"{config.memory_mb}M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-nic", "none",
+        "-sandbox", SANDBOX_OPTS,
+        "-serial", f"file:{paths.console_log}",
+        "-kernel", str(config.kernel),
+        "-initrd", str(config.initramfs),
+        "-append", kernel_args,
+        "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-drive", f"id=scratch,file={config.scratch},format=raw,if=none,snapshot=on",
+        "-device", "virtio-blk-device,drive=scratch",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+    ]
+
+
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64, or MissingTool naming the package."""
+    return require_tool("qemu-system-x86_64")
+
+
+def qemu_version(qemu: str) -> str:
+    """The version QEMU reports, e.g. ``7.2.19``."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MissingTool(f"{qemu} does not run: {exc}") from exc
+    match = re.search(r"version (\S+)", out)
+    return match.group(1) if match else out.strip()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL this process when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    """The last ``lines`` lines of a log file, or an empty string."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class QemuVM(VirtualMachine):
+    """One QEMU microVM process and the directory it owns."""
+
+    def __init__(self, config: VMConfig, qemu: str, accel: str) -> None:
+        self.config = config
+        self.qemu = qemu
+        self.accel = accel
+        self.paths = QemuPaths(config.workdir)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._destroyed = False
+
+    @property
+    def pid(self) -> int | None:
+        """The QEMU process id while it runs."""
+        if self._proc is None or self._proc.returncode is not None:
+            return None
+        return self._proc.pid
+
+    def capabilities(self) -> Capabilities:
+        """QEMU supports snapshots (used from the warm-start work on)."""
+        return Capabilities(name="qemu", accel=self.accel, snapshots=True)
+
+    async def start(self) -> None:
+        """Spawn QEMU; return once its sockets listen (the guest then boots on its own)."""
+        self.config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        argv = qemu_argv(self.qemu, self.config, self.accel)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.config.workdir)}
+        with self.paths.qemu_log.open("wb") as log:
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                    start_new_session=True, preexec_fn=_die_with_parent)
+            except OSError as exc:
+                raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SOCKET_WAIT_SECONDS
+        while not (self.paths.agent_socket.exists() and self.paths.qmp_socket.exists()):
+            if self._proc.returncode is not None:
+                raise VMStartFailed(f"QEMU exited with code {self._proc.returncode} while "
+                                    f"starting:\n{tail(self.paths.qemu_log)}")
+            if loop.time() > deadline:
+                raise VMStartFailed(f"QEMU did not open its sockets within "
+                                    f"{SOCKET_WAIT_SECONDS:.0f} s:\n{tail(self.paths.qemu_log)}")
+            await asyncio.sleep(0.005)
+
+    async def open_agent_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the agent's virtio-serial socket."""
+        return await asyncio.open_unix_connection(str(self.paths.agent_socket), limit=1 << 20)
+
+    async def qmp(self, command: str, **arguments: object) -> object:
+        """Run one QMP command (e.g. ``query-status``) and return its result."""
+        if self._destroyed:
+            raise VMError(f"VM {self.config.vm_id} is destroyed")
+        if self._qmp is None:
+            client = QMPClient(f"fission-{self.config.vm_id}")
+            async with asyncio.timeout(SOCKET_WAIT_SECONDS):
+                await client.connect(str(self.paths.qmp_socket))
+            self._qmp = client
+        async with asyncio.timeout(SOCKET_WAIT_SECONDS):
+            return await self._qmp.execute(command, dict(arguments) or None)
+
+    def diagnostics(self) -> str:
+        """Recent QEMU and guest console output."""
+        parts = []
+        qemu_tail, console_tail = tail(self.paths.qemu_log), tail(self.paths.console_log)
+        if qemu_tail:
+            parts.append("QEMU: " + qemu_tail)
+        if console_tail:
+            parts.append("guest console:\n" + console_tail)
+        return "\n".join(parts)
+
+    async def destroy(self) -> None:
+        """Kill QEMU (the VM is disposable: no orderly shutdown) and remove its directory."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._qmp is not None:
+            client, self._qmp = self._qmp, None
+            try:
+                async with asyncio.timeout(1.0):
+                    await client.disconnect()
+            except Exception:  # noqa: BLE001 - the process is killed next anyway
+                pass
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                async with asyncio.timeout(10.0):
+                    await proc.wait()
+            except TimeoutError:  # pragma: no cover - SIGKILL does not time out in practice
+                pass
+        shutil.rmtree(self.config.workdir, ignore_errors=True)
