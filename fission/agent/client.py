@@ -83,7 +83,8 @@ class AgentClient:
         try:
             header = await self._reader.readexactly(protocol.HEADER_SIZE)
             frame_type, request_id, length = protocol.parse_header(
-                header, protocol.MAX_GUEST_PAYLOAD)
+                header, protocol.MAX_GUEST_PAYLOAD
+            )
             payload = await self._reader.readexactly(length) if length else b""
         except protocol.ProtocolError as exc:
             raise AgentProtocolError(f"the guest sent a malformed frame: {exc}") from exc
@@ -108,8 +109,10 @@ class AgentClient:
             raise AgentProtocolError(f"expected HELLO from the guest, got {frame.type.name}")
         hello = self._decode(frame)
         if hello.get("protocol") != protocol.PROTOCOL_VERSION:
-            raise AgentProtocolError(f"guest agent speaks protocol {hello.get('protocol')!r}, "
-                                     f"host speaks {protocol.PROTOCOL_VERSION}: rebuild images")
+            raise AgentProtocolError(
+                f"guest agent speaks protocol {hello.get('protocol')!r}, "
+                f"host speaks {protocol.PROTOCOL_VERSION}: rebuild images"
+            )
         self.hello = hello
         return hello
 
@@ -120,8 +123,9 @@ class AgentClient:
         except protocol.ProtocolError as exc:
             raise AgentProtocolError(f"bad {frame.type.name} frame from the guest: {exc}") from exc
 
-    async def exec(self, request: ExecRequest, on_output: OutputSink,
-                   stdin: bytes | None = None) -> ExecOutcome:
+    async def exec(
+        self, request: ExecRequest, on_output: OutputSink, stdin: bytes | None = None
+    ) -> ExecOutcome:
         """Run ``request`` and stream its output to ``on_output`` until the agent's EXIT.
 
         The caller bounds the wait (the host-side deadline) and destroys the VM when it passes.
@@ -141,19 +145,22 @@ class AgentClient:
 
     async def _feed_stdin(self, request_id: int, data: bytes) -> None:
         for start in range(0, len(data), STDIN_CHUNK):
-            await self._send(protocol.encode(FrameType.STDIN, request_id,
-                                             data[start : start + STDIN_CHUNK]))
+            await self._send(
+                protocol.encode(FrameType.STDIN, request_id, data[start : start + STDIN_CHUNK])
+            )
         await self._send(protocol.encode(FrameType.STDIN, request_id, b""))
 
-    async def _collect(self, request_id: int, output_limit: int,
-                       on_output: OutputSink) -> ExecOutcome:
+    async def _collect(
+        self, request_id: int, output_limit: int, on_output: OutputSink
+    ) -> ExecOutcome:
         received = 0
         host_truncated = False
         while True:
             frame = await self._read_frame()
             if frame.request_id != request_id:
                 raise AgentProtocolError(
-                    f"the guest answered request {frame.request_id} while {request_id} runs")
+                    f"the guest answered request {frame.request_id} while {request_id} runs"
+                )
             if frame.type in STREAM_NAMES:
                 room = output_limit - received
                 data = frame.payload[: max(room, 0)]
@@ -165,8 +172,14 @@ class AgentClient:
             elif frame.type == FrameType.EXIT:
                 outcome = parse_exit(self._decode(frame))
                 if host_truncated and not outcome.output_truncated:
-                    outcome = ExecOutcome(outcome.exit_code, outcome.signal, outcome.timed_out,
-                                          outcome.oom, True, outcome.duration_ms)
+                    outcome = ExecOutcome(
+                        outcome.exit_code,
+                        outcome.signal,
+                        outcome.timed_out,
+                        outcome.oom,
+                        True,
+                        outcome.duration_ms,
+                    )
                 return outcome
             elif frame.type == FrameType.ERROR:
                 detail = str(self._decode(frame).get("message", "no detail"))[:2000]

@@ -19,6 +19,7 @@ agent keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -197,17 +198,29 @@ class Execution:
             os.set_blocking(in_w, False)
             self.stdin_fd = in_w
         if failure:
-            self.agent.send(protocol.FrameType.STDERR, self.request_id,
-                            b"fission: cannot start program: " + failure + b"\n")
+            self.agent.send(
+                protocol.FrameType.STDERR,
+                self.request_id,
+                b"fission: cannot start program: " + failure + b"\n",
+            )
 
-    def _child(self, argv: list[str], procs: str, in_r: int, out_w: int, err_w: int,
-               report_w: int) -> None:
+    def _child(
+        self, argv: list[str], procs: str, in_r: int, out_w: int, err_w: int, report_w: int
+    ) -> None:
         try:
             os.setsid()
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM,
-                        signal.SIGINT):
+            # The agent shields itself from the OOM killer; its children must not inherit that.
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("0")
+            for sig in (
+                signal.SIGPIPE,
+                signal.SIGXFSZ,
+                signal.SIGCHLD,
+                signal.SIGTERM,
+                signal.SIGINT,
+            ):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.dup2(in_r, 0)
@@ -228,7 +241,7 @@ class Execution:
             os.setuid(SANDBOX_UID)
             os.chdir(self.cwd)
             os.execvpe(argv[0], argv, self.env)
-        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+        except BaseException as exc:
             try:
                 os.write(3, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
             finally:
@@ -338,14 +351,18 @@ class Execution:
             exit_code, signal_number = 128 + sig, sig
         else:
             exit_code, signal_number = os.WEXITSTATUS(status), 0
-        self.agent.send_json(protocol.FrameType.EXIT, self.request_id, {
-            "exit_code": exit_code,
-            "signal": signal_number,
-            "timed_out": self.timed_out,
-            "oom": oom,
-            "output_truncated": self.truncated,
-            "duration_ms": round((time.monotonic() - self.started) * 1000.0, 3),
-        })
+        self.agent.send_json(
+            protocol.FrameType.EXIT,
+            self.request_id,
+            {
+                "exit_code": exit_code,
+                "signal": signal_number,
+                "timed_out": self.timed_out,
+                "oom": oom,
+                "output_truncated": self.truncated,
+                "duration_ms": round((time.monotonic() - self.started) * 1000.0, 3),
+            },
+        )
         self.agent.pids.pop(self.pid, None)
         self.agent.remove_cgroup_later(self.cgroup)
         remove_tree(self.workdir)
@@ -379,10 +396,11 @@ class Agent:
         """Write one whole frame to the host."""
         view = memoryview(protocol.encode(frame_type, request_id, payload))
         while view:
-            view = view[os.write(self.channel_fd, view):]
+            view = view[os.write(self.channel_fd, view) :]
 
-    def send_json(self, frame_type: protocol.FrameType, request_id: int,
-                  message: dict[str, Any]) -> None:
+    def send_json(
+        self, frame_type: protocol.FrameType, request_id: int, message: dict[str, Any]
+    ) -> None:
         """Write one control frame to the host."""
         self.send(frame_type, request_id, protocol.dump_json(message))
 
@@ -428,21 +446,28 @@ class Agent:
         for frame in frames:
             try:
                 self.handle(frame)
-            except Exception as exc:  # noqa: BLE001 - a bad request never stops the agent
+            except Exception as exc:
                 log(f"request {frame.request_id} failed: {traceback.format_exc()}")
-                self.send_json(protocol.FrameType.ERROR, frame.request_id,
-                               {"message": f"{type(exc).__name__}: {exc}"})
+                self.send_json(
+                    protocol.FrameType.ERROR,
+                    frame.request_id,
+                    {"message": f"{type(exc).__name__}: {exc}"},
+                )
 
     def handle(self, frame: protocol.Frame) -> None:
         """Act on one frame from the host."""
         kind, rid = frame.type, frame.request_id
         if kind == protocol.FrameType.INIT:
             self.init(protocol.decode_json(frame.payload))
-            self.send_json(protocol.FrameType.HELLO, rid, {
-                "protocol": protocol.PROTOCOL_VERSION,
-                "agent": AGENT_VERSION,
-                "kernel": os.uname().release,
-            })
+            self.send_json(
+                protocol.FrameType.HELLO,
+                rid,
+                {
+                    "protocol": protocol.PROTOCOL_VERSION,
+                    "agent": AGENT_VERSION,
+                    "kernel": os.uname().release,
+                },
+            )
         elif kind == protocol.FrameType.PING:
             self.send_json(protocol.FrameType.PONG, rid, {})
         elif kind == protocol.FrameType.EXEC:
@@ -457,13 +482,13 @@ class Agent:
                 raise
             self.executions[rid] = execution
         elif kind == protocol.FrameType.STDIN:
-            execution = self.executions.get(rid)
-            if execution is not None:
-                execution.feed_stdin(frame.payload)
+            running = self.executions.get(rid)
+            if running is not None:
+                running.feed_stdin(frame.payload)
         elif kind == protocol.FrameType.KILL:
-            execution = self.executions.get(rid)
-            if execution is not None:
-                execution.kill()
+            running = self.executions.get(rid)
+            if running is not None:
+                running.kill()
         else:
             raise ValueError(f"frame type {kind.name} is not for the guest")
 
@@ -528,10 +553,8 @@ def prepare_system() -> None:
         write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "+memory +pids")
     except OSError as exc:
         log(f"cannot enable cgroup controllers: {exc}")
-    try:
+    with contextlib.suppress(OSError):
         write_file("/proc/self/oom_score_adj", "-1000")
-    except OSError:
-        pass
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
 
 
@@ -548,6 +571,6 @@ if __name__ == "__main__":
     while True:  # PID 1 must never exit: that would panic the guest kernel
         try:
             main()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log(f"agent crashed, restarting: {traceback.format_exc()}")
             time.sleep(0.5)

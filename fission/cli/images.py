@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,7 +16,9 @@ app = typer.Typer(help="Build and list the VM images.", no_args_is_help=True)
 
 @app.command("build")
 def build_command(
-    languages: Annotated[list[str] | None, typer.Argument(help="python, node, bash or all.")] = None,
+    languages: Annotated[
+        list[str] | None, typer.Argument(help="python, node, bash or all.")
+    ] = None,
 ) -> None:
     """Build the kernel, initramfs and root disks (cached; rebuilt when inputs change)."""
     from fission.images.build import build_images
@@ -39,7 +41,7 @@ def list_command(
     from fission.images.store import image_set, load_manifest
 
     manifest = load_manifest()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, recipe in RECIPES.items():
         entry = manifest.get("rootfs", {}).get(name)
         try:
@@ -49,8 +51,15 @@ def list_command(
             status = "not built" if entry is None else f"stale: {exc.message}"
         path = Path(entry["path"]) if entry else None
         size = path.stat().st_blocks * 512 if path and path.exists() else 0
-        rows.append({"language": name, "status": status, "packages": list(recipe.packages),
-                     "path": str(path) if path else None, "size_mb": round(size / 2**20, 1)})
+        rows.append(
+            {
+                "language": name,
+                "status": status,
+                "packages": list(recipe.packages),
+                "path": str(path) if path else None,
+                "size_mb": round(size / 2**20, 1),
+            }
+        )
     kernel = manifest.get("kernel", {})
     if as_json:
         typer.echo(json.dumps({"kernel": kernel.get("package"), "images": rows}, indent=2))
@@ -59,6 +68,11 @@ def list_command(
     for column in ("language", "status", "packages", "size MB", "path"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["language"], row["status"], " ".join(row["packages"]),
-                      str(row["size_mb"]), row["path"] or "-")
+        table.add_row(
+            row["language"],
+            row["status"],
+            " ".join(row["packages"]),
+            str(row["size_mb"]),
+            row["path"] or "-",
+        )
     Console().print(table)

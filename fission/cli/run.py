@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from fission.cli.errors import abort
+from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput
 
 
@@ -51,7 +52,7 @@ class LiveOutput:
             self.closed.add(stream)
 
 
-async def _run_cancellable(spec, on_output):  # type: ignore[no-untyped-def]
+async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunResult:
     """Run ``spec``; SIGTERM cancels the run so the VM is still destroyed."""
     from fission.core.orchestrator import run
 
@@ -66,30 +67,52 @@ async def _run_cancellable(spec, on_output):  # type: ignore[no-untyped-def]
 
 
 def run_command(
-    code: Annotated[str | None, typer.Argument(help="The program text.", show_default=False)] = None,
-    lang: Annotated[str, typer.Option("--lang", "-l", help="python, node (javascript) or bash.")] = "python",
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the program from PATH.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds the program may run (boot excluded).")] = 30.0,
+    code: Annotated[
+        str | None, typer.Argument(help="The program text.", show_default=False)
+    ] = None,
+    lang: Annotated[
+        str, typer.Option("--lang", "-l", help="python, node (javascript) or bash.")
+    ] = "python",
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read the program from PATH.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the program may run (boot excluded).")
+    ] = 30.0,
     memory: Annotated[int, typer.Option(help="Memory for the program, in MB.")] = 256,
     cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
     disk: Annotated[int, typer.Option(help="Writable disk space, in MB.")] = 512,
     pids: Annotated[int, typer.Option(help="Most processes and threads at once.")] = 256,
     output_limit: Annotated[float, typer.Option(help="Cap on stdout+stderr, in MB.")] = 10.0,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable; the host's environment never leaks in.")] = None,
-    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Pass this process's stdin to the program.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE, repeatable; the host's environment never leaks in."
+        ),
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", "-i", help="Pass this process's stdin to the program.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of streaming.")
+    ] = False,
 ) -> None:
     """Run CODE in a fresh microVM; exit with its exit code (124 on timeout)."""
     from fission.core.languages import resolve_language
     from fission.core.limits import Limits, parse_env
-    from fission.core.spec import RunSpec
 
     try:
         spec = RunSpec(
             language=resolve_language(lang),
             code=read_code(code, file),
-            limits=Limits(timeout=timeout, memory_mb=memory, cpus=cpus, disk_mb=disk, pids=pids,
-                          output_limit_mb=output_limit),
+            limits=Limits(
+                timeout=timeout,
+                memory_mb=memory,
+                cpus=cpus,
+                disk_mb=disk,
+                pids=pids,
+                output_limit_mb=output_limit,
+            ),
             env=parse_env(env or []),
             stdin=sys.stdin.buffer.read() if stdin else None,
         )

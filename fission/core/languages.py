@@ -21,7 +21,11 @@ class Language:
 
 LANGUAGES: dict[str, Language] = {
     "python": Language(
-        "python", "python", ("python3",), "main.py", aliases=("py", "python3"),
+        "python",
+        "python",
+        ("python3",),
+        "main.py",
+        aliases=("py", "python3"),
         # Unbuffered, so output streams live through the pipe instead of arriving at exit.
         env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
     ),

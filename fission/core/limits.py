@@ -70,8 +70,9 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
         if not sep or not key:
             raise InvalidInput(f"--env {pair!r} is not KEY=VALUE")
         if not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-            raise InvalidInput(f"--env name {key!r} must be letters, digits and _ "
-                               "and not start with a digit")
+            raise InvalidInput(
+                f"--env name {key!r} must be letters, digits and _ and not start with a digit"
+            )
         if "\0" in value:
             raise InvalidInput(f"--env {key} holds a NUL byte")
         env[key] = value

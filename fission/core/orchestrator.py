@@ -48,9 +48,8 @@ def boot_timeout() -> float:
 
 
 @functools.cache
-def _qemu() -> tuple[str, str]:
-    qemu = qemu_binary()
-    return qemu, qemu_version(qemu)
+def _cached_qemu_version(qemu: str) -> str:
+    return qemu_version(qemu)
 
 
 def exec_request(spec: RunSpec) -> ExecRequest:
@@ -88,7 +87,8 @@ async def vm_config(images: ImageSet, spec: RunSpec, accel: str) -> VMConfig:
 async def boot(spec: RunSpec) -> tuple[QemuVM, AgentClient]:
     """Start a VM for ``spec`` and return it with a ready agent; nothing is left on failure."""
     images = image_set(spec.language.image)
-    qemu, version = _qemu()
+    qemu = qemu_binary()
+    version = _cached_qemu_version(qemu)
     accel = await detect_accel(qemu, version, images.kernel, images.initramfs)
     vm = QemuVM(await vm_config(images, spec, accel), qemu, accel)
     agent: AgentClient | None = None
@@ -100,9 +100,11 @@ async def boot(spec: RunSpec) -> tuple[QemuVM, AgentClient]:
                 agent = AgentClient(*await vm.open_agent_channel())
                 await agent.handshake(deadline)
         except TimeoutError as exc:
-            raise BootTimeout(f"the guest agent did not answer within {deadline:.0f} s "
-                              f"(raise FISSION_BOOT_TIMEOUT on slow hosts)\n"
-                              f"{vm.diagnostics()}") from exc
+            raise BootTimeout(
+                f"the guest agent did not answer within {deadline:.0f} s "
+                f"(raise FISSION_BOOT_TIMEOUT on slow hosts)\n"
+                f"{vm.diagnostics()}"
+            ) from exc
         except VMError as exc:
             raise VMStartFailed(f"the VM stopped while booting: {exc}\n{vm.diagnostics()}") from exc
         return vm, agent
@@ -116,6 +118,29 @@ async def boot(spec: RunSpec) -> tuple[QemuVM, AgentClient]:
 async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
     """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives."""
     started = time.monotonic()
+    vm, agent = await boot(spec)
+    try:
+        return await run_in_vm(
+            vm, agent, spec, on_output, boot_ms=(time.monotonic() - started) * 1000
+        )
+    finally:
+        await agent.close()
+        await vm.destroy()
+
+
+async def run_in_vm(
+    vm: QemuVM,
+    agent: AgentClient,
+    spec: RunSpec,
+    on_output: OutputSink | None = None,
+    boot_ms: float = 0.0,
+) -> RunResult:
+    """Run ``spec``'s program in a booted VM under its limits; the caller destroys the VM.
+
+    If the guest has not reported an exit ``KILL_GRACE`` seconds after the program's timeout
+    (a wedged or paused guest), the result is a timeout and the VM must not be reused.
+    """
+    started = time.monotonic()
     chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
 
     def sink(stream: str, data: bytes) -> None:
@@ -123,24 +148,16 @@ async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
         if on_output is not None:
             on_output(stream, data)
 
-    vm, agent = await boot(spec)
-    booted = time.monotonic()
     try:
-        try:
-            async with asyncio.timeout(spec.limits.timeout + KILL_GRACE):
-                outcome = await agent.exec(exec_request(spec), sink, spec.stdin)
-        except TimeoutError:
-            # The guest did not end the program in time: the host's deadline wins.
-            elapsed = (time.monotonic() - booted) * 1000.0
-            outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, False, elapsed)
-        except VMError as exc:
-            raise type(exc)(f"{exc}\n{vm.diagnostics()}".rstrip()) from exc
-    finally:
-        await agent.close()
-        await vm.destroy()
-    exit_code = TIMEOUT_EXIT_CODE if outcome.timed_out else outcome.exit_code
+        async with asyncio.timeout(spec.limits.timeout + KILL_GRACE):
+            outcome = await agent.exec(exec_request(spec), sink, spec.stdin)
+    except TimeoutError:
+        elapsed = (time.monotonic() - started) * 1000.0
+        outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, False, elapsed)
+    except VMError as exc:
+        raise type(exc)(f"{exc}\n{vm.diagnostics()}".rstrip()) from exc
     return RunResult(
-        exit_code=exit_code,
+        exit_code=TIMEOUT_EXIT_CODE if outcome.timed_out else outcome.exit_code,
         stdout=b"".join(chunks["stdout"]),
         stderr=b"".join(chunks["stderr"]),
         timed_out=outcome.timed_out,
@@ -148,6 +165,6 @@ async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
         truncated=outcome.output_truncated,
         signal=outcome.signal,
         duration_ms=outcome.duration_ms,
-        boot_ms=(booted - started) * 1000.0,
-        total_ms=(time.monotonic() - started) * 1000.0,
+        boot_ms=boot_ms,
+        total_ms=boot_ms + (time.monotonic() - started) * 1000.0,
     )

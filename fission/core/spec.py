@@ -26,8 +26,10 @@ class RunSpec:
     def __post_init__(self) -> None:
         size = len(self.code.encode("utf-8", errors="surrogatepass"))
         if size > MAX_CODE_BYTES:
-            raise InvalidInput(f"the program is {size} bytes; the most fission takes is "
-                               f"{MAX_CODE_BYTES} (write larger data to a file in the sandbox)")
+            raise InvalidInput(
+                f"the program is {size} bytes; the most fission takes is "
+                f"{MAX_CODE_BYTES} (write larger data to a file in the sandbox)"
+            )
         if "\0" in self.code:
             raise InvalidInput("the program holds a NUL byte")
         if self.stdin is not None and len(self.stdin) > MAX_STDIN_BYTES:

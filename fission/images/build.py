@@ -25,8 +25,7 @@ def resolve_targets(names: list[str]) -> list[str]:
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise UnknownLanguage(
-            f"no image recipe for {', '.join(unknown)}: choose from "
-            f"{', '.join(RECIPES)} or all"
+            f"no image recipe for {', '.join(unknown)}: choose from {', '.join(RECIPES)} or all"
         )
     return [n for n in RECIPES if n in names]
 

@@ -22,8 +22,21 @@ def _pad(length: int) -> bytes:
 
 def _member(ino: int, entry: Entry) -> bytes:
     name = entry.name.encode() + b"\0"
-    fields = (ino, entry.mode, 0, 0, 2 if stat.S_ISDIR(entry.mode) else 1, 0, len(entry.data),
-              0, 0, entry.rdev[0], entry.rdev[1], len(name), 0)
+    fields = (
+        ino,
+        entry.mode,
+        0,
+        0,
+        2 if stat.S_ISDIR(entry.mode) else 1,
+        0,
+        len(entry.data),
+        0,
+        0,
+        entry.rdev[0],
+        entry.rdev[1],
+        len(name),
+        0,
+    )
     header = b"070701" + b"".join(f"{value:08x}".encode() for value in fields)
     return header + name + _pad(len(header) + len(name)) + entry.data + _pad(len(entry.data))
 

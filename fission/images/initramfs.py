@@ -27,8 +27,10 @@ def static_busybox() -> bytes:
     path = Path(require_tool("busybox")).resolve()
     data = path.read_bytes()
     if not is_static_elf(data):
-        raise MissingTool(f"{path} is dynamically linked: install 'busybox-static' "
-                          "(apt-get install busybox-static)")
+        raise MissingTool(
+            f"{path} is dynamically linked: install 'busybox-static' "
+            "(apt-get install busybox-static)"
+        )
     return data
 
 

@@ -21,15 +21,21 @@ from fission.images.tools import capture, require_tool, run_logged
 def resolve_kernel_package() -> tuple[str, str]:
     """Return (versioned package name, version) that ``linux-image-cloud-amd64`` points to."""
     apt_cache = require_tool("apt-cache")
-    depends = capture([apt_cache, "depends", KERNEL_PACKAGE], timeout=60,
-                      what=f"apt-cache depends {KERNEL_PACKAGE}")
+    depends = capture(
+        [apt_cache, "depends", KERNEL_PACKAGE],
+        timeout=60,
+        what=f"apt-cache depends {KERNEL_PACKAGE}",
+    )
     names = re.findall(r"Depends:\s+(linux-image-\S+)", depends)
     if not names:
         raise ImageBuildFailed(
             f"apt knows no package behind {KERNEL_PACKAGE}: run `apt-get update` and retry"
         )
-    show = capture([apt_cache, "show", "--no-all-versions", names[0]], timeout=60,
-                   what=f"apt-cache show {names[0]}")
+    show = capture(
+        [apt_cache, "show", "--no-all-versions", names[0]],
+        timeout=60,
+        what=f"apt-cache show {names[0]}",
+    )
     match = re.search(r"^Version:\s*(\S+)", show, re.MULTILINE)
     if not match:
         raise ImageBuildFailed(f"apt-cache shows no version for {names[0]}")
@@ -49,19 +55,33 @@ def build_kernel(log: Path) -> dict[str, Any]:
     entry_file = target / "release"
     if entry_file.is_file() and (target / "vmlinuz").is_file():
         release = entry_file.read_text().strip()
-        return {"key": key, "path": str(target / "vmlinuz"), "release": release,
-                "modules": str(target / "modules"), "package": f"{package}={version}"}
+        return {
+            "key": key,
+            "path": str(target / "vmlinuz"),
+            "release": release,
+            "modules": str(target / "modules"),
+            "package": f"{package}={version}",
+        }
     apt_get, dpkg_deb = require_tool("apt-get"), require_tool("dpkg-deb")
     with tempfile.TemporaryDirectory(prefix="fission-kernel-") as tmp:
         work = Path(tmp)
-        run_logged([apt_get, "download", f"{package}={version}"], log, cwd=work, timeout=600,
-                   what=f"downloading {package}")
+        run_logged(
+            [apt_get, "download", f"{package}={version}"],
+            log,
+            cwd=work,
+            timeout=600,
+            what=f"downloading {package}",
+        )
         debs = list(work.glob("*.deb"))
         if not debs:
             raise ImageBuildFailed(f"apt-get download left no .deb for {package}; log: {log}")
         unpacked = work / "root"
-        run_logged([dpkg_deb, "-x", str(debs[0]), str(unpacked)], log, timeout=300,
-                   what=f"unpacking {debs[0].name}")
+        run_logged(
+            [dpkg_deb, "-x", str(debs[0]), str(unpacked)],
+            log,
+            timeout=300,
+            what=f"unpacking {debs[0].name}",
+        )
         vmlinuz = sorted((unpacked / "boot").glob("vmlinuz-*"))
         if not vmlinuz:
             raise ImageBuildFailed(f"{package} holds no /boot/vmlinuz-*")
@@ -79,6 +99,10 @@ def build_kernel(log: Path) -> dict[str, Any]:
         (staging / "release").write_text(release + "\n")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-    return {"key": key, "path": str(target / "vmlinuz"), "release": release,
-            "modules": str(target / "modules"), "package": f"{package}={version}"}
-
+    return {
+        "key": key,
+        "path": str(target / "vmlinuz"),
+        "release": release,
+        "modules": str(target / "modules"),
+        "package": f"{package}={version}",
+    }

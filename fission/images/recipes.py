@@ -53,8 +53,8 @@ RECIPES: dict[str, Recipe] = {
         ("python3", "python3-numpy", "python3-pandas"),
         "Python 3 with numpy and pandas",
     ),
-    "node": Recipe("node", ("python3-minimal", "nodejs"), "Node.js"),
-    "bash": Recipe("bash", ("python3-minimal", "bash", "coreutils"), "bash and coreutils"),
+    "node": Recipe("node", ("python3", "nodejs"), "Node.js"),
+    "bash": Recipe("bash", ("python3", "bash", "coreutils"), "bash and coreutils"),
 }
 
 
@@ -70,5 +70,12 @@ def cache_key(*parts: str | bytes) -> str:
 
 def recipe_key(recipe: Recipe, apt_sources: bytes) -> str:
     """Cache key of a language's base tree: its packages, the suite and the apt sources."""
-    return cache_key(RECIPE_FORMAT, SUITE, recipe.name, *recipe.packages, *CUSTOMIZE_COMMANDS,
-                     *DPKG_EXCLUDES, apt_sources)
+    return cache_key(
+        RECIPE_FORMAT,
+        SUITE,
+        recipe.name,
+        *recipe.packages,
+        *CUSTOMIZE_COMMANDS,
+        *DPKG_EXCLUDES,
+        apt_sources,
+    )

@@ -47,8 +47,12 @@ def apt_sources() -> Path:
 
 def mmdebstrap_argv(recipe: Recipe, target: Path, sources: Path) -> list[str]:
     """The mmdebstrap command line that builds ``recipe``'s tree into ``target``."""
-    argv = [require_tool("mmdebstrap"), "--variant=minbase", "--mode=auto",
-            "--include=" + ",".join(recipe.packages)]
+    argv = [
+        require_tool("mmdebstrap"),
+        "--variant=minbase",
+        "--mode=auto",
+        "--include=" + ",".join(recipe.packages),
+    ]
     argv += [f"--dpkgopt=path-exclude={pattern}" for pattern in DPKG_EXCLUDES]
     argv += [f'--customize-hook=chroot "$1" {command}' for command in CUSTOMIZE_COMMANDS]
     argv += [SUITE, str(target), str(sources)]
@@ -81,12 +85,18 @@ def build_base(recipe: Recipe, log: Path) -> tuple[str, Path]:
     if marker.is_file() and target.is_dir():
         return key, target
     if os.geteuid() != 0:
-        raise ImageBuildFailed("building root images needs root (mmdebstrap writes a tree "
-                               "owned by root): run `sudo fission images build` or `make setup`")
+        raise ImageBuildFailed(
+            "building root images needs root (mmdebstrap writes a tree "
+            "owned by root): run `sudo fission images build` or `make setup`"
+        )
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    run_logged(mmdebstrap_argv(recipe, staging, sources), log, timeout=1800,
-               what=f"mmdebstrap of the {recipe.name} image")
+    run_logged(
+        mmdebstrap_argv(recipe, staging, sources),
+        log,
+        timeout=1800,
+        what=f"mmdebstrap of the {recipe.name} image",
+    )
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     marker.write_text(key + "\n")
@@ -120,9 +130,23 @@ def build_rootfs(recipe: Recipe, log: Path) -> dict[str, Any]:
     with open(tmp, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     try:
-        run_logged([require_tool("mkfs.ext4"), "-q", "-F", "-L", ROOT_LABEL, "-m", "0",
-                    "-d", str(base), str(tmp)], log, timeout=900,
-                   what=f"mkfs.ext4 of the {recipe.name} root disk")
+        run_logged(
+            [
+                require_tool("mkfs.ext4"),
+                "-q",
+                "-F",
+                "-L",
+                ROOT_LABEL,
+                "-m",
+                "0",
+                "-d",
+                str(base),
+                str(tmp),
+            ],
+            log,
+            timeout=900,
+            what=f"mkfs.ext4 of the {recipe.name} root disk",
+        )
         tmp.chmod(0o444)
         os.replace(tmp, path)
     finally:

@@ -29,13 +29,27 @@ def scratch_disk(size_mb: int) -> Path:
     try:
         os.truncate(tmp, size_mb * 1024 * 1024)
         proc = subprocess.run(
-            [mkfs, "-q", "-F", "-L", SCRATCH_LABEL, "-m", "0",
-             "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0", tmp],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                mkfs,
+                "-q",
+                "-F",
+                "-L",
+                SCRATCH_LABEL,
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         if proc.returncode != 0:
-            raise ImageBuildFailed(f"mkfs.ext4 of a {size_mb} MiB scratch disk failed: "
-                                   f"{proc.stderr.strip()}")
+            raise ImageBuildFailed(
+                f"mkfs.ext4 of a {size_mb} MiB scratch disk failed: {proc.stderr.strip()}"
+            )
         os.chmod(tmp, 0o444)
         os.replace(tmp, path)
     finally:

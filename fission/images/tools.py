@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 from fission.errors import ImageBuildFailed, MissingTool
 
@@ -37,8 +38,7 @@ def is_static_elf(data: bytes) -> bool:
     """True when ``data`` is a 64-bit ELF executable with no program interpreter (static)."""
     if data[:4] != b"\x7fELF" or data[4] != 2:  # ELFCLASS64 only
         return False
-    little = data[5] == 1
-    order = "little" if little else "big"
+    order: Literal["little", "big"] = "little" if data[5] == 1 else "big"
     phoff = int.from_bytes(data[32:40], order)
     phentsize = int.from_bytes(data[54:56], order)
     phnum = int.from_bytes(data[56:58], order)
@@ -51,16 +51,24 @@ def is_static_elf(data: bytes) -> bool:
     return True
 
 
-def run_logged(argv: list[str], log: Path, *, timeout: float, cwd: Path | None = None,
-               what: str) -> None:
+def run_logged(
+    argv: list[str], log: Path, *, timeout: float, cwd: Path | None = None, what: str
+) -> None:
     """Run a build command with output to ``log``; raise ImageBuildFailed with its tail."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(("$ " + " ".join(argv) + "\n").encode())
         out.flush()
         try:
-            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+            proc = subprocess.run(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             raise ImageBuildFailed(f"{what} took longer than {timeout:.0f} s; log: {log}") from exc
     if proc.returncode != 0:
@@ -73,8 +81,14 @@ def run_logged(argv: list[str], log: Path, *, timeout: float, cwd: Path | None =
 def capture(argv: list[str], *, timeout: float, what: str) -> str:
     """Run a query command and return its stdout; raise ImageBuildFailed if it fails."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False)
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
         raise ImageBuildFailed(f"{what} took longer than {timeout:.0f} s") from exc
     if proc.returncode != 0:

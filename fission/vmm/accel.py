@@ -69,13 +69,37 @@ def _cache_file() -> Path:
 
 async def probe_kvm(qemu: str, kernel: Path, initramfs: Path) -> bool:
     """Boot the guest kernel under KVM and report whether the initramfs answered in time."""
-    argv = [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128",
-            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initramfs),
-            "-append", "console=ttyS0 quiet panic=-1 reboot=t fission.probe=1"]
+    argv = [
+        qemu,
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        "console=ttyS0 quiet panic=-1 reboot=t fission.probe=1",
+    ]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
     seen = b""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):

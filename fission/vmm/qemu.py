@@ -17,6 +17,7 @@ spawns, watches and kills. What each VM gets:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import re
@@ -77,41 +78,74 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
     kernel_args = " ".join((*BASE_KERNEL_ARGS, *config.kernel_args))
     return [
         qemu,
-        "-name", f"fission-{config.vm_id},process=fission-{config.vm_id}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        "-name",
+        f"fission-{config.vm_id},process=fission-{config.vm_id}",
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on",
         *accel_args,
-        "-smp", str(config.vcpus),
-        "-m", f"{config.memory_mb}M",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-nic", "none",
-        "-sandbox", SANDBOX_OPTS,
-        "-serial", f"file:{paths.console_log}",
-        "-kernel", str(config.kernel),
-        "-initrd", str(config.initramfs),
-        "-append", kernel_args,
-        "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
-        "-device", "virtio-blk-device,drive=root",
-        "-drive", f"id=scratch,file={config.scratch},format=raw,if=none,snapshot=on",
-        "-device", "virtio-blk-device,drive=scratch",
-        "-object", "rng-random,id=rng0,filename=/dev/urandom",
-        "-device", "virtio-rng-device,rng=rng0",
-        "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-smp",
+        str(config.vcpus),
+        "-m",
+        f"{config.memory_mb}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-sandbox",
+        SANDBOX_OPTS,
+        "-serial",
+        f"file:{paths.console_log}",
+        "-kernel",
+        str(config.kernel),
+        "-initrd",
+        str(config.initramfs),
+        "-append",
+        kernel_args,
+        "-drive",
+        f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
+        "-device",
+        "virtio-blk-device,drive=root",
+        "-drive",
+        f"id=scratch,file={config.scratch},format=raw,if=none,snapshot=on",
+        "-device",
+        "virtio-blk-device,drive=scratch",
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=rng0",
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-chardev",
+        f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-qmp",
+        f"unix:{paths.qmp_socket},server=on,wait=off",
     ]
 
 
 def qemu_binary() -> str:
-    """Path of qemu-system-x86_64, or MissingTool naming the package."""
+    """Path of qemu-system-x86_64 (``FISSION_QEMU`` overrides), or MissingTool naming it."""
+    override = os.environ.get("FISSION_QEMU")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise MissingTool(
+                f"FISSION_QEMU={override} is not an executable file: point it at "
+                "qemu-system-x86_64 or unset it"
+            )
+        return override
     return require_tool("qemu-system-x86_64")
 
 
 def qemu_version(qemu: str) -> str:
     """The version QEMU reports, e.g. ``7.2.19``."""
     try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout
+        out = subprocess.run(
+            [qemu, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MissingTool(f"{qemu} does not run: {exc}") from exc
     match = re.search(r"version (\S+)", out)
@@ -163,19 +197,29 @@ class QemuVM(VirtualMachine):
         with self.paths.qemu_log.open("wb") as log:
             try:
                 self._proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                    start_new_session=True, preexec_fn=_die_with_parent)
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
             except OSError as exc:
                 raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_SECONDS
         while not (self.paths.agent_socket.exists() and self.paths.qmp_socket.exists()):
             if self._proc.returncode is not None:
-                raise VMStartFailed(f"QEMU exited with code {self._proc.returncode} while "
-                                    f"starting:\n{tail(self.paths.qemu_log)}")
+                raise VMStartFailed(
+                    f"QEMU exited with code {self._proc.returncode} while "
+                    f"starting:\n{tail(self.paths.qemu_log)}"
+                )
             if loop.time() > deadline:
-                raise VMStartFailed(f"QEMU did not open its sockets within "
-                                    f"{SOCKET_WAIT_SECONDS:.0f} s:\n{tail(self.paths.qemu_log)}")
+                raise VMStartFailed(
+                    f"QEMU did not open its sockets within "
+                    f"{SOCKET_WAIT_SECONDS:.0f} s:\n{tail(self.paths.qemu_log)}"
+                )
             await asyncio.sleep(0.005)
 
     async def open_agent_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -214,14 +258,12 @@ class QemuVM(VirtualMachine):
             try:
                 async with asyncio.timeout(1.0):
                     await client.disconnect()
-            except Exception:  # noqa: BLE001 - the process is killed next anyway
+            except Exception:
                 pass
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             try:
                 async with asyncio.timeout(10.0):
                     await proc.wait()
