@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
 import selectors
 import signal
 import sys
@@ -230,8 +231,6 @@ class Execution:
                 os.dup2(report_w, 3)
                 os.set_inheritable(3, False)
             os.closerange(4, 65536)
-            import resource
-
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
