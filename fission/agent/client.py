@@ -36,6 +36,7 @@ class ExecRequest:
     cwd: str | None = None
     script: str | None = None
     script_name: str = "main"
+    mode: str = "exec"
     stdin: bool = False
 
 
@@ -186,6 +187,15 @@ class AgentClient:
                 raise VMError(f"the guest agent could not run the program: {detail}")
             else:
                 raise AgentProtocolError(f"unexpected {frame.type.name} frame during a run")
+
+    async def prepare_snapshot(self, timeout: float) -> bool:
+        """Ask the agent to get ready for a snapshot; True if its fork server is warm."""
+        await self._send(protocol.encode_json(FrameType.PREPARE, 0, {}))
+        async with asyncio.timeout(timeout):
+            frame = await self._read_frame()
+        if frame.type != FrameType.READY:
+            raise AgentProtocolError(f"expected READY from the guest, got {frame.type.name}")
+        return bool(self._decode(frame).get("zygote"))
 
     async def kill(self, request_id: int) -> None:
         """Ask the agent to kill a running request's processes."""

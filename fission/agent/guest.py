@@ -20,10 +20,9 @@ agent keeps serving.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import fcntl
 import os
-import resource
 import selectors
 import signal
 import sys
@@ -32,20 +31,21 @@ import traceback
 from typing import Any
 
 if __package__:
-    from . import protocol
-else:  # run as a script inside the guest, with protocol.py beside it
+    from . import confine, protocol
+    from .zygote import ZygoteHandle
+else:  # run as a script inside the guest, with its modules beside it
+    import confine  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
+    from zygote import ZygoteHandle  # type: ignore[no-redef]
 
 AGENT_VERSION = "1"
 PORT_NAME = "org.fission.agent"
-SANDBOX_UID = 1000
-SANDBOX_GID = 1000
 SANDBOX_HOME = "/home/sandbox"
 CGROUP_ROOT = "/sys/fs/cgroup"
 RUN_DIR = "/run/fission"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RNDRESEEDCRNG = 0x5207  # ioctl: reseed the kernel's CRNG from its input pool now
 DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
-PR_SET_NO_NEW_PRIVS = 38
 
 
 def log(message: str) -> None:
@@ -130,6 +130,8 @@ class Execution:
             raise ValueError("timeout must be positive and output_limit not negative")
         self.script = request.get("script")
         self.script_name = os.path.basename(str(request.get("script_name") or "main"))
+        self.mode = str(request.get("mode") or "exec")
+        self.mode = str(request.get("mode") or "exec")
         self.workdir = os.path.join(RUN_DIR, str(request_id))
         self.cgroup = os.path.join(CGROUP_ROOT, f"run-{request_id}")
         self.pid = 0
@@ -145,52 +147,50 @@ class Execution:
         self.started = 0.0
         self.deadline = 0.0
         self.drain_deadline = 0.0
+        self.status_fd = -1
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Prepare the cgroup and script file, then fork and exec the program."""
+        """Prepare the cgroup and script file, then start the program."""
         os.makedirs(self.workdir, mode=0o755, exist_ok=True)
         argv = list(self.argv)
+        script_path = ""
         if isinstance(self.script, str):
-            path = os.path.join(self.workdir, self.script_name)
-            with open(path, "w", encoding="utf-8") as f:
+            script_path = os.path.join(self.workdir, self.script_name)
+            with open(script_path, "w", encoding="utf-8") as f:
                 f.write(self.script)
-            os.chmod(path, 0o644)
-            argv.append(path)
-        os.mkdir(self.cgroup)
-        if self.memory_bytes > 0:
-            write_file(os.path.join(self.cgroup, "memory.max"), str(self.memory_bytes))
-            write_file(os.path.join(self.cgroup, "memory.swap.max"), "0")
-            write_file(os.path.join(self.cgroup, "memory.oom.group"), "1")
-        if self.pids_max > 0:
-            write_file(os.path.join(self.cgroup, "pids.max"), str(self.pids_max))
-        self._spawn(argv)
-        self.started = time.monotonic()
-        self.deadline = self.started + self.timeout
-
-    def _spawn(self, argv: list[str]) -> None:
+            os.chmod(script_path, 0o644)
+            argv.append(script_path)
+        zygote = self.agent.zygote
+        warm = None
+        if self.mode == "python" and script_path and zygote is not None:
+            warm = zygote.take_warm()
+        if warm is not None:
+            self.cgroup = warm.cgroup  # the warm child is already in it
+        else:
+            os.mkdir(self.cgroup)
+        self._set_limits()
+        in_r, in_w = os.pipe() if self.wants_stdin else (os.open("/dev/null", os.O_RDONLY), -1)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        if self.wants_stdin:
-            in_r, in_w = os.pipe()
-        else:
-            in_r, in_w = os.open("/dev/null", os.O_RDONLY), -1
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        procs = os.path.join(self.cgroup, "cgroup.procs")
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            self._child(argv, procs, in_r, out_w, err_w, report_w)
-        for fd in (in_r, out_w, err_w, report_w):
-            os.close(fd)
-        failure = b""
-        while True:
-            chunk = os.read(report_r, 4096)
-            if not chunk:
-                break
-            failure += chunk
-        os.close(report_r)
-        self.pid = pid
-        self.agent.pids[pid] = self
+        child_fds = [in_r, out_w, err_w]
+        try:
+            if warm is not None:
+                status_r, status_w = os.pipe()
+                child_fds.append(status_w)
+                self.status_fd = status_r
+                self.agent.selector.register(status_r, selectors.EVENT_READ, ("status", self))
+                request = {"path": script_path, "env": self.env, "cwd": self.cwd}
+                warm.hand_over(request, child_fds)
+                self.pid = warm.pid
+            else:
+                self.pid = self._fork_exec(argv, child_fds)
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        self.started = time.monotonic()
+        self.deadline = self.started + self.timeout
+        self.agent.pids[self.pid] = self
         for fd, kind in ((out_r, protocol.FrameType.STDOUT), (err_r, protocol.FrameType.STDERR)):
             os.set_blocking(fd, False)
             self.out_fds[fd] = kind
@@ -198,54 +198,39 @@ class Execution:
         if in_w >= 0:
             os.set_blocking(in_w, False)
             self.stdin_fd = in_w
-        if failure:
-            self.agent.send(
-                protocol.FrameType.STDERR,
-                self.request_id,
-                b"fission: cannot start program: " + failure + b"\n",
-            )
 
-    def _child(
-        self, argv: list[str], procs: str, in_r: int, out_w: int, err_w: int, report_w: int
-    ) -> None:
-        try:
-            os.setsid()
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-            # The agent shields itself from the OOM killer; its children must not inherit that.
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write("0")
-            for sig in (
-                signal.SIGPIPE,
-                signal.SIGXFSZ,
-                signal.SIGCHLD,
-                signal.SIGTERM,
-                signal.SIGINT,
-            ):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.dup2(in_r, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            if report_w != 3:
-                os.dup2(report_w, 3)
-                os.set_inheritable(3, False)
-            os.closerange(4, 65536)
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-            os.setgroups([])
-            os.setgid(SANDBOX_GID)
-            os.setuid(SANDBOX_UID)
-            os.chdir(self.cwd)
-            os.execvpe(argv[0], argv, self.env)
-        except BaseException as exc:
+    def _set_limits(self) -> None:
+        if self.memory_bytes > 0:
+            write_file(os.path.join(self.cgroup, "memory.max"), str(self.memory_bytes))
+            write_file(os.path.join(self.cgroup, "memory.swap.max"), "0")
+            write_file(os.path.join(self.cgroup, "memory.oom.group"), "1")
+        if self.pids_max > 0:
+            write_file(os.path.join(self.cgroup, "pids.max"), str(self.pids_max))
+
+    def _fork_exec(self, argv: list[str], child_fds: list[int]) -> int:
+        """Fork a confined child that execs ``argv``; a failure to exec goes to its stderr."""
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        procs = os.path.join(self.cgroup, "cgroup.procs")
+        pid = os.fork()
+        if pid == 0:  # child: never returns
             try:
-                os.write(3, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
-            finally:
-                os._exit(127)
-        os._exit(127)
+                confine.confine_process(procs, keep_fds=(*child_fds, report_w))
+                confine.attach_stdio(child_fds[0], child_fds[1], child_fds[2])
+                os.chdir(self.cwd)
+                os.execvpe(argv[0], argv, self.env)
+            except BaseException as exc:
+                try:
+                    os.write(report_w, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
+                finally:
+                    os._exit(127)
+        os.close(report_w)
+        failure = b""
+        while chunk := os.read(report_r, 4096):
+            failure += chunk
+        os.close(report_r)
+        if failure:
+            os.write(child_fds[2], b"fission: cannot start program: " + failure + b"\n")
+        return pid
 
     # -- running -----------------------------------------------------------------------------
     def on_output(self, fd: int) -> None:
@@ -268,6 +253,23 @@ class Execution:
             self.truncated = True
         self.forwarded += len(data)
         self.agent.send(self.out_fds[fd], self.request_id, data)
+
+    def on_status(self) -> None:
+        """The fork-server child reported its exit code just before exiting: take it."""
+        try:
+            data = os.read(self.status_fd, 16)
+        except OSError:
+            data = b""
+        self.close_status()
+        if data.isdigit() and int(data) <= 255 and self.status is None:
+            self.status = int(data) << 8  # as a wait status: exited with that code
+
+    def close_status(self) -> None:
+        """Stop listening for the fork-server child's exit code."""
+        if self.status_fd >= 0:
+            self.agent.selector.unregister(self.status_fd)
+            os.close(self.status_fd)
+            self.status_fd = -1
 
     def _close_output(self, fd: int) -> None:
         self.agent.selector.unregister(fd)
@@ -339,6 +341,7 @@ class Execution:
         """Send EXIT, then release the pipes, the cgroup and the script directory."""
         for fd in list(self.out_fds):
             self._close_output(fd)
+        self.close_status()
         if self.stdin_fd >= 0:
             os.close(self.stdin_fd)
             self.stdin_fd = -1
@@ -390,6 +393,11 @@ class Agent:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.selector.register(channel_fd, selectors.EVENT_READ, ("channel", None))
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
+        self.zygote: ZygoteHandle | None = None
+        modules = zygote_modules(read_text("/proc/cmdline"))
+        if modules is not None:
+            self.zygote = ZygoteHandle(modules)
+            self.selector.register(self.zygote.fileno(), selectors.EVENT_READ, ("zygote", None))
 
     def send(self, frame_type: protocol.FrameType, request_id: int, payload: bytes) -> None:
         """Write one whole frame to the host."""
@@ -417,14 +425,21 @@ class Agent:
                     self.on_channel()
                 elif kind == "wake":
                     self.reap()
+                elif kind == "zygote":
+                    self.on_zygote()
                 elif kind == "out" and execution is not None:
                     execution.on_output(key.fd)
+                elif kind == "status" and execution is not None:
+                    execution.on_status()
             self.reap()
+            self.take_zygote_exits()
             now = time.monotonic()
             for request_id, execution in list(self.executions.items()):
                 if execution.tick(now):
                     del self.executions[request_id]
             self.sweep_cgroups()
+            if self.zygote is not None and not self.executions:
+                self.zygote.request_warm()  # only when idle: forking competes with a run
 
     def on_channel(self) -> None:
         """Read from the host and act on every whole frame."""
@@ -469,6 +484,8 @@ class Agent:
             )
         elif kind == protocol.FrameType.PING:
             self.send_json(protocol.FrameType.PONG, rid, {})
+        elif kind == protocol.FrameType.PREPARE:
+            self.send_json(protocol.FrameType.READY, rid, {"zygote": self.prepare_snapshot()})
         elif kind == protocol.FrameType.EXEC:
             if rid in self.executions:
                 raise ValueError(f"request {rid} is already running")
@@ -491,6 +508,38 @@ class Agent:
         else:
             raise ValueError(f"frame type {kind.name} is not for the guest")
 
+    def on_zygote(self) -> None:
+        """Take one fork-server message; forget the fork server if it has died."""
+        zygote = self.zygote
+        if zygote is None:
+            return
+        zygote.receive()
+        self.take_zygote_exits()
+        if not zygote.alive:
+            log("the fork server died; programs are exec'd from now on")
+            self.selector.unregister(zygote.fileno())
+            zygote.sock.close()
+            self.zygote = None
+
+    def take_zygote_exits(self) -> None:
+        """Record the exit status of runs the fork server reaped."""
+        if self.zygote is None:
+            return
+        exits, self.zygote.exits = self.zygote.exits, []
+        for pid, status in exits:
+            execution = self.pids.get(pid)
+            if execution is not None and execution.status is None:
+                execution.status = status
+
+    def prepare_snapshot(self) -> bool:
+        """Wait for a warm fork-server child and flush the disks; True if one is waiting."""
+        warm = False
+        if self.zygote is not None:
+            warm = self.zygote.wait_warm(timeout=300.0)
+            self.take_zygote_exits()
+        os.sync()
+        return warm
+
     def init(self, message: dict[str, Any]) -> None:
         """Set the wall clock and mix the host's seed into the kernel's random pool."""
         time_ns = message.get("time_ns")
@@ -504,6 +553,10 @@ class Agent:
             try:
                 with open("/dev/urandom", "wb") as f:
                     f.write(bytes.fromhex(seed))
+                    f.flush()
+                    # Reseed the kernel's generator now: a restored clone must not keep
+                    # producing the stream its snapshot would have produced.
+                    fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
             except (OSError, ValueError) as exc:
                 log(f"cannot seed the random pool: {exc}")
 
@@ -544,6 +597,24 @@ class Agent:
                 if exc.errno == errno.EBUSY:
                     remaining.append(cgroup)
         self.stale_cgroups = remaining
+
+
+def read_text(path: str) -> str:
+    """A small file's text, or empty if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def zygote_modules(cmdline: str) -> list[str] | None:
+    """Modules the fork server preloads (``fission.zygote=a,b``), or None if it is off."""
+    for token in cmdline.split():
+        if token.startswith("fission.zygote="):
+            value = token.partition("=")[2]
+            return [] if value in ("", "none") else value.split(",")
+    return None
 
 
 def prepare_system() -> None:

@@ -50,6 +50,8 @@ class FrameType(enum.IntEnum):
     ERROR = 9  # guest -> host: {message} the request failed inside the agent
     PING = 10  # host -> guest: {}
     PONG = 11  # guest -> host: {}
+    PREPARE = 12  # host -> guest: {} get ready to be snapshotted (fork server warm, disks synced)
+    READY = 13  # guest -> host: {zygote: bool} ready for the snapshot
 
 
 class ProtocolError(Exception):

@@ -17,6 +17,12 @@ class Language:
     script_name: str
     aliases: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # "python": warm snapshots run the script in a pre-forked interpreter (the guest's fork
+    # server) that has already imported ``preload``; "exec": the agent execs ``argv``.
+    mode: str = "exec"
+    preload: tuple[str, ...] = ()
+    # Run once in each template and each pooled clone, so real runs find warm caches.
+    warm_up: str = "true"
 
 
 LANGUAGES: dict[str, Language] = {
@@ -28,9 +34,21 @@ LANGUAGES: dict[str, Language] = {
         aliases=("py", "python3"),
         # Unbuffered, so output streams live through the pipe instead of arriving at exit.
         env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        mode="python",
+        preload=("numpy", "pandas"),
+        warm_up="import json, os\nprint(json.dumps({'ok': os.getpid() > 0}))\n",
     ),
-    "node": Language("node", "node", ("node",), "main.js", aliases=("javascript", "js", "nodejs")),
-    "bash": Language("bash", "bash", ("bash",), "main.sh", aliases=("sh", "shell")),
+    "node": Language(
+        "node",
+        "node",
+        ("node",),
+        "main.js",
+        aliases=("javascript", "js", "nodejs"),
+        warm_up="console.log(JSON.stringify({ok: true}))",
+    ),
+    "bash": Language(
+        "bash", "bash", ("bash",), "main.sh", aliases=("sh", "shell"), warm_up="echo ok"
+    ),
 }
 
 _BY_NAME = {alias: lang for lang in LANGUAGES.values() for alias in (lang.name, *lang.aliases)}

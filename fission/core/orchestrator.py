@@ -10,66 +10,35 @@ guest cannot outlive its run.
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
-import secrets
 import time
 
-from fission.agent.client import AgentClient, ExecOutcome, ExecRequest, OutputSink
+from fission.agent.client import AgentClient, ExecOutcome, OutputSink
 from fission.config import runtime_dir
-from fission.core.limits import MB
+from fission.core import snapshots
+from fission.core.machines import (
+    GUEST_OVERHEAD_MB,
+    Host,
+    Machine,
+    detect_host,
+    exec_request,
+    new_vm_id,
+    start_machine,
+)
 from fission.core.spec import RunResult, RunSpec
-from fission.errors import BootTimeout, InvalidInput, VMError, VMStartFailed
+from fission.errors import VMError
 from fission.images.scratch import scratch_disk
 from fission.images.store import ImageSet, image_set
-from fission.vmm.accel import detect_accel, tcg_kernel_args
+from fission.vmm.accel import tcg_kernel_args
 from fission.vmm.base import VMConfig
-from fission.vmm.qemu import QemuVM, qemu_binary, qemu_version
+from fission.vmm.qemu import QemuVM
 
-# Guest RAM on top of the program's memory limit, for the guest kernel and the agent.
-GUEST_OVERHEAD_MB = 96
 KILL_GRACE = 2.0
 TIMEOUT_EXIT_CODE = 124
-DEFAULT_BOOT_TIMEOUT = 60.0
 
 
-def boot_timeout() -> float:
-    """Seconds a VM may take from VMM start to the agent's HELLO (``FISSION_BOOT_TIMEOUT``)."""
-    raw = os.environ.get("FISSION_BOOT_TIMEOUT")
-    if not raw:
-        return DEFAULT_BOOT_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"FISSION_BOOT_TIMEOUT={raw!r} is not a number of seconds") from exc
-    if not 1 <= value <= 600:
-        raise InvalidInput(f"FISSION_BOOT_TIMEOUT={raw} is out of range: use 1 to 600 seconds")
-    return value
-
-
-@functools.cache
-def _cached_qemu_version(qemu: str) -> str:
-    return qemu_version(qemu)
-
-
-def exec_request(spec: RunSpec) -> ExecRequest:
-    """The agent request that runs ``spec``'s program under its limits."""
-    language, limits = spec.language, spec.limits
-    return ExecRequest(
-        argv=list(language.argv),
-        env=language.env | spec.env,
-        timeout=limits.timeout,
-        memory_bytes=limits.memory_mb * MB,
-        pids_max=limits.pids,
-        output_limit=limits.output_limit_bytes,
-        script=spec.code,
-        script_name=language.script_name,
-    )
-
-
-async def vm_config(images: ImageSet, spec: RunSpec, accel: str) -> VMConfig:
-    """The VM description for ``spec``: its images, scratch disk, CPUs and memory."""
-    vm_id = secrets.token_hex(6)
+async def cold_config(images: ImageSet, spec: RunSpec, accel: str) -> VMConfig:
+    """A VM booted from scratch for ``spec``: its own CPUs, memory and disk size."""
+    vm_id = new_vm_id()
     scratch = await asyncio.to_thread(scratch_disk, spec.limits.disk_mb)
     return VMConfig(
         vm_id=vm_id,
@@ -84,35 +53,38 @@ async def vm_config(images: ImageSet, spec: RunSpec, accel: str) -> VMConfig:
     )
 
 
-async def boot(spec: RunSpec) -> tuple[QemuVM, AgentClient]:
-    """Start a VM for ``spec`` and return it with a ready agent; nothing is left on failure."""
+def clone_config(images: ImageSet, snapshot: snapshots.Snapshot) -> VMConfig:
+    """A clone of ``snapshot``: the template's shape, private copy-on-write RAM and disk."""
+    vm_id = new_vm_id()
+    return VMConfig(
+        vm_id=vm_id,
+        kernel=images.kernel,
+        initramfs=images.initramfs,
+        rootfs=images.rootfs,
+        scratch=snapshot.scratch,
+        vcpus=snapshots.TEMPLATE_VCPUS,
+        memory_mb=snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB,
+        workdir=runtime_dir() / f"vm-{vm_id}",
+        kernel_args=snapshot.kernel_args,
+        memory_file=None if snapshot.full else snapshot.memory,
+        memory_shared=False,
+        incoming=snapshot.state,
+    )
+
+
+async def ensure_snapshot(images: ImageSet, host: Host) -> snapshots.Snapshot:
+    """The language's snapshot, built now (once, about ten seconds under TCG) if missing."""
+    return await snapshots.build_snapshot(images, host.qemu, host.version, host.accel)
+
+
+async def boot(spec: RunSpec, *, warm: bool = True) -> Machine:
+    """A ready VM for ``spec``: a clone of the warm snapshot when it fits, else a cold boot."""
     images = image_set(spec.language.image)
-    qemu = qemu_binary()
-    version = _cached_qemu_version(qemu)
-    accel = await detect_accel(qemu, version, images.kernel, images.initramfs)
-    vm = QemuVM(await vm_config(images, spec, accel), qemu, accel)
-    agent: AgentClient | None = None
-    try:
-        await vm.start()
-        deadline = boot_timeout()
-        try:
-            async with asyncio.timeout(deadline):
-                agent = AgentClient(*await vm.open_agent_channel())
-                await agent.handshake(deadline)
-        except TimeoutError as exc:
-            raise BootTimeout(
-                f"the guest agent did not answer within {deadline:.0f} s "
-                f"(raise FISSION_BOOT_TIMEOUT on slow hosts)\n"
-                f"{vm.diagnostics()}"
-            ) from exc
-        except VMError as exc:
-            raise VMStartFailed(f"the VM stopped while booting: {exc}\n{vm.diagnostics()}") from exc
-        return vm, agent
-    except BaseException:
-        if agent is not None:
-            await agent.close()
-        await vm.destroy()
-        raise
+    host = await detect_host(images)
+    if warm and snapshots.fits(spec.limits):
+        snapshot = await ensure_snapshot(images, host)
+        return await start_machine(clone_config(images, snapshot), host)
+    return await start_machine(await cold_config(images, spec, host.accel), host)
 
 
 async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:

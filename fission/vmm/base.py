@@ -27,6 +27,14 @@ class VMConfig:
     memory_mb: int
     workdir: Path
     kernel_args: tuple[str, ...] = field(default_factory=tuple)
+    # Snapshots ("VM templating"): guest RAM lives in ``memory_file``. A template is booted
+    # with ``memory_shared`` (its writes land in the file) and a writable scratch disk; each
+    # clone maps the same file privately (copy-on-write, pages shared between clones) and
+    # restores the device state saved in ``incoming``.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    scratch_writable: bool = False
+    incoming: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class VirtualMachine(abc.ABC):
     @abc.abstractmethod
     async def destroy(self) -> None:
         """Stop the VMM and remove everything the VM owned; safe to call more than once."""
+
+    @abc.abstractmethod
+    async def save_state(self, path: Path) -> None:
+        """Pause the VM and write its device state (RAM excluded when file-backed) to ``path``."""
 
     @abc.abstractmethod
     def capabilities(self) -> Capabilities:

@@ -38,6 +38,7 @@ SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontr
 BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1", "reboot=t", "cryptomgr.notests")
 TCG_TB_SIZE_MB = 128
 SOCKET_WAIT_SECONDS = 10.0
+SAVE_STATE_SECONDS = 120.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -68,9 +69,32 @@ class QemuPaths:
         return self.workdir / "qemu.log"
 
 
+def snapshot_args(config: VMConfig) -> list[str]:
+    """Arguments for file-backed RAM (templates and clones) and for restoring a saved state.
+
+    A restore waits (``-incoming defer``) until QMP has set the migration capabilities and
+    handed over the state file's descriptor.
+    """
+    args: list[str] = []
+    if config.memory_file is not None:
+        share = "on" if config.memory_shared else "off"
+        args += [
+            "-object",
+            f"memory-backend-file,id=ram,size={config.memory_mb}M,"
+            f"mem-path={config.memory_file},share={share}",
+        ]
+    if config.incoming is not None:
+        args += ["-incoming", "defer"]
+    return args
+
+
 def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
     """The full QEMU command line for ``config`` under ``accel`` (``kvm`` or ``tcg``)."""
     paths = QemuPaths(config.workdir)
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+    if config.memory_file is not None:
+        machine += ",memory-backend=ram"
+    scratch_mode = "" if config.scratch_writable else ",snapshot=on"
     if accel == "kvm":
         accel_args = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -81,7 +105,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         "-name",
         f"fission-{config.vm_id},process=fission-{config.vm_id}",
         "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        machine,
         *accel_args,
         "-smp",
         str(config.vcpus),
@@ -109,7 +133,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         "-device",
         "virtio-blk-device,drive=root",
         "-drive",
-        f"id=scratch,file={config.scratch},format=raw,if=none,snapshot=on",
+        f"id=scratch,file={config.scratch},format=raw,if=none{scratch_mode}",
         "-device",
         "virtio-blk-device,drive=scratch",
         "-object",
@@ -124,6 +148,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp",
         f"unix:{paths.qmp_socket},server=on,wait=off",
+        *snapshot_args(config),
     ]
 
 
@@ -192,10 +217,10 @@ class QemuVM(VirtualMachine):
     async def start(self) -> None:
         """Spawn QEMU; return once its sockets listen (the guest then boots on its own)."""
         self.config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        argv = qemu_argv(self.qemu, self.config, self.accel)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.config.workdir)}
-        with self.paths.qemu_log.open("wb") as log:
-            try:
+        try:
+            argv = qemu_argv(self.qemu, self.config, self.accel)
+            with self.paths.qemu_log.open("wb") as log:
                 self._proc = await asyncio.create_subprocess_exec(
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -205,8 +230,8 @@ class QemuVM(VirtualMachine):
                     start_new_session=True,
                     preexec_fn=_die_with_parent,
                 )
-            except OSError as exc:
-                raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
+        except OSError as exc:
+            raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_SECONDS
         while not (self.paths.agent_socket.exists() and self.paths.qmp_socket.exists()):
@@ -221,13 +246,45 @@ class QemuVM(VirtualMachine):
                     f"{SOCKET_WAIT_SECONDS:.0f} s:\n{tail(self.paths.qemu_log)}"
                 )
             await asyncio.sleep(0.005)
+        if self.config.incoming is not None:
+            await self._restore(self.config.incoming)
+
+    async def _ignore_shared_memory(self) -> None:
+        """RAM in a file is not part of the migration stream (templates and their clones)."""
+        if self.config.memory_file is not None:
+            capability = {"capability": "x-ignore-shared", "state": True}
+            await self.qmp("migrate-set-capabilities", capabilities=[capability])
+
+    async def _pass_fd(self, path: Path, flags: int, name: str) -> None:
+        """Open ``path`` here and give QEMU the descriptor as ``name`` (QMP getfd).
+
+        QEMU's seccomp sandbox forbids it to spawn ``exec:`` helpers, so files for
+        migration are opened by the host side and handed over with SCM_RIGHTS.
+        """
+        client = await self._qmp_client()
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        try:
+            client.send_fd_scm(fd)
+            await self.qmp("getfd", fdname=name)
+        finally:
+            os.close(fd)
+
+    async def _restore(self, state: Path) -> None:
+        """Load the saved state into this (``-incoming defer``) VM; it then runs by itself."""
+        try:
+            await self._ignore_shared_memory()
+            await self._pass_fd(state, os.O_RDONLY, "fission-state")
+            await self.qmp("migrate-incoming", uri="fd:fission-state")
+        except Exception as exc:
+            raise VMStartFailed(
+                f"restoring the VM state failed: {exc}\n{self.diagnostics()}"
+            ) from exc
 
     async def open_agent_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the agent's virtio-serial socket."""
         return await asyncio.open_unix_connection(str(self.paths.agent_socket), limit=1 << 20)
 
-    async def qmp(self, command: str, **arguments: object) -> object:
-        """Run one QMP command (e.g. ``query-status``) and return its result."""
+    async def _qmp_client(self) -> QMPClient:
         if self._destroyed:
             raise VMError(f"VM {self.config.vm_id} is destroyed")
         if self._qmp is None:
@@ -235,8 +292,34 @@ class QemuVM(VirtualMachine):
             async with asyncio.timeout(SOCKET_WAIT_SECONDS):
                 await client.connect(str(self.paths.qmp_socket))
             self._qmp = client
+        return self._qmp
+
+    async def qmp(self, command: str, **arguments: object) -> object:
+        """Run one QMP command (e.g. ``query-status``) and return its result."""
+        client = await self._qmp_client()
         async with asyncio.timeout(SOCKET_WAIT_SECONDS):
-            return await self._qmp.execute(command, dict(arguments) or None)
+            return await client.execute(command, dict(arguments) or None)
+
+    async def save_state(self, path: Path) -> None:
+        """Migrate the running guest's state into ``path``; QEMU pauses it when done.
+
+        The guest is not stopped first, so the saved state says "running" and a clone resumes
+        by itself as soon as it has loaded it (no extra QMP round trip on the hot path).
+        """
+        await self._ignore_shared_memory()
+        await self._pass_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "fission-state")
+        await self.qmp("migrate", uri="fd:fission-state")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SAVE_STATE_SECONDS
+        while True:
+            info = await self.qmp("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or loop.time() > deadline:
+                detail = info.get("error-desc", status) if isinstance(info, dict) else info
+                raise VMError(f"saving the VM state failed: {detail}")
+            await asyncio.sleep(0.01)
 
     def diagnostics(self) -> str:
         """Recent QEMU and guest console output."""

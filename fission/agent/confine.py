@@ -1,0 +1,67 @@
+"""Confining a freshly forked child before it runs user code (guest side, stdlib only).
+
+Shared by the agent's fork-and-exec path and the Python fork server, so both give user code
+exactly the same box: its own session, the run's cgroup, default signal handling, no inherited
+file descriptors but the three standard streams, no core dumps, ``no_new_privs``, and the
+unprivileged ``sandbox`` user with no supplementary groups.
+
+It is split in two so the fork server can do the expensive part ahead of time, in a child
+that then waits for its run already confined: ``confine_process`` (everything that needs root)
+and ``attach_stdio`` (the run's own streams).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+PR_SET_NO_NEW_PRIVS = 38
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+
+
+def close_fds_except(keep: tuple[int, ...]) -> None:
+    """Close every fd from 3 up except those in ``keep``."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 65536)
+
+
+def confine_process(cgroup_procs: str, keep_fds: tuple[int, ...] = ()) -> None:
+    """Move the calling (forked, root) process into its box and drop to the sandbox user.
+
+    Raises OSError if any step fails; the caller must then exit without running user code.
+    """
+    os.setsid()
+    with open(cgroup_procs, "w") as f:
+        f.write(str(os.getpid()))
+    # The agent shields itself from the OOM killer; its children must not inherit that.
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("0")
+    for sig in RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.set_wakeup_fd(-1)
+    close_fds_except(keep_fds)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    os.setgroups([])
+    os.setgid(SANDBOX_GID)
+    os.setuid(SANDBOX_UID)
+
+
+def attach_stdio(stdin: int, stdout: int, stderr: int) -> None:
+    """Make the run's streams fds 0, 1 and 2 and close the originals."""
+    for target, fd in enumerate((stdin, stdout, stderr)):
+        os.dup2(fd, target)
+    for fd in {stdin, stdout, stderr}:
+        if fd > 2:
+            os.close(fd)

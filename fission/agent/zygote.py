@@ -1,0 +1,335 @@
+"""The Python fork server inside the guest (stdlib only), and the agent's handle on it.
+
+Starting ``python3`` under a software CPU costs hundreds of milliseconds, and importing numpy
+and pandas seconds. So the agent starts this process once: it imports the preload modules,
+freezes its heap (``gc.freeze()``, so children dirty fewer shared pages) and forks *warm
+children* ahead of time. A warm child puts itself in a fresh cgroup, confines itself exactly as
+an exec'd program would be (``confine.confine_process``: sandbox user, no_new_privs, no fds but
+its hand-off socket), runs a warm-up snippet, tells the agent it is waiting, and blocks. A run
+is one message on that socket (script path, env, cwd) carrying the run's three streams and a
+status pipe: the
+child attaches them, reseeds every random generator it holds (clones of one snapshot share the
+parent's state) and runs the script as ``__main__``.
+
+The zygote talks to the agent over a SOCK_SEQPACKET socket, JSON with SCM_RIGHTS fds:
+zygote -> agent ``{"ready": true}``; ``{"warm": pid, "cgroup": path}`` + the child's socket;
+``{"exited": pid, "status": wait status}``. agent -> zygote ``{"fork": true}`` (one more warm
+child). The agent hands runs to warm children directly, without waking the zygote.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import contextlib
+import gc
+import importlib
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+import types
+from typing import Any
+
+if __package__:
+    from . import confine
+else:  # run as a script inside the guest
+    import confine  # type: ignore[no-redef]
+
+MAX_MESSAGE = 64 * 1024
+CGROUP_ROOT = "/sys/fs/cgroup"
+WAITING = b"W"
+WARM_UP = "values = [str(i) * 2 for i in range(64)]\nresult = ','.join(values).split(',')\n"
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """Send one JSON message, with file descriptors if given."""
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+# -- inside a warm child ----------------------------------------------------------------------
+def reseed() -> None:
+    """Give this process random streams of its own (the parent's were shared by every clone)."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        with contextlib.suppress(Exception):
+            numpy.random.seed()
+
+
+def fresh_stdio(env: dict[str, str]) -> None:
+    """Standard streams over fds 0-2 as ``python3`` would make them for this environment."""
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    stdin_raw = io.FileIO(0, "rb", closefd=False)
+    stdout_raw = io.FileIO(1, "wb", closefd=False)
+    stderr_raw = io.FileIO(2, "wb", closefd=False)
+    stdout_bin = stdout_raw if unbuffered else io.BufferedWriter(stdout_raw)
+    stderr_bin = stderr_raw if unbuffered else io.BufferedWriter(stderr_raw)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(stdin_raw), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(stdout_bin, encoding="utf-8", write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(
+        stderr_bin,
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+        write_through=unbuffered,
+    )
+
+
+def exit_code_of(exc: SystemExit) -> int:
+    """The process exit code Python gives ``raise SystemExit(code)``."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def run_script(request: dict[str, Any], status_fd: int) -> None:
+    """Run the request's script as __main__ with its environment; never returns.
+
+    At the end the exit code is written to ``status_fd`` after the output streams are closed,
+    so the agent can report the run without waiting for this large process to be torn down.
+    """
+    env = request["env"]
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(request["cwd"])
+    reseed()
+    fresh_stdio(env)
+    path = request["path"]
+    sys.argv = [path]
+    sys.path[0] = os.path.dirname(path)
+    code = 0
+    try:
+        with open(path, "rb") as f:
+            compiled = compile(f.read(), path, "exec")
+        main = types.ModuleType("__main__")
+        main.__file__ = path
+        main.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = main
+        exec(compiled, main.__dict__)
+    except SystemExit as exc:
+        code = exit_code_of(exc)
+    except BaseException as exc:
+        tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+        traceback.print_exception(type(exc), exc, tb)
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        code = code or 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        os.close(1)
+        os.close(2)
+        os.write(status_fd, str(code).encode())
+    os._exit(code)
+
+
+def warm_child(conn: socket.socket, cgroup: str) -> None:
+    """In a pre-forked child: confine, warm up, wait for one run and run it; never returns."""
+    try:
+        confine.confine_process(os.path.join(cgroup, "cgroup.procs"), keep_fds=(conn.fileno(),))
+        exec(compile(WARM_UP, "<warm-up>", "exec"), {})
+        conn.send(WAITING)
+        message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 4)
+        if not message or len(fds) != 4:
+            os._exit(0)
+        conn.close()
+        confine.attach_stdio(fds[0], fds[1], fds[2])
+        run_script(json.loads(message), fds[3])
+    except BaseException:
+        os._exit(127)
+    os._exit(127)
+
+
+# -- the zygote process ----------------------------------------------------------------------
+class Zygote:
+    """The fork server's loop: fork warm children on request, report every exit."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.forked = 0
+        self.selector = selectors.DefaultSelector()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.selector.register(sock, selectors.EVENT_READ, "agent")
+        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+
+    def fork_warm(self) -> None:
+        """Fork one warm child in a cgroup of its own and give its socket to the agent."""
+        self.forked += 1
+        cgroup = os.path.join(CGROUP_ROOT, f"warm-{os.getpid()}-{self.forked}")
+        os.mkdir(cgroup)
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent_end.close()
+            self.sock.close()
+            warm_child(child_end, cgroup)
+        child_end.close()
+        send(self.sock, {"warm": pid, "cgroup": cgroup}, [parent_end.fileno()])
+        parent_end.close()
+
+    def serve(self) -> None:
+        """Handle the agent's messages until it closes the socket."""
+        self.fork_warm()
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "wake":
+                    self.reap()
+                    continue
+                data = self.sock.recv(MAX_MESSAGE)
+                if not data:
+                    return
+                if json.loads(data).get("fork"):
+                    self.fork_warm()
+
+    def reap(self) -> None:
+        """Report every exited child to the agent."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_r, 4096):
+                pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            send(self.sock, {"exited": pid, "status": status})
+
+
+def main() -> None:
+    """Entry point: ``zygote.py FD MODULE,MODULE,...``."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    for name in filter(None, sys.argv[2].split(",") if len(sys.argv) > 2 else []):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            print(f"fission-zygote: cannot preload {name}: {exc}", file=sys.stderr)
+    gc.collect()
+    gc.freeze()
+    send(sock, {"ready": True})
+    Zygote(sock).serve()
+
+
+# -- the agent's side ------------------------------------------------------------------------
+class WarmChild:
+    """A pre-forked, confined interpreter waiting for one run."""
+
+    def __init__(self, pid: int, cgroup: str, sock: socket.socket) -> None:
+        self.pid = pid
+        self.cgroup = cgroup
+        self.sock = sock
+        self.waiting = False
+
+    def hand_over(self, request: dict[str, Any], fds: list[int]) -> None:
+        """Give this child its run (it owns the fds from now on)."""
+        send(self.sock, request, fds)
+        self.sock.close()
+
+
+class ZygoteHandle:
+    """The agent's end of the fork server: start it, keep warm children, collect exits."""
+
+    def __init__(self, modules: list[str]) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child_end.set_inheritable(True)
+        argv = [
+            sys.executable,
+            "-E",
+            "-s",
+            os.path.abspath(__file__),
+            str(child_end.fileno()),
+            ",".join(modules),
+        ]
+        # One BLAS thread: the process forks, and forking a threaded BLAS pool is unsafe.
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OPENBLAS_NUM_THREADS": "1"}
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                parent_end.close()
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        child_end.close()
+        self.sock = parent_end
+        self.ready = False
+        self.alive = True
+        self.fork_requested = True  # the zygote forks its first warm child by itself
+        self.warm: list[WarmChild] = []
+        self.exits: list[tuple[int, int]] = []
+
+    def fileno(self) -> int:
+        """The socket's fd, for the agent's selector."""
+        return self.sock.fileno()
+
+    def receive(self) -> None:
+        """Read one message from the zygote (the socket is readable)."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.alive = False
+            return
+        message = json.loads(data)
+        if message.get("ready"):
+            self.ready = True
+        elif "warm" in message and fds:
+            self.fork_requested = False
+            sock = socket.socket(fileno=fds[0])
+            self.warm.append(WarmChild(int(message["warm"]), str(message["cgroup"]), sock))
+        elif "exited" in message:
+            pid, status = int(message["exited"]), int(message["status"])
+            self.warm = [child for child in self.warm if child.pid != pid]
+            self.exits.append((pid, status))
+
+    def take_warm(self) -> WarmChild | None:
+        """A waiting warm child for a run, or None."""
+        return self.warm.pop(0) if self.ready and self.warm else None
+
+    def request_warm(self) -> None:
+        """Ask for one more warm child unless one is waiting or on its way."""
+        if self.alive and not self.warm and not self.fork_requested:
+            self.fork_requested = True
+            send(self.sock, {"fork": True})
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Block until preloads are imported and a warm child is waiting; False if not."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.alive and not (self.ready and self.warm):
+                self.receive()
+            child = self.warm[0] if self.warm else None
+            if child is not None and not child.waiting:
+                child.sock.settimeout(timeout)
+                child.waiting = child.sock.recv(1) == WAITING
+                child.sock.settimeout(None)
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(None)
+        return bool(self.alive and self.warm and self.warm[0].waiting)
+
+
+if __name__ == "__main__":
+    main()
