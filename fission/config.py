@@ -29,3 +29,15 @@ def runtime_dir() -> Path:
         path = Path(f"/tmp/fission-{os.getuid()}")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def use_runtime_dir(path: Path) -> None:
+    """Make this process put its VM directories under ``path`` (the daemon's state dir)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.environ["FISSION_RUNTIME_DIR"] = str(path)
+
+
+def daemon_socket() -> Path:
+    """Where `fission serve` listens by default and `fission run` looks for it."""
+    override = os.environ.get("FISSION_SOCKET")
+    return Path(override) if override else runtime_dir() / "fission.sock"

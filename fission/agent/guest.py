@@ -179,6 +179,7 @@ class Execution:
                 status_r, status_w = os.pipe()
                 child_fds.append(status_w)
                 self.status_fd = status_r
+                os.set_blocking(status_r, False)
                 self.agent.selector.register(status_r, selectors.EVENT_READ, ("status", self))
                 request = {"path": script_path, "env": self.env, "cwd": self.cwd}
                 warm.hand_over(request, child_fds)
@@ -258,6 +259,8 @@ class Execution:
         """The fork-server child reported its exit code just before exiting: take it."""
         try:
             data = os.read(self.status_fd, 16)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         self.close_status()

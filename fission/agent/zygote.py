@@ -232,6 +232,20 @@ def main() -> None:
 
 
 # -- the agent's side ------------------------------------------------------------------------
+def recv_with_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries (``socket.recv_fds`` ignores ``flags``)."""
+    data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * 4), flags)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(
+                int.from_bytes(payload[i : i + 4], sys.byteorder, signed=True)
+                for i in range(0, usable, 4)
+            )
+    return data, fds
+
+
 class WarmChild:
     """A pre-forked, confined interpreter waiting for one run."""
 
@@ -282,10 +296,16 @@ class ZygoteHandle:
         """The socket's fd, for the agent's selector."""
         return self.sock.fileno()
 
-    def receive(self) -> None:
-        """Read one message from the zygote (the socket is readable)."""
+    def receive(self, block: bool = False) -> None:
+        """Read one message from the zygote if one is there (or wait for it, with ``block``).
+
+        Never blocks unless asked: a readiness reported by the agent's selector can be stale
+        when ``wait_warm`` has read the message in the meantime.
+        """
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+            data, fds = recv_with_fds(self.sock, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
         except OSError:
             data, fds = b"", []
         if not data:
@@ -318,7 +338,7 @@ class ZygoteHandle:
         self.sock.settimeout(timeout)
         try:
             while self.alive and not (self.ready and self.warm):
-                self.receive()
+                self.receive(block=True)
             child = self.warm[0] if self.warm else None
             if child is not None and not child.waiting:
                 child.sock.settimeout(timeout)

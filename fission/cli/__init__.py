@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import images, run
+from fission.cli import images, run, serve
 
 app = typer.Typer(
     name="fission",
@@ -15,6 +15,8 @@ app = typer.Typer(
 )
 app.command("run", context_settings={"allow_interspersed_args": True})(run.run_command)
 app.add_typer(images.app, name="images")
+app.command("serve")(serve.serve_command)
+app.add_typer(serve.pool_app, name="pool")
 
 
 @app.command("version")

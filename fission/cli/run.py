@@ -66,6 +66,16 @@ async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunRe
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def run_via_daemon(spec: RunSpec, on_output: LiveOutput | None) -> RunResult | None:
+    """The result from a running daemon, or None when no daemon answers on the socket."""
+    from fission.client import DaemonClient
+
+    with DaemonClient() as client:
+        if not client.alive():
+            return None
+        return client.run(spec, on_output)
+
+
 def run_command(
     code: Annotated[
         str | None, typer.Argument(help="The program text.", show_default=False)
@@ -93,6 +103,10 @@ def run_command(
     stdin: Annotated[
         bool, typer.Option("--stdin", "-i", help="Pass this process's stdin to the program.")
     ] = False,
+    no_daemon: Annotated[
+        bool,
+        typer.Option("--no-daemon", help="Run in this process even if a daemon is running."),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of streaming.")
     ] = False,
@@ -116,7 +130,10 @@ def run_command(
             env=parse_env(env or []),
             stdin=sys.stdin.buffer.read() if stdin else None,
         )
-        result = asyncio.run(_run_cancellable(spec, None if as_json else LiveOutput()))
+        on_output = None if as_json else LiveOutput()
+        result = run_via_daemon(spec, on_output) if not no_daemon else None
+        if result is None:
+            result = asyncio.run(_run_cancellable(spec, on_output))
     except FissionError as exc:
         abort(exc)
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -15,6 +15,7 @@ import time
 from fission.agent.client import AgentClient, ExecOutcome, OutputSink
 from fission.config import runtime_dir
 from fission.core import snapshots
+from fission.core.languages import Language
 from fission.core.machines import (
     GUEST_OVERHEAD_MB,
     Host,
@@ -140,3 +141,20 @@ async def run_in_vm(
         boot_ms=boot_ms,
         total_ms=boot_ms + (time.monotonic() - started) * 1000.0,
     )
+
+
+async def warm_clone(language: Language) -> Machine:
+    """A clone of the language's snapshot that has run its warm-up (for the pools).
+
+    The warm-up translates the guest's hot paths in this QEMU process (its code cache starts
+    empty) and uses up the fork server's first warm child; waiting for the next one means the
+    user's run starts on a child that is already confined and waiting.
+    """
+    machine = await boot(RunSpec(language, language.warm_up))
+    try:
+        await snapshots.warm_up(machine.agent, language)
+        await machine.agent.prepare_snapshot(snapshots.PREPARE_TIMEOUT)
+    except BaseException:
+        await machine.destroy()
+        raise
+    return machine

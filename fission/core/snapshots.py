@@ -40,6 +40,7 @@ from fission.images.scratch import scratch_disk
 from fission.images.store import ImageSet
 from fission.vmm.accel import tcg_kernel_args
 from fission.vmm.base import VMConfig
+from fission.vmm.qemu import BASE_KERNEL_ARGS
 
 TEMPLATE_FORMAT = "1"
 TEMPLATE_VCPUS = 1
@@ -112,7 +113,7 @@ def snapshot_key(images: ImageSet, accel: str, qemu_version: str, full: bool) ->
         str(TEMPLATE_VCPUS),
         str(TEMPLATE_CAPACITY_MB),
         str(TEMPLATE_DISK_MB),
-        " ".join(template_kernel_args(language, accel)),
+        " ".join((*BASE_KERNEL_ARGS, *template_kernel_args(language, accel))),
         "full" if full else "template",
     )
 

@@ -35,7 +35,14 @@ from fission.vmm.base import Capabilities, VirtualMachine, VMConfig
 
 AGENT_PORT_NAME = "org.fission.agent"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1", "reboot=t", "cryptomgr.notests")
+BASE_KERNEL_ARGS = (
+    "console=ttyS0",
+    "quiet",
+    "panic=-1",
+    "reboot=t",
+    "cryptomgr.notests",
+    "sysctl.kernel.hung_task_timeout_secs=4",
+)
 TCG_TB_SIZE_MB = 128
 SOCKET_WAIT_SECONDS = 10.0
 SAVE_STATE_SECONDS = 120.0

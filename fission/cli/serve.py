@@ -1,0 +1,85 @@
+"""`fission serve` and `fission pool status`: the daemon and a look at its pools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fission.cli.errors import abort
+from fission.errors import FissionError, NotReady
+
+pool_app = typer.Typer(help="Inspect the daemon's warm pools.", no_args_is_help=True)
+
+
+def serve_command(
+    config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
+    pool: Annotated[
+        list[str] | None, typer.Option(help="LANGUAGE=COUNT warm VMs, repeatable.")
+    ] = None,
+    memory_budget: Annotated[
+        int | None, typer.Option(help="MB of guest RAM the daemon may reserve.")
+    ] = None,
+    acquire_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a run waits for a free VM.")
+    ] = None,
+    socket: Annotated[Path | None, typer.Option(help="Unix socket to listen on.")] = None,
+    host: Annotated[str | None, typer.Option(help="TCP address (only when asked).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Where the daemon keeps state.")] = None,
+) -> None:
+    """Run the fission daemon: warm pools of VMs behind an HTTP API."""
+    from fission.server.daemon import build_config, serve
+
+    try:
+        daemon_config = build_config(
+            config_file=config,
+            pools=pool or [],
+            memory_budget_mb=memory_budget,
+            acquire_timeout=acquire_timeout,
+            socket=socket,
+            host=host,
+            port=port,
+            state_dir=state_dir,
+        )
+        where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
+        typer.echo(f"fission daemon listening on {where}", err=True)
+        serve(daemon_config)
+    except FissionError as exc:
+        abort(exc)
+
+
+@pool_app.command("status")
+def pool_status_command(
+    socket: Annotated[Path | None, typer.Option(help="The daemon's Unix socket.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the daemon's pools: ready, starting and in-use VMs, and the memory budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fission.client import DaemonClient
+
+    with DaemonClient(socket) as client:
+        try:
+            if not client.alive():
+                raise NotReady(
+                    f"no fission daemon answers on {client.socket}: start `fission serve`"
+                )
+            status = client.pools()
+        except FissionError as exc:
+            abort(exc)
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    table = Table(
+        title=f"memory: {status['memory_reserved_mb']} of {status['memory_budget_mb']} MB reserved"
+    )
+    columns = ("language", "size", "ready", "starting", "in_use", "served", "busy", "failed")
+    for column in (*columns, "median_ready_ms"):
+        table.add_column(column)
+    for pool in status["pools"]:
+        table.add_row(*(str(pool[c]) for c in columns), str(pool["median_ready_ms"]))
+    Console().print(table)

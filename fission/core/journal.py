@@ -1,0 +1,84 @@
+"""The daemon's journal of the VMs it owns, so a restart after a crash can clean up.
+
+Each live VM has a file ``<state>/journal/<vm_id>.json`` naming its VMM pid, that process's
+start time (so a recycled pid is never killed by mistake) and its directory. ``reconcile``
+kills every recorded process that is still the same process, removes every VM directory under
+``<state>/vms`` and empties the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from fission.vmm.qemu import QemuVM
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of process ``pid``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])  # field 22 of stat; the first two were split off above
+
+
+class Journal:
+    """Records of the VMs a daemon owns, kept in its state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = state_dir / "journal"
+        self.vms_dir = state_dir / "vms"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+
+    def record(self, vm: QemuVM) -> None:
+        """Remember a started VM."""
+        pid = vm.pid
+        entry = {
+            "pid": pid,
+            "start_time": process_start_time(pid) if pid else None,
+            "workdir": str(vm.config.workdir),
+        }
+        path = self.directory / f"{vm.config.vm_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+
+    def forget(self, vm: QemuVM) -> None:
+        """Drop a destroyed VM's record."""
+        (self.directory / f"{vm.config.vm_id}.json").unlink(missing_ok=True)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every record (unreadable ones are skipped)."""
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def reconcile(self) -> dict[str, int]:
+        """Kill what a dead daemon left running and remove its files; return what was done."""
+        killed = 0
+        for entry in self.entries():
+            pid, start = entry.get("pid"), entry.get("start_time")
+            if isinstance(pid, int) and start is not None and process_start_time(pid) == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        removed = 0
+        for path in list(self.directory.iterdir()):
+            path.unlink(missing_ok=True)
+        for path in list(self.vms_dir.iterdir()):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        return {"killed": killed, "removed": removed}

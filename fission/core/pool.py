@@ -1,0 +1,191 @@
+"""Warm pools: per language, VMs restored from the snapshot and warmed, each used for one run.
+
+A pool keeps ``size`` machines ready and refills in the background as runs take them. Every
+machine, ready or in use, holds a reservation in the shared ``MemoryBudget`` (its full guest
+RAM: what it could use at worst), so the daemon never starts more VMs than the budget allows.
+``acquire`` waits up to its deadline for a ready machine and then fails with ``Busy``, naming
+the setting to raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fission.core.machines import Machine
+from fission.errors import Busy
+
+log = logging.getLogger("fission.pool")
+REFILL_CONCURRENCY = 2
+RETRY_DELAY = 2.0
+
+
+@dataclass
+class MemoryBudget:
+    """Megabytes of guest RAM the daemon may have reserved at once."""
+
+    total_mb: int
+    used_mb: int = 0
+
+    def reserve(self, mb: int) -> bool:
+        """Take ``mb`` if it fits; False otherwise."""
+        if self.used_mb + mb > self.total_mb:
+            return False
+        self.used_mb += mb
+        return True
+
+    def release(self, mb: int) -> None:
+        """Give back ``mb``."""
+        self.used_mb = max(0, self.used_mb - mb)
+
+
+@dataclass
+class PoolStats:
+    """Counters a pool reports in its status."""
+
+    created: int = 0
+    served: int = 0
+    failed: int = 0
+    busy: int = 0
+    last_error: str = ""
+    restore_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+
+
+class WarmPool:
+    """Ready machines of one language."""
+
+    def __init__(
+        self,
+        language: str,
+        size: int,
+        budget: MemoryBudget,
+        vm_mb: int,
+        factory: Callable[[], Awaitable[Machine]],
+        on_retire: Callable[[Machine], Awaitable[None]] | None = None,
+    ) -> None:
+        self.language = language
+        self.size = size
+        self.budget = budget
+        self.vm_mb = vm_mb
+        self._factory = factory
+        self._on_retire = on_retire
+        self._ready: deque[Machine] = deque()
+        self._starting = 0
+        self._in_use = 0
+        self._changed = asyncio.Event()
+        self._filler: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.stats = PoolStats()
+
+    def start(self) -> None:
+        """Begin filling the pool in the background."""
+        self._filler = asyncio.create_task(self._fill_loop(), name=f"pool-{self.language}")
+
+    async def _fill_loop(self) -> None:
+        while not self._closed:
+            while (
+                len(self._ready) + self._starting < self.size
+                and self._starting < REFILL_CONCURRENCY
+                and self.budget.reserve(self.vm_mb)
+            ):
+                self._starting += 1
+                task = asyncio.create_task(self._add_one())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _add_one(self) -> None:
+        started = time.monotonic()
+        try:
+            machine = await self._factory()
+        except Exception as exc:
+            self.stats.failed += 1
+            self.stats.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("could not add a %s VM to the pool: %s", self.language, exc)
+            self.budget.release(self.vm_mb)
+            await asyncio.sleep(RETRY_DELAY)
+        else:
+            self.stats.created += 1
+            self.stats.restore_ms.append((time.monotonic() - started) * 1000)
+            if self._closed:
+                await self._retire(machine)
+            else:
+                self._ready.append(machine)
+        finally:
+            self._starting -= 1
+            self._changed.set()
+
+    async def acquire(self, timeout: float) -> Machine:
+        """A ready machine, waiting up to ``timeout`` seconds; Busy after that."""
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                self.stats.busy += 1
+                raise Busy(
+                    f"no warm {self.language} VM became free within {timeout:g} s: raise the "
+                    f"pool size (--pool {self.language}=N) or the memory budget "
+                    f"(--memory-budget), or wait longer (--acquire-timeout)"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+        machine = self._ready.popleft()
+        self._in_use += 1
+        self.stats.served += 1
+        self._changed.set()  # the filler replaces it
+        return machine
+
+    async def release(self, machine: Machine) -> None:
+        """Destroy a machine that served its run and give its memory back."""
+        self._in_use -= 1
+        await self._retire(machine)
+        self._changed.set()
+
+    async def _retire(self, machine: Machine) -> None:
+        try:
+            await machine.destroy()
+            if self._on_retire is not None:
+                await self._on_retire(machine)
+        finally:
+            self.budget.release(self.vm_mb)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready picture of the pool."""
+        restore = sorted(self.stats.restore_ms)
+        return {
+            "language": self.language,
+            "size": self.size,
+            "ready": len(self._ready),
+            "starting": self._starting,
+            "in_use": self._in_use,
+            "created": self.stats.created,
+            "served": self.stats.served,
+            "failed": self.stats.failed,
+            "busy": self.stats.busy,
+            "last_error": self.stats.last_error,
+            "median_ready_ms": round(restore[len(restore) // 2], 1) if restore else None,
+        }
+
+    async def close(self) -> None:
+        """Stop filling and destroy every ready machine (machines in use are the caller's)."""
+        self._closed = True
+        self._changed.set()
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filler
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._ready:
+            await self._retire(self._ready.popleft())

@@ -1,0 +1,139 @@
+"""The daemon's core: warm pools per language, a memory budget, and the journal of its VMs.
+
+Adapters (the HTTP server now, gRPC and MCP later) call ``Service.run``; nothing here knows
+about HTTP. Runs whose limits fit the snapshot come from the pool; others (more CPUs, another
+disk size) get a VM of their own, inside the same memory budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fission.agent.client import OutputSink
+from fission.config import use_runtime_dir
+from fission.core import orchestrator, snapshots
+from fission.core.journal import Journal
+from fission.core.languages import resolve_language
+from fission.core.machines import GUEST_OVERHEAD_MB, Machine
+from fission.core.pool import MemoryBudget, WarmPool
+from fission.core.spec import RunResult, RunSpec
+from fission.errors import Busy
+
+log = logging.getLogger("fission.service")
+CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the daemon runs: pool sizes, memory budget, deadlines and where its state lives."""
+
+    state_dir: Path
+    pools: dict[str, int] = field(default_factory=lambda: {"python": 2})
+    memory_budget_mb: int = 8192
+    acquire_timeout: float = 10.0
+
+
+class Service:
+    """Pools, budget and journal of one daemon."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.budget = MemoryBudget(config.memory_budget_mb)
+        self.journal = Journal(config.state_dir)
+        self.pools: dict[str, WarmPool] = {}
+        self.reconciled: dict[str, int] = {}
+
+    async def start(self) -> None:
+        """Clean up after a dead predecessor, then start filling the pools."""
+        self.reconciled = self.journal.reconcile()
+        if any(self.reconciled.values()):
+            log.warning("removed what a previous daemon left: %s", self.reconciled)
+        use_runtime_dir(self.journal.vms_dir)
+        for name, size in self.config.pools.items():
+            language = resolve_language(name)
+            if size <= 0 or language.name in self.pools:
+                continue
+            pool = WarmPool(
+                language.name,
+                size,
+                self.budget,
+                CLONE_MB,
+                factory=self._clone_factory(language.name),
+                on_retire=self._forget,
+            )
+            self.pools[language.name] = pool
+            pool.start()
+
+    def _clone_factory(self, name: str) -> Callable[[], Awaitable[Machine]]:
+        async def factory() -> Machine:
+            machine = await orchestrator.warm_clone(resolve_language(name))
+            self.journal.record(machine.vm)
+            return machine
+
+        return factory
+
+    async def _forget(self, machine: Machine) -> None:
+        self.journal.forget(machine.vm)
+
+    async def acquire(self, spec: RunSpec) -> tuple[Machine, Callable[[], Awaitable[None]]]:
+        """A machine for ``spec`` and the coroutine function that releases it."""
+        pool = self.pools.get(spec.language.name)
+        if pool is not None and snapshots.fits(spec.limits):
+            machine = await pool.acquire(self.config.acquire_timeout)
+            return machine, lambda: pool.release(machine)
+        needed = spec.limits.memory_mb + GUEST_OVERHEAD_MB
+        if snapshots.fits(spec.limits):
+            needed = CLONE_MB
+        if not self.budget.reserve(needed):
+            raise Busy(
+                f"the memory budget ({self.budget.total_mb} MB, {self.budget.used_mb} MB in use) "
+                f"has no room for a {needed} MB VM: raise --memory-budget or retry later"
+            )
+        try:
+            machine = await orchestrator.boot(spec)
+        except BaseException:
+            self.budget.release(needed)
+            raise
+        self.journal.record(machine.vm)
+
+        async def release() -> None:
+            try:
+                await machine.destroy()
+                self.journal.forget(machine.vm)
+            finally:
+                self.budget.release(needed)
+
+        return machine, release
+
+    async def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
+        """Run ``spec`` on a fresh machine; the machine is destroyed afterwards."""
+        machine, release = await self.acquire(spec)
+        try:
+            return await self.run_on(machine, spec, on_output)
+        finally:
+            await release()
+
+    @staticmethod
+    async def run_on(
+        machine: Machine, spec: RunSpec, on_output: OutputSink | None = None
+    ) -> RunResult:
+        """Run ``spec`` on an acquired machine."""
+        return await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
+
+    def status(self) -> dict[str, Any]:
+        """Pools and budget, JSON-ready."""
+        return {
+            "pools": [pool.status() for pool in self.pools.values()],
+            "memory_budget_mb": self.budget.total_mb,
+            "memory_reserved_mb": self.budget.used_mb,
+            "reconciled": self.reconciled,
+        }
+
+    async def close(self) -> None:
+        """Destroy every VM the pools hold."""
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))

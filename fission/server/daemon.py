@@ -1,0 +1,145 @@
+"""`fission serve`: load the configuration, take the state dir's lock, run uvicorn.
+
+Listens on a Unix socket in the user's runtime dir by default (TCP only when asked). uvicorn
+turns SIGTERM and SIGINT into a graceful shutdown, whose last step (the app's lifespan)
+destroys every VM the daemon owns. A second daemon on the same state dir is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fission.config import daemon_socket, runtime_dir
+from fission.core.languages import resolve_language
+from fission.core.service import ServiceConfig
+from fission.errors import InvalidInput, NotReady
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Where the daemon listens and how its service runs."""
+
+    service: ServiceConfig
+    socket: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    log_level: str = "warning"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_pool_flags(flags: list[str]) -> dict[str, int]:
+    """``["python=2", "node=1"]`` -> ``{"python": 2, "node": 1}``, checking each part."""
+    pools: dict[str, int] = {}
+    for flag in flags:
+        name, sep, count = flag.partition("=")
+        if not sep or not count.isdigit():
+            raise InvalidInput(f"--pool {flag!r} is not LANGUAGE=COUNT (e.g. python=2)")
+        if int(count) > 64:
+            raise InvalidInput(f"--pool {flag}: at most 64 VMs per language")
+        pools[resolve_language(name).name] = int(count)
+    return pools
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The TOML config file as a dict (``[pool]`` sizes, ``memory_budget_mb``, ...)."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"--config {path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"--config {path} is not valid TOML: {exc}") from exc
+
+
+def build_config(
+    *,
+    config_file: Path | None,
+    pools: list[str],
+    memory_budget_mb: int | None,
+    acquire_timeout: float | None,
+    socket: Path | None,
+    host: str | None,
+    port: int | None,
+    state_dir: Path | None,
+) -> DaemonConfig:
+    """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
+    file = load_config_file(config_file) if config_file else {}
+    pool_sizes = {resolve_language(k).name: int(v) for k, v in file.get("pool", {}).items()}
+    pool_sizes.update(parse_pool_flags(pools))
+    if not pool_sizes:
+        pool_sizes = {"python": 2}
+    budget = memory_budget_mb or int(file.get("memory_budget_mb", default_budget_mb()))
+    timeout = acquire_timeout or float(file.get("acquire_timeout", 10.0))
+    if budget < 256:
+        raise InvalidInput(f"--memory-budget {budget} MB is too small: give at least 256")
+    if not 0 < timeout <= 600:
+        raise InvalidInput(f"--acquire-timeout {timeout} is out of range: use 0 to 600 seconds")
+    state = state_dir or Path(file.get("state_dir", runtime_dir() / "daemon"))
+    listen_socket = socket or (Path(file["socket"]) if "socket" in file else None)
+    host = host or file.get("host")
+    port = port or file.get("port")
+    if (host is None) != (port is None):
+        raise InvalidInput("TCP needs both --host and --port")
+    if host is None and listen_socket is None:
+        listen_socket = daemon_socket()
+    service = ServiceConfig(state, pool_sizes, budget, timeout)
+    return DaemonConfig(service=service, socket=listen_socket, host=host, port=port)
+
+
+def default_budget_mb() -> int:
+    """Half of this host's memory."""
+    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return int(pages * page_size / 2**20 / 2)
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the state dir for this daemon's lifetime."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = (state_dir / "daemon.pid").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise NotReady(
+            f"another fission daemon is using {state_dir}: stop it or pass --state-dir"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def serve(config: DaemonConfig) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    import uvicorn
+
+    from fission.core.service import Service
+    from fission.server.app import create_app
+
+    lock = lock_state_dir(config.service.state_dir)
+    try:
+        app = create_app(Service(config.service))
+        if config.socket is not None:
+            config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            config.socket.unlink(missing_ok=True)  # a dead daemon's socket; we hold the lock
+            server_config = uvicorn.Config(
+                app, uds=str(config.socket), log_level=config.log_level, access_log=False
+            )
+        else:
+            server_config = uvicorn.Config(
+                app,
+                host=config.host or "127.0.0.1",
+                port=config.port or 0,
+                log_level=config.log_level,
+                access_log=False,
+            )
+        uvicorn.Server(server_config).run()
+    finally:
+        if config.socket is not None:
+            config.socket.unlink(missing_ok=True)
+        lock.close()

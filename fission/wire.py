@@ -1,0 +1,64 @@
+"""The JSON shapes the daemon and its clients exchange (pure; shared by both sides).
+
+A run streams newline-delimited JSON: ``{"type": "output", "stream": "stdout", "data": "..."}``
+per chunk (``data_b64`` instead of ``data`` when the bytes are not UTF-8), then one
+``{"type": "result", ...}`` (RunResult.to_json without the output) or one
+``{"type": "error", "code": ..., "message": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fission.core.spec import RunResult
+from fission.errors import ERRORS_BY_CODE, FissionError
+
+
+def output_line(stream: str, data: bytes) -> dict[str, Any]:
+    """One output chunk as a JSON object."""
+    try:
+        return {"type": "output", "stream": stream, "data": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"type": "output", "stream": stream, "data_b64": base64.b64encode(data).decode()}
+
+
+def output_bytes(line: dict[str, Any]) -> tuple[str, bytes]:
+    """The (stream, bytes) of an output line."""
+    if "data_b64" in line:
+        return str(line["stream"]), base64.b64decode(line["data_b64"])
+    return str(line["stream"]), str(line["data"]).encode("utf-8")
+
+
+def result_line(result: RunResult) -> dict[str, Any]:
+    """The closing line of a run (output was streamed before it)."""
+    body = result.to_json()
+    del body["stdout"], body["stderr"]
+    return {"type": "result", **body}
+
+
+def error_body(error: FissionError) -> dict[str, Any]:
+    """An error as JSON: its code slug and message."""
+    return {"type": "error", "code": error.code, "message": error.message}
+
+
+def error_from_body(body: dict[str, Any]) -> FissionError:
+    """The FissionError subclass named by an error body's code."""
+    cls = ERRORS_BY_CODE.get(str(body.get("code")), FissionError)
+    return cls(str(body.get("message", "the daemon reported an error")))
+
+
+def result_from_lines(result: dict[str, Any], stdout: bytes, stderr: bytes) -> RunResult:
+    """Rebuild a RunResult from its closing line and the collected output."""
+    return RunResult(
+        exit_code=int(result["exit_code"]),
+        stdout=stdout,
+        stderr=stderr,
+        timed_out=bool(result["timed_out"]),
+        oom=bool(result["oom"]),
+        truncated=bool(result["truncated"]),
+        signal=int(result["signal"]),
+        duration_ms=float(result["duration_ms"]),
+        boot_ms=float(result["boot_ms"]),
+        total_ms=float(result["total_ms"]),
+    )
