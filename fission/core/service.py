@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from fission.errors import Busy
 
 log = logging.getLogger("fission.service")
 CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
+Release = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Service:
         self.journal = Journal(config.state_dir)
         self.pools: dict[str, WarmPool] = {}
         self.reconciled: dict[str, int] = {}
+        self._disposals: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Clean up after a dead predecessor, then start filling the pools."""
@@ -80,7 +82,7 @@ class Service:
     async def _forget(self, machine: Machine) -> None:
         self.journal.forget(machine.vm)
 
-    async def acquire(self, spec: RunSpec) -> tuple[Machine, Callable[[], Awaitable[None]]]:
+    async def acquire(self, spec: RunSpec) -> tuple[Machine, Release]:
         """A machine for ``spec`` and the coroutine function that releases it."""
         pool = self.pools.get(spec.language.name)
         if pool is not None and snapshots.fits(spec.limits):
@@ -110,13 +112,22 @@ class Service:
 
         return machine, release
 
+    def dispose(self, release: Release) -> None:
+        """Release a machine in a task of its own, so a cancelled request cannot stop it halfway.
+
+        ``close`` waits for every such task.
+        """
+        task = asyncio.create_task(release())
+        self._disposals.add(task)
+        task.add_done_callback(self._disposals.discard)
+
     async def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
         """Run ``spec`` on a fresh machine; the machine is destroyed afterwards."""
         machine, release = await self.acquire(spec)
         try:
             return await self.run_on(machine, spec, on_output)
         finally:
-            await release()
+            self.dispose(release)
 
     @staticmethod
     async def run_on(
@@ -135,5 +146,6 @@ class Service:
         }
 
     async def close(self) -> None:
-        """Destroy every VM the pools hold."""
+        """Destroy every VM the pools hold and wait for pending releases."""
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        await asyncio.gather(*self._disposals, return_exceptions=True)

@@ -12,6 +12,7 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -58,8 +59,12 @@ class RunRequest(BaseModel):
         return RunSpec(resolve_language(self.language), self.code, limits, self.env, stdin)
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI application serving ``service``; its lifespan starts and stops it."""
+def create_app(service: Service, socket: Path | None = None) -> FastAPI:
+    """The FastAPI application serving ``service``; its lifespan starts and stops it.
+
+    ``socket`` is removed at shutdown (uvicorn re-raises SIGTERM once shut down, so code
+    after ``Server.run`` may never run).
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -68,6 +73,8 @@ def create_app(service: Service) -> FastAPI:
             yield
         finally:
             await service.close()
+            if socket is not None:
+                socket.unlink(missing_ok=True)
 
     app = FastAPI(title="fission", version=__version__, lifespan=lifespan)
 
@@ -109,7 +116,7 @@ async def stream_run(
         except FissionError as exc:
             queue.put_nowait(error_body(exc))
         finally:
-            await release()
+            service.dispose(release)
             queue.put_nowait(None)
 
     task = asyncio.create_task(execute())

@@ -123,7 +123,7 @@ def serve(config: DaemonConfig) -> None:
 
     lock = lock_state_dir(config.service.state_dir)
     try:
-        app = create_app(Service(config.service))
+        app = create_app(Service(config.service), config.socket)
         if config.socket is not None:
             config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             config.socket.unlink(missing_ok=True)  # a dead daemon's socket; we hold the lock
