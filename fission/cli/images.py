@@ -19,12 +19,15 @@ def build_command(
     languages: Annotated[
         list[str] | None, typer.Argument(help="python, node, bash or all.")
     ] = None,
+    snapshots: Annotated[
+        bool, typer.Option(help="Also boot, warm and save each language's warm snapshot.")
+    ] = True,
 ) -> None:
-    """Build the kernel, initramfs and root disks (cached; rebuilt when inputs change)."""
+    """Build the kernel, initramfs, root disks and warm snapshots (cached by their inputs)."""
     from fission.images.build import build_images
 
     try:
-        build_images(languages or ["all"])
+        build_images(languages or ["all"], snapshots=snapshots)
     except FissionError as exc:
         abort(exc)
 

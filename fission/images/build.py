@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,8 +44,10 @@ def _step(progress: Progress, description: str) -> Iterator[None]:
     progress.update(task, total=1, completed=1, description=f"{description} [green]{elapsed:.1f}s")
 
 
-def build_images(names: list[str], console: Console | None = None) -> dict[str, Any]:
-    """Build every requested image that is missing or stale; return the new manifest."""
+def build_images(
+    names: list[str], console: Console | None = None, snapshots: bool = True
+) -> dict[str, Any]:
+    """Build every requested image (and its warm snapshot) that is missing or stale."""
     targets = resolve_targets(names)
     logs = images_dir() / "logs"
     manifest = load_manifest()
@@ -61,5 +64,20 @@ def build_images(names: list[str], console: Console | None = None) -> dict[str, 
             with _step(progress, f"{name} root disk ({recipe.description})"):
                 rootfs[name] = build_rootfs(recipe, logs / f"rootfs-{name}.log")
             save_manifest(manifest)
-    save_manifest(manifest)
+        save_manifest(manifest)
+        if snapshots:
+            for name in targets:
+                with _step(progress, f"{name} warm snapshot (booted, warmed, saved)"):
+                    asyncio.run(build_warm_snapshot(name))
     return manifest
+
+
+async def build_warm_snapshot(language: str) -> None:
+    """Build the language's warm snapshot (see fission.core.snapshots) unless current."""
+    from fission.core.machines import detect_host
+    from fission.core.snapshots import build_snapshot
+    from fission.images.store import image_set
+
+    images = image_set(language)
+    host = await detect_host(images)
+    await build_snapshot(images, host.qemu, host.version, host.accel)

@@ -9,6 +9,7 @@ import platform
 import pytest
 
 from fission.core.languages import resolve_language
+from fission.core.limits import Limits
 from fission.core.orchestrator import boot, run
 from fission.core.spec import RunSpec
 from fission.errors import BootTimeout
@@ -75,12 +76,13 @@ async def test_set_uid_programs_cannot_raise_privileges() -> None:
 async def test_a_failed_boot_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_BOOT_TIMEOUT", "1")
     with pytest.raises(BootTimeout, match="FISSION_BOOT_TIMEOUT"):
-        await run(RunSpec(resolve_language("python"), "print(1)"))
+        # A disk size the snapshot does not have: a cold boot, which cannot finish in 1 s.
+        await run(RunSpec(resolve_language("python"), "print(1)", Limits(disk_mb=64)))
     # the autouse no_leftovers fixture then checks for processes and files
 
 
 async def test_qmp_answers_and_destroy_is_idempotent() -> None:
-    vm, agent = await boot(RunSpec(resolve_language("bash"), "true"))
+    vm, agent = await boot(RunSpec(resolve_language("bash"), "true"), warm=False)
     try:
         status = await vm.qmp("query-status")
         assert isinstance(status, dict) and status["running"] is True
