@@ -41,7 +41,7 @@ demo: setup
 	$(BIN)/fission run --lang python --file examples/data_analysis.py
 
 lint: venv
-	$(BIN)/ruff check fission tests bench
+	$(BIN)/ruff check fission tests $(wildcard bench)
 	$(BIN)/ruff format --check fission
 	$(BIN)/mypy
 
