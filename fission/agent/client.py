@@ -8,6 +8,7 @@ then destroys the VM. The host also enforces the output cap itself, whatever the
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -66,7 +67,7 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
         raise AgentProtocolError(f"EXIT frame has a bad signal {sig!r}")
     if not all(type(flag) is bool for flag in flags):
         raise AgentProtocolError("EXIT frame flags must be booleans")
-    if type(duration) not in (int, float) or duration < 0:
+    if type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0:
         raise AgentProtocolError(f"EXIT frame has a bad duration_ms {duration!r}")
     return ExecOutcome(exit_code, sig, flags[0], flags[1], flags[2], float(duration))
 
@@ -109,7 +110,8 @@ class AgentClient:
         if frame.type != FrameType.HELLO:
             raise AgentProtocolError(f"expected HELLO from the guest, got {frame.type.name}")
         hello = self._decode(frame)
-        if hello.get("protocol") != protocol.PROTOCOL_VERSION:
+        version = hello.get("protocol")
+        if type(version) is not int or version != protocol.PROTOCOL_VERSION:
             raise AgentProtocolError(
                 f"guest agent speaks protocol {hello.get('protocol')!r}, "
                 f"host speaks {protocol.PROTOCOL_VERSION}: rebuild images"

@@ -90,6 +90,8 @@ def decode_json(payload: bytes) -> dict[str, Any]:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"control frame is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # a hostile peer can nest arrays deeper than the stack
+        raise ProtocolError("control frame is nested too deeply") from exc
     if not isinstance(message, dict):
         raise ProtocolError("control frame must hold a JSON object")
     return message

@@ -19,14 +19,15 @@ class Range:
     low: float
     high: float
     unit: str
+    whole: bool = False
 
 
 RANGES = {
     "timeout": Range("--timeout", 0.1, 3600, "seconds"),
-    "memory_mb": Range("--memory", 32, 16384, "MB"),
-    "cpus": Range("--cpus", 1, 32, "vCPUs"),
-    "disk_mb": Range("--disk", 16, 65536, "MB"),
-    "pids": Range("--pids", 8, 65536, "processes"),
+    "memory_mb": Range("--memory", 32, 16384, "MB", whole=True),
+    "cpus": Range("--cpus", 1, 32, "vCPUs", whole=True),
+    "disk_mb": Range("--disk", 16, 65536, "MB", whole=True),
+    "pids": Range("--pids", 8, 65536, "processes", whole=True),
     "output_limit_mb": Range("--output-limit", 0.001, 1024, "MB"),
 }
 
@@ -52,6 +53,10 @@ class Limits:
                     f"{allowed.option} {value:g} is out of range: use {allowed.low:g} to "
                     f"{allowed.high:g} {allowed.unit}"
                 )
+            if allowed.whole:
+                if value != int(value):
+                    raise LimitOutOfRange(f"{allowed.option} must be a whole number, got {value:g}")
+                object.__setattr__(self, name, int(value))
         host_cpus = os.cpu_count() or 1
         if self.cpus > host_cpus:
             raise LimitOutOfRange(f"--cpus {self.cpus} is more than this host's {host_cpus} CPUs")

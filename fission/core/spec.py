@@ -13,6 +13,17 @@ MAX_CODE_BYTES = 16 * 1024 * 1024
 MAX_STDIN_BYTES = 16 * 1024 * 1024
 
 
+def _check_text(what: str, text: str) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates, e.g. from undecodable argv bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"{what} is not valid UTF-8 text (at character {exc.start}): "
+            "pass files with non-UTF-8 bytes through --file or stdin"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One one-shot run: a program in a language, under limits, with env and optional stdin."""
@@ -24,7 +35,10 @@ class RunSpec:
     stdin: bytes | None = None
 
     def __post_init__(self) -> None:
-        size = len(self.code.encode("utf-8", errors="surrogatepass"))
+        _check_text("the program", self.code)
+        for key, value in self.env.items():
+            _check_text(f"env {key!r}", key + value)
+        size = len(self.code.encode("utf-8"))
         if size > MAX_CODE_BYTES:
             raise InvalidInput(
                 f"the program is {size} bytes; the most fission takes is "

@@ -81,17 +81,22 @@ def image_set(language: str) -> ImageSet:
     """The built images for ``language``; ImagesNotBuilt names the command that builds them."""
     how = f"build them with `fission images build {language}` (or `make setup`)"
     manifest = load_manifest()
+    rootfs_table = manifest.get("rootfs")
     kernel, initramfs = manifest.get("kernel"), manifest.get("initramfs")
-    rootfs = manifest.get("rootfs", {}).get(language)
+    rootfs = rootfs_table.get(language) if isinstance(rootfs_table, dict) else None
     if not kernel or not initramfs or not rootfs:
         raise ImagesNotBuilt(f"the {language} image is not built: {how}")
-    if rootfs.get("agent_key") != agent_key():
-        raise ImagesNotBuilt(f"the {language} image holds an older guest agent: {how}")
-    paths = (Path(kernel["path"]), Path(initramfs["path"]), Path(rootfs["path"]))
+    try:
+        if rootfs.get("agent_key") != agent_key():
+            raise ImagesNotBuilt(f"the {language} image holds an older guest agent: {how}")
+        paths = (Path(kernel["path"]), Path(initramfs["path"]), Path(rootfs["path"]))
+        release = str(kernel["release"])
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ImagesNotBuilt(f"the image manifest {manifest_path()} is damaged: {how}") from exc
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ImagesNotBuilt(f"image files are missing ({', '.join(missing)}): {how}")
-    return ImageSet(language, paths[0], paths[1], paths[2], kernel["release"])
+    return ImageSet(language, paths[0], paths[1], paths[2], release)
 
 
 def built_languages() -> list[str]:

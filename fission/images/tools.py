@@ -34,14 +34,26 @@ def require_tool(name: str) -> str:
     return found
 
 
+ELF64_HEADER_SIZE = 64
+
+
 def is_static_elf(data: bytes) -> bool:
-    """True when ``data`` is a 64-bit ELF executable with no program interpreter (static)."""
-    if data[:4] != b"\x7fELF" or data[4] != 2:  # ELFCLASS64 only
+    """True when ``data`` is a whole 64-bit ELF executable with no program interpreter (static)."""
+    if len(data) < ELF64_HEADER_SIZE or data[:4] != b"\x7fELF" or data[4] != 2:  # ELFCLASS64
         return False
     order: Literal["little", "big"] = "little" if data[5] == 1 else "big"
+    if int.from_bytes(data[16:18], order) not in (2, 3):  # ET_EXEC, or ET_DYN for a static PIE
+        return False
+    return _no_interp(data, order)
+
+
+def _no_interp(data: bytes, order: Literal["little", "big"]) -> bool:
+    """True when every program header is inside ``data`` and none is PT_INTERP."""
     phoff = int.from_bytes(data[32:40], order)
     phentsize = int.from_bytes(data[54:56], order)
     phnum = int.from_bytes(data[56:58], order)
+    if phnum == 0 or phentsize < 4:
+        return False
     for index in range(phnum):
         start = phoff + index * phentsize
         if start + 4 > len(data):

@@ -88,11 +88,16 @@ def snapshot_args(config: VMConfig) -> list[str]:
         args += [
             "-object",
             f"memory-backend-file,id=ram,size={config.memory_mb}M,"
-            f"mem-path={config.memory_file},share={share}",
+            f"mem-path={option_value(config.memory_file)},share={share}",
         ]
     if config.incoming is not None:
         args += ["-incoming", "defer"]
     return args
+
+
+def option_value(value: object) -> str:
+    """``value`` quoted for a QEMU ``key=value,...`` option: each comma doubled."""
+    return str(value).replace(",", ",,")
 
 
 def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
@@ -128,7 +133,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         "-sandbox",
         SANDBOX_OPTS,
         "-serial",
-        f"file:{paths.console_log}",
+        f"file:{paths.console_log}",  # the legacy file: form takes the rest verbatim
         "-kernel",
         str(config.kernel),
         "-initrd",
@@ -136,11 +141,11 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         "-append",
         kernel_args,
         "-drive",
-        f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
+        f"id=root,file={option_value(config.rootfs)},format=raw,if=none,readonly=on",
         "-device",
         "virtio-blk-device,drive=root",
         "-drive",
-        f"id=scratch,file={config.scratch},format=raw,if=none{scratch_mode}",
+        f"id=scratch,file={option_value(config.scratch)},format=raw,if=none{scratch_mode}",
         "-device",
         "virtio-blk-device,drive=scratch",
         "-object",
@@ -150,11 +155,11 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         "-device",
         "virtio-serial-device,max_ports=2",
         "-chardev",
-        f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+        f"socket,id=agent,path={option_value(paths.agent_socket)},server=on,wait=off",
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp",
-        f"unix:{paths.qmp_socket},server=on,wait=off",
+        f"unix:{option_value(paths.qmp_socket)},server=on,wait=off",
         *snapshot_args(config),
     ]
 
