@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
-import os
-import platform
-import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+from benchlib import (
+    Row,
+    append_section,
+    fission_cli,
+    host_line,
+    markdown_table,
+    print_table,
+    time_command,
+)
 
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
@@ -30,48 +32,7 @@ from fission.core.orchestrator import boot, ensure_snapshot, run_in_vm
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 CODE = "print(42)"
-COLUMNS = ("measurement", "n", "median ms", "p90 ms", "min ms", "max ms")
-
-Row = tuple[str, list[float]]
-
-
-def p90(samples: list[float]) -> float:
-    """The 90th percentile by nearest rank."""
-    ordered = sorted(samples)
-    return ordered[math.ceil(0.9 * len(ordered)) - 1]
-
-
-def cells(row: Row) -> list[str]:
-    """A row's name and sample count, then median, p90, min and max in milliseconds."""
-    name, samples = row
-    stats = (statistics.median(samples), p90(samples), min(samples), max(samples))
-    return [name, str(len(samples)), *(f"{value:.0f}" for value in stats)]
-
-
-def fission_cli() -> str:
-    """The ``fission`` entry point next to this interpreter, else the one on PATH."""
-    beside = Path(sys.executable).parent / "fission"
-    found = str(beside) if beside.exists() else shutil.which("fission")
-    if found is None:
-        raise SystemExit("bench: no `fission` command next to this python or on PATH")
-    return found
-
-
-async def time_command(argv: list[str], runs: int) -> list[float]:
-    """Wall-clock ms from spawn to exit of ``argv``, ``runs`` times; each must print 42."""
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-        out, err = await proc.communicate()
-        samples.append((time.perf_counter() - started) * 1000)
-        if proc.returncode != 0 or out != b"42\n":
-            raise SystemExit(f"bench: {argv[0]} exited {proc.returncode}: {out!r} {err!r}")
-    return samples
 
 
 async def time_boots(spec: RunSpec, warm: bool, runs: int) -> tuple[list[float], str]:
@@ -106,28 +67,6 @@ async def time_execs(spec: RunSpec, warm: bool, execs: int) -> list[float]:
     return samples
 
 
-def host_facts() -> dict[str, str]:
-    """nproc, CPU model, RAM and kernel of this host."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram_kb = 0
-    with open("/proc/meminfo") as info:
-        for line in info:
-            if line.startswith("MemTotal:"):
-                ram_kb = int(line.split()[1])
-                break
-    return {
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": cpu,
-        "ram": f"{ram_kb / 2**20:.1f} GiB",
-        "kernel": platform.release(),
-    }
-
-
 async def measure(runs: int, execs: int) -> tuple[list[Row], str, str]:
     """Every measurement as rows of ms samples, plus the accelerator and the QEMU version."""
     spec = RunSpec(resolve_language("python"), CODE, Limits())
@@ -154,21 +93,8 @@ async def measure(runs: int, execs: int) -> tuple[list[Row], str, str]:
 
 def record(rows: list[Row], accel: str, qemu: str, runs: int, execs: int) -> None:
     """Append a dated section with the host details and the table to docs/benchmarks.md."""
-    facts = host_facts()
-    day = time.strftime("%Y-%m-%d %H:%M")
-    lines = [
-        f"\n## Run path, {day} ({accel}, QEMU {qemu}, --runs {runs}, --execs {execs})\n",
-        f"Host: {facts['nproc']} CPUs ({facts['cpu']}), {facts['ram']} RAM, "
-        f"kernel {facts['kernel']}; accelerator {accel}.\n",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|---|" + "---:|" * (len(COLUMNS) - 1),
-    ]
-    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    with DOCS.open("a") as docs:
-        if docs.tell() == 0:
-            docs.write("# fission benchmarks\n")
-        docs.write("\n".join(lines) + "\n")
+    heading = f"Run path ({accel}, QEMU {qemu}, --runs {runs}, --execs {execs})"
+    append_section(heading, [host_line(accel), *markdown_table(rows)])
 
 
 def main() -> None:
@@ -181,12 +107,7 @@ def main() -> None:
     if args.runs < 1 or args.execs < 1:
         parser.error("--runs and --execs must be at least 1")
     rows, accel, qemu = asyncio.run(measure(args.runs, args.execs))
-    table = Table(title=f"python print(42), {accel}, QEMU {qemu} (wall-clock ms)")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "measurement" else "right")
-    for row in rows:
-        table.add_row(*cells(row))
-    Console().print(table)
+    print_table(f"python print(42), {accel}, QEMU {qemu} (wall-clock ms)", rows)
     if not args.no_write:
         record(rows, accel, qemu, args.runs, args.execs)
 

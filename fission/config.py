@@ -1,4 +1,4 @@
-"""Where fission keeps its files: the image cache and the per-VM runtime directories."""
+"""Where fission keeps its files: the image cache, the per-VM runtime dirs and its data."""
 
 from __future__ import annotations
 
@@ -41,3 +41,9 @@ def daemon_socket() -> Path:
     """Where `fission serve` listens by default and `fission run` looks for it."""
     override = os.environ.get("FISSION_SOCKET")
     return Path(override) if override else runtime_dir() / "fission.sock"
+
+
+def data_dir() -> Path:
+    """Root of fission's durable state, e.g. the key and audit database (``FISSION_DATA_DIR``)."""
+    override = os.environ.get("FISSION_DATA_DIR")
+    return Path(override) if override else Path(platformdirs.user_data_dir("fission"))

@@ -16,7 +16,9 @@ sandbox is a result, not an error. Each class carries a short ``code`` slug (for
     │   ├── VMStartFailed             vm_start_failed (500)
     │   ├── BootTimeout               boot_timeout (504)
     │   └── AgentProtocolError        agent_protocol_error (502)
-    └── Busy                          busy (429)
+    ├── Busy                          busy (429)
+    ├── Unauthorized                  unauthorized (401)
+    └── QuotaExceeded                 quota_exceeded (429)
 """
 
 from __future__ import annotations
@@ -110,6 +112,28 @@ class Busy(FissionError):
     http_status = 429
 
 
+class Unauthorized(FissionError):
+    """The request carries no API key, or one that is malformed, unknown or revoked."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class QuotaExceeded(FissionError):
+    """An API key is over one of its own limits (request rate or concurrent sandboxes).
+
+    Unlike ``Busy`` (the whole service is full), this is the caller's limit; ``retry_after`` is
+    the seconds until a retry can succeed, or None when only the caller can free capacity.
+    """
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 ERRORS_BY_CODE: dict[str, type[FissionError]] = {
     cls.code: cls
     for cls in (
@@ -126,5 +150,7 @@ ERRORS_BY_CODE: dict[str, type[FissionError]] = {
         BootTimeout,
         AgentProtocolError,
         Busy,
+        Unauthorized,
+        QuotaExceeded,
     )
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import images, run, serve
+from fission.cli import audit, images, keys, run, serve
 
 app = typer.Typer(
     name="fission",
@@ -17,6 +17,8 @@ app.command("run", context_settings={"allow_interspersed_args": True})(run.run_c
 app.add_typer(images.app, name="images")
 app.command("serve")(serve.serve_command)
 app.add_typer(serve.pool_app, name="pool")
+app.add_typer(keys.app, name="keys")
+app.command("audit")(audit.audit_command)
 
 
 @app.command("version")

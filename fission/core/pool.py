@@ -5,6 +5,10 @@ machine, ready or in use, holds a reservation in the shared ``MemoryBudget`` (it
 RAM: what it could use at worst), so the daemon never starts more VMs than the budget allows.
 ``acquire`` waits up to its deadline for a ready machine and then fails with ``Busy``, naming
 the setting to raise.
+
+Refills yield to runs: restoring a clone takes a whole CPU for a moment, and a run that shares
+the host's cores with one is slower by as much. So while ready machines remain, a refill waits
+until the runs in flight end, or ``REFILL_HOLD`` seconds at most, so sustained load still refills.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fission.errors import Busy
 log = logging.getLogger("fission.pool")
 REFILL_CONCURRENCY = 2
 RETRY_DELAY = 2.0
+REFILL_HOLD = 0.3
 
 
 @dataclass
@@ -82,6 +87,7 @@ class WarmPool:
         self._filler: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._hold_until = 0.0
         self.stats = PoolStats()
 
     def start(self) -> None:
@@ -90,6 +96,13 @@ class WarmPool:
 
     async def _fill_loop(self) -> None:
         while not self._closed:
+            hold = self._hold_until - time.monotonic()
+            if hold > 0 and self._ready and self._in_use:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(hold):
+                        await self._changed.wait()
+                continue
             while (
                 len(self._ready) + self._starting < self.size
                 and self._starting < REFILL_CONCURRENCY
@@ -142,12 +155,18 @@ class WarmPool:
         machine = self._ready.popleft()
         self._in_use += 1
         self.stats.served += 1
-        self._changed.set()  # the filler replaces it
+        now = time.monotonic()
+        if self._hold_until < now:  # a hold never extends itself: load cannot starve refills
+            self._hold_until = now + REFILL_HOLD
+        self._changed.set()  # the filler replaces it once the hold ends
         return machine
 
     async def release(self, machine: Machine) -> None:
         """Destroy a machine that served its run and give its memory back."""
         self._in_use -= 1
+        if not self._in_use:
+            self._hold_until = 0.0
+        self._changed.set()
         await self._retire(machine)
         self._changed.set()
 
