@@ -18,7 +18,13 @@ sandbox is a result, not an error. Each class carries a short ``code`` slug (for
     │   └── AgentProtocolError        agent_protocol_error (502)
     ├── Busy                          busy (429)
     ├── Unauthorized                  unauthorized (401)
-    └── QuotaExceeded                 quota_exceeded (429)
+    ├── QuotaExceeded                 quota_exceeded (429)
+    ├── PathNotAllowed                path_not_allowed (400)
+    ├── NotFound                      not_found (404)
+    │   ├── SandboxNotFound           sandbox_not_found (404)
+    │   └── FileNotFound              file_not_found (404)
+    └── Conflict                      conflict (409)
+        └── SandboxNotRunning         sandbox_not_running (409)
 """
 
 from __future__ import annotations
@@ -134,6 +140,44 @@ class QuotaExceeded(FissionError):
         self.retry_after = retry_after
 
 
+class PathNotAllowed(InvalidInput):
+    """A sandbox file path leaves the sandbox's files (``..``, an absolute path, a symlink)."""
+
+    code = "path_not_allowed"
+
+
+class NotFound(FissionError):
+    """The named thing does not exist."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class SandboxNotFound(NotFound):
+    """No sandbox has this id (it never existed, was deleted or expired)."""
+
+    code = "sandbox_not_found"
+
+
+class FileNotFound(NotFound):
+    """No file or directory at this path inside the sandbox."""
+
+    code = "file_not_found"
+
+
+class Conflict(FissionError):
+    """The request does not fit the current state of what it names."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class SandboxNotRunning(Conflict):
+    """The sandbox is paused (resume it first) or being deleted."""
+
+    code = "sandbox_not_running"
+
+
 ERRORS_BY_CODE: dict[str, type[FissionError]] = {
     cls.code: cls
     for cls in (
@@ -152,5 +196,11 @@ ERRORS_BY_CODE: dict[str, type[FissionError]] = {
         Busy,
         Unauthorized,
         QuotaExceeded,
+        PathNotAllowed,
+        NotFound,
+        SandboxNotFound,
+        FileNotFound,
+        Conflict,
+        SandboxNotRunning,
     )
 }
