@@ -113,10 +113,20 @@ def hash_secret(key_id: str, secret: str) -> str:
 
 def parse_key(plaintext: str) -> tuple[str, str]:
     """The (id, secret) of a key in ``fsk_<id>_<secret>`` form; anything else is Unauthorized."""
-    match = _KEY.fullmatch(plaintext.strip())
+    match = _KEY.fullmatch(plaintext.strip()) if isinstance(plaintext, str) else None
     if match is None:
         raise Unauthorized(f"malformed API key: expected {KEY_PREFIX}_<id>_<secret>")
     return match.group(1), match.group(2)
+
+
+def key_from_authorization(header: str | None) -> str | None:
+    """The key in an ``Authorization: Bearer <key>`` header (or gRPC metadata); None if absent."""
+    if header is None or not header.strip():
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be `Bearer <API key>`")
+    return token.strip()
 
 
 def _check_name(name: str) -> None:
@@ -194,7 +204,8 @@ class KeyStore:
         with self._db.read() as conn:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? OR name = ?"
-                " ORDER BY id = ? DESC, revoked_at IS NULL DESC, created_at DESC LIMIT 1",
+                " ORDER BY id = ? DESC, revoked_at IS NULL DESC, created_at DESC, rowid DESC"
+                " LIMIT 1",
                 (id_or_name, id_or_name, id_or_name),
             ).fetchone()
         if row is None:
@@ -229,8 +240,13 @@ class KeyStore:
             )
         return self.get(key.id)
 
-    def authenticate(self, plaintext: str) -> ApiKey:
-        """The active key whose plaintext this is; anything else raises Unauthorized."""
+    def authenticate(self, plaintext: str | None) -> ApiKey:
+        """The active key whose plaintext this is; None or anything else raises Unauthorized."""
+        if plaintext is None:
+            raise Unauthorized(
+                "this listener needs an API key (`Authorization: Bearer fsk_...`); "
+                "an operator creates one with `fission keys create NAME`"
+            )
         key_id, secret = parse_key(plaintext)
         with self._db.read() as conn:
             row = conn.execute(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import getpass
 import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,24 +18,27 @@ from fission.cli.errors import abort
 from fission.errors import FissionError, InvalidInput
 
 if TYPE_CHECKING:
-    from fission.auth.keys import ApiKey, KeyStore
+    from fission.auth.keys import ApiKey, KeyLimits, KeyStore
 
-app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app = typer.Typer(help="Create, list, revoke and limit API keys.", no_args_is_help=True)
 
 DbOption = Annotated[
     Path | None,
     typer.Option(
         "--db",
-        help="The key and audit database [default: $FISSION_DATA_DIR/fission.sqlite3, "
-        "else in the user data dir].",
+        help="The key and audit database (default: fission.sqlite3 in $FISSION_DATA_DIR, "
+        "else in the user data dir).",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+# The defaults are spelled out rather than imported: the CLI imports fission.auth lazily.
 MaxSandboxesOption = Annotated[
-    int | None, typer.Option("--max-sandboxes", help="Sandboxes the key may hold at once [10].")
+    int | None,
+    typer.Option("--max-sandboxes", help="Sandboxes the key may hold at once (default 10)."),
 ]
 RatePerMinuteOption = Annotated[
-    int | None, typer.Option("--rate-per-minute", help="Requests the key may make a minute [600].")
+    int | None,
+    typer.Option("--rate-per-minute", help="Requests the key may make a minute (default 600)."),
 ]
 
 
@@ -60,6 +69,55 @@ def describe(key: ApiKey) -> str:
     )
 
 
+def with_limits(
+    base: KeyLimits, max_sandboxes: int | None, rate_per_minute: int | None
+) -> KeyLimits:
+    """``base`` with the limits the options set (checked like any KeyLimits)."""
+    changes: dict[str, int] = {}
+    if max_sandboxes is not None:
+        changes["max_concurrent_sandboxes"] = max_sandboxes
+    if rate_per_minute is not None:
+        changes["rate_per_minute"] = rate_per_minute
+    return dataclasses.replace(base, **changes)
+
+
+def _os_user() -> str:
+    """Who is running this command, for the audit log."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry, e.g. in a container
+        return str(os.getuid())
+
+
+@contextmanager
+def audited(path: Path, action: str, detail: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Record ``action`` (with ``detail``, which the block may add to) and its outcome.
+
+    Nothing is recorded when the block failed before any database existed.
+    """
+    from fission.auth.audit import LOCAL, AuditLog, outcome_of_error
+
+    started = time.monotonic()
+    outcome = "ok"
+    try:
+        yield detail
+    except BaseException as exc:
+        outcome = outcome_of_error(exc)
+        raise
+    finally:
+        if path.exists():
+            limits = detail.pop("limits", None)
+            with AuditLog(path) as log:
+                log.record(
+                    LOCAL,
+                    action,
+                    outcome=outcome,
+                    limits=limits,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                    detail={"user": _os_user(), **detail},
+                )
+
+
 @app.command("create")
 def create_command(
     name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
@@ -71,18 +129,14 @@ def create_command(
     """Create a key and print it once: only its hash is stored."""
     from fission.auth.keys import KeyLimits, KeyStore
 
+    path = db_path(db)
     try:
-        defaults = KeyLimits()
-        limits = KeyLimits(
-            max_concurrent_sandboxes=(
-                defaults.max_concurrent_sandboxes if max_sandboxes is None else max_sandboxes
-            ),
-            rate_per_minute=defaults.rate_per_minute
-            if rate_per_minute is None
-            else rate_per_minute,
-        )
-        with KeyStore(db_path(db)) as store:
-            record, plaintext = store.create(name, limits)
+        with audited(path, "keys.create", {"name": name}) as detail:
+            limits = with_limits(KeyLimits(), max_sandboxes, rate_per_minute)
+            detail["limits"] = dataclasses.asdict(limits)
+            with KeyStore(path) as store:
+                record, plaintext = store.create(name, limits)
+            detail["key"] = record.id
     except FissionError as exc:
         abort(exc)
     typer.echo(f"Created API key {describe(record)}.", err=True)
@@ -145,10 +199,15 @@ def revoke_command(
     """Revoke a key: requests carrying it are refused from now on."""
     from fission.auth.db import to_iso
 
+    path = db_path(db)
     try:
-        with open_existing(db) as store:
+        with (
+            audited(path, "keys.revoke", {"target": id_or_name}) as detail,
+            open_existing(db) as store,
+        ):
             before = store.get(id_or_name)
-            key = store.revoke(id_or_name)
+            detail["key"] = before.id
+            key = store.revoke(before.id)
     except FissionError as exc:
         abort(exc)
     if before.revoked_at is not None:
@@ -162,28 +221,23 @@ def revoke_command(
 @app.command("limits")
 def limits_command(
     id_or_name: Annotated[str, typer.Argument(help="The key's id or name.")],
-    max_sandboxes: MaxSandboxesOption = None,
-    rate_per_minute: RatePerMinuteOption = None,
+    max_sandboxes: Annotated[
+        int | None, typer.Option("--max-sandboxes", help="New limit of sandboxes at once.")
+    ] = None,
+    rate_per_minute: Annotated[
+        int | None, typer.Option("--rate-per-minute", help="New limit of requests a minute.")
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Show a key's limits, or change them with the options (from its next request)."""
-    from fission.auth.keys import KeyLimits
-
     try:
         with open_existing(db) as store:
             key = store.get(id_or_name)
             if max_sandboxes is not None or rate_per_minute is not None:
-                limits = KeyLimits(
-                    max_concurrent_sandboxes=(
-                        key.limits.max_concurrent_sandboxes
-                        if max_sandboxes is None
-                        else max_sandboxes
-                    ),
-                    rate_per_minute=(
-                        key.limits.rate_per_minute if rate_per_minute is None else rate_per_minute
-                    ),
-                )
-                key = store.set_limits(key.id, limits)
+                with audited(store.path, "keys.limits", {"key": key.id}) as detail:
+                    limits = with_limits(key.limits, max_sandboxes, rate_per_minute)
+                    detail["limits"] = dataclasses.asdict(limits)
+                    key = store.set_limits(key.id, limits)
     except FissionError as exc:
         abort(exc)
     typer.echo(f"API key {describe(key)}.")

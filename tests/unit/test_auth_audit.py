@@ -69,7 +69,12 @@ def test_record_returns_the_stored_event(log: AuditLog) -> None:
         detail={"code_bytes": 9},
     )
     assert event.at == T0
-    assert (event.who, event.action, event.outcome, event.language) == ("k1", "run", "exit 3", "python")
+    assert (event.who, event.action, event.outcome, event.language) == (
+        "k1",
+        "run",
+        "exit 3",
+        "python",
+    )
     assert event.limits == limits
     assert event.duration_ms == 41.5
     assert event.detail == {"code_bytes": 9}
@@ -209,7 +214,9 @@ def test_keys_and_audit_share_one_file(db: Path) -> None:
     log.record(record.id, "keys.revoke", outcome="ok")
     assert log.query(key=record.id)[0].action == "keys.revoke"
     with sqlite3.connect(db) as conn:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
     assert {"api_keys", "audit_log"} <= tables
 
 

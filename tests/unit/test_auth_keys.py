@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fission.auth.db import default_db_path
-from fission.auth.keys import ApiKey, KeyLimits, KeyStore, hash_secret, parse_key
+from fission.auth.keys import (
+    ApiKey,
+    KeyLimits,
+    KeyStore,
+    hash_secret,
+    key_from_authorization,
+    parse_key,
+)
 from fission.errors import FissionError, InvalidInput, LimitOutOfRange, Unauthorized
 
 
@@ -124,7 +131,7 @@ def test_an_existing_file_keeps_its_mode(db: Path) -> None:
 
 
 def test_wrong_secret(store: KeyStore) -> None:
-    record, plaintext = store.create("ci")
+    record, _ = store.create("ci")
     other = store.create("other")[1]
     forged = f"fsk_{record.id}_{parse_key(other)[1]}"
     with pytest.raises(Unauthorized, match="invalid API key"):
@@ -186,6 +193,41 @@ def test_any_changed_secret_character_is_refused(
     else:
         with pytest.raises(Unauthorized, match="invalid"):
             store.authenticate(prefix + changed)
+
+
+def test_no_key_at_all(store: KeyStore) -> None:
+    with pytest.raises(Unauthorized, match="needs an API key"):
+        store.authenticate(None)
+    with pytest.raises(Unauthorized, match="malformed"):
+        store.authenticate(b"fsk_0123456789ab_" + b"a" * 43)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("header", "key"),
+    [
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("Bearer fsk_x", "fsk_x"),
+        ("bearer   fsk_x ", "fsk_x"),
+        ("BEARER fsk_x", "fsk_x"),
+    ],
+)
+def test_key_from_authorization(header: str | None, key: str | None) -> None:
+    assert key_from_authorization(header) == key
+
+
+@pytest.mark.parametrize(
+    "header", ["fsk_x", "Basic dXNlcjpwYXNz", "Bearer", "Bearer   ", "Token fsk_x"]
+)
+def test_key_from_a_bad_authorization(header: str) -> None:
+    with pytest.raises(Unauthorized, match="Bearer <API key>"):
+        key_from_authorization(header)
+
+
+def test_a_bearer_header_end_to_end(store: KeyStore) -> None:
+    record, plaintext = store.create("ci")
+    assert store.authenticate(key_from_authorization(f"Bearer {plaintext}")) == record
 
 
 def test_revoked_key_is_refused(store: KeyStore) -> None:
@@ -315,7 +357,9 @@ def test_concurrent_use_from_threads(db: Path) -> None:
     assert len(shared.list()) == 61
 
 
-def test_default_path_follows_fission_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_path_follows_fission_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FISSION_DATA_DIR", str(tmp_path / "data"))
     assert default_db_path() == tmp_path / "data" / "fission.sqlite3"
     with KeyStore() as store:
@@ -327,7 +371,7 @@ def test_default_path_follows_fission_data_dir(tmp_path: Path, monkeypatch: pyte
 def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     bogus = tmp_path / "notes.txt"
     bogus.write_bytes(b"these are not the tables you are looking for\n" * 100)
-    with pytest.raises(FissionError, match="notes.txt") as caught:
+    with pytest.raises(FissionError, match=r"notes\.txt") as caught:
         KeyStore(bogus)
     assert type(caught.value) is FissionError
 
@@ -341,3 +385,11 @@ def test_the_hash_is_bound_to_the_id() -> None:
 def test_close_twice(store: KeyStore) -> None:
     store.close()
     store.close()
+
+
+def test_unauthorized_crosses_the_wire() -> None:
+    from fission.wire import error_body, error_from_body
+
+    error = error_from_body(error_body(Unauthorized("no key")))
+    assert type(error) is Unauthorized
+    assert (error.message, error.http_status) == ("no key", 401)

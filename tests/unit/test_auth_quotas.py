@@ -220,3 +220,11 @@ def test_threads_never_exceed_the_limit() -> None:
         thread.join()
     assert 1 <= peak[0] <= limit
     assert tracker.in_use("k") == 0
+
+
+def test_quota_errors_cross_the_wire() -> None:
+    from fission.wire import error_body, error_from_body
+
+    error = error_from_body(error_body(QuotaExceeded("over", retry_after=2.0)))
+    assert type(error) is QuotaExceeded
+    assert (error.message, error.http_status) == ("over", 429)
