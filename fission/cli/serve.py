@@ -29,6 +29,9 @@ def serve_command(
     host: Annotated[str | None, typer.Option(help="TCP address (only when asked).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where the daemon keeps state.")] = None,
+    db: Annotated[
+        Path | None, typer.Option(help="SQLite file of API keys and the audit log.")
+    ] = None,
 ) -> None:
     """Run the fission daemon: warm pools of VMs behind an HTTP API."""
     from fission.server.daemon import build_config, serve
@@ -43,6 +46,7 @@ def serve_command(
             host=host,
             port=port,
             state_dir=state_dir,
+            db=db,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
         typer.echo(f"fission daemon listening on {where}", err=True)

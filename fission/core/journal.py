@@ -34,8 +34,9 @@ class Journal:
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "journal"
         self.vms_dir = state_dir / "vms"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.sandboxes_dir = state_dir / "sandboxes"
+        for directory in (self.directory, self.vms_dir, self.sandboxes_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def record(self, vm: QemuVM) -> None:
         """Remember a started VM."""
@@ -78,7 +79,7 @@ class Journal:
         removed = 0
         for path in list(self.directory.iterdir()):
             path.unlink(missing_ok=True)
-        for path in list(self.vms_dir.iterdir()):
+        for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir()]:
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
         return {"killed": killed, "removed": removed}

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from fission.agent.client import OutputSink
+from fission.auth.audit import LOCAL, AuditLog, describe_code, outcome_of_error, outcome_of_result
 from fission.config import use_runtime_dir
 from fission.core import orchestrator, snapshots
+from fission.core.auditing import audit_event
 from fission.core.journal import Journal
 from fission.core.languages import resolve_language
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine
 from fission.core.pool import MemoryBudget, WarmPool
+from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy
 
@@ -37,6 +40,7 @@ class ServiceConfig:
     pools: dict[str, int] = field(default_factory=lambda: {"python": 2})
     memory_budget_mb: int = 8192
     acquire_timeout: float = 10.0
+    audit_db: Path | None = None  # SQLite file of the audit log; None: no audit log
 
 
 class Service:
@@ -49,6 +53,8 @@ class Service:
         self.pools: dict[str, WarmPool] = {}
         self.reconciled: dict[str, int] = {}
         self._disposals: set[asyncio.Task[None]] = set()
+        self.audit = AuditLog(config.audit_db) if config.audit_db is not None else None
+        self.sandboxes = SandboxManager(self.budget, self.journal, self.audit)
 
     async def start(self) -> None:
         """Clean up after a dead predecessor, then start filling the pools."""
@@ -70,6 +76,7 @@ class Service:
             )
             self.pools[language.name] = pool
             pool.start()
+        self.sandboxes.start()
 
     def _clone_factory(self, name: str) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:
@@ -121,20 +128,50 @@ class Service:
         self._disposals.add(task)
         task.add_done_callback(self._disposals.discard)
 
-    async def run(self, spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
+    async def run(
+        self, spec: RunSpec, on_output: OutputSink | None = None, who: str = LOCAL
+    ) -> RunResult:
         """Run ``spec`` on a fresh machine; the machine is destroyed afterwards."""
-        machine, release = await self.acquire(spec)
+        started = asyncio.get_running_loop().time()
         try:
-            return await self.run_on(machine, spec, on_output)
+            machine, release = await self.acquire(spec)
+        except BaseException as exc:
+            await self._audit(who, spec, outcome_of_error(exc), started)
+            raise
+        try:
+            return await self.run_on(machine, spec, on_output, who)
         finally:
             self.dispose(release)
 
-    @staticmethod
     async def run_on(
-        machine: Machine, spec: RunSpec, on_output: OutputSink | None = None
+        self,
+        machine: Machine,
+        spec: RunSpec,
+        on_output: OutputSink | None = None,
+        who: str = LOCAL,
     ) -> RunResult:
-        """Run ``spec`` on an acquired machine."""
-        return await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
+        """Run ``spec`` on an acquired machine, and audit who ran it and how it ended."""
+        started = asyncio.get_running_loop().time()
+        try:
+            result = await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
+        except BaseException as exc:
+            await self._audit(who, spec, outcome_of_error(exc), started)
+            raise
+        await self._audit(who, spec, outcome_of_result(result), started)
+        return result
+
+    async def _audit(self, who: str, spec: RunSpec, outcome: str, started: float) -> None:
+        elapsed = (asyncio.get_running_loop().time() - started) * 1000.0
+        await audit_event(
+            self.audit,
+            who,
+            "run",
+            language=spec.language.name,
+            limits=spec.limits,
+            outcome=outcome,
+            duration_ms=elapsed,
+            detail=describe_code(spec.code),
+        )
 
     def status(self) -> dict[str, Any]:
         """Pools and budget, JSON-ready."""
@@ -143,9 +180,11 @@ class Service:
             "memory_budget_mb": self.budget.total_mb,
             "memory_reserved_mb": self.budget.used_mb,
             "reconciled": self.reconciled,
+            "sandboxes": self.sandboxes.count(),
         }
 
     async def close(self) -> None:
-        """Destroy every VM the pools hold and wait for pending releases."""
+        """Destroy every VM the pools and sandboxes hold and wait for pending releases."""
+        await self.sandboxes.close()
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         await asyncio.gather(*self._disposals, return_exceptions=True)

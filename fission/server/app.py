@@ -1,70 +1,49 @@
 """The daemon's HTTP API (FastAPI): a thin adapter over ``fission.core.service.Service``.
 
-``POST /v1/run`` streams a run as newline-delimited JSON (see ``fission.wire``); the machine is
-taken from the pool before the response starts, so ``Busy`` is a plain 429. ``GET /v1/pools``
-shows the pools, ``GET /v1/health`` answers when the daemon is up.
+``POST /v1/run`` streams a one-shot run as newline-delimited JSON or server-sent events (see
+``fission.wire``); the machine is taken from the pool before the response starts, so ``Busy``
+is a plain 429. ``/v1/sandboxes`` holds persistent sandboxes (``sandboxes_api``).
+``GET /v1/pools`` shows the pools, ``GET /v1/health`` answers when the daemon is up (and needs
+no key). The OpenAPI document is at ``/openapi.json``, its pages at ``/docs``. Errors are
+``{"error": {"code": slug, "message": text}}`` with the status of the error class.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
 
 from fission import __version__
-from fission.core.languages import resolve_language
-from fission.core.limits import Limits
+from fission.agent.client import OutputSink
+from fission.auth.audit import LOCAL
 from fission.core.service import Service
-from fission.core.spec import RunSpec
-from fission.errors import FissionError, InvalidInput
-from fission.wire import error_body, output_line, result_line
+from fission.core.spec import RunResult
+from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
+from fission.server.auth import Caller, Gatekeeper
+from fission.server.models import RunRequest
+from fission.server.sandboxes_api import sandbox_router
+from fission.server.streaming import streaming_response, wants_sse
+from fission.wire import error_body
 
 
-class RunRequest(BaseModel):
-    """A one-shot run: the program, its language and its limits."""
-
-    language: str = "python"
-    code: str
-    timeout: float = 30.0
-    memory_mb: int = 256
-    cpus: int = 1
-    disk_mb: int = 512
-    pids: int = 256
-    output_limit_mb: float = 10.0
-    env: dict[str, str] = Field(default_factory=dict)
-    stdin_b64: str | None = None
-
-    def to_spec(self) -> RunSpec:
-        """Validate into a RunSpec (raises InvalidInput subclasses)."""
-        limits = Limits(
-            timeout=self.timeout,
-            memory_mb=self.memory_mb,
-            cpus=self.cpus,
-            disk_mb=self.disk_mb,
-            pids=self.pids,
-            output_limit_mb=self.output_limit_mb,
-        )
-        try:
-            stdin = base64.b64decode(self.stdin_b64, validate=True) if self.stdin_b64 else None
-        except ValueError as exc:
-            raise InvalidInput(f"stdin_b64 is not valid base64: {exc}") from exc
-        return RunSpec(resolve_language(self.language), self.code, limits, self.env, stdin)
-
-
-def create_app(service: Service, socket: Path | None = None) -> FastAPI:
+def create_app(
+    service: Service, socket: Path | None = None, keys_db: Path | None = None
+) -> FastAPI:
     """The FastAPI application serving ``service``; its lifespan starts and stops it.
 
-    ``socket`` is removed at shutdown (uvicorn re-raises SIGTERM once shut down, so code
-    after ``Server.run`` may never run).
+    With ``keys_db`` every request but ``/v1/health`` needs an API key from that database
+    (TCP listeners); without it callers are local (the Unix socket). ``socket`` is removed at
+    shutdown (uvicorn re-raises SIGTERM once shut down, so code after ``Server.run`` may never
+    run).
     """
+    gate = Gatekeeper(keys_db)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -73,57 +52,66 @@ def create_app(service: Service, socket: Path | None = None) -> FastAPI:
             yield
         finally:
             await service.close()
+            gate.close()
             if socket is not None:
                 socket.unlink(missing_ok=True)
 
     app = FastAPI(title="fission", version=__version__, lifespan=lifespan)
 
+    async def caller(
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> Caller:
+        return await gate.admit(authorization, x_api_key)
+
+    Who = Annotated[Caller, Depends(caller)]
+
     @app.exception_handler(FissionError)
     async def fission_error(_: Request, exc: FissionError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"error": error_body(exc)})
+        headers = {}
+        if isinstance(exc, QuotaExceeded) and exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(
+            status_code=exc.http_status, content={"error": error_body(exc)}, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()[:5]
+        )
+        error = InvalidInput(f"the request is not valid: {problems}")
+        return JSONResponse(status_code=422, content={"error": error_body(error)})
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
 
     @app.get("/v1/pools")
-    async def pools() -> dict[str, Any]:
+    async def pools(_: Who) -> dict[str, Any]:
         return service.status()
 
-    @app.post("/v1/run")
-    async def run(body: RunRequest) -> StreamingResponse:
+    @app.post("/v1/run", summary="Run code once in a fresh microVM (streamed)")
+    async def run(
+        body: RunRequest,
+        who: Who,
+        accept: Annotated[str | None, Header()] = None,
+        stream_format: Annotated[
+            str | None, Query(alias="format", pattern="^(ndjson|sse)$")
+        ] = None,
+    ) -> StreamingResponse:
         spec = body.to_spec()
         machine, release = await service.acquire(spec)
-        return StreamingResponse(
-            stream_run(service, machine, release, spec), media_type="application/x-ndjson"
+
+        def work(sink: OutputSink) -> Awaitable[RunResult]:
+            return service.run_on(machine, spec, sink, who=who.owner or LOCAL)
+
+        return streaming_response(
+            work, wants_sse(accept, stream_format), lambda: service.dispose(release)
         )
 
+    app.include_router(sandbox_router(service.sandboxes, caller))
     return app
-
-
-async def stream_run(
-    service: Service, machine: Any, release: Any, spec: RunSpec
-) -> AsyncIterator[bytes]:
-    """Run on the acquired machine, yielding NDJSON lines as output arrives."""
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    async def execute() -> None:
-        try:
-            result = await service.run_on(
-                machine, spec, lambda stream, data: queue.put_nowait(output_line(stream, data))
-            )
-            queue.put_nowait(result_line(result))
-        except FissionError as exc:
-            queue.put_nowait(error_body(exc))
-        finally:
-            service.dispose(release)
-            queue.put_nowait(None)
-
-    task = asyncio.create_task(execute())
-    try:
-        while (line := await queue.get()) is not None:
-            yield (json.dumps(line) + "\n").encode()
-    finally:
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fission.auth.db import default_db_path
 from fission.config import daemon_socket, runtime_dir
 from fission.core.languages import resolve_language
 from fission.core.service import ServiceConfig
@@ -29,6 +30,7 @@ class DaemonConfig:
     host: str | None = None
     port: int | None = None
     log_level: str = "warning"
+    keys_db: Path | None = None  # set for TCP listeners: every request needs an API key
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +67,7 @@ def build_config(
     host: str | None,
     port: int | None,
     state_dir: Path | None,
+    db: Path | None = None,
 ) -> DaemonConfig:
     """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
     file = load_config_file(config_file) if config_file else {}
@@ -86,8 +89,15 @@ def build_config(
         raise InvalidInput("TCP needs both --host and --port")
     if host is None and listen_socket is None:
         listen_socket = daemon_socket()
-    service = ServiceConfig(state, pool_sizes, budget, timeout)
-    return DaemonConfig(service=service, socket=listen_socket, host=host, port=port)
+    database = db or (Path(file["db"]) if "db" in file else default_db_path())
+    service = ServiceConfig(state, pool_sizes, budget, timeout, audit_db=database)
+    return DaemonConfig(
+        service=service,
+        socket=listen_socket,
+        host=host,
+        port=port,
+        keys_db=database if host is not None else None,
+    )
 
 
 def default_budget_mb() -> int:
@@ -123,7 +133,7 @@ def serve(config: DaemonConfig) -> None:
 
     lock = lock_state_dir(config.service.state_dir)
     try:
-        app = create_app(Service(config.service), config.socket)
+        app = create_app(Service(config.service), config.socket, config.keys_db)
         if config.socket is not None:
             config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             config.socket.unlink(missing_ok=True)  # a dead daemon's socket; we hold the lock

@@ -35,6 +35,8 @@ class VMConfig:
     memory_shared: bool = False
     scratch_writable: bool = False
     incoming: Path | None = None
+    # ``qcow2`` for a sandbox's own overlay (its writes persist across pause and resume).
+    scratch_format: str = "raw"
 
 
 @dataclass(frozen=True)

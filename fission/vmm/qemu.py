@@ -44,6 +44,7 @@ BASE_KERNEL_ARGS = (
     "sysctl.kernel.hung_task_timeout_secs=4",
 )
 TCG_TB_SIZE_MB = 128
+MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes per second: no throttle in practice
 SOCKET_WAIT_SECONDS = 10.0
 SAVE_STATE_SECONDS = 120.0
 PR_SET_PDEATHSIG = 1
@@ -145,7 +146,8 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         "-device",
         "virtio-blk-device,drive=root",
         "-drive",
-        f"id=scratch,file={option_value(config.scratch)},format=raw,if=none{scratch_mode}",
+        f"id=scratch,file={option_value(config.scratch)},format={config.scratch_format},"
+        f"if=none{scratch_mode}",
         "-device",
         "virtio-blk-device,drive=scratch",
         "-object",
@@ -319,6 +321,9 @@ class QemuVM(VirtualMachine):
         by itself as soon as it has loaded it (no extra QMP round trip on the hot path).
         """
         await self._ignore_shared_memory()
+        # QEMU throttles migration (to 128 MiB/s by default), meant for a live network link;
+        # into a local file the faster the better: the guest is paused at the end anyway.
+        await self.qmp("migrate-set-parameters", **{"max-bandwidth": MIGRATION_BANDWIDTH})
         await self._pass_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "fission-state")
         await self.qmp("migrate", uri="fd:fission-state")
         loop = asyncio.get_running_loop()

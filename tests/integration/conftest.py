@@ -40,6 +40,20 @@ def runtime_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def data_dir() -> Iterator[Path]:
+    """A private data dir (API keys and the audit log) for this session."""
+    path = Path(tempfile.mkdtemp(prefix="fission-data-", dir="/tmp"))
+    previous = os.environ.get("FISSION_DATA_DIR")
+    os.environ["FISSION_DATA_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("FISSION_DATA_DIR", None)
+    else:
+        os.environ["FISSION_DATA_DIR"] = previous
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def images_built() -> None:
     """Skip the whole module when images or QEMU are missing (``make setup`` provides both)."""
     if shutil.which("qemu-system-x86_64") is None:

@@ -11,6 +11,7 @@ FISSION_ENV = (
     "FISSION_ACCEL",
     "FISSION_BOOT_TIMEOUT",
     "FISSION_CACHE_DIR",
+    "FISSION_DATA_DIR",
     "FISSION_QEMU",
     "FISSION_RUNTIME_DIR",
     "FISSION_SOCKET",
@@ -23,6 +24,7 @@ def hermetic_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     for name in FISSION_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FISSION_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("FISSION_DATA_DIR", str(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture

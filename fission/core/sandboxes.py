@@ -1,0 +1,538 @@
+"""Persistent sandboxes: create, use (runs, commands, files), pause, resume, delete, expire.
+
+Every adapter (REST, gRPC, MCP, the SDK through them) calls this one manager; quotas, audit and
+lifetimes live here, not in the adapters. Each sandbox owns a VM (see ``sandbox_vm``), a
+directory with its disk, and a memory reservation in the daemon's budget while it runs.
+
+Operations on one sandbox are serialised (its agent channel carries one request at a time);
+sandboxes run in parallel. ``delete`` and expiry do not wait: they destroy the VM at once, so a
+run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
+``KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a timeout.
+Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
+the ttl. Sandboxes do not survive a daemon restart: reconcile removes what a dead one left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fission.agent.client import AgentClient, ExecOutcome, ExecRequest, OutputSink
+from fission.auth.audit import LOCAL, AuditLog, outcome_of_error, outcome_of_result
+from fission.auth.quotas import ConcurrencyTracker, Slot
+from fission.core import sandbox_vm, snapshots
+from fission.core.auditing import audit_event
+from fission.core.journal import Journal
+from fission.core.limits import MB, Limits
+from fission.core.machines import GUEST_OVERHEAD_MB, Host, Machine, exec_request
+from fission.core.orchestrator import KILL_GRACE, TIMEOUT_EXIT_CODE
+from fission.core.pool import MemoryBudget
+from fission.core.sandbox_spec import (
+    SandboxRecord,
+    SandboxSpec,
+    SandboxState,
+    matches,
+    new_sandbox_id,
+    page,
+)
+from fission.core.spec import RunResult, RunSpec
+from fission.errors import Busy, FissionError, InvalidInput, SandboxNotFound, SandboxNotRunning
+from fission.vmm.base import VMConfig
+
+log = logging.getLogger("fission.sandboxes")
+EXPIRY_INTERVAL = 0.5
+FILE_OP_TIMEOUT = 120.0
+SHELL = "/bin/sh"
+
+
+@dataclass
+class Sandbox:
+    """A sandbox's record and the live parts behind it."""
+
+    record: SandboxRecord
+    directory: Path
+    reserved_mb: int
+    slot: Slot | None = None
+    machine: Machine | None = None
+    config: VMConfig | None = None
+    host: Host | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def agent(self) -> AgentClient:
+        """The agent of the running VM; SandboxNotRunning when paused or gone."""
+        if self.machine is None or self.record.state != SandboxState.RUNNING:
+            raise SandboxNotRunning(
+                f"sandbox {self.record.id} is {self.record.state.value}: resume it first"
+                if self.record.state == SandboxState.PAUSED
+                else f"sandbox {self.record.id} is {self.record.state.value}"
+            )
+        return self.machine.agent
+
+
+def vm_memory_mb(limits: Limits) -> int:
+    """Guest RAM a sandbox with ``limits`` reserves while it runs."""
+    if snapshots.fits(limits):
+        return snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
+    return limits.memory_mb + GUEST_OVERHEAD_MB
+
+
+class SandboxManager:
+    """Every persistent sandbox of one daemon."""
+
+    def __init__(
+        self,
+        budget: MemoryBudget,
+        journal: Journal,
+        audit: AuditLog | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.budget = budget
+        self.journal = journal
+        self.audit = audit
+        self.quotas = ConcurrencyTracker()
+        self._clock = clock
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._expiry: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task the manager keeps (and ``close`` waits for)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- lifecycle of the manager --------------------------------------------------------------
+    def start(self) -> None:
+        """Begin expiring sandboxes whose ttl ran out."""
+        self._expiry = asyncio.create_task(self._expire_loop(), name="sandbox-expiry")
+
+    async def close(self) -> None:
+        """Destroy every sandbox (daemon shutdown)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(self._destroy(box, "shutdown") for box in list(self._sandboxes.values())),
+            return_exceptions=True,
+        )
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL)
+            now = self._clock()
+            for box in list(self._sandboxes.values()):
+                record = box.record
+                if record.state == SandboxState.RUNNING and record.expires_at <= now:
+                    log.info("sandbox %s expired", record.id)
+                    await self._destroy(box, "expired")
+
+    # -- create, read, list -------------------------------------------------------------------
+    async def create(
+        self, spec: SandboxSpec, owner: str | None = None, max_sandboxes: int | None = None
+    ) -> SandboxRecord:
+        """Start a sandbox for ``spec``; ``owner`` (an API key id) may hold ``max_sandboxes``."""
+        started = time.monotonic()
+        slot = self.quotas.acquire(owner, max_sandboxes) if owner and max_sandboxes else None
+        reserved = vm_memory_mb(spec.limits)
+        try:
+            self._reserve(reserved)
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+        now = self._clock()
+        record = SandboxRecord(new_sandbox_id(), spec, owner, now, now + spec.ttl)
+        directory = self.journal.sandboxes_dir / record.id
+        box = Sandbox(record, directory, reserved, slot)
+        try:
+            directory.mkdir(mode=0o700)
+            machine, config, host = await sandbox_vm.start_sandbox_vm(
+                self._run_spec(spec), directory
+            )
+        except BaseException as exc:
+            self.budget.release(reserved)
+            if slot is not None:
+                slot.release()
+            shutil.rmtree(directory, ignore_errors=True)
+            await self._audit(owner, "sandbox.create", spec, outcome_of_error(exc), started)
+            raise
+        box.machine, box.config, box.host = machine, config, host
+        self.journal.record(machine.vm)
+        record.expires_at = self._clock() + spec.ttl
+        self._sandboxes[record.id] = box
+        await self._audit(owner, "sandbox.create", spec, "ok", started, {"sandbox": record.id})
+        return record
+
+    def get(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
+        """The record of a live sandbox; SandboxNotFound if it is gone or not ``owner``'s."""
+        return self._box(sandbox_id, owner).record
+
+    def list_sandboxes(
+        self,
+        owner: str | None = None,
+        state: SandboxState | None = None,
+        metadata: dict[str, str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[SandboxRecord], str | None]:
+        """One page of sandboxes matching the filters, and the cursor of the next page."""
+        records = [
+            box.record
+            for box in self._sandboxes.values()
+            if matches(box.record, owner, state, metadata)
+        ]
+        return page(records, limit, cursor)
+
+    def count(self) -> int:
+        """How many sandboxes exist (running or paused)."""
+        return len(self._sandboxes)
+
+    def set_ttl(self, sandbox_id: str, ttl: float, owner: str | None = None) -> SandboxRecord:
+        """Keep a sandbox alive ``ttl`` more seconds from now."""
+        box = self._box(sandbox_id, owner)
+        spec = replace(box.record.spec, ttl=ttl)  # validates the ttl
+        box.record.spec = spec
+        box.record.expires_at = self._clock() + ttl
+        return box.record
+
+    # -- runs and commands --------------------------------------------------------------------
+    async def run_code(
+        self,
+        sandbox_id: str,
+        code: str,
+        *,
+        owner: str | None = None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        context: str | None = None,
+        fresh_context: bool = False,
+        on_output: OutputSink | None = None,
+    ) -> RunResult:
+        """Run ``code`` in the sandbox's language; with ``context``, in a persistent kernel."""
+        box = self._box(sandbox_id, owner)
+        spec = self._run_spec(box.record.spec, code, timeout, env)
+        request = exec_request(spec)
+        if context is not None or fresh_context:
+            request = replace(request, context=context or "default", fresh_context=fresh_context)
+        return await self._exec(box, "sandbox.run", spec, request, on_output, None)
+
+    async def exec_command(
+        self,
+        sandbox_id: str,
+        command: str | list[str],
+        *,
+        owner: str | None = None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        on_output: OutputSink | None = None,
+    ) -> RunResult:
+        """Run a shell command line (a string) or an argv (a list) in the sandbox."""
+        if isinstance(command, str):
+            if not command.strip():
+                raise InvalidInput("the command is empty")
+            argv = [SHELL, "-c", command]
+        else:
+            if not command or not all(isinstance(part, str) and part for part in command):
+                raise InvalidInput("the command must be a non-empty list of non-empty strings")
+            argv = list(command)
+        box = self._box(sandbox_id, owner)
+        spec = self._run_spec(box.record.spec, " ".join(argv), timeout, env, stdin)
+        limits = spec.limits
+        request = ExecRequest(
+            argv=argv,
+            env=box.record.spec.language.env | spec.env,
+            timeout=limits.timeout,
+            memory_bytes=limits.memory_mb * MB,
+            pids_max=limits.pids,
+            output_limit=limits.output_limit_bytes,
+            cwd=cwd,
+        )
+        return await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
+
+    async def _exec(
+        self,
+        box: Sandbox,
+        action: str,
+        spec: RunSpec,
+        request: ExecRequest,
+        on_output: OutputSink | None,
+        stdin: bytes | None,
+    ) -> RunResult:
+        started = time.monotonic()
+        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+        def sink(stream: str, data: bytes) -> None:
+            chunks[stream].append(data)
+            if on_output is not None:
+                on_output(stream, data)
+
+        async with box.lock:
+            agent = box.agent
+            try:
+                async with asyncio.timeout(spec.limits.timeout + KILL_GRACE):
+                    outcome = await agent.exec(request, sink, stdin)
+            except TimeoutError:
+                elapsed = (time.monotonic() - started) * 1000.0
+                outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, False, elapsed)
+                self._background(self._destroy(box, "wedged"))
+            except FissionError as exc:
+                await self._audit(box.record.owner, action, spec, outcome_of_error(exc), started)
+                if self._is_gone(box):
+                    raise self._gone(box) from exc
+                raise
+        result = RunResult(
+            exit_code=TIMEOUT_EXIT_CODE if outcome.timed_out else outcome.exit_code,
+            stdout=b"".join(chunks["stdout"]),
+            stderr=b"".join(chunks["stderr"]),
+            timed_out=outcome.timed_out,
+            oom=outcome.oom,
+            truncated=outcome.output_truncated,
+            signal=outcome.signal,
+            duration_ms=outcome.duration_ms,
+            boot_ms=0.0,
+            total_ms=(time.monotonic() - started) * 1000.0,
+        )
+        detail = {"sandbox": box.record.id}
+        await self._audit(
+            box.record.owner, action, spec, outcome_of_result(result), started, detail
+        )
+        return result
+
+    # -- files ----------------------------------------------------------------------------------
+    async def write_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        data: bytes | AsyncIterator[bytes],
+        owner: str | None = None,
+    ) -> Any:
+        """Write a file in the sandbox (streamed when ``data`` is an async iterator)."""
+        box = self._box(sandbox_id, owner)
+        async with box.lock:
+            return await self._file_op(
+                box, box.agent.write_file(path, data, timeout=FILE_OP_TIMEOUT)
+            )
+
+    async def read_file(
+        self, sandbox_id: str, path: str, owner: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The file's bytes in chunks; the sandbox stays locked until the last chunk is read."""
+        box = self._box(sandbox_id, owner)
+        async with box.lock:
+            try:
+                async for chunk in box.agent.read_file(path, timeout=FILE_OP_TIMEOUT):
+                    yield chunk
+            except FissionError as exc:
+                if self._is_gone(box):
+                    raise self._gone(box) from exc
+                raise
+
+    async def list_files(self, sandbox_id: str, path: str = ".", owner: str | None = None) -> Any:
+        """The entries of a directory in the sandbox."""
+        box = self._box(sandbox_id, owner)
+        async with box.lock:
+            return await self._file_op(box, box.agent.list_files(path, timeout=FILE_OP_TIMEOUT))
+
+    async def stat_file(self, sandbox_id: str, path: str, owner: str | None = None) -> Any:
+        """Facts about one path in the sandbox."""
+        box = self._box(sandbox_id, owner)
+        async with box.lock:
+            return await self._file_op(box, box.agent.stat_file(path, timeout=FILE_OP_TIMEOUT))
+
+    async def make_dir(self, sandbox_id: str, path: str, owner: str | None = None) -> Any:
+        """Create a directory (and its parents) in the sandbox."""
+        box = self._box(sandbox_id, owner)
+        async with box.lock:
+            return await self._file_op(box, box.agent.make_dir(path, timeout=FILE_OP_TIMEOUT))
+
+    async def remove_file(
+        self, sandbox_id: str, path: str, recursive: bool = False, owner: str | None = None
+    ) -> None:
+        """Remove a file (or a directory tree with ``recursive``) in the sandbox."""
+        box = self._box(sandbox_id, owner)
+        async with box.lock:
+            await self._file_op(
+                box, box.agent.remove_file(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
+            )
+
+    async def _file_op(self, box: Sandbox, operation: Any) -> Any:
+        try:
+            return await operation
+        except FissionError as exc:
+            if self._is_gone(box):
+                raise self._gone(box) from exc
+            raise
+
+    # -- pause, resume, delete ------------------------------------------------------------------
+    async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
+        """Save the sandbox to disk and stop its VM; its memory goes back to the budget."""
+        box = self._box(sandbox_id, owner)
+        started = time.monotonic()
+        async with box.lock:
+            if box.record.state == SandboxState.PAUSED:
+                return box.record
+            machine = box.machine
+            if machine is None:
+                raise self._gone(box)
+            box.machine = None
+            self.journal.forget(machine.vm)
+            try:
+                await sandbox_vm.pause_vm(machine, box.directory)
+            except BaseException as exc:
+                await self._audit(
+                    box.record.owner,
+                    "sandbox.pause",
+                    box.record.spec,
+                    outcome_of_error(exc),
+                    started,
+                    {"sandbox": box.record.id},
+                )
+                await self._destroy(box, "pause failed")
+                raise
+            box.record.state = SandboxState.PAUSED
+            self.budget.release(box.reserved_mb)
+        await self._audit(
+            box.record.owner,
+            "sandbox.pause",
+            box.record.spec,
+            "ok",
+            started,
+            {"sandbox": box.record.id},
+        )
+        return box.record
+
+    async def resume(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
+        """Start a paused sandbox again from its saved state, with its files as they were."""
+        box = self._box(sandbox_id, owner)
+        started = time.monotonic()
+        async with box.lock:
+            if box.record.state == SandboxState.RUNNING:
+                return box.record
+            if box.config is None or box.host is None:
+                raise self._gone(box)
+            self._reserve(box.reserved_mb)
+            try:
+                machine, config = await sandbox_vm.resume_vm(box.config, box.host, box.directory)
+            except BaseException as exc:
+                self.budget.release(box.reserved_mb)
+                await self._audit(
+                    box.record.owner,
+                    "sandbox.resume",
+                    box.record.spec,
+                    outcome_of_error(exc),
+                    started,
+                    {"sandbox": box.record.id},
+                )
+                raise
+            self.journal.record(machine.vm)
+            box.machine, box.config = machine, config
+            box.record.state = SandboxState.RUNNING
+            box.record.expires_at = self._clock() + box.record.spec.ttl
+        await self._audit(
+            box.record.owner,
+            "sandbox.resume",
+            box.record.spec,
+            "ok",
+            started,
+            {"sandbox": box.record.id},
+        )
+        return box.record
+
+    async def delete(self, sandbox_id: str, owner: str | None = None) -> None:
+        """Destroy the sandbox: its VM, its disk and its saved state."""
+        box = self._box(sandbox_id, owner)
+        await self._destroy(box, "deleted")
+
+    async def _destroy(self, box: Sandbox, why: str) -> None:
+        """Forget the sandbox and free everything it holds (safe to call twice)."""
+        if self._sandboxes.pop(box.record.id, None) is None:
+            return
+        was_running = box.record.state == SandboxState.RUNNING
+        box.record.state = SandboxState.DELETED
+        machine, box.machine = box.machine, None
+        try:
+            if machine is not None:
+                await machine.destroy()
+                self.journal.forget(machine.vm)
+        finally:
+            if was_running:
+                self.budget.release(box.reserved_mb)
+            if box.slot is not None:
+                box.slot.release()
+            await asyncio.to_thread(shutil.rmtree, box.directory, True)
+        await self._audit(
+            box.record.owner,
+            "sandbox.delete",
+            box.record.spec,
+            why,
+            None,
+            {"sandbox": box.record.id},
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _box(self, sandbox_id: str, owner: str | None) -> Sandbox:
+        box = self._sandboxes.get(sandbox_id)
+        if box is None or (owner is not None and box.record.owner != owner):
+            raise SandboxNotFound(
+                f"no sandbox {sandbox_id!r}: it was deleted, expired, or never existed"
+            )
+        return box
+
+    def _is_gone(self, box: Sandbox) -> bool:
+        return box.record.state == SandboxState.DELETED
+
+    @staticmethod
+    def _gone(box: Sandbox) -> SandboxNotFound:
+        return SandboxNotFound(f"sandbox {box.record.id} was deleted or expired")
+
+    def _reserve(self, mb: int) -> None:
+        if not self.budget.reserve(mb):
+            raise Busy(
+                f"the memory budget ({self.budget.total_mb} MB, {self.budget.used_mb} MB in "
+                f"use) has no room for a {mb} MB sandbox: pause or delete sandboxes, or raise "
+                "--memory-budget"
+            )
+
+    @staticmethod
+    def _run_spec(
+        spec: SandboxSpec,
+        code: str = "",
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> RunSpec:
+        limits = spec.limits if timeout is None else replace(spec.limits, timeout=timeout)
+        return RunSpec(spec.language, code, limits, spec.env | (env or {}), stdin)
+
+    async def _audit(
+        self,
+        owner: str | None,
+        action: str,
+        spec: SandboxSpec | RunSpec,
+        outcome: str,
+        started: float | None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        duration = None if started is None else (time.monotonic() - started) * 1000.0
+        await audit_event(
+            self.audit,
+            owner or LOCAL,
+            action,
+            language=spec.language.name,
+            limits=spec.limits,
+            outcome=outcome,
+            duration_ms=duration,
+            detail=detail,
+        )

@@ -1,0 +1,58 @@
+"""Who is calling: an API key on TCP listeners (checked, rate-limited), nobody on the Unix socket.
+
+The local Unix socket is protected by its file mode (0700 directory), so requests on it run as
+``local`` without a key; a TCP listener answers 401 to a request without a valid key and 429
+when the key is over its request rate. Concurrent-sandbox quotas are the core's (the sandbox
+manager holds a slot per sandbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from fission.auth.keys import ApiKey, KeyStore, key_from_authorization
+from fission.auth.quotas import RateLimiter
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The identity a request runs as: an API key, or None for the local socket."""
+
+    key: ApiKey | None
+
+    @property
+    def owner(self) -> str | None:
+        """The owner id of sandboxes this caller creates and may see (None: every sandbox)."""
+        return self.key.id if self.key is not None else None
+
+    @property
+    def max_sandboxes(self) -> int | None:
+        """How many sandboxes this caller may hold at once (None: no per-caller limit)."""
+        return self.key.limits.max_concurrent_sandboxes if self.key is not None else None
+
+
+LOCAL_CALLER = Caller(None)
+
+
+class Gatekeeper:
+    """Checks API keys and request rates; with ``keys`` None every caller is local."""
+
+    def __init__(self, keys_db: Path | None) -> None:
+        self.keys = KeyStore(keys_db) if keys_db is not None else None
+        self.rates = RateLimiter()
+
+    async def admit(self, authorization: str | None, api_key: str | None = None) -> Caller:
+        """The caller for these headers; Unauthorized or QuotaExceeded when refused."""
+        if self.keys is None:
+            return LOCAL_CALLER
+        plaintext = api_key or key_from_authorization(authorization)
+        key = await asyncio.to_thread(self.keys.authenticate, plaintext)
+        self.rates.consume(key.id, key.limits.rate_per_minute)
+        return Caller(key)
+
+    def close(self) -> None:
+        """Close the key database."""
+        if self.keys is not None:
+            self.keys.close()

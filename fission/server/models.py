@@ -1,0 +1,115 @@
+"""Request bodies of the HTTP API (pydantic), each turned into the core's own types."""
+
+from __future__ import annotations
+
+import base64
+
+from pydantic import BaseModel, Field
+
+from fission.core.languages import resolve_language
+from fission.core.limits import Limits
+from fission.core.sandbox_spec import DEFAULT_TTL, NetworkPolicy, SandboxSpec
+from fission.core.spec import RunSpec
+from fission.errors import InvalidInput
+
+
+def decode_stdin(stdin_b64: str | None) -> bytes | None:
+    """The bytes of a base64 ``stdin_b64`` field (None when absent)."""
+    if not stdin_b64:
+        return None
+    try:
+        return base64.b64decode(stdin_b64, validate=True)
+    except ValueError as exc:
+        raise InvalidInput(f"stdin_b64 is not valid base64: {exc}") from exc
+
+
+class LimitsBody(BaseModel):
+    """Resource limits; each run inside a sandbox defaults to ``timeout`` seconds."""
+
+    timeout: float = 30.0
+    memory_mb: int = 256
+    cpus: int = 1
+    disk_mb: int = 512
+    pids: int = 256
+    output_limit_mb: float = 10.0
+
+    def to_limits(self) -> Limits:
+        """Validate into Limits (raises LimitOutOfRange)."""
+        return Limits(
+            timeout=self.timeout,
+            memory_mb=self.memory_mb,
+            cpus=self.cpus,
+            disk_mb=self.disk_mb,
+            pids=self.pids,
+            output_limit_mb=self.output_limit_mb,
+        )
+
+
+class RunRequest(LimitsBody):
+    """A one-shot run: the program, its language and its limits."""
+
+    language: str = "python"
+    code: str
+    env: dict[str, str] = Field(default_factory=dict)
+    stdin_b64: str | None = None
+
+    def to_spec(self) -> RunSpec:
+        """Validate into a RunSpec (raises InvalidInput subclasses)."""
+        language = resolve_language(self.language)
+        return RunSpec(
+            language, self.code, self.to_limits(), self.env, decode_stdin(self.stdin_b64)
+        )
+
+
+class SandboxCreate(LimitsBody):
+    """A new persistent sandbox."""
+
+    language: str = "python"
+    ttl: float = Field(DEFAULT_TTL, description="Seconds the sandbox lives unless extended.")
+    env: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    network: str = Field("none", description="Network policy; only 'none' for now.")
+
+    def to_spec(self) -> SandboxSpec:
+        """Validate into a SandboxSpec."""
+        try:
+            network = NetworkPolicy(self.network)
+        except ValueError as exc:
+            raise InvalidInput(
+                f"network {self.network!r} is not a known policy: use 'none'"
+            ) from exc
+        language = resolve_language(self.language)
+        RunSpec(language, "", self.to_limits(), self.env)  # the env is checked like a run's
+        return SandboxSpec(language, self.to_limits(), self.ttl, self.env, self.metadata, network)
+
+
+class RunCodeRequest(BaseModel):
+    """Code to run in a sandbox, optionally in a persistent context (a notebook-like kernel)."""
+
+    code: str
+    timeout: float | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    context: str | None = Field(None, description="Context id; runs in it share variables.")
+    fresh_context: bool = False
+
+
+class ExecBody(BaseModel):
+    """A command in a sandbox: a shell line (string) or an argv (list)."""
+
+    command: str | list[str]
+    timeout: float | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    stdin_b64: str | None = None
+
+
+class TtlBody(BaseModel):
+    """A new lifetime, counted from now."""
+
+    ttl: float
+
+
+class PathBody(BaseModel):
+    """A path inside the sandbox."""
+
+    path: str
