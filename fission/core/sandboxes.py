@@ -193,6 +193,12 @@ class SandboxManager:
         ]
         return page(records, limit, cursor)
 
+    def check_running(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
+        """The record of a running sandbox; SandboxNotFound or SandboxNotRunning otherwise."""
+        box = self._box(sandbox_id, owner)
+        box.agent  # noqa: B018 - raises SandboxNotRunning unless it runs
+        return box.record
+
     def count(self) -> int:
         """How many sandboxes exist (running or paused)."""
         return len(self._sandboxes)

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -26,7 +26,7 @@ from fission.auth.audit import LOCAL
 from fission.core.service import Service
 from fission.core.spec import RunResult
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
-from fission.server.auth import Caller, Gatekeeper
+from fission.server.auth import Gatekeeper, Who
 from fission.server.models import RunRequest
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.streaming import streaming_response, wants_sse
@@ -57,14 +57,7 @@ def create_app(
                 socket.unlink(missing_ok=True)
 
     app = FastAPI(title="fission", version=__version__, lifespan=lifespan)
-
-    async def caller(
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> Caller:
-        return await gate.admit(authorization, x_api_key)
-
-    Who = Annotated[Caller, Depends(caller)]
+    app.state.gate = gate
 
     @app.exception_handler(FissionError)
     async def fission_error(_: Request, exc: FissionError) -> JSONResponse:
@@ -113,5 +106,5 @@ def create_app(
             work, wants_sse(accept, stream_format), lambda: service.dispose(release)
         )
 
-    app.include_router(sandbox_router(service.sandboxes, caller))
+    app.include_router(sandbox_router(service.sandboxes))
     return app

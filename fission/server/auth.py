@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
 
 from fission.auth.keys import ApiKey, KeyStore, key_from_authorization
 from fission.auth.quotas import RateLimiter
@@ -56,3 +59,16 @@ class Gatekeeper:
         """Close the key database."""
         if self.keys is not None:
             self.keys.close()
+
+
+async def current_caller(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """FastAPI dependency: admit the request through the app's Gatekeeper."""
+    gate: Gatekeeper = request.app.state.gate
+    return await gate.admit(authorization, x_api_key)
+
+
+Who = Annotated[Caller, Depends(current_caller)]

@@ -8,10 +8,10 @@ streams the request body into the sandbox, ``GET .../files?path=P`` streams the 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fission.agent.client import OutputSink
@@ -19,7 +19,7 @@ from fission.core.sandbox_spec import SandboxState
 from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult
 from fission.errors import InvalidInput
-from fission.server.auth import Caller
+from fission.server.auth import Who
 from fission.server.models import (
     ExecBody,
     PathBody,
@@ -56,10 +56,9 @@ def file_info_json(info: Any) -> dict[str, Any]:
     return dataclasses.asdict(info)
 
 
-def sandbox_router(manager: SandboxManager, caller: Callable[..., Awaitable[Caller]]) -> APIRouter:
-    """The ``/v1/sandboxes`` routes over ``manager``, admitting callers through ``caller``."""
+def sandbox_router(manager: SandboxManager) -> APIRouter:
+    """The ``/v1/sandboxes`` routes over ``manager`` (callers admitted by ``auth.Who``)."""
     router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
-    Who = Annotated[Caller, Depends(caller)]
 
     @router.post("", status_code=201, summary="Create a sandbox")
     async def create(body: SandboxCreate, who: Who) -> dict[str, Any]:
@@ -108,7 +107,7 @@ def sandbox_router(manager: SandboxManager, caller: Callable[..., Awaitable[Call
         accept: Annotated[str | None, Header()] = None,
         stream_format: StreamFormat = None,
     ) -> StreamingResponse:
-        manager.get(sandbox_id, who.owner)  # a missing sandbox is a 404, not a stream
+        manager.check_running(sandbox_id, who.owner)  # a 404 or 409, not a stream
 
         def work(sink: OutputSink) -> Awaitable[RunResult]:
             return manager.run_code(
@@ -132,7 +131,7 @@ def sandbox_router(manager: SandboxManager, caller: Callable[..., Awaitable[Call
         accept: Annotated[str | None, Header()] = None,
         stream_format: StreamFormat = None,
     ) -> StreamingResponse:
-        manager.get(sandbox_id, who.owner)
+        manager.check_running(sandbox_id, who.owner)
         stdin = decode_stdin(body.stdin_b64)
 
         def work(sink: OutputSink) -> Awaitable[RunResult]:
