@@ -44,5 +44,6 @@ def test_fuzzing_the_api_finds_no_server_errors(daemon: TcpDaemon) -> None:
         "--request-timeout", "120",
         "--generation-database", "none",
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False,
+                          cwd=daemon.dir)  # its reports go there, not into the checkout
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:] + daemon.log()[-3000:]
