@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from fission.cli.errors import abort
+from fission.config import daemon_socket
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput
 
@@ -68,6 +69,8 @@ async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunRe
 
 def run_via_daemon(spec: RunSpec, on_output: LiveOutput | None) -> RunResult | None:
     """The result from a running daemon, or None when no daemon answers on the socket."""
+    if not daemon_socket().exists():  # no daemon: do not even import the HTTP client
+        return None
     from fission.client import DaemonClient
 
     with DaemonClient() as client:
