@@ -338,8 +338,12 @@ class SandboxManager:
         box = self._box(sandbox_id, owner)
         async with box.lock:
             try:
-                async for chunk in box.agent.read_file(path, timeout=FILE_OP_TIMEOUT):
-                    yield chunk
+                # aclosing: a reader that stops early still ends the agent's transfer cleanly
+                async with contextlib.aclosing(
+                    box.agent.read_file(path, timeout=FILE_OP_TIMEOUT)
+                ) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             except FissionError as exc:
                 if self._is_gone(box):
                     raise self._gone(box) from exc
