@@ -1,25 +1,27 @@
 """A client of the fission daemon over its Unix socket (or TCP), and the embedded fallback.
 
-``run()`` is what ``fission run`` and ``fission.run()`` call: through the daemon when one
-answers on the socket, else in this process (restore from the snapshot, run, destroy). Both
-paths give the same RunResult and the same exit codes.
+``run()`` is what ``fission run`` calls: through the daemon when one answers on the socket,
+else in this process (restore from the snapshot, run, destroy). Both paths give the same
+RunResult and the same exit codes. ``DaemonClient`` speaks the daemon's API through the SDK's
+shared parts (``fission.sdk._wire`` builds and reads, ``fission.sdk._http`` sends); the SDK's
+``fission.run`` is the same one-shot run with keyword options.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from fission.config import daemon_socket
 from fission.core.spec import RunResult, RunSpec
-from fission.errors import FissionError, VMError
-from fission.wire import error_from_body, output_bytes, result_from_lines
+from fission.errors import FissionError
+from fission.sdk import _wire as wire
+from fission.sdk._connection import resolve_connection
+from fission.sdk._http import SyncHTTP
+from fission.sdk._sync import stream_run
 
 OutputCallback = Callable[[str, bytes], None]
 CONNECT_TIMEOUT = 2.0
@@ -31,13 +33,9 @@ class DaemonClient:
     def __init__(
         self, socket: Path | None = None, base_url: str | None = None, request_timeout: float = 60.0
     ) -> None:
-        self.socket = socket if base_url is None else None
-        if base_url is None:
-            self.socket = socket or daemon_socket()
-            transport = httpx.HTTPTransport(uds=str(self.socket))
-            self._http = httpx.Client(transport=transport, base_url="http://fission")
-        else:
-            self._http = httpx.Client(base_url=base_url)
+        self.socket = (socket or daemon_socket()) if base_url is None else None
+        url = base_url if base_url is not None else f"unix:{self.socket}"
+        self._http = SyncHTTP(resolve_connection(url, request_timeout=request_timeout))
         self.request_timeout = request_timeout
 
     def close(self) -> None:
@@ -55,69 +53,39 @@ class DaemonClient:
         if self.socket is not None and not self.socket.exists():
             return False
         try:
-            response = self._http.get("/v1/health", timeout=CONNECT_TIMEOUT)
-        except httpx.HTTPError:
+            self._http.json(wire.health(CONNECT_TIMEOUT))
+        except FissionError:
             return False
-        return response.status_code == 200
+        return True
 
     def pools(self) -> dict[str, Any]:
         """The daemon's pools and memory budget."""
-        response = self._http.get("/v1/pools", timeout=self.request_timeout)
-        self._raise_for_error(response)
-        return dict(response.json())
+        return dict(self._http.json(wire.pools()))
 
     def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> RunResult:
         """Run ``spec`` on the daemon, streaming output to ``on_output``."""
-        body = {
-            "language": spec.language.name,
-            "code": spec.code,
-            "timeout": spec.limits.timeout,
-            "memory_mb": spec.limits.memory_mb,
-            "cpus": spec.limits.cpus,
-            "disk_mb": spec.limits.disk_mb,
-            "pids": spec.limits.pids,
-            "output_limit_mb": spec.limits.output_limit_mb,
-            "env": spec.env,
-            "stdin_b64": base64.b64encode(spec.stdin).decode() if spec.stdin is not None else None,
-        }
-        # The run's own timeout plus room to get a VM and to stream the result back.
-        timeout = httpx.Timeout(self.request_timeout + spec.limits.timeout, connect=CONNECT_TIMEOUT)
-        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        try:
-            with self._http.stream("POST", "/v1/run", json=body, timeout=timeout) as response:
-                if response.status_code != 200:
-                    response.read()
-                    self._raise_for_error(response)
-                for raw in response.iter_lines():
-                    if not raw:
-                        continue
-                    line = json.loads(raw)
-                    if line["type"] == "output":
-                        stream, data = output_bytes(line)
-                        chunks[stream].append(data)
-                        if on_output is not None:
-                            on_output(stream, data)
-                    elif line["type"] == "result":
-                        stdout, stderr = b"".join(chunks["stdout"]), b"".join(chunks["stderr"])
-                        return result_from_lines(line, stdout, stderr)
-                    elif line["type"] == "error":
-                        raise error_from_body(line)
-        except httpx.HTTPError as exc:
-            raise VMError(f"lost the daemon while running: {exc}") from exc
-        raise VMError("the daemon ended the run without a result")
-
-    @staticmethod
-    def _raise_for_error(response: httpx.Response) -> None:
-        if response.status_code < 400:
-            return
-        try:
-            body = response.json().get("error") or {}
-        except ValueError:
-            body = {}
-        if not body:
-            detail = response.text[:500]
-            raise FissionError(f"the daemon answered HTTP {response.status_code}: {detail}")
-        raise error_from_body(body)
+        limits = spec.limits
+        call = wire.one_shot_run(
+            spec.language.name,
+            spec.code,
+            {
+                "timeout": limits.timeout,
+                "memory_mb": limits.memory_mb,
+                "cpus": limits.cpus,
+                "disk_mb": limits.disk_mb,
+                "pids": limits.pids,
+                "output_limit_mb": limits.output_limit_mb,
+            },
+            spec.env,
+            spec.stdin,
+        )
+        with closing(stream_run(self._http, call)) as events:
+            for event in events:
+                if isinstance(event, RunResult):
+                    return event
+                if on_output is not None:
+                    on_output(event.stream, event.data)
+        raise wire.missing_result()
 
 
 def run(

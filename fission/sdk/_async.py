@@ -1,0 +1,347 @@
+"""``AsyncSandbox`` and its ``AsyncFiles``: ``_sync`` with ``await``, for asyncio programs.
+
+Same methods, parameters and defaults as ``Sandbox`` (``tests/unit/test_sdk_parity.py``);
+output callbacks may be plain functions or coroutine functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+import os
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
+from pathlib import Path
+from typing import BinaryIO
+
+from fission.errors import SandboxNotFound
+from fission.sdk import _wire as wire
+from fission.sdk._base import DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
+from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
+from fission.sdk._http import AsyncHTTP
+from fission.sdk._local import abody_of, atomic_target, open_source
+from fission.sdk._models import (
+    AsyncOutputCallback,
+    FileInfo,
+    OutputEvent,
+    RunResult,
+    SandboxInfo,
+    StreamEvent,
+)
+
+
+async def drain(
+    events: AsyncGenerator[StreamEvent, None],
+    on_stdout: AsyncOutputCallback | None,
+    on_stderr: AsyncOutputCallback | None,
+) -> RunResult:
+    """Deliver a run's output to the callbacks, in order (awaiting them); its RunResult."""
+    result = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, OutputEvent):
+                callback = wire.callback_for(event, on_stdout, on_stderr)
+                if callback is not None:
+                    outcome = callback(event.data)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+            else:
+                result = event
+    if result is None:
+        raise wire.missing_result()
+    return result
+
+
+async def stream_run(http: AsyncHTTP, call: wire.Call) -> AsyncGenerator[StreamEvent, None]:
+    """The events of a streamed run: its output chunks as they come, then its RunResult."""
+    assembler = wire.RunAssembler()
+    async with aclosing(http.lines(call)) as lines:
+        async for raw in lines:
+            event = assembler.feed(raw)
+            if event is not None:
+                yield event
+            if assembler.result is not None:
+                return
+    raise wire.missing_result()
+
+
+class AsyncSandbox(SandboxCore):
+    """A persistent sandbox for asyncio: ``async with AsyncSandbox(...) as s:`` creates one
+    and deletes it at the end of the block; ``await AsyncSandbox.create(...)`` creates one now.
+    """
+
+    _http: AsyncHTTP
+    _files: AsyncFiles
+
+    def _attach(self, conn: Connection, sandbox_id: str | None) -> None:
+        super()._attach(conn, sandbox_id)
+        self._http = AsyncHTTP(conn)
+        self._files = AsyncFiles(self)
+
+    @classmethod
+    async def create(
+        cls,
+        language: str = "python",
+        *,
+        ttl: float = DEFAULT_TTL,
+        timeout: float = DEFAULT_TIMEOUT,
+        memory_mb: int = 256,
+        cpus: int = 1,
+        disk_mb: int = 512,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        network: str = "none",
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> AsyncSandbox:
+        """Create a sandbox now (parameters as for the constructor)."""
+        box = cls(
+            language,
+            ttl=ttl,
+            timeout=timeout,
+            memory_mb=memory_mb,
+            cpus=cpus,
+            disk_mb=disk_mb,
+            env=env,
+            metadata=metadata,
+            network=network,
+            url=url,
+            api_key=api_key,
+            request_timeout=request_timeout,
+        )
+        await box._start()
+        return box
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> AsyncSandbox:
+        """Attach to an existing sandbox; SandboxNotFound if there is none with this id."""
+        box = cls.__new__(cls)
+        box._attach(resolve_connection(url, api_key, request_timeout), sandbox_id)
+        try:
+            await box.info()
+        except BaseException:
+            await box.close()
+            raise
+        return box
+
+    @classmethod
+    async def list(
+        cls,
+        state: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> AsyncGenerator[SandboxInfo, None]:
+        """Every sandbox in ``state`` (running, paused) whose metadata has these pairs."""
+        http = AsyncHTTP(resolve_connection(url, api_key, request_timeout))
+        try:
+            cursor = None
+            while True:
+                page, cursor = wire.parse_page(
+                    await http.json(wire.list_sandboxes(state, metadata, cursor))
+                )
+                for info in page:
+                    yield info
+                if cursor is None:
+                    return
+        finally:
+            await http.close()
+
+    async def _start(self) -> None:
+        if self._created or self._create is None:
+            return
+        try:
+            self._remember(await self._http.json(self._create))
+        except BaseException:
+            await self.close()
+            raise
+
+    @property
+    def files(self) -> AsyncFiles:
+        """The sandbox's files: read, write, upload, download, list, ..."""
+        return self._files
+
+    async def info(self) -> SandboxInfo:
+        """The sandbox's current facts (state, expiry, limits, metadata)."""
+        return self._remember(await self._http.json(wire.get_sandbox(self.id)))
+
+    async def run(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        context: str | None = None,
+        fresh_context: bool = False,
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+    ) -> RunResult:
+        """Run ``code`` in the sandbox's language; a non-zero exit is a result, not an error.
+
+        ``timeout``: seconds (default: the sandbox's). ``context``: a named interpreter whose
+        variables persist across runs; ``fresh_context`` starts it over. ``on_stdout`` and
+        ``on_stderr`` get each chunk (bytes) as it is printed.
+        """
+        events = self.run_stream(
+            code, timeout=timeout, env=env, context=context, fresh_context=fresh_context
+        )
+        return await drain(events, on_stdout, on_stderr)
+
+    def run_stream(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        context: str | None = None,
+        fresh_context: bool = False,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Like ``run``, yielding OutputEvents as they come, then the RunResult."""
+        call = wire.run_code(
+            self.id,
+            code,
+            timeout=timeout,
+            default_timeout=self._default_timeout,
+            env=env,
+            context=context,
+            fresh_context=fresh_context,
+        )
+        return stream_run(self._http, call)
+
+    async def exec(
+        self,
+        command: str | builtins.list[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+    ) -> RunResult:
+        """Run a command: a shell line (string, run by /bin/sh) or an argv (list).
+
+        ``timeout``: seconds (default: the sandbox's). ``cwd``: its working directory.
+        ``stdin``: bytes (or text) fed to it. Callbacks as for ``run``.
+        """
+        events = self.exec_stream(command, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        return await drain(events, on_stdout, on_stderr)
+
+    def exec_stream(
+        self,
+        command: str | builtins.list[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Like ``exec``, yielding OutputEvents as they come, then the RunResult."""
+        call = wire.exec_command(
+            self.id,
+            command,
+            timeout=timeout,
+            default_timeout=self._default_timeout,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+        )
+        return stream_run(self._http, call)
+
+    async def pause(self) -> SandboxInfo:
+        """Save the sandbox to disk and stop its VM (files and memory kept; the ttl stops)."""
+        return self._remember(await self._http.json(wire.pause_sandbox(self.id)))
+
+    async def resume(self) -> SandboxInfo:
+        """Start a paused sandbox again where it was; its ttl starts over."""
+        return self._remember(await self._http.json(wire.resume_sandbox(self.id)))
+
+    async def set_ttl(self, ttl: float) -> SandboxInfo:
+        """Let the sandbox live ``ttl`` seconds from now."""
+        return self._remember(await self._http.json(wire.set_ttl(self.id, ttl)))
+
+    async def delete(self) -> None:
+        """Destroy the sandbox: its VM, disk and saved state."""
+        await self._http.json(wire.delete_sandbox(self.id))
+
+    async def close(self) -> None:
+        """Close the connection to the daemon; the sandbox itself lives on (safe twice)."""
+        await self._http.close()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        await self._start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        try:
+            if self._created:
+                await self.delete()
+        except SandboxNotFound:
+            pass  # already deleted, or expired
+        finally:
+            await self.close()
+
+
+class AsyncFiles:
+    """The files of one sandbox (``sandbox.files``); paths are relative to its home."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def write(self, path: str, data: bytes | str | BinaryIO) -> FileInfo:
+        """Write a file from bytes, text (UTF-8) or a binary file object (streamed)."""
+        box = self._sandbox
+        call = wire.write_file(box.id, path)
+        return wire.parse_file_info(await box._http.json(call, abody_of(data)))
+
+    async def read(self, path: str) -> bytes:
+        """A file's whole content."""
+        return b"".join([chunk async for chunk in self.read_stream(path)])
+
+    def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        """A file's content in chunks as they arrive."""
+        return self._sandbox._http.chunks(wire.read_file(self._sandbox.id, path))
+
+    async def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileInfo:
+        """Copy a local file into the sandbox, in chunks."""
+        with open_source(local_path) as handle:
+            return await self.write(remote_path, handle)
+
+    async def download(self, remote_path: str, local_path: str | os.PathLike[str]) -> Path:
+        """Copy a file out of the sandbox, in chunks; ``local_path`` appears only when complete."""
+        async with aclosing(self.read_stream(remote_path)) as chunks:
+            with atomic_target(local_path) as out:
+                async for chunk in chunks:
+                    await asyncio.to_thread(out.write, chunk)
+        return Path(local_path)
+
+    async def list(self, path: str = ".") -> builtins.list[FileInfo]:
+        """The entries of a directory."""
+        box = self._sandbox
+        return wire.parse_entries(await box._http.json(wire.list_files(box.id, path)))
+
+    async def stat(self, path: str) -> FileInfo:
+        """Facts about one file or directory; FileNotFound if there is none."""
+        box = self._sandbox
+        return wire.parse_file_info(await box._http.json(wire.stat_file(box.id, path)))
+
+    async def mkdir(self, path: str) -> FileInfo:
+        """Create a directory and its parents."""
+        box = self._sandbox
+        return wire.parse_file_info(await box._http.json(wire.make_dir(box.id, path)))
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, or with ``recursive`` a directory and everything in it."""
+        box = self._sandbox
+        await box._http.json(wire.remove_file(box.id, path, recursive))

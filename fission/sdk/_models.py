@@ -1,0 +1,71 @@
+"""The SDK's value types: output events, sandbox facts and file facts (frozen dataclasses)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fission.core.spec import RunResult
+
+__all__ = [
+    "AsyncOutputCallback",
+    "FileInfo",
+    "OutputCallback",
+    "OutputEvent",
+    "RunResult",
+    "SandboxInfo",
+    "StreamEvent",
+]
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """One chunk a program printed: ``stream`` is ``"stdout"`` or ``"stderr"``."""
+
+    stream: str
+    data: bytes
+
+
+StreamEvent = OutputEvent | RunResult
+"""What ``run_stream`` and ``exec_stream`` yield: output chunks in order, then one RunResult."""
+
+OutputCallback = Callable[[bytes], object]
+"""Called with each chunk of one stream as it arrives."""
+
+AsyncOutputCallback = Callable[[bytes], object | Awaitable[object]]
+"""Like OutputCallback; the async SDK awaits what it returns when that is awaitable."""
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox's facts as the daemon reports them; times are Unix seconds."""
+
+    id: str
+    language: str
+    state: str
+    created_at: float
+    expires_at: float
+    ttl: float
+    timeout: float
+    memory_mb: int
+    cpus: int
+    disk_mb: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    network: str = "none"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file or directory in a sandbox: ``type`` is ``"file"``, ``"dir"``, ``"symlink"``, ..."""
+
+    path: str
+    name: str
+    type: str
+    size: int
+    mode: int = 0
+    mtime: float = 0.0
+
+    @property
+    def is_dir(self) -> bool:
+        """True for a directory."""
+        return self.type in ("dir", "directory")

@@ -1,0 +1,342 @@
+"""``Sandbox`` and its ``Files``: a persistent sandbox over the daemon's API, blocking calls.
+
+Each method builds its request in ``_wire`` and sends it with ``SyncHTTP``; ``_async`` is the
+same file with ``await`` (``tests/unit/test_sdk_parity.py`` keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Generator, Mapping
+from contextlib import closing
+from pathlib import Path
+from typing import BinaryIO
+
+from fission.errors import SandboxNotFound
+from fission.sdk import _wire as wire
+from fission.sdk._base import DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
+from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
+from fission.sdk._http import SyncHTTP
+from fission.sdk._local import atomic_target, body_of, open_source
+from fission.sdk._models import (
+    FileInfo,
+    OutputCallback,
+    OutputEvent,
+    RunResult,
+    SandboxInfo,
+    StreamEvent,
+)
+
+
+def drain(
+    events: Generator[StreamEvent, None, None],
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+) -> RunResult:
+    """Deliver a run's output to the callbacks, in order; its RunResult."""
+    result = None
+    with closing(events):
+        for event in events:
+            if isinstance(event, OutputEvent):
+                callback = wire.callback_for(event, on_stdout, on_stderr)
+                if callback is not None:
+                    callback(event.data)
+            else:
+                result = event
+    if result is None:
+        raise wire.missing_result()
+    return result
+
+
+def stream_run(http: SyncHTTP, call: wire.Call) -> Generator[StreamEvent, None, None]:
+    """The events of a streamed run: its output chunks as they come, then its RunResult."""
+    assembler = wire.RunAssembler()
+    with closing(http.lines(call)) as lines:
+        for raw in lines:
+            event = assembler.feed(raw)
+            if event is not None:
+                yield event
+            if assembler.result is not None:
+                return
+    raise wire.missing_result()
+
+
+class Sandbox(SandboxCore):
+    """A persistent sandbox: a microVM that keeps its files and state between runs.
+
+    ``with fission.sandbox(...) as s:`` (or ``with Sandbox(...) as s:``) creates one and
+    deletes it at the end of the block (so does a ``with`` around ``Sandbox.connect``).
+    """
+
+    _http: SyncHTTP
+    _files: Files
+
+    def _attach(self, conn: Connection, sandbox_id: str | None) -> None:
+        super()._attach(conn, sandbox_id)
+        self._http = SyncHTTP(conn)
+        self._files = Files(self)
+
+    @classmethod
+    def create(
+        cls,
+        language: str = "python",
+        *,
+        ttl: float = DEFAULT_TTL,
+        timeout: float = DEFAULT_TIMEOUT,
+        memory_mb: int = 256,
+        cpus: int = 1,
+        disk_mb: int = 512,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        network: str = "none",
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> Sandbox:
+        """Create a sandbox now (parameters as for the constructor)."""
+        box = cls(
+            language,
+            ttl=ttl,
+            timeout=timeout,
+            memory_mb=memory_mb,
+            cpus=cpus,
+            disk_mb=disk_mb,
+            env=env,
+            metadata=metadata,
+            network=network,
+            url=url,
+            api_key=api_key,
+            request_timeout=request_timeout,
+        )
+        box._start()
+        return box
+
+    @classmethod
+    def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> Sandbox:
+        """Attach to an existing sandbox; SandboxNotFound if there is none with this id."""
+        box = cls.__new__(cls)
+        box._attach(resolve_connection(url, api_key, request_timeout), sandbox_id)
+        try:
+            box.info()
+        except BaseException:
+            box.close()
+            raise
+        return box
+
+    @classmethod
+    def list(
+        cls,
+        state: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> Generator[SandboxInfo, None, None]:
+        """Every sandbox in ``state`` (running, paused) whose metadata has these pairs."""
+        http = SyncHTTP(resolve_connection(url, api_key, request_timeout))
+        try:
+            cursor = None
+            while True:
+                page, cursor = wire.parse_page(
+                    http.json(wire.list_sandboxes(state, metadata, cursor))
+                )
+                yield from page
+                if cursor is None:
+                    return
+        finally:
+            http.close()
+
+    def _start(self) -> None:
+        if self._created or self._create is None:
+            return
+        try:
+            self._remember(self._http.json(self._create))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def files(self) -> Files:
+        """The sandbox's files: read, write, upload, download, list, ..."""
+        return self._files
+
+    def info(self) -> SandboxInfo:
+        """The sandbox's current facts (state, expiry, limits, metadata)."""
+        return self._remember(self._http.json(wire.get_sandbox(self.id)))
+
+    def run(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        context: str | None = None,
+        fresh_context: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult:
+        """Run ``code`` in the sandbox's language; a non-zero exit is a result, not an error.
+
+        ``timeout``: seconds (default: the sandbox's). ``context``: a named interpreter whose
+        variables persist across runs; ``fresh_context`` starts it over. ``on_stdout`` and
+        ``on_stderr`` get each chunk (bytes) as it is printed.
+        """
+        events = self.run_stream(
+            code, timeout=timeout, env=env, context=context, fresh_context=fresh_context
+        )
+        return drain(events, on_stdout, on_stderr)
+
+    def run_stream(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        context: str | None = None,
+        fresh_context: bool = False,
+    ) -> Generator[StreamEvent, None, None]:
+        """Like ``run``, yielding OutputEvents as they come, then the RunResult."""
+        call = wire.run_code(
+            self.id,
+            code,
+            timeout=timeout,
+            default_timeout=self._default_timeout,
+            env=env,
+            context=context,
+            fresh_context=fresh_context,
+        )
+        return stream_run(self._http, call)
+
+    def exec(
+        self,
+        command: str | builtins.list[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult:
+        """Run a command: a shell line (string, run by /bin/sh) or an argv (list).
+
+        ``timeout``: seconds (default: the sandbox's). ``cwd``: its working directory.
+        ``stdin``: bytes (or text) fed to it. Callbacks as for ``run``.
+        """
+        events = self.exec_stream(command, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        return drain(events, on_stdout, on_stderr)
+
+    def exec_stream(
+        self,
+        command: str | builtins.list[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+    ) -> Generator[StreamEvent, None, None]:
+        """Like ``exec``, yielding OutputEvents as they come, then the RunResult."""
+        call = wire.exec_command(
+            self.id,
+            command,
+            timeout=timeout,
+            default_timeout=self._default_timeout,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+        )
+        return stream_run(self._http, call)
+
+    def pause(self) -> SandboxInfo:
+        """Save the sandbox to disk and stop its VM (files and memory kept; the ttl stops)."""
+        return self._remember(self._http.json(wire.pause_sandbox(self.id)))
+
+    def resume(self) -> SandboxInfo:
+        """Start a paused sandbox again where it was; its ttl starts over."""
+        return self._remember(self._http.json(wire.resume_sandbox(self.id)))
+
+    def set_ttl(self, ttl: float) -> SandboxInfo:
+        """Let the sandbox live ``ttl`` seconds from now."""
+        return self._remember(self._http.json(wire.set_ttl(self.id, ttl)))
+
+    def delete(self) -> None:
+        """Destroy the sandbox: its VM, disk and saved state."""
+        self._http.json(wire.delete_sandbox(self.id))
+
+    def close(self) -> None:
+        """Close the connection to the daemon; the sandbox itself lives on (safe twice)."""
+        self._http.close()
+
+    def __enter__(self) -> Sandbox:
+        self._start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._created:
+                self.delete()
+        except SandboxNotFound:
+            pass  # already deleted, or expired
+        finally:
+            self.close()
+
+
+class Files:
+    """The files of one sandbox (``sandbox.files``); paths are relative to its home."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def write(self, path: str, data: bytes | str | BinaryIO) -> FileInfo:
+        """Write a file from bytes, text (UTF-8) or a binary file object (streamed)."""
+        box = self._sandbox
+        return wire.parse_file_info(box._http.json(wire.write_file(box.id, path), body_of(data)))
+
+    def read(self, path: str) -> bytes:
+        """A file's whole content."""
+        return b"".join(self.read_stream(path))
+
+    def read_stream(self, path: str) -> Generator[bytes, None, None]:
+        """A file's content in chunks as they arrive."""
+        return self._sandbox._http.chunks(wire.read_file(self._sandbox.id, path))
+
+    def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileInfo:
+        """Copy a local file into the sandbox, in chunks."""
+        with open_source(local_path) as handle:
+            return self.write(remote_path, handle)
+
+    def download(self, remote_path: str, local_path: str | os.PathLike[str]) -> Path:
+        """Copy a file out of the sandbox, in chunks; ``local_path`` appears only when complete."""
+        with closing(self.read_stream(remote_path)) as chunks, atomic_target(local_path) as out:
+            for chunk in chunks:
+                out.write(chunk)
+        return Path(local_path)
+
+    def list(self, path: str = ".") -> builtins.list[FileInfo]:
+        """The entries of a directory."""
+        box = self._sandbox
+        return wire.parse_entries(box._http.json(wire.list_files(box.id, path)))
+
+    def stat(self, path: str) -> FileInfo:
+        """Facts about one file or directory; FileNotFound if there is none."""
+        box = self._sandbox
+        return wire.parse_file_info(box._http.json(wire.stat_file(box.id, path)))
+
+    def mkdir(self, path: str) -> FileInfo:
+        """Create a directory and its parents."""
+        box = self._sandbox
+        return wire.parse_file_info(box._http.json(wire.make_dir(box.id, path)))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, or with ``recursive`` a directory and everything in it."""
+        box = self._sandbox
+        box._http.json(wire.remove_file(box.id, path, recursive))
