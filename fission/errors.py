@@ -23,8 +23,9 @@ sandbox is a result, not an error. Each class carries a short ``code`` slug (for
     ├── NotFound                      not_found (404)
     │   ├── SandboxNotFound           sandbox_not_found (404)
     │   └── FileNotFound              file_not_found (404)
-    └── Conflict                      conflict (409)
-        └── SandboxNotRunning         sandbox_not_running (409)
+    ├── Conflict                      conflict (409)
+    │   └── SandboxNotRunning         sandbox_not_running (409)
+    └── RequestTimeout                request_timeout (504)
 """
 
 from __future__ import annotations
@@ -178,6 +179,13 @@ class SandboxNotRunning(Conflict):
     code = "sandbox_not_running"
 
 
+class RequestTimeout(FissionError):
+    """A client gave up waiting for the daemon (its ``request_timeout`` passed)."""
+
+    code = "request_timeout"
+    http_status = 504
+
+
 ERRORS_BY_CODE: dict[str, type[FissionError]] = {
     cls.code: cls
     for cls in (
@@ -202,5 +210,6 @@ ERRORS_BY_CODE: dict[str, type[FissionError]] = {
         FileNotFound,
         Conflict,
         SandboxNotRunning,
+        RequestTimeout,
     )
 }

@@ -3,7 +3,7 @@
 httpx's own errors become fission's in one place, ``converted``::
 
     httpx.ConnectError, ConnectTimeout  ->  NotReady (no daemon answers at <where>)
-    httpx.TimeoutException              ->  FissionError naming request_timeout (and timeout)
+    httpx.TimeoutException              ->  RequestTimeout naming request_timeout (and timeout)
     any other httpx.HTTPError           ->  FissionError (lost the connection)
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from fission.errors import FissionError, NotReady
+from fission.errors import FissionError, NotReady, RequestTimeout
 from fission.sdk._connection import Connection
 from fission.sdk._wire import CHUNK_SIZE, Call, error_from_response, parse_json
 
@@ -35,7 +35,7 @@ def converted(conn: Connection, call: Call) -> Iterator[None]:
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise NotReady(conn.unreachable()) from exc
     except httpx.TimeoutException as exc:
-        raise FissionError(timeout_message(conn, call)) from exc
+        raise RequestTimeout(timeout_message(conn, call)) from exc
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
         raise FissionError(
