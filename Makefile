@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio busybox-sta
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv images demo test unit integration lint clean
+.PHONY: setup deps venv protos images demo test unit integration lint clean
 
 setup: deps venv images
 
@@ -31,7 +31,20 @@ $(STAMPS)/venv: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@mkdir -p $(STAMPS) && touch $@
 
-venv: $(STAMPS)/venv
+venv: $(STAMPS)/venv protos
+
+# gRPC stubs: generated from the .proto, never committed (see .gitignore) nor edited. They are
+# made again only when the .proto (or the venv, whose grpcio-tools writes them) is newer.
+# `-I .` makes protoc name the file fission/api/fission.proto, so the generated code imports
+# `from fission.api import fission_pb2`.
+PROTO := fission/api/fission.proto
+PROTO_STUBS := fission/api/fission_pb2.py fission/api/fission_pb2.pyi fission/api/fission_pb2_grpc.py
+
+$(PROTO_STUBS) &: $(PROTO) $(STAMPS)/venv
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+	@touch $(PROTO_STUBS)
+
+protos: $(PROTO_STUBS)
 
 images: deps venv
 	$(BIN)/fission images build all
@@ -55,4 +68,4 @@ test: setup lint
 	$(BIN)/pytest tests -q -rs $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(STAMPS) *.egg-info
+	rm -rf $(VENV) $(STAMPS) *.egg-info $(PROTO_STUBS)

@@ -32,8 +32,17 @@ def serve_command(
     db: Annotated[
         Path | None, typer.Option(help="SQLite file of API keys and the audit log.")
     ] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="Also serve the gRPC API on this TCP port (API keys).")
+    ] = None,
+    grpc_host: Annotated[
+        str | None, typer.Option(help="Address of the gRPC port (default 127.0.0.1).")
+    ] = None,
+    grpc_socket: Annotated[
+        Path | None, typer.Option(help="Serve the gRPC API on this Unix socket instead.")
+    ] = None,
 ) -> None:
-    """Run the fission daemon: warm pools of VMs behind an HTTP API."""
+    """Run the fission daemon: warm pools of VMs behind an HTTP API (and gRPC when asked)."""
     from fission.server.daemon import build_config, serve
 
     try:
@@ -47,8 +56,13 @@ def serve_command(
             port=port,
             state_dir=state_dir,
             db=db,
+            grpc_host=grpc_host,
+            grpc_port=grpc_port,
+            grpc_socket=grpc_socket,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
+        if daemon_config.grpc_address is not None:
+            where = f"{where} (gRPC on {daemon_config.grpc_address})"
         typer.echo(f"fission daemon listening on {where}", err=True)
         serve(daemon_config)
     except FissionError as exc:

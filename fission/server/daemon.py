@@ -32,6 +32,9 @@ class DaemonConfig:
     log_level: str = "warning"
     keys_db: Path | None = None  # set for TCP listeners: every request needs an API key
     extra: dict[str, Any] = field(default_factory=dict)
+    # gRPC (fission.server.grpc_server): "HOST:PORT" or "unix:PATH"; None serves no gRPC
+    grpc_address: str | None = None
+    grpc_keys_db: Path | None = None  # set for a TCP gRPC listener
 
 
 def parse_pool_flags(flags: list[str]) -> dict[str, int]:
@@ -68,6 +71,9 @@ def build_config(
     port: int | None,
     state_dir: Path | None,
     db: Path | None = None,
+    grpc_host: str | None = None,
+    grpc_port: int | None = None,
+    grpc_socket: Path | None = None,
 ) -> DaemonConfig:
     """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
     file = load_config_file(config_file) if config_file else {}
@@ -91,13 +97,36 @@ def build_config(
         listen_socket = daemon_socket()
     database = db or (Path(file["db"]) if "db" in file else default_db_path())
     service = ServiceConfig(state, pool_sizes, budget, timeout, audit_db=database)
+    grpc_listen = (grpc_host, grpc_port, grpc_socket)
+    if not any(grpc_listen):  # gRPC flags replace the file's gRPC settings as a whole
+        file_socket = Path(file["grpc_socket"]) if "grpc_socket" in file else None
+        grpc_listen = (file.get("grpc_host"), file.get("grpc_port"), file_socket)
+    grpc = grpc_address(*grpc_listen)
     return DaemonConfig(
         service=service,
         socket=listen_socket,
         host=host,
         port=port,
         keys_db=database if host is not None else None,
+        grpc_address=grpc,
+        grpc_keys_db=database if grpc is not None and not grpc.startswith("unix:") else None,
     )
+
+
+def grpc_address(host: str | None, port: int | None, socket: Path | None) -> str | None:
+    """Where gRPC listens: ``HOST:PORT`` (host 127.0.0.1 unless given), ``unix:PATH``, or None."""
+    if socket is not None:
+        if port is not None or host is not None:
+            raise InvalidInput("gRPC listens on --grpc-socket or --grpc-port, not both")
+        return f"unix:{socket.absolute()}"
+    if port is None:
+        if host is not None:
+            raise InvalidInput("--grpc-host needs --grpc-port")
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidInput(f"--grpc-port {port!r} is out of range: use 1 to 65535")
+    host = host or "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def default_budget_mb() -> int:
@@ -133,7 +162,17 @@ def serve(config: DaemonConfig) -> None:
 
     lock = lock_state_dir(config.service.state_dir)
     try:
-        app = create_app(Service(config.service), config.socket, config.keys_db)
+        service = Service(config.service)
+        app = create_app(service, config.socket, config.keys_db)
+        if config.grpc_address is not None:
+            # QEMU is spawned with fork and a preexec_fn; gRPC's own fork handlers then crash
+            # the child now and then (QEMU "exits" with SIGSEGV). Off before gRPC is loaded.
+            os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+            try:
+                from fission.server.grpc_server import attach_grpc
+            except ModuleNotFoundError as exc:  # the build makes the stubs: fission/api
+                raise NotReady(f"gRPC is not set up ({exc}): run `make protos`") from exc
+            attach_grpc(app, service, config.grpc_address, config.grpc_keys_db)
         if config.socket is not None:
             config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             config.socket.unlink(missing_ok=True)  # a dead daemon's socket; we hold the lock
