@@ -295,18 +295,38 @@ class QemuVM(VirtualMachine):
             ) from exc
 
     async def open_agent_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to the agent's virtio-serial socket."""
-        return await asyncio.open_unix_connection(str(self.paths.agent_socket), limit=1 << 20)
+        """Connect to the agent's virtio-serial socket (retrying while QEMU is not listening)."""
+        async with asyncio.timeout(SOCKET_WAIT_SECONDS):
+            while True:
+                try:
+                    return await asyncio.open_unix_connection(
+                        str(self.paths.agent_socket), limit=1 << 20
+                    )
+                except ConnectionRefusedError:
+                    if self._proc is None or self._proc.returncode is not None:
+                        raise
+                await asyncio.sleep(0.005)
 
     async def _qmp_client(self) -> QMPClient:
         if self._destroyed:
             raise VMError(f"VM {self.config.vm_id} is destroyed")
         if self._qmp is None:
-            client = QMPClient(f"fission-{self.config.vm_id}")
             async with asyncio.timeout(SOCKET_WAIT_SECONDS):
-                await client.connect(str(self.paths.qmp_socket))
-            self._qmp = client
+                self._qmp = await self._connect_qmp()
         return self._qmp
+
+    async def _connect_qmp(self) -> QMPClient:
+        """Connect to QMP, retrying while QEMU has bound its socket but not yet listens on it."""
+        while True:
+            client = QMPClient(f"fission-{self.config.vm_id}")
+            try:
+                await client.connect(str(self.paths.qmp_socket))
+                return client
+            except Exception as exc:  # qemu.qmp wraps the OSError in its ConnectError
+                refused = isinstance(exc.__cause__ or exc, ConnectionRefusedError)
+                if not refused or self._proc is None or self._proc.returncode is not None:
+                    raise
+            await asyncio.sleep(0.005)
 
     async def qmp(self, command: str, **arguments: object) -> object:
         """Run one QMP command (e.g. ``query-status``) and return its result."""
