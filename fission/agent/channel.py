@@ -63,6 +63,12 @@ class Channel:
             raise self.failure
         self._queues[request_id] = collections.deque()
 
+    def fail(self, error: VMError) -> None:
+        """Break the channel: ``error`` is raised to every waiter and every later request."""
+        if self.failure is None:
+            self.failure = error
+        self._room.set()
+
     def close(self, request_id: int, abandoned: bool = False) -> None:
         """Stop routing ``request_id``; with ``abandoned``, drop whatever the guest still sends."""
         self._queues.pop(request_id, None)
@@ -91,7 +97,7 @@ class Channel:
             frame = await self.read_frame()
             await self._route(frame)
         except VMError as exc:
-            self.failure = exc
+            self.fail(exc)
             raise
         finally:
             self._reading = None
@@ -106,6 +112,8 @@ class Channel:
                 f"the guest answered request {frame.request_id} while {running} runs"
             )
         while len(queue) >= QUEUE_FRAMES and self._queues.get(frame.request_id) is queue:
+            if self.failure is not None:
+                raise self.failure
             self._room.clear()
             await self._room.wait()
         if self._queues.get(frame.request_id) is queue:

@@ -152,21 +152,19 @@ class AgentClient(FileOperations):
         InvalidInput when the agent refuses the request (e.g. a context for another language).
         """
         check_context(request.context)
-        request_id = self._open_request()
-        finished = False
         feeder = None
-        try:
-            message = asdict(request) | {"stdin": stdin is not None}
-            await self._send(protocol.encode_json(FrameType.EXEC, request_id, message))
-            if stdin is not None:
-                feeder = asyncio.create_task(self._feed_stdin(request_id, stdin))
-            outcome = await self._collect(request_id, request.output_limit, on_output)
-            finished = True
-            return outcome
-        finally:
-            if feeder is not None:
-                feeder.cancel()
-            self._channel.close(request_id, abandoned=not finished)
+        async with self._request() as pending:
+            try:
+                message = asdict(request) | {"stdin": stdin is not None}
+                await self._send(protocol.encode_json(FrameType.EXEC, pending.id, message))
+                if stdin is not None:
+                    feeder = asyncio.create_task(self._feed_stdin(pending.id, stdin))
+                outcome = await self._collect(pending.id, request.output_limit, on_output)
+                pending.finished = True
+                return outcome
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
 
     async def _feed_stdin(self, request_id: int, data: bytes) -> None:
         for start in range(0, len(data), STDIN_CHUNK):
@@ -217,11 +215,14 @@ class AgentClient(FileOperations):
             await self._send(protocol.encode_json(FrameType.PREPARE, 0, {}))
             async with asyncio.timeout(timeout):
                 frame = await self._channel.next(0)
+            if frame.type != FrameType.READY:
+                raise AgentProtocolError(f"expected READY from the guest, got {frame.type.name}")
+            return bool(self._decode(frame).get("zygote"))
+        except AgentProtocolError as exc:
+            self._channel.fail(exc)
+            raise
         finally:
             self._channel.close(0)
-        if frame.type != FrameType.READY:
-            raise AgentProtocolError(f"expected READY from the guest, got {frame.type.name}")
-        return bool(self._decode(frame).get("zygote"))
 
     async def kill(self, request_id: int) -> None:
         """Ask the agent to kill a running request's processes."""

@@ -123,25 +123,40 @@ async def chunks(data: FileData) -> AsyncIterator[bytes]:
             yield bytes(view[start : start + size])
 
 
+class Pending:
+    """One request in flight: its id, and whether the guest has said its last word on it."""
+
+    def __init__(self, request_id: int) -> None:
+        self.id = request_id
+        self.finished = False
+
+
 class FileOperations:
     """File methods of the agent client; each request has its own id and deadline."""
 
     _channel: Channel
     _next_request: int
 
-    def _open_request(self) -> int:
-        """A fresh request id, routed from now on."""
-        request_id = self._next_request
-        self._next_request += 1
-        self._channel.open(request_id)
-        return request_id
+    @contextlib.asynccontextmanager
+    async def _request(self) -> AsyncIterator[Pending]:
+        """A fresh request id, routed while the block runs.
 
-    async def _end_request(self, request_id: int, finished: bool) -> None:
-        """Stop routing; a request given up early is killed in the guest, its rest dropped."""
-        self._channel.close(request_id, abandoned=not finished)
-        if not finished and self._channel.failure is None:
-            with contextlib.suppress(VMError):
-                await self._channel.send(protocol.encode_json(FrameType.KILL, request_id, {}))
+        A request given up before its last frame is killed in the guest and the rest of its
+        frames dropped; an AgentProtocolError breaks the channel for every later call.
+        """
+        pending = Pending(self._next_request)
+        self._next_request += 1
+        self._channel.open(pending.id)
+        try:
+            yield pending
+        except AgentProtocolError as exc:
+            self._channel.fail(exc)
+            raise
+        finally:
+            self._channel.close(pending.id, abandoned=not pending.finished)
+            if not pending.finished and self._channel.failure is None:
+                with contextlib.suppress(VMError):
+                    await self._channel.send(protocol.encode_json(FrameType.KILL, pending.id, {}))
 
     async def _next(self, request_id: int, deadline: float, what: str, timeout: float) -> Any:
         """The request's next frame, or VMError once ``deadline`` (loop time) has passed."""
@@ -159,15 +174,11 @@ class FileOperations:
     ) -> dict[str, Any]:
         """Send one FILE or DROP request and return its single RESULT."""
         deadline = asyncio.get_running_loop().time() + timeout
-        request_id = self._open_request()
-        finished = False
-        try:
-            await self._channel.send(protocol.encode_json(kind, request_id, message))
-            frame = await self._next(request_id, deadline, what, timeout)
-            finished = True
+        async with self._request() as pending:
+            await self._channel.send(protocol.encode_json(kind, pending.id, message))
+            frame = await self._next(pending.id, deadline, what, timeout)
+            pending.finished = True
             return self._result(frame, what)
-        finally:
-            await self._end_request(request_id, finished)
 
     @staticmethod
     def _result(frame: protocol.Frame, what: str) -> dict[str, Any]:
@@ -203,14 +214,12 @@ class FileOperations:
         shown = display_path(path)
         what = f"list {path!r}"
         deadline = asyncio.get_running_loop().time() + timeout
-        request_id = self._open_request()
-        finished = False
         entries: list[FileInfo] = []
-        try:
+        async with self._request() as pending:
             message = {"op": "list", "path": path}
-            await self._channel.send(protocol.encode_json(FrameType.FILE, request_id, message))
+            await self._channel.send(protocol.encode_json(FrameType.FILE, pending.id, message))
             while True:
-                answer = self._result(await self._next(request_id, deadline, what, timeout), what)
+                answer = self._result(await self._next(pending.id, deadline, what, timeout), what)
                 batch, more = answer.get("entries"), answer.get("more")
                 if not isinstance(batch, list) or type(more) is not bool:
                     raise AgentProtocolError("the guest sent a malformed directory listing")
@@ -220,10 +229,8 @@ class FileOperations:
                 if len(entries) > files.MAX_ENTRIES:
                     raise AgentProtocolError(f"the guest listed over {files.MAX_ENTRIES} entries")
                 if not more:
-                    finished = True
+                    pending.finished = True
                     return entries
-        finally:
-            await self._end_request(request_id, finished)
 
     async def write_file(
         self, path: str, data: FileData, *, mode: int = 0o644, timeout: float
@@ -238,21 +245,17 @@ class FileOperations:
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise InvalidInput(f"bad file mode {mode!r}: use 0 to 0o777 (e.g. 0o644)")
         what = f"writing {path!r}"
-        request_id = self._open_request()
-        finished = False
-        try:
+        async with self._request() as pending:
             try:
                 async with asyncio.timeout(timeout):
-                    frame = await self._upload(request_id, path, mode, data)
+                    frame = await self._upload(pending.id, path, mode, data)
             except TimeoutError as exc:
                 raise VMError(
                     f"the guest agent did not finish {what} within {timeout:g} s "
                     "(raise the call's timeout)"
                 ) from exc
-            finished = True
+            pending.finished = True
             return parse_file_info(self._result(frame, what).get("info"), shown)
-        finally:
-            await self._end_request(request_id, finished)
 
     async def _upload(
         self, request_id: int, path: str, mode: int, data: FileData
@@ -289,26 +292,22 @@ class FileOperations:
         shown = display_path(path)
         what = f"reading {shown!r}"
         deadline = asyncio.get_running_loop().time() + timeout
-        request_id = self._open_request()
-        finished = False
         received = 0
-        try:
+        async with self._request() as pending:
             message = {"op": "read", "path": path}
-            await self._channel.send(protocol.encode_json(FrameType.FILE, request_id, message))
+            await self._channel.send(protocol.encode_json(FrameType.FILE, pending.id, message))
             while True:
-                frame = await self._next(request_id, deadline, what, timeout)
+                frame = await self._next(pending.id, deadline, what, timeout)
                 if frame.type == FrameType.DATA:
                     received += len(frame.payload)
                     if frame.payload:
                         yield frame.payload
                     continue
                 answer = self._result(frame, what)
-                finished = True
-                if answer.get("size") != received or type(answer.get("size")) is not int:
+                pending.finished = True
+                if type(answer.get("size")) is not int or answer["size"] != received:
                     raise AgentProtocolError(
                         f"the guest sent {received} bytes of {shown!r} "
                         f"but said {answer.get('size')!r:.40}"
                     )
                 return
-        finally:
-            await self._end_request(request_id, finished)
