@@ -210,10 +210,7 @@ class Execution:
         child_fds = [in_r, out_w, err_w]
         try:
             if self.ctx is not None:
-                request = {"path": script_path, "env": self.env, "cwd": self.cwd}
-                self.ctx.begin(request, child_fds)
-                self.ctx.execution = self
-                self.pid = self.ctx.pid
+                self.begin_in_context(script_path, child_fds)
             elif warm is not None:
                 status_r, status_w = os.pipe()
                 child_fds.append(status_w)
@@ -238,6 +235,22 @@ class Execution:
         if in_w >= 0:
             os.set_blocking(in_w, False)
             self.stdin_fd = in_w
+
+    def begin_in_context(self, script_path: str, child_fds: list[int]) -> None:
+        """Hand the run to its context's kernel (which may have died a moment ago)."""
+        assert self.ctx is not None
+        request = {"path": script_path, "env": self.env, "cwd": self.cwd}
+        try:
+            self.ctx.begin(request, child_fds)
+        except OSError as exc:
+            self.agent.contexts.end(self.ctx, lost=True)
+            raise AgentError(
+                "internal",
+                f"the interpreter of context {self.context!r} has just ended ({exc}): "
+                "run again, it starts afresh",
+            ) from exc
+        self.ctx.execution = self
+        self.pid = self.ctx.pid
 
     def _set_limits(self) -> None:
         if self.memory_bytes > 0:
