@@ -3,11 +3,14 @@
 A frame larger than ``MAX_GUEST_PAYLOAD``, a frame of a type or request the host did not ask
 for, bad JSON or an EXIT with fields of the wrong type raise ``AgentProtocolError``; the caller
 then destroys the VM. The host also enforces the output cap itself, whatever the guest claims.
+Runs, file operations (``host_files``) and context drops can be in flight at once: each has a
+request id of its own, and ``channel.Channel`` routes the guest's frames to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import secrets
 import time
@@ -15,9 +18,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fission.agent import protocol
+from fission.agent import context, protocol
+from fission.agent.channel import Channel
+from fission.agent.host_files import FileInfo, FileOperations, decode, guest_error
 from fission.agent.protocol import FrameType
-from fission.errors import AgentProtocolError, VMError
+from fission.errors import AgentProtocolError, InvalidInput
+
+__all__ = [
+    "STDIN_CHUNK",
+    "AgentClient",
+    "ExecOutcome",
+    "ExecRequest",
+    "FileInfo",
+    "OutputSink",
+    "parse_exit",
+]
 
 OutputSink = Callable[[str, bytes], None]
 STDIN_CHUNK = 64 * 1024
@@ -39,6 +54,10 @@ class ExecRequest:
     script_name: str = "main"
     mode: str = "exec"
     stdin: bool = False
+    # A Python code context: the script runs in that context's long-lived interpreter, whose
+    # globals survive between runs; ``fresh_context`` discards the old one first.
+    context: str | None = None
+    fresh_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,11 @@ class ExecOutcome:
     oom: bool
     output_truncated: bool
     duration_ms: float
+    # The run's context lost its state: its interpreter died in this run (timeout, OOM, exit)
+    # or in an earlier one, so this run started afresh.
+    context_reset: bool = False
+    # A pre-started interpreter served the run (a fork-server child or a live context).
+    warm: bool = False
 
 
 def parse_exit(message: dict[str, Any]) -> ExecOutcome:
@@ -69,44 +93,40 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
         raise AgentProtocolError("EXIT frame flags must be booleans")
     if type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0:
         raise AgentProtocolError(f"EXIT frame has a bad duration_ms {duration!r}")
-    return ExecOutcome(exit_code, sig, flags[0], flags[1], flags[2], float(duration))
+    extras = [message.get(name, False) for name in ("context_reset", "warm")]
+    if not all(type(flag) is bool for flag in extras):
+        raise AgentProtocolError("EXIT frame flags must be booleans")
+    return ExecOutcome(
+        exit_code, sig, flags[0], flags[1], flags[2], float(duration), extras[0], extras[1]
+    )
 
 
-class AgentClient:
+def check_context(context_id: str | None) -> None:
+    """Refuse a malformed context id before it reaches the guest."""
+    if context_id is not None:
+        try:
+            context.check_context_id(context_id)
+        except protocol.AgentError as exc:
+            raise InvalidInput(exc.message) from exc
+
+
+class AgentClient(FileOperations):
     """Speaks the framed protocol to one guest agent over a byte stream."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._channel = Channel(reader, writer)
         self._next_request = 1
         self.hello: dict[str, Any] = {}
 
-    async def _read_frame(self) -> protocol.Frame:
-        try:
-            header = await self._reader.readexactly(protocol.HEADER_SIZE)
-            frame_type, request_id, length = protocol.parse_header(
-                header, protocol.MAX_GUEST_PAYLOAD
-            )
-            payload = await self._reader.readexactly(length) if length else b""
-        except protocol.ProtocolError as exc:
-            raise AgentProtocolError(f"the guest sent a malformed frame: {exc}") from exc
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise VMError("the guest closed the agent channel (the VM stopped)") from exc
-        return protocol.Frame(frame_type, request_id, payload)
-
     async def _send(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except ConnectionError as exc:
-            raise VMError("the agent channel is closed (the VM stopped)") from exc
+        await self._channel.send(data)
 
     async def handshake(self, timeout: float) -> dict[str, Any]:
         """Send INIT (wall clock and a fresh random seed) and wait for the agent's HELLO."""
         init = {"time_ns": time.time_ns(), "seed": secrets.token_hex(64)}
         await self._send(protocol.encode_json(FrameType.INIT, 0, init))
         async with asyncio.timeout(timeout):
-            frame = await self._read_frame()
+            frame = await self._channel.read_frame()
         if frame.type != FrameType.HELLO:
             raise AgentProtocolError(f"expected HELLO from the guest, got {frame.type.name}")
         hello = self._decode(frame)
@@ -121,10 +141,7 @@ class AgentClient:
 
     @staticmethod
     def _decode(frame: protocol.Frame) -> dict[str, Any]:
-        try:
-            return protocol.decode_json(frame.payload)
-        except protocol.ProtocolError as exc:
-            raise AgentProtocolError(f"bad {frame.type.name} frame from the guest: {exc}") from exc
+        return decode(frame)
 
     async def exec(
         self, request: ExecRequest, on_output: OutputSink, stdin: bytes | None = None
@@ -132,19 +149,22 @@ class AgentClient:
         """Run ``request`` and stream its output to ``on_output`` until the agent's EXIT.
 
         The caller bounds the wait (the host-side deadline) and destroys the VM when it passes.
+        InvalidInput when the agent refuses the request (e.g. a context for another language).
         """
-        request_id = self._next_request
-        self._next_request += 1
-        message = asdict(request) | {"stdin": stdin is not None}
-        await self._send(protocol.encode_json(FrameType.EXEC, request_id, message))
+        check_context(request.context)
         feeder = None
-        if stdin is not None:
-            feeder = asyncio.create_task(self._feed_stdin(request_id, stdin))
-        try:
-            return await self._collect(request_id, request.output_limit, on_output)
-        finally:
-            if feeder is not None:
-                feeder.cancel()
+        async with self._request() as pending:
+            try:
+                message = asdict(request) | {"stdin": stdin is not None}
+                await self._send(protocol.encode_json(FrameType.EXEC, pending.id, message))
+                if stdin is not None:
+                    feeder = asyncio.create_task(self._feed_stdin(pending.id, stdin))
+                outcome = await self._collect(pending.id, request.output_limit, on_output)
+                pending.finished = True
+                return outcome
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
 
     async def _feed_stdin(self, request_id: int, data: bytes) -> None:
         for start in range(0, len(data), STDIN_CHUNK):
@@ -159,11 +179,7 @@ class AgentClient:
         received = 0
         host_truncated = False
         while True:
-            frame = await self._read_frame()
-            if frame.request_id != request_id:
-                raise AgentProtocolError(
-                    f"the guest answered request {frame.request_id} while {request_id} runs"
-                )
+            frame = await self._channel.next(request_id)
             if frame.type in STREAM_NAMES:
                 room = output_limit - received
                 data = frame.payload[: max(room, 0)]
@@ -175,29 +191,38 @@ class AgentClient:
             elif frame.type == FrameType.EXIT:
                 outcome = parse_exit(self._decode(frame))
                 if host_truncated and not outcome.output_truncated:
-                    outcome = ExecOutcome(
-                        outcome.exit_code,
-                        outcome.signal,
-                        outcome.timed_out,
-                        outcome.oom,
-                        True,
-                        outcome.duration_ms,
-                    )
+                    outcome = dataclasses.replace(outcome, output_truncated=True)
                 return outcome
             elif frame.type == FrameType.ERROR:
-                detail = str(self._decode(frame).get("message", "no detail"))[:2000]
-                raise VMError(f"the guest agent could not run the program: {detail}")
+                raise guest_error(self._decode(frame), "run the program")
             else:
                 raise AgentProtocolError(f"unexpected {frame.type.name} frame during a run")
 
+    async def drop_context(self, context_id: str, *, timeout: float) -> bool:
+        """End a code context and its interpreter; False if there was none. Timeout in s."""
+        check_context(context_id)
+        what = f"drop context {context_id!r}"
+        answer = await self._simple(FrameType.DROP, {"context": context_id}, what, timeout)
+        dropped = answer.get("dropped")
+        if type(dropped) is not bool:
+            raise AgentProtocolError(f"the guest answered a context drop with {answer!r:.80}")
+        return dropped
+
     async def prepare_snapshot(self, timeout: float) -> bool:
         """Ask the agent to get ready for a snapshot; True if its fork server is warm."""
-        await self._send(protocol.encode_json(FrameType.PREPARE, 0, {}))
-        async with asyncio.timeout(timeout):
-            frame = await self._read_frame()
-        if frame.type != FrameType.READY:
-            raise AgentProtocolError(f"expected READY from the guest, got {frame.type.name}")
-        return bool(self._decode(frame).get("zygote"))
+        self._channel.open(0)
+        try:
+            await self._send(protocol.encode_json(FrameType.PREPARE, 0, {}))
+            async with asyncio.timeout(timeout):
+                frame = await self._channel.next(0)
+            if frame.type != FrameType.READY:
+                raise AgentProtocolError(f"expected READY from the guest, got {frame.type.name}")
+            return bool(self._decode(frame).get("zygote"))
+        except AgentProtocolError as exc:
+            self._channel.fail(exc)
+            raise
+        finally:
+            self._channel.close(0)
 
     async def kill(self, request_id: int) -> None:
         """Ask the agent to kill a running request's processes."""
@@ -205,9 +230,4 @@ class AgentClient:
 
     async def close(self) -> None:
         """Close the channel (the VM itself is the caller's to destroy)."""
-        self._writer.close()
-        try:
-            async with asyncio.timeout(1.0):
-                await self._writer.wait_closed()
-        except (TimeoutError, OSError):
-            pass
+        await self._channel.aclose()

@@ -7,15 +7,19 @@ unprivileged ``sandbox`` user with no supplementary groups.
 
 It is split in two so the fork server can do the expensive part ahead of time, in a child
 that then waits for its run already confined: ``confine_process`` (everything that needs root)
-and ``attach_stdio`` (the run's own streams).
+and ``attach_stdio`` (the run's own streams). ``fresh_stdio``, ``reseed`` and ``exit_code_of``
+are what a pre-started Python interpreter (a fork-server child, a code context) does per run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import os
 import resource
 import signal
+import sys
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
@@ -65,3 +69,44 @@ def attach_stdio(stdin: int, stdout: int, stderr: int) -> None:
     for fd in {stdin, stdout, stderr}:
         if fd > 2:
             os.close(fd)
+
+
+def fresh_stdio(env: dict[str, str]) -> None:
+    """Standard streams over fds 0-2 as ``python3`` would make them for this environment."""
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    stdin_raw = io.FileIO(0, "rb", closefd=False)
+    stdout_raw = io.FileIO(1, "wb", closefd=False)
+    stderr_raw = io.FileIO(2, "wb", closefd=False)
+    stdout_bin = stdout_raw if unbuffered else io.BufferedWriter(stdout_raw)
+    stderr_bin = stderr_raw if unbuffered else io.BufferedWriter(stderr_raw)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(stdin_raw), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(stdout_bin, encoding="utf-8", write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(
+        stderr_bin,
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+        write_through=unbuffered,
+    )
+
+
+def reseed() -> None:
+    """Give this process random streams of its own (the parent's were shared by every clone)."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        with contextlib.suppress(Exception):
+            numpy.random.seed()
+
+
+def exit_code_of(exc: SystemExit) -> int:
+    """The process exit code Python gives ``raise SystemExit(code)``."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1

@@ -11,7 +11,9 @@ set the hostname; the agent then:
   request, and a deadline after which the whole cgroup is killed;
 * streams stdout and stderr back in chunks, stops forwarding at the output cap and says so;
 * ends a run when its main process ends, killing whatever it left behind, and reaps every
-  zombie, since orphans are re-parented to PID 1.
+  zombie, since orphans are re-parented to PID 1;
+* keeps stateful Python code contexts (``context.py``) and carries out file operations for the
+  host (``files.py``), interleaved with the runs.
 
 The agent never trusts a request to be well formed: a bad request gets an ERROR frame, and the
 agent keeps serving.
@@ -23,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import selectors
 import signal
 import sys
@@ -31,11 +34,15 @@ import traceback
 from typing import Any
 
 if __package__:
-    from . import confine, protocol
+    from . import confine, context, files, protocol
+    from .protocol import INVALID_INPUT, AgentError
     from .zygote import ZygoteHandle
 else:  # run as a script inside the guest, with its modules beside it
     import confine  # type: ignore[no-redef]
+    import context  # type: ignore[no-redef]
+    import files  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
+    from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
     from zygote import ZygoteHandle  # type: ignore[no-redef]
 
 AGENT_VERSION = "1"
@@ -46,6 +53,9 @@ RUN_DIR = "/run/fission"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RNDRESEEDCRNG = 0x5207  # ioctl: reseed the kernel's CRNG from its input pool now
 DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
+WARM_WAIT = 2.0  # how long a Python run waits for a fork-server child already being forked
+DATA_DIR = "/data"
+CHANNEL_READ = 1024 * 1024  # most bytes taken from the host per turn of the loop
 
 
 def log(message: str) -> None:
@@ -73,6 +83,12 @@ def write_file(path: str, text: str) -> None:
     """Write ``text`` to a (sysfs or cgroup) file."""
     with open(path, "w") as f:
         f.write(text)
+
+
+def oom_kills(cgroup: str) -> int:
+    """How many OOM kills the cgroup has seen so far."""
+    events = read_cgroup_events(cgroup)
+    return events.get("oom_kill", 0) + events.get("oom_group_kill", 0)
 
 
 def read_cgroup_events(cgroup: str, name: str = "memory.events") -> dict[str, int]:
@@ -131,7 +147,20 @@ class Execution:
         self.script = request.get("script")
         self.script_name = os.path.basename(str(request.get("script_name") or "main"))
         self.mode = str(request.get("mode") or "exec")
-        self.mode = str(request.get("mode") or "exec")
+        self.context: str | None = None
+        self.fresh_context = bool(request.get("fresh_context", False))
+        if request.get("context") is not None:
+            if self.mode != "python" or not isinstance(self.script, str):
+                raise AgentError(
+                    INVALID_INPUT,
+                    "code contexts are for python only: run this language without a context",
+                )
+            self.context = context.check_context_id(request["context"])
+        self.ctx: context.Context | None = None
+        self.context_reset = False
+        self.keep_processes = False  # the context's kernel outlives the run
+        self.warm = False
+        self.oom_before = 0
         self.workdir = os.path.join(RUN_DIR, str(request_id))
         self.cgroup = os.path.join(CGROUP_ROOT, f"run-{request_id}")
         self.pid = 0
@@ -163,19 +192,26 @@ class Execution:
             argv.append(script_path)
         zygote = self.agent.zygote
         warm = None
-        if self.mode == "python" and script_path and zygote is not None:
-            warm = zygote.take_warm()
+        if self.context is not None:
+            self.ctx = self.agent.enter_context(self)
+            self.cgroup = self.ctx.cgroup
+        elif self.mode == "python" and script_path and zygote is not None:
+            warm = zygote.take_warm(WARM_WAIT)
         if warm is not None:
             self.cgroup = warm.cgroup  # the warm child is already in it
-        else:
+            self.warm = True
+        elif self.ctx is None:
             os.mkdir(self.cgroup)
         self._set_limits()
+        self.oom_before = oom_kills(self.cgroup)
         in_r, in_w = os.pipe() if self.wants_stdin else (os.open("/dev/null", os.O_RDONLY), -1)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         child_fds = [in_r, out_w, err_w]
         try:
-            if warm is not None:
+            if self.ctx is not None:
+                self.begin_in_context(script_path, child_fds)
+            elif warm is not None:
                 status_r, status_w = os.pipe()
                 child_fds.append(status_w)
                 self.status_fd = status_r
@@ -199,6 +235,22 @@ class Execution:
         if in_w >= 0:
             os.set_blocking(in_w, False)
             self.stdin_fd = in_w
+
+    def begin_in_context(self, script_path: str, child_fds: list[int]) -> None:
+        """Hand the run to its context's kernel (which may have died a moment ago)."""
+        assert self.ctx is not None
+        request = {"path": script_path, "env": self.env, "cwd": self.cwd}
+        try:
+            self.ctx.begin(request, child_fds)
+        except OSError as exc:
+            self.agent.contexts.end(self.ctx, lost=True)
+            raise AgentError(
+                "internal",
+                f"the interpreter of context {self.context!r} has just ended ({exc}): "
+                "run again, it starts afresh",
+            ) from exc
+        self.ctx.execution = self
+        self.pid = self.ctx.pid
 
     def _set_limits(self) -> None:
         if self.memory_bytes > 0:
@@ -326,8 +378,10 @@ class Execution:
                 self.flush_stdin()
             return False
         if self.drain_deadline == 0.0:
-            # The main process is gone: whatever it left behind dies with it.
-            self.kill()
+            # The main process is gone: whatever it left behind dies with it (but a context's
+            # kernel, which reported the end of its run, lives on).
+            if not self.keep_processes:
+                self.kill()
             self.drain_deadline = now + DRAIN_SECONDS
         if self.out_fds and now < self.drain_deadline:
             return False
@@ -348,8 +402,13 @@ class Execution:
         if self.stdin_fd >= 0:
             os.close(self.stdin_fd)
             self.stdin_fd = -1
-        events = read_cgroup_events(self.cgroup)
-        oom = events.get("oom_kill", 0) > 0 or events.get("oom_group_kill", 0) > 0
+        oom = oom_kills(self.cgroup) > self.oom_before
+        if self.ctx is not None:
+            self.ctx.execution = None
+            lost_now = not self.keep_processes  # the kernel died with this run
+            self.context_reset = self.context_reset or lost_now
+            if lost_now or not self.ctx.alive:
+                self.agent.contexts.end(self.ctx, lost=lost_now)
         status = self.status or 0
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
@@ -366,10 +425,13 @@ class Execution:
                 "oom": oom,
                 "output_truncated": self.truncated,
                 "duration_ms": round((time.monotonic() - self.started) * 1000.0, 3),
+                "warm": self.warm,
+                "context_reset": self.context_reset,
             },
         )
         self.agent.pids.pop(self.pid, None)
-        self.agent.remove_cgroup_later(self.cgroup)
+        if self.ctx is None:
+            self.agent.remove_cgroup_later(self.cgroup)
         remove_tree(self.workdir)
 
 
@@ -395,7 +457,11 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.selector.register(channel_fd, selectors.EVENT_READ, ("channel", None))
+        self.channel_poll = select.poll()
+        self.channel_poll.register(channel_fd, select.POLLIN)
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
+        self.files = files.FileOps(self.send)
+        self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
         self.zygote: ZygoteHandle | None = None
         modules = zygote_modules(read_text("/proc/cmdline"))
         if modules is not None:
@@ -422,6 +488,8 @@ class Agent:
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
             if any(e.stdin_buffer for e in self.executions.values()):
                 timeout = 0.01 if timeout is None else min(timeout, 0.01)
+            if self.files.downloads:
+                timeout = 0.0  # a file is being read: send its next chunk right away
             for key, _ in self.selector.select(timeout):
                 kind, execution = key.data
                 if kind == "channel":
@@ -434,6 +502,9 @@ class Agent:
                     execution.on_output(key.fd)
                 elif kind == "status" and execution is not None:
                     execution.on_status()
+                elif kind == "context" and execution is not None:
+                    self.contexts.on_event(execution)
+            self.files.pump()
             self.reap()
             self.take_zygote_exits()
             now = time.monotonic()
@@ -441,13 +512,22 @@ class Agent:
                 if execution.tick(now):
                     del self.executions[request_id]
             self.sweep_cgroups()
-            if self.zygote is not None and not self.executions:
-                self.zygote.request_warm()  # only when idle: forking competes with a run
+            if self.zygote is not None:
+                self.zygote.request_warm()
 
     def on_channel(self) -> None:
         """Read from the host and act on every whole frame."""
         try:
             data = os.read(self.channel_fd, 256 * 1024)
+            # virtio-console hands out one small (page-sized) buffer per read(2): take what
+            # else is already there now rather than one page per turn of the loop.
+            pieces = [data]
+            total = len(data)
+            while data and total < CHANNEL_READ and self.channel_poll.poll(0):
+                data = os.read(self.channel_fd, 256 * 1024)
+                pieces.append(data)
+                total += len(data)
+            data = b"".join(pieces)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
@@ -463,12 +543,18 @@ class Agent:
         for frame in frames:
             try:
                 self.handle(frame)
+            except AgentError as exc:
+                self.send_json(
+                    protocol.FrameType.ERROR,
+                    frame.request_id,
+                    {"code": exc.code, "message": exc.message},
+                )
             except Exception as exc:
                 log(f"request {frame.request_id} failed: {traceback.format_exc()}")
                 self.send_json(
                     protocol.FrameType.ERROR,
                     frame.request_id,
-                    {"message": f"{type(exc).__name__}: {exc}"},
+                    {"code": "internal", "message": f"{type(exc).__name__}: {exc}"},
                 )
 
     def handle(self, frame: protocol.Frame) -> None:
@@ -497,7 +583,8 @@ class Agent:
                 execution.start()
             except BaseException:
                 remove_tree(execution.workdir)
-                self.remove_cgroup_later(execution.cgroup)
+                if execution.ctx is None:
+                    self.remove_cgroup_later(execution.cgroup)
                 raise
             self.executions[rid] = execution
         elif kind == protocol.FrameType.STDIN:
@@ -508,8 +595,24 @@ class Agent:
             running = self.executions.get(rid)
             if running is not None:
                 running.kill()
+            else:
+                self.files.cancel(rid)
+        elif kind == protocol.FrameType.FILE:
+            self.files.handle(rid, protocol.decode_json(frame.payload))
+        elif kind == protocol.FrameType.DATA:
+            self.files.data(rid, frame.payload)
+        elif kind == protocol.FrameType.DROP:
+            name = context.check_context_id(protocol.decode_json(frame.payload).get("context"))
+            self.send_json(protocol.FrameType.RESULT, rid, {"dropped": self.contexts.drop(name)})
         else:
             raise ValueError(f"frame type {kind.name} is not for the guest")
+
+    def enter_context(self, execution: Execution) -> context.Context:
+        """The context a run names (see ``context.Contexts.enter``)."""
+        zygote = self.zygote
+        return self.contexts.enter(
+            execution, lambda: zygote.take_warm(WARM_WAIT) if zygote is not None else None
+        )
 
     def on_zygote(self) -> None:
         """Take one fork-server message; forget the fork server if it has died."""
@@ -629,6 +732,12 @@ def prepare_system() -> None:
     with contextlib.suppress(OSError):
         write_file("/proc/self/oom_score_adj", "-1000")
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    # File operations take the sandbox user's fsuid/fsgid; no supplementary group may add to it.
+    os.setgroups([])
+    if not os.path.isdir(DATA_DIR):
+        os.mkdir(DATA_DIR, 0o755)
+        os.chown(DATA_DIR, confine.SANDBOX_UID, confine.SANDBOX_GID)
+        os.chmod(DATA_DIR, 0o755)
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ A frame is a 12-byte header followed by ``length`` payload bytes::
     4       4     request id, big-endian (0 for frames outside any request)
     8       4     payload length, big-endian
 
-Output (STDOUT, STDERR) and STDIN payloads are raw bytes; control frames carry a JSON object
-encoded as UTF-8. A decoder is given the largest payload it accepts: the host accepts at most
+Output (STDOUT, STDERR), STDIN and DATA payloads are raw bytes; control frames carry a JSON
+object encoded as UTF-8. A decoder is given the largest payload it accepts: the host accepts at most
 MAX_GUEST_PAYLOAD from a guest, so a hostile guest cannot make the host buffer more than that.
 """
 
@@ -52,10 +52,32 @@ class FrameType(enum.IntEnum):
     PONG = 11  # guest -> host: {}
     PREPARE = 12  # host -> guest: {} get ready to be snapshotted (fork server warm, disks synced)
     READY = 13  # guest -> host: {zygote: bool} ready for the snapshot
+    FILE = 14  # host -> guest: {op, path, ...} one file operation (see files.py)
+    DATA = 15  # both ways: raw bytes of a file being written or read; empty = end of a write
+    RESULT = 16  # guest -> host: {...} the answer to FILE or DROP
+    DROP = 17  # host -> guest: {context} end a code context and its process
+
+
+# Largest piece of a file in one DATA frame, either way (well under both payload limits).
+FILE_CHUNK = 128 * 1024
+
+# Error codes an ERROR frame may carry ({code, message}); the host maps them to its errors.
+PATH_NOT_ALLOWED = "path_not_allowed"
+FILE_NOT_FOUND = "file_not_found"
+INVALID_INPUT = "invalid_input"
 
 
 class ProtocolError(Exception):
     """Bytes that are not a valid frame (bad magic, version, type, size or JSON)."""
+
+
+class AgentError(Exception):
+    """A request the agent refuses or cannot carry out, sent back as ERROR {code, message}."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class Frame(NamedTuple):

@@ -7,14 +7,15 @@ children* ahead of time. A warm child puts itself in a fresh cgroup, confines it
 an exec'd program would be (``confine.confine_process``: sandbox user, no_new_privs, no fds but
 its hand-off socket), runs a warm-up snippet, tells the agent it is waiting, and blocks. A run
 is one message on that socket (script path, env, cwd) carrying the run's three streams and a
-status pipe: the
-child attaches them, reseeds every random generator it holds (clones of one snapshot share the
-parent's state) and runs the script as ``__main__``.
+status pipe: the child attaches them, reseeds every random generator it holds (clones of one
+snapshot share the parent's state) and runs the script as ``__main__``. A ``{"context": true}``
+message instead makes the child a code context's kernel (``context.serve``).
 
 The zygote talks to the agent over a SOCK_SEQPACKET socket, JSON with SCM_RIGHTS fds:
 zygote -> agent ``{"ready": true}``; ``{"warm": pid, "cgroup": path}`` + the child's socket;
 ``{"exited": pid, "status": wait status}``. agent -> zygote ``{"fork": true}`` (one more warm
-child). The agent hands runs to warm children directly, without waking the zygote.
+child). The agent hands runs to warm children directly, without waking the zygote, and asks for
+the next child as soon as it takes one, so back-to-back runs all find one waiting.
 """
 
 from __future__ import annotations
@@ -24,21 +25,25 @@ import builtins
 import contextlib
 import gc
 import importlib
-import io
 import json
 import os
+import select
 import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 import types
 from typing import Any
 
 if __package__:
-    from . import confine
+    from . import confine, context
+    from .confine import exit_code_of, fresh_stdio, reseed
 else:  # run as a script inside the guest
     import confine  # type: ignore[no-redef]
+    import context  # type: ignore[no-redef]
+    from confine import exit_code_of, fresh_stdio, reseed  # type: ignore[no-redef]
 
 MAX_MESSAGE = 64 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -56,47 +61,6 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 
 
 # -- inside a warm child ----------------------------------------------------------------------
-def reseed() -> None:
-    """Give this process random streams of its own (the parent's were shared by every clone)."""
-    random = sys.modules.get("random")
-    if random is not None:
-        random.seed()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        with contextlib.suppress(Exception):
-            numpy.random.seed()
-
-
-def fresh_stdio(env: dict[str, str]) -> None:
-    """Standard streams over fds 0-2 as ``python3`` would make them for this environment."""
-    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
-    stdin_raw = io.FileIO(0, "rb", closefd=False)
-    stdout_raw = io.FileIO(1, "wb", closefd=False)
-    stderr_raw = io.FileIO(2, "wb", closefd=False)
-    stdout_bin = stdout_raw if unbuffered else io.BufferedWriter(stdout_raw)
-    stderr_bin = stderr_raw if unbuffered else io.BufferedWriter(stderr_raw)
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(stdin_raw), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(stdout_bin, encoding="utf-8", write_through=unbuffered)
-    sys.stderr = io.TextIOWrapper(
-        stderr_bin,
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-        write_through=unbuffered,
-    )
-
-
-def exit_code_of(exc: SystemExit) -> int:
-    """The process exit code Python gives ``raise SystemExit(code)``."""
-    code = exc.code
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
-
-
 def run_script(request: dict[str, Any], status_fd: int) -> None:
     """Run the request's script as __main__ with its environment; never returns.
 
@@ -141,13 +105,34 @@ def run_script(request: dict[str, Any], status_fd: int) -> None:
     os._exit(code)
 
 
+def receive_run(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The agent's one message (and its fds) to a warm child.
+
+    The agent closes its end right after sending; if our WAITING notice was still unread
+    there, the kernel flags this socket ECONNRESET, and a recvmsg(2) just entering its wait
+    reports that instead of the queued message. The flag clears once reported: ask again.
+    """
+    for _ in range(3):
+        try:
+            message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 4)
+            return message, fds
+        except ConnectionResetError:
+            continue
+    return b"", []
+
+
 def warm_child(conn: socket.socket, cgroup: str) -> None:
     """In a pre-forked child: confine, warm up, wait for one run and run it; never returns."""
     try:
         confine.confine_process(os.path.join(cgroup, "cgroup.procs"), keep_fds=(conn.fileno(),))
         exec(compile(WARM_UP, "<warm-up>", "exec"), {})
-        conn.send(WAITING)
-        message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 4)
+        # The agent may have handed the run over (and closed its end) already: the message
+        # is queued all the same, only this notice cannot be delivered.
+        with contextlib.suppress(OSError):
+            conn.send(WAITING)
+        message, fds = receive_run(conn)
+        if message and json.loads(message).get("context"):
+            context.serve(conn)  # a code context: this socket carries its runs from now on
         if not message or len(fds) != 4:
             os._exit(0)
         conn.close()
@@ -323,15 +308,31 @@ class ZygoteHandle:
             self.warm = [child for child in self.warm if child.pid != pid]
             self.exits.append((pid, status))
 
-    def take_warm(self) -> WarmChild | None:
-        """A waiting warm child for a run, or None."""
-        return self.warm.pop(0) if self.ready and self.warm else None
+    def take_warm(self, wait: float = 0.0) -> WarmChild | None:
+        """A warm child for a run (and the next one asked for at once), or None.
+
+        When the next child is already being forked, wait up to ``wait`` seconds for it: that
+        takes tens of milliseconds, starting a fresh ``python3`` hundreds.
+        """
+        deadline = time.monotonic() + wait
+        while self.alive and self.ready and not self.warm and self.fork_requested:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                break
+            self.receive()
+        child = self.warm.pop(0) if self.ready and self.warm else None
+        if child is not None:
+            self.request_warm()
+        return child
 
     def request_warm(self) -> None:
         """Ask for one more warm child unless one is waiting or on its way."""
         if self.alive and not self.warm and not self.fork_requested:
             self.fork_requested = True
-            send(self.sock, {"fork": True})
+            try:
+                send(self.sock, {"fork": True})
+            except OSError:
+                self.alive = False
 
     def wait_warm(self, timeout: float) -> bool:
         """Block until preloads are imported and a warm child is waiting; False if not."""

@@ -22,7 +22,7 @@ from fission.config import cache_dir
 from fission.errors import ImagesNotBuilt
 from fission.images.recipes import RECIPES, cache_key
 
-AGENT_FILES = ("guest.py", "protocol.py", "confine.py", "zygote.py")
+AGENT_FILES = ("guest.py", "protocol.py", "confine.py", "zygote.py", "context.py", "files.py")
 
 
 def images_dir() -> Path:

@@ -68,6 +68,10 @@ def test_frame_type_numbers_are_pinned() -> None:
         "PONG": 11,
         "PREPARE": 12,
         "READY": 13,
+        "FILE": 14,
+        "DATA": 15,
+        "RESULT": 16,
+        "DROP": 17,
     }
 
 
@@ -133,7 +137,7 @@ def test_a_partial_frame_waits_for_the_rest() -> None:
         (header(version=0), "version"),
         (header(version=2), "version"),
         (header(kind=0), "unknown frame type"),
-        (header(kind=14), "unknown frame type"),
+        (header(kind=18), "unknown frame type"),
         (header(kind=255), "unknown frame type"),
         (header(length=MAX + 1), "exceeds the limit"),
         (header(length=2**32 - 1), "exceeds the limit"),

@@ -1,0 +1,135 @@
+"""The host's end of one agent channel: frames in, routed to the request they answer.
+
+Several requests can be in flight on one channel (a run and file transfers beside it); each
+waits on a queue of its own. Frames are read by short tasks, one frame each, started by whoever
+waits on an empty queue, so a waiter that gives up (its deadline, a cancellation) never leaves
+a frame half-read. A frame for no request in flight, one larger than ``MAX_GUEST_PAYLOAD`` or a
+malformed header breaks the channel: every waiter, then every later call, gets that
+``AgentProtocolError`` (the caller then destroys the VM). A queue holds at most
+``QUEUE_FRAMES`` frames; beyond that the channel stops reading until its consumer catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+
+from fission.agent import protocol
+from fission.errors import AgentProtocolError, VMError
+
+QUEUE_FRAMES = 64
+ABANDONED_KEPT = 4096
+
+
+class Channel:
+    """Reads and writes whole frames; routes each incoming frame by its request id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._queues: dict[int, collections.deque[protocol.Frame]] = {}
+        # Requests given up before their last frame: what the guest still sends is dropped.
+        self._abandoned: dict[int, None] = {}
+        self._reading: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
+        self.failure: VMError | None = None
+
+    async def read_frame(self) -> protocol.Frame:
+        """Read one whole frame from the guest, whoever it is for."""
+        try:
+            header = await self._reader.readexactly(protocol.HEADER_SIZE)
+            frame_type, request_id, length = protocol.parse_header(
+                header, protocol.MAX_GUEST_PAYLOAD
+            )
+            payload = await self._reader.readexactly(length) if length else b""
+        except protocol.ProtocolError as exc:
+            raise AgentProtocolError(f"the guest sent a malformed frame: {exc}") from exc
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise VMError("the guest closed the agent channel (the VM stopped)") from exc
+        return protocol.Frame(frame_type, request_id, payload)
+
+    async def send(self, data: bytes) -> None:
+        """Write bytes to the guest and wait until the transport takes them."""
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise VMError("the agent channel is closed (the VM stopped)") from exc
+
+    def open(self, request_id: int) -> None:
+        """Start routing frames of ``request_id`` to a queue of its own."""
+        if self.failure is not None:
+            raise self.failure
+        self._queues[request_id] = collections.deque()
+
+    def fail(self, error: VMError) -> None:
+        """Break the channel: ``error`` is raised to every waiter and every later request."""
+        if self.failure is None:
+            self.failure = error
+        self._room.set()
+
+    def close(self, request_id: int, abandoned: bool = False) -> None:
+        """Stop routing ``request_id``; with ``abandoned``, drop whatever the guest still sends."""
+        self._queues.pop(request_id, None)
+        if abandoned:
+            self._abandoned[request_id] = None
+            while len(self._abandoned) > ABANDONED_KEPT:
+                del self._abandoned[next(iter(self._abandoned))]
+        self._room.set()
+
+    async def next(self, request_id: int) -> protocol.Frame:
+        """The next frame for ``request_id`` (which must be open)."""
+        queue = self._queues[request_id]
+        while not queue:
+            if self.failure is not None:
+                raise self.failure
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read_one())
+                self._reading.add_done_callback(_retrieve)
+            await asyncio.shield(self._reading)
+        frame = queue.popleft()
+        self._room.set()
+        return frame
+
+    async def _read_one(self) -> None:
+        try:
+            frame = await self.read_frame()
+            await self._route(frame)
+        except VMError as exc:
+            self.fail(exc)
+            raise
+        finally:
+            self._reading = None
+
+    async def _route(self, frame: protocol.Frame) -> None:
+        queue = self._queues.get(frame.request_id)
+        if queue is None:
+            if frame.request_id in self._abandoned:
+                return
+            running = ", ".join(str(rid) for rid in sorted(self._queues)) or "no request"
+            raise AgentProtocolError(
+                f"the guest answered request {frame.request_id} while {running} runs"
+            )
+        while len(queue) >= QUEUE_FRAMES and self._queues.get(frame.request_id) is queue:
+            if self.failure is not None:
+                raise self.failure
+            self._room.clear()
+            await self._room.wait()
+        if self._queues.get(frame.request_id) is queue:
+            queue.append(frame)
+
+    async def aclose(self) -> None:
+        """Stop reading and close the transport."""
+        if self._reading is not None:
+            self._reading.cancel()
+        self._writer.close()
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(1.0):
+                await self._writer.wait_closed()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a reader task's exception as seen (the waiters, if any, got it already)."""
+    if not task.cancelled():
+        task.exception()

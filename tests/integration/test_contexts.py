@@ -1,0 +1,132 @@
+"""Stateful Python code contexts on a real VM, and back-to-back runs taking the warm path.
+
+One VM serves the whole module; each test uses context ids of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from fission.core.limits import Limits
+from fission.core.machines import Machine
+from fission.errors import InvalidInput
+from tests.integration.module_vm import boot_python, leftovers, run
+
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def machine(runtime_dir: Path) -> AsyncIterator[Machine]:
+    vm = await boot_python()
+    try:
+        yield vm
+    finally:
+        await vm.destroy()
+    assert leftovers(runtime_dir, None) == ([], [])
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(runtime_dir: Path, machine: Machine) -> Iterator[None]:
+    """Overrides the session check: the module's VM stays between tests, nothing else may."""
+    yield
+    assert leftovers(runtime_dir, machine) == ([], [])
+
+
+async def test_back_to_back_runs_all_find_a_warm_interpreter(machine: Machine) -> None:
+    runs = [await run(machine, f"print({i} * 2)") for i in range(8)]
+    assert [r.stdout for r in runs] == [f"{i * 2}\n".encode() for i in range(8)]
+    assert [r.outcome.warm for r in runs] == [True] * 8
+
+
+async def test_variables_survive_and_the_last_expression_is_shown(machine: Machine) -> None:
+    first = await run(machine, "x = 41", context="basic")
+    assert (first.outcome.exit_code, first.stdout, first.outcome.context_reset) == (0, b"", False)
+    second = await run(machine, "x + 1", context="basic")
+    assert (second.outcome.exit_code, second.stdout) == (0, b"42\n")
+    assert second.outcome.warm
+    # Imports and functions survive too; a None value and a print are not shown twice.
+    await run(machine, "import math\ndef f(n):\n    return math.factorial(n)", context="basic")
+    assert (await run(machine, "f(5)", context="basic")).stdout == b"120\n"
+    assert (await run(machine, "print('once')", context="basic")).stdout == b"once\n"
+    assert (await run(machine, "None", context="basic")).stdout == b""
+    shown = await run(machine, "import numpy as np\nnp.arange(3)", context="basic")
+    assert shown.stdout == b"array([0, 1, 2])\n"
+
+
+async def test_an_exception_keeps_the_context(machine: Machine) -> None:
+    await run(machine, "y = 5", context="errors")
+    failed = await run(machine, "def g():\n    return 1 / 0\ng()", context="errors")
+    assert failed.outcome.exit_code == 1 and failed.stdout == b""
+    assert b"ZeroDivisionError" in failed.stderr and b"return 1 / 0" in failed.stderr
+    assert b"context.py" not in failed.stderr  # the kernel's own frames are not shown
+    syntax = await run(machine, "y +", context="errors")
+    assert syntax.outcome.exit_code == 1 and b"SyntaxError" in syntax.stderr
+    exited = await run(machine, "import sys\nsys.exit(3)", context="errors")
+    assert exited.outcome.exit_code == 3 and not exited.outcome.context_reset
+    after = await run(machine, "y", context="errors")
+    assert (after.stdout, after.outcome.context_reset) == (b"5\n", False)
+
+
+async def test_a_timeout_resets_the_context(machine: Machine) -> None:
+    await run(machine, "z = 1", context="timeout")
+    stuck = await run(machine, "while True:\n    pass", context="timeout", timeout=2)
+    assert stuck.outcome.timed_out and stuck.outcome.context_reset
+    fresh = await run(machine, "z", context="timeout")
+    assert fresh.outcome.context_reset
+    assert fresh.outcome.exit_code == 1 and b"NameError" in fresh.stderr
+    steady = await run(machine, "z = 2\nz", context="timeout")
+    assert (steady.stdout, steady.outcome.context_reset) == (b"2\n", False)
+
+
+async def test_running_out_of_memory_resets_the_context(machine: Machine) -> None:
+    await run(machine, "keep = 1", context="oom", memory_mb=128)
+    bomb = "chunks = []\nwhile True:\n    chunks.append(b'x' * (8 * 1024 * 1024))"
+    blown = await run(machine, bomb, context="oom", memory_mb=128, timeout=60)
+    assert blown.outcome.oom and blown.outcome.context_reset
+    assert (await run(machine, "'keep' in dir()", context="oom")).stdout == b"False\n"
+
+
+async def test_fresh_context_drops_the_variables(machine: Machine) -> None:
+    await run(machine, "a = 1", context="fresh")
+    dropped = await run(machine, "a", context="fresh", fresh_context=True)
+    assert dropped.outcome.exit_code == 1 and b"NameError" in dropped.stderr
+    assert not dropped.outcome.context_reset  # asked for, not lost
+
+
+async def test_two_contexts_are_independent(machine: Machine) -> None:
+    await run(machine, "v = 'one'", context="one")
+    await run(machine, "v = 'two'", context="two")
+    assert (await run(machine, "v", context="one")).stdout == b"'one'\n"
+    assert (await run(machine, "v", context="two")).stdout == b"'two'\n"
+    # A run without a context sees neither.
+    plain = await run(machine, "print('v' in dir())")
+    assert plain.stdout == b"False\n"
+
+
+async def test_output_streams_and_the_cap_apply_to_context_runs(machine: Machine) -> None:
+    code = "import sys\nprint('out')\nprint('err', file=sys.stderr)\nprint('x' * 5000)"
+    ran = await run(machine, code, context="output", output_limit_mb=0.002)
+    assert ran.stdout.startswith(b"out\n") and ran.stderr == b"err\n"
+    assert ran.outcome.output_truncated
+    assert len(ran.stdout) + len(ran.stderr) == Limits(output_limit_mb=0.002).output_limit_bytes
+
+
+async def test_drop_context(machine: Machine) -> None:
+    await run(machine, "w = 1", context="drop")
+    assert await machine.agent.drop_context("drop", timeout=10) is True
+    assert await machine.agent.drop_context("drop", timeout=10) is False
+    after = await run(machine, "'w' in dir()", context="drop")
+    assert after.stdout == b"False\n" and not after.outcome.context_reset
+
+
+async def test_contexts_are_for_python_only(machine: Machine) -> None:
+    # The python VM runs argv programs too: an "exec" request with a context is refused.
+    with pytest.raises(InvalidInput, match="python"):
+        await run(machine, "print(1)", context="shell", mode="exec", argv=["bash", "-c"])
+    with pytest.raises(InvalidInput, match="context id"):
+        await run(machine, "print(1)", context="no spaces")
+    assert (await run(machine, "print('still serving')")).stdout == b"still serving\n"
