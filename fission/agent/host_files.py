@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,7 +283,7 @@ class FileOperations:
             raise AgentProtocolError("the guest finished a file write before all data was sent")
         return frame
 
-    async def read_file(self, path: str, *, timeout: float) -> AsyncIterator[bytes]:
+    async def read_file(self, path: str, *, timeout: float) -> AsyncGenerator[bytes, None]:
         """Yield the file's bytes in chunks; ``timeout`` is seconds for the whole transfer.
 
         Iterate it to the end (or close it) before waiting on other requests of this VM: the
