@@ -4,8 +4,9 @@ Every adapter (REST, gRPC, MCP, the SDK through them) calls this one manager; qu
 lifetimes live here, not in the adapters. Each sandbox owns a VM (see ``sandbox_vm``), a
 directory with its disk, and a memory reservation in the daemon's budget while it runs.
 
-Operations on one sandbox are serialised (its agent channel carries one request at a time);
-sandboxes run in parallel. ``delete`` and expiry do not wait: they destroy the VM at once, so a
+Runs, commands and file transfers on one sandbox may overlap (the agent channel routes each
+reply to its request); pause and resume wait until none is in flight and hold new ones back.
+``delete`` and expiry do not wait: they destroy the VM at once, so a
 run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
 ``KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a timeout.
 Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
@@ -52,6 +53,41 @@ FILE_OP_TIMEOUT = 120.0
 SHELL = "/bin/sh"
 
 
+class Gate:
+    """Many operations on a sandbox at once, or one lifecycle change (pause, resume) alone."""
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self._operations = 0
+        self._changing = False
+
+    @contextlib.asynccontextmanager
+    async def operation(self) -> AsyncIterator[None]:
+        """Hold the sandbox in its state (running) while a run or file transfer uses it."""
+        async with self._condition:
+            await self._condition.wait_for(lambda: not self._changing)
+            self._operations += 1
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._operations -= 1
+                self._condition.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def change(self) -> AsyncIterator[None]:
+        """Wait until no operation runs, then change the sandbox's state alone."""
+        async with self._condition:
+            await self._condition.wait_for(lambda: not self._changing and not self._operations)
+            self._changing = True
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._changing = False
+                self._condition.notify_all()
+
+
 @dataclass
 class Sandbox:
     """A sandbox's record and the live parts behind it."""
@@ -63,7 +99,7 @@ class Sandbox:
     machine: Machine | None = None
     config: VMConfig | None = None
     host: Host | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gate: Gate = field(default_factory=lambda: Gate())
 
     @property
     def agent(self) -> AgentClient:
@@ -284,7 +320,7 @@ class SandboxManager:
             if on_output is not None:
                 on_output(stream, data)
 
-        async with box.lock:
+        async with box.gate.operation():
             agent = box.agent
             try:
                 async with asyncio.timeout(spec.limits.timeout + KILL_GRACE):
@@ -323,12 +359,13 @@ class SandboxManager:
         path: str,
         data: bytes | AsyncIterator[bytes],
         owner: str | None = None,
+        mode: int = 0o644,
     ) -> Any:
         """Write a file in the sandbox (streamed when ``data`` is an async iterator)."""
         box = self._box(sandbox_id, owner)
-        async with box.lock:
+        async with box.gate.operation():
             return await self._file_op(
-                box, box.agent.write_file(path, data, timeout=FILE_OP_TIMEOUT)
+                box, box.agent.write_file(path, data, mode=mode, timeout=FILE_OP_TIMEOUT)
             )
 
     async def read_file(
@@ -336,7 +373,7 @@ class SandboxManager:
     ) -> AsyncGenerator[bytes, None]:
         """The file's bytes in chunks; the sandbox stays locked until the last chunk is read."""
         box = self._box(sandbox_id, owner)
-        async with box.lock:
+        async with box.gate.operation():
             try:
                 # aclosing: a reader that stops early still ends the agent's transfer cleanly
                 async with contextlib.aclosing(
@@ -352,19 +389,19 @@ class SandboxManager:
     async def list_files(self, sandbox_id: str, path: str = ".", owner: str | None = None) -> Any:
         """The entries of a directory in the sandbox."""
         box = self._box(sandbox_id, owner)
-        async with box.lock:
+        async with box.gate.operation():
             return await self._file_op(box, box.agent.list_files(path, timeout=FILE_OP_TIMEOUT))
 
     async def stat_file(self, sandbox_id: str, path: str, owner: str | None = None) -> Any:
         """Facts about one path in the sandbox."""
         box = self._box(sandbox_id, owner)
-        async with box.lock:
+        async with box.gate.operation():
             return await self._file_op(box, box.agent.stat_file(path, timeout=FILE_OP_TIMEOUT))
 
     async def make_dir(self, sandbox_id: str, path: str, owner: str | None = None) -> Any:
         """Create a directory (and its parents) in the sandbox."""
         box = self._box(sandbox_id, owner)
-        async with box.lock:
+        async with box.gate.operation():
             return await self._file_op(box, box.agent.make_dir(path, timeout=FILE_OP_TIMEOUT))
 
     async def remove_file(
@@ -372,7 +409,7 @@ class SandboxManager:
     ) -> None:
         """Remove a file (or a directory tree with ``recursive``) in the sandbox."""
         box = self._box(sandbox_id, owner)
-        async with box.lock:
+        async with box.gate.operation():
             await self._file_op(
                 box, box.agent.remove_file(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
             )
@@ -390,7 +427,7 @@ class SandboxManager:
         """Save the sandbox to disk and stop its VM; its memory goes back to the budget."""
         box = self._box(sandbox_id, owner)
         started = time.monotonic()
-        async with box.lock:
+        async with box.gate.change():
             if box.record.state == SandboxState.PAUSED:
                 return box.record
             machine = box.machine
@@ -427,7 +464,7 @@ class SandboxManager:
         """Start a paused sandbox again from its saved state, with its files as they were."""
         box = self._box(sandbox_id, owner)
         started = time.monotonic()
-        async with box.lock:
+        async with box.gate.change():
             if box.record.state == SandboxState.RUNNING:
                 return box.record
             if box.config is None or box.host is None:

@@ -56,11 +56,11 @@ class SandboxInfo:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """A file or directory in a sandbox: ``type`` is ``"file"``, ``"dir"``, ``"symlink"``, ..."""
+    """A file or directory in a sandbox; ``kind`` is file, dir, symlink or other."""
 
     path: str
     name: str
-    type: str
+    kind: str
     size: int
     mode: int = 0
     mtime: float = 0.0
@@ -68,4 +68,4 @@ class FileInfo:
     @property
     def is_dir(self) -> bool:
         """True for a directory."""
-        return self.type in ("dir", "directory")
+        return self.kind in ("dir", "directory")

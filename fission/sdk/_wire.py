@@ -314,11 +314,11 @@ def parse_file_info(body: Any) -> FileInfo:
     """A file's JSON as FileInfo."""
     try:
         path = str(body["path"])
-        kind = body.get("type") or body.get("kind") or ("dir" if body.get("is_dir") else "file")
+        kind = body.get("kind") or body.get("type") or ("dir" if body.get("is_dir") else "file")
         return FileInfo(
             path=path,
             name=str(body.get("name") or posixpath.basename(path.rstrip("/")) or path),
-            type=str(kind),
+            kind=str(kind),
             size=int(body.get("size", 0)),
             mode=int(body.get("mode", 0)),
             mtime=float(body.get("mtime", 0.0)),

@@ -259,21 +259,21 @@ def test_file_info_copies_the_fields_both_sides_know() -> None:
     class Info:
         name: str
         path: str
-        type: str
+        kind: str
         size: int
         mode: int
-        modified_at: float
+        mtime: float
         owner: str  # a field the message does not have
 
     info = Info("a.txt", "dir/a.txt", "file", 12, 0o644, 1.5, "sandbox")
     message = gm.file_info_message(info)
-    assert (message.name, message.path, message.type, message.size) == (
+    assert (message.name, message.path, message.kind, message.size) == (
         "a.txt",
         "dir/a.txt",
         "file",
         12,
     )
-    assert (message.mode, message.modified_at) == (0o644, 1.5)
+    assert (message.mode, message.mtime) == (0o644, 1.5)
     assert gm.file_info_message({"name": "b", "size": 3}).size == 3
 
 

@@ -234,7 +234,7 @@ def test_a_sandbox_record_reads_back_as_sandbox_info() -> None:
 
 def test_file_facts_read_back() -> None:
     info = _wire.parse_file_info({"path": "d/f.txt", "type": "file", "size": 3, "mode": 0o644})
-    assert (info.name, info.type, info.size, info.is_dir) == ("f.txt", "file", 3, False)
+    assert (info.name, info.kind, info.size, info.is_dir) == ("f.txt", "file", 3, False)
     assert _wire.parse_file_info({"path": "d/", "is_dir": True}).is_dir
     entries = _wire.parse_entries({"entries": [{"path": "a", "name": "a", "type": "dir"}]})
     assert [e.name for e in entries] == ["a"] and entries[0].is_dir
