@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import audit, images, keys, run, serve
+from fission.cli import audit, doctor, images, keys, run, serve
 
 app = typer.Typer(
     name="fission",
@@ -19,6 +19,7 @@ app.command("serve")(serve.serve_command)
 app.add_typer(serve.pool_app, name="pool")
 app.add_typer(keys.app, name="keys")
 app.command("audit")(audit.audit_command)
+app.command("doctor")(doctor.doctor_command)
 
 
 @app.command("version")
