@@ -296,19 +296,19 @@ def check_cgroups(facts: jail.HostFacts) -> Layer:
     return Layer("cgroup limits", True, detail)
 
 
-def check_id_range() -> Layer:
+def check_id_range(etc: Path = Path("/etc")) -> Layer:
     """No user, group or subordinate-id range may own an id of the jail's range."""
     low, high = jail.TEMPLATE_RAM_GID, jail.JAIL_ID_BASE + jail.JAIL_SLOTS - 1
     clashes = []
-    for path in ("/etc/passwd", "/etc/group"):
+    for path in (etc / "passwd", etc / "group"):
         with contextlib.suppress(OSError):
-            for line in Path(path).read_text().splitlines():
+            for line in path.read_text().splitlines():
                 fields = line.split(":")
                 if len(fields) > 2 and fields[2].isdigit() and low <= int(fields[2]) <= high:
                     clashes.append(f"{path}: {fields[0]}")
-    for path in ("/etc/subuid", "/etc/subgid"):
+    for path in (etc / "subuid", etc / "subgid"):
         with contextlib.suppress(OSError):
-            for line in Path(path).read_text().splitlines():
+            for line in path.read_text().splitlines():
                 fields = line.split(":")
                 if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
                     start, count = int(fields[1]), int(fields[2])

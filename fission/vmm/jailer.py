@@ -201,7 +201,7 @@ class Jail:
     plan: JailPlan
     lease: SlotLease
     facts: HostFacts
-    lent: list[tuple[Path, int, int]] = field(default_factory=list)
+    lent: list[tuple[Path, os.stat_result]] = field(default_factory=list)
     cgroup_dirs: list[Path] = field(default_factory=list)
     released: bool = False
 
@@ -261,8 +261,7 @@ class Jail:
         if plan.template_ram is not None:
             open_template_ram(plan.template_ram, plan.readonly_ram)
         for path in plan.lend:
-            st = os.lstat(path)
-            self.lent.append((path, st.st_uid, st.st_gid))
+            self.lent.append((path, os.lstat(path)))
             os.chown(path, plan.uid, plan.gid, follow_symlinks=False)
         for hierarchy in plan.hierarchies:
             self.cgroup_dirs.append(cgroups.create(hierarchy, plan.vm_id, plan.limits))
@@ -308,23 +307,45 @@ class Jail:
         if self.released:
             return
         self.released = True
-        for directory in self.cgroup_dirs:
-            if not cgroups.remove(directory):
-                log.warning("cgroup %s could not be removed", directory)
+        gone = all([cgroups.remove(directory) for directory in self.cgroup_dirs])
         if not self.cgroup_dirs:
-            self._wait_uid_gone()
-        for path, uid, gid in reversed(self.lent):
-            with contextlib.suppress(FileNotFoundError):
-                os.chown(path, uid, gid, follow_symlinks=False)
-        self.lease.release()
+            gone = self._wait_uid_gone()
+        for path, before in reversed(self.lent):
+            give_back(path, before)
+        if gone:
+            self.lease.release()
+        else:  # a process of this uid may live on: never hand the uid to another VM
+            log.warning(
+                "VM %s left processes behind; keeping uid %d reserved",
+                self.plan.vm_id,
+                self.plan.uid,
+            )
 
-    def _wait_uid_gone(self, deadline_s: float = 5.0) -> None:
-        """Without cgroups: wait until no process runs as this VM's uid before reusing it."""
+    def _wait_uid_gone(self, deadline_s: float = 5.0) -> bool:
+        """Without cgroups: kill and wait until no process runs as this VM's uid."""
         end = time.monotonic() + deadline_s
-        while (pid := self.vmm_pid()) is not None and time.monotonic() < end:
+        while (pid := self.vmm_pid()) is not None:
+            if time.monotonic() > end:
+                return False
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
             time.sleep(0.005)
+        return True
+
+
+def give_back(path: Path, before: os.stat_result) -> None:
+    """Return a lent file to its owner and mode, through a descriptor: the VM's uid may have
+    replaced what lies in its own directory with a symlink, which is then left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone, or a symlink now
+        return
+    try:
+        if stat.S_IFMT(os.fstat(fd).st_mode) == stat.S_IFMT(before.st_mode):
+            os.fchown(fd, before.st_uid, before.st_gid)
+            os.fchmod(fd, stat.S_IMODE(before.st_mode))
+    finally:
+        os.close(fd)
 
 
 def remove_stale_cgroups(owned_ids: list[str]) -> int:

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,12 +210,24 @@ def _jailed_child(jail: jailer.Jail) -> None:
     jail.join_cgroups()
 
 
-def tail(path: Path, lines: int = 60) -> str:
-    """The last ``lines`` lines of a log file, or an empty string."""
+def tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a log file, or an empty string.
+
+    The VM's directory belongs to the jailed VMM's uid, which could swap a log for a symlink,
+    a FIFO or a huge file: only a regular file is read (no symlink followed, never blocking),
+    and only its last ``max_bytes``.
+    """
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd)
+        if not stat.S_ISREG(size.st_mode):
+            return ""
+        f.seek(max(0, size.st_size - max_bytes))
+        text = f.read(max_bytes).decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class QemuVM(VirtualMachine):
