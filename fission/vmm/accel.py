@@ -97,7 +97,7 @@ async def probe_kvm(qemu: str, kernel: Path, initramfs: Path) -> bool:
         "-append",
         "console=ttyS0 quiet panic=-1 reboot=t fission.probe=1",
     ]
-    if not jailer.decision(qemu).enabled:
+    if not jailer.decision().enabled:
         return await _run_probe(argv, None)
     workdir = Path(tempfile.mkdtemp(prefix="probe-", dir=runtime_dir()))
     jail = None

@@ -35,9 +35,8 @@ RAM_STAMP_SUFFIX = ".jail-ctime"
 PROBE_MEMORY_MB = 128
 
 
-@functools.cache
 def _qemu_version(qemu: str) -> str:
-    from fission.vmm.qemu import qemu_version
+    from fission.vmm.qemu import qemu_version  # qemu imports this module
 
     return qemu_version(qemu)
 
@@ -68,9 +67,9 @@ def host_facts(qemu: str | None = None) -> HostFacts:
     )
 
 
-def decision(qemu: str | None = None) -> Decision:
+def decision() -> Decision:
     """Whether this process jails its VMs (``FISSION_JAIL`` and the host), logged once."""
-    result = jail.decide(jail.jail_setting(), host_facts(qemu))
+    result = jail.decide(jail.jail_setting(), host_facts())
     _log_once(result)
     return result
 

@@ -186,8 +186,9 @@ def qemu_binary() -> str:
     return require_tool("qemu-system-x86_64")
 
 
+@functools.cache
 def qemu_version(qemu: str) -> str:
-    """The version QEMU reports, e.g. ``7.2.19``."""
+    """The version QEMU reports, e.g. ``7.2.19`` (asked once per binary and process)."""
     try:
         out = subprocess.run(
             [qemu, "--version"], capture_output=True, text=True, timeout=10, check=False
@@ -272,7 +273,7 @@ class QemuVM(VirtualMachine):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.config.workdir)}
         argv = qemu_argv(self.qemu, self.config, self.accel)
         child_setup = _die_with_parent
-        if jailer.decision(self.qemu).enabled:
+        if jailer.decision().enabled:
             self._jail = await asyncio.to_thread(
                 jailer.Jail.for_vm, self.config, self.qemu, self.accel, TCG_TB_SIZE_MB
             )
