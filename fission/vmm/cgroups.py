@@ -240,15 +240,25 @@ def _enable_v2(directory: Path, controllers: Iterable[str]) -> None:
         (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
 
 
-def create(hierarchy: Hierarchy, vm_id: str, limits: CgroupLimits) -> Path:
-    """Make VM ``vm_id``'s cgroup in ``hierarchy`` and write its limits; return its directory."""
+def create(hierarchy: Hierarchy, vm_id: str, limits: CgroupLimits, attempts: int = 5) -> Path:
+    """Make VM ``vm_id``'s cgroup in ``hierarchy`` and write its limits; return its directory.
+
+    ``fission/`` is removed when its last VM goes (``remove``), possibly by another process
+    between our two mkdirs: then it is made again.
+    """
     group = hierarchy.parent / GROUP_DIR
-    group.mkdir(exist_ok=True)
-    if hierarchy.version == 2:
-        _enable_v2(hierarchy.parent, hierarchy.controllers)
-        _enable_v2(group, hierarchy.controllers)
     directory = hierarchy.vm_dir(vm_id)
-    directory.mkdir()
+    for attempt in range(attempts):
+        try:
+            group.mkdir(exist_ok=True)
+            if hierarchy.version == 2:
+                _enable_v2(hierarchy.parent, hierarchy.controllers)
+                _enable_v2(group, hierarchy.controllers)
+            directory.mkdir()
+            break
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
     try:
         for setting in settings(hierarchy.version, hierarchy.controllers, limits):
             path = directory / setting.name
@@ -298,7 +308,8 @@ def kill_all(directory: Path, deadline_s: float = 5.0) -> bool:
 
 
 def remove(directory: Path, deadline_s: float = 5.0) -> bool:
-    """Kill what is left in the cgroup and remove it; True once it is gone."""
+    """Kill what is left in the cgroup and remove it, and ``fission/`` if it is now empty
+    (nothing of fission stays behind in a cgroup it does not own); True once it is gone."""
     if not directory.exists():
         return True
     kill_all(directory, deadline_s)
@@ -306,13 +317,16 @@ def remove(directory: Path, deadline_s: float = 5.0) -> bool:
     while True:
         try:
             directory.rmdir()
-            return True
+            break
         except FileNotFoundError:
-            return True
+            break
         except OSError:  # EBUSY: exiting tasks are still being reaped
             if time.monotonic() > end:
                 return False
             time.sleep(0.005)
+    with contextlib.suppress(OSError):  # other VMs' cgroups still in it
+        directory.parent.rmdir()
+    return True
 
 
 def vm_cgroups(layout: Layout) -> list[Path]:
@@ -344,4 +358,5 @@ def remove_stale(layout: Layout, owned_ids: Iterable[str], min_age_s: float = 60
             with contextlib.suppress(OSError):
                 directory.rmdir()
                 removed += 1
+                directory.parent.rmdir()
     return removed
