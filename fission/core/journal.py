@@ -3,7 +3,8 @@
 Each live VM has a file ``<state>/journal/<vm_id>.json`` naming its VMM pid, that process's
 start time (so a recycled pid is never killed by mistake) and its directory. ``reconcile``
 kills every recorded process that is still the same process, removes every VM directory under
-``<state>/vms`` and empties the journal.
+``<state>/vms``, removes the jail cgroups (``fission/vm-*``) of the recorded VMs and any other
+that a crashed fission left empty, and empties the journal.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from fission.vmm import jailer
 from fission.vmm.qemu import QemuVM
 
 
@@ -77,9 +79,11 @@ class Journal:
                 except ProcessLookupError:
                     pass
         removed = 0
+        vm_ids = [path.stem for path in self.directory.glob("*.json")]
+        cgroups = jailer.remove_stale_cgroups(vm_ids)
         for path in list(self.directory.iterdir()):
             path.unlink(missing_ok=True)
         for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir()]:
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
-        return {"killed": killed, "removed": removed}
+        return {"killed": killed, "removed": removed, "cgroups": cgroups}

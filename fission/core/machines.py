@@ -7,7 +7,6 @@ Used by the orchestrator (cold boots and clones of snapshots) and by the snapsho
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import secrets
 from typing import NamedTuple
@@ -65,15 +64,10 @@ def new_vm_id() -> str:
     return secrets.token_hex(6)
 
 
-@functools.cache
-def _cached_qemu_version(qemu: str) -> str:
-    return qemu_version(qemu)
-
-
 async def detect_host(images: ImageSet) -> Host:
     """The QEMU to use, its version and the accelerator (probed once per host, cached)."""
     qemu = qemu_binary()
-    version = _cached_qemu_version(qemu)
+    version = qemu_version(qemu)
     accel = await detect_accel(qemu, version, images.kernel, images.initramfs)
     return Host(qemu, version, accel)
 

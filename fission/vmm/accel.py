@@ -3,7 +3,8 @@
 ``/dev/kvm`` existing is not enough: on nested hosts with a paravirtual KVM, stock guest
 kernels hang. So the first time, fission boots the real guest kernel and initramfs under KVM
 with ``fission.probe=1`` (the initramfs prints a marker and powers off) and caches the answer,
-keyed by the host kernel, QEMU and the guest kernel. ``FISSION_ACCEL=kvm|tcg`` overrides.
+keyed by the host kernel, QEMU and the guest kernel. ``FISSION_ACCEL=kvm|tcg`` overrides. The
+probe runs in the same jail as every VM (when VMs are jailed), so it proves KVM works there.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
-from fission.config import cache_dir
+from fission.config import cache_dir, runtime_dir
 from fission.errors import InvalidInput
 from fission.images.recipes import cache_key
+from fission.vmm import jailer
 
 ACCELS = ("kvm", "tcg")
 PROBE_MARKER = b"FISSION-PROBE-OK"
@@ -93,12 +97,28 @@ async def probe_kvm(qemu: str, kernel: Path, initramfs: Path) -> bool:
         "-append",
         "console=ttyS0 quiet panic=-1 reboot=t fission.probe=1",
     ]
+    if not jailer.decision().enabled:
+        return await _run_probe(argv, None)
+    workdir = Path(tempfile.mkdtemp(prefix="probe-", dir=runtime_dir()))
+    jail = None
+    try:
+        jail = await asyncio.to_thread(jailer.Jail.for_probe, qemu, kernel, initramfs, workdir)
+        return await _run_probe(jail.wrap(argv), jail)
+    finally:
+        if jail is not None:
+            await asyncio.to_thread(jail.release)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_probe(argv: list[str], jail: jailer.Jail | None) -> bool:
+    """Run the probe VM of ``argv`` and report whether the marker came out in time."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=jail.join_cgroups if jail is not None else None,
     )
     seen = b""
     try:

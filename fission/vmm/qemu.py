@@ -11,7 +11,9 @@ spawns, watches and kills. What each VM gets:
 * the agent on a virtio-serial port backed by a Unix socket, QMP on another;
 * virtio-rng fed from the host's /dev/urandom;
 * QEMU's seccomp sandbox (no obsolete syscalls, no privilege changes, no spawning, no
-  resource-control calls), and SIGKILL if the process that started it dies.
+  resource-control calls), and SIGKILL if the process that started it dies;
+* when fission runs as root, a jail (``jail``, ``jailer``): its own uid, namespaces, a minimal
+  root, no capabilities and a cgroup (``FISSION_JAIL``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from qemu.qmp import QMPClient
 
 from fission.errors import MissingTool, VMError, VMStartFailed
 from fission.images.tools import require_tool
+from fission.vmm import jailer
 from fission.vmm.base import Capabilities, VirtualMachine, VMConfig
 
 AGENT_PORT_NAME = "org.fission.agent"
@@ -77,19 +82,21 @@ class QemuPaths:
         return self.workdir / "qemu.log"
 
 
-def snapshot_args(config: VMConfig) -> list[str]:
+def snapshot_args(config: VMConfig, readonly_ram: bool = False) -> list[str]:
     """Arguments for file-backed RAM (templates and clones) and for restoring a saved state.
 
     A restore waits (``-incoming defer``) until QMP has set the migration capabilities and
-    handed over the state file's descriptor.
+    handed over the state file's descriptor. ``readonly_ram``: a clone opens its template's
+    RAM file read-only and still writes its private copy (QEMU 8.2 and later).
     """
     args: list[str] = []
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
+        readonly = ",readonly=on,rom=off" if readonly_ram and not config.memory_shared else ""
         args += [
             "-object",
             f"memory-backend-file,id=ram,size={config.memory_mb}M,"
-            f"mem-path={option_value(config.memory_file)},share={share}",
+            f"mem-path={option_value(config.memory_file)},share={share}{readonly}",
         ]
     if config.incoming is not None:
         args += ["-incoming", "defer"]
@@ -101,7 +108,7 @@ def option_value(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
-def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
+def qemu_argv(qemu: str, config: VMConfig, accel: str, readonly_ram: bool = False) -> list[str]:
     """The full QEMU command line for ``config`` under ``accel`` (``kvm`` or ``tcg``)."""
     paths = QemuPaths(config.workdir)
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
@@ -162,7 +169,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str) -> list[str]:
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp",
         f"unix:{option_value(paths.qmp_socket)},server=on,wait=off",
-        *snapshot_args(config),
+        *snapshot_args(config, readonly_ram),
     ]
 
 
@@ -179,8 +186,9 @@ def qemu_binary() -> str:
     return require_tool("qemu-system-x86_64")
 
 
+@functools.cache
 def qemu_version(qemu: str) -> str:
-    """The version QEMU reports, e.g. ``7.2.19``."""
+    """The version QEMU reports, e.g. ``7.2.19`` (asked once per binary and process)."""
     try:
         out = subprocess.run(
             [qemu, "--version"], capture_output=True, text=True, timeout=10, check=False
@@ -197,12 +205,30 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def tail(path: Path, lines: int = 60) -> str:
-    """The last ``lines`` lines of a log file, or an empty string."""
+def _jailed_child(jail: jailer.Jail) -> None:
+    """In the child before exec: die with the parent, and enter the VM's cgroups."""
+    _die_with_parent()
+    jail.join_cgroups()
+
+
+def tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
+    """The last ``lines`` lines of a log file, or an empty string.
+
+    The VM's directory belongs to the jailed VMM's uid, which could swap a log for a symlink,
+    a FIFO or a huge file: only a regular file is read (no symlink followed, never blocking),
+    and only its last ``max_bytes``.
+    """
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd)
+        if not stat.S_ISREG(size.st_mode):
+            return ""
+        f.seek(max(0, size.st_size - max_bytes))
+        text = f.read(max_bytes).decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class QemuVM(VirtualMachine):
@@ -215,6 +241,7 @@ class QemuVM(VirtualMachine):
         self.paths = QemuPaths(config.workdir)
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QMPClient | None = None
+        self._jail: jailer.Jail | None = None
         self._destroyed = False
 
     @property
@@ -224,6 +251,18 @@ class QemuVM(VirtualMachine):
             return None
         return self._proc.pid
 
+    @property
+    def jail(self) -> jailer.Jail | None:
+        """The jail around QEMU, or None when VMs run unjailed (``FISSION_JAIL``)."""
+        return self._jail
+
+    @property
+    def vmm_pid(self) -> int | None:
+        """QEMU's own process id (``pid`` is bubblewrap's when jailed)."""
+        if self._jail is None or self.pid is None:
+            return self.pid
+        return self._jail.vmm_pid()
+
     def capabilities(self) -> Capabilities:
         """QEMU supports snapshots (used from the warm-start work on)."""
         return Capabilities(name="qemu", accel=self.accel, snapshots=True)
@@ -232,8 +271,16 @@ class QemuVM(VirtualMachine):
         """Spawn QEMU; return once its sockets listen (the guest then boots on its own)."""
         self.config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.config.workdir)}
+        argv = qemu_argv(self.qemu, self.config, self.accel)
+        child_setup = _die_with_parent
+        if jailer.decision().enabled:
+            self._jail = await asyncio.to_thread(
+                jailer.Jail.for_vm, self.config, self.qemu, self.accel, TCG_TB_SIZE_MB
+            )
+            readonly = self._jail.plan.readonly_ram
+            argv = self._jail.wrap(qemu_argv(self.qemu, self.config, self.accel, readonly))
+            child_setup = functools.partial(_jailed_child, self._jail)
         try:
-            argv = qemu_argv(self.qemu, self.config, self.accel)
             with self.paths.qemu_log.open("wb") as log:
                 self._proc = await asyncio.create_subprocess_exec(
                     *argv,
@@ -242,9 +289,9 @@ class QemuVM(VirtualMachine):
                     stderr=log,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=child_setup,
                 )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_SECONDS
@@ -389,4 +436,6 @@ class QemuVM(VirtualMachine):
                     await proc.wait()
             except TimeoutError:  # pragma: no cover - SIGKILL does not time out in practice
                 pass
+        if self._jail is not None:
+            await asyncio.to_thread(self._jail.release)
         shutil.rmtree(self.config.workdir, ignore_errors=True)

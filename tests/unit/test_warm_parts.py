@@ -21,6 +21,7 @@ from fission.core.spec import RunResult
 from fission.errors import Busy, InvalidInput, LimitOutOfRange, UnknownLanguage
 from fission.images.store import ImageSet
 from fission.server.daemon import build_config, parse_pool_flags
+from fission.vmm import jailer
 from fission.wire import (
     error_body,
     error_from_body,
@@ -161,7 +162,10 @@ def test_result_and_error_lines() -> None:
     assert type(error_from_body({"code": "nonsense", "message": "x"})).__name__ == "FissionError"
 
 
-def test_journal_reconcile_kills_only_the_recorded_process(tmp_path: Path) -> None:
+def test_journal_reconcile_kills_only_the_recorded_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    swept: list[list[str]] = []
+    monkeypatch.setattr(jailer, "remove_stale_cgroups", lambda ids: swept.append(sorted(ids)) or 2)
     journal = Journal(tmp_path)
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -173,7 +177,8 @@ def test_journal_reconcile_kills_only_the_recorded_process(tmp_path: Path) -> No
         (journal.directory / "b.json").write_text(
             json.dumps({"pid": os.getpid(), "start_time": -1, "workdir": "y"}))
         (journal.vms_dir / "vm-old").mkdir()
-        assert journal.reconcile() == {"killed": 1, "removed": 1}
+        assert journal.reconcile() == {"killed": 1, "removed": 1, "cgroups": 2}
+        assert swept == [["a", "b"]]  # the jail cgroups of the recorded VMs go too
         assert victim.wait(timeout=10) == -9
         assert list(journal.directory.iterdir()) == [] and list(journal.vms_dir.iterdir()) == []
     finally:
