@@ -26,13 +26,34 @@ async def boot_python() -> Machine:
     return await boot(RunSpec(resolve_language("python"), "pass", Limits(timeout=30)))
 
 
+def process_tree(pid: int | None) -> set[int]:
+    """``pid`` and all its descendants (a jailed VMM runs under bwrap, in its own pid tree)."""
+    if pid is None:
+        return set()
+    found, todo = {pid}, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += list(children - found)
+            found |= children
+    return found
+
+
 def leftovers(runtime_dir: Path, machine: Machine | None) -> tuple[list[int], list[str]]:
     """VMM processes and VM directories of this session other than ``machine``'s."""
-    own_pid = machine.vm.pid if machine is not None else None
+    own_pids = process_tree(machine.vm.pid if machine is not None else None)
     own_dir = machine.vm.config.workdir.name if machine is not None else None
     deadline = time.monotonic() + 5.0
     while True:
-        pids = [pid for pid in vmm_processes(runtime_dir) if pid != own_pid]
+        pids = [pid for pid in vmm_processes(runtime_dir) if pid not in own_pids]
         dirs = sorted(p.name for p in runtime_dir.iterdir() if p.name != own_dir)
         if (not pids and not dirs) or time.monotonic() > deadline:
             return pids, dirs
