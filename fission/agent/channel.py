@@ -7,6 +7,8 @@ a frame half-read. A frame for no request in flight, one larger than ``MAX_GUEST
 malformed header breaks the channel: every waiter, then every later call, gets that
 ``AgentProtocolError`` (the caller then destroys the VM). A queue holds at most
 ``QUEUE_FRAMES`` frames; beyond that the channel stops reading until its consumer catches up.
+Reading is throttled (``throttle.Throttle``: frames and bytes per second), so a flooding guest
+slows down in its own queue instead of eating the host's CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import collections
 import contextlib
 
 from fission.agent import protocol
+from fission.agent.throttle import Throttle
 from fission.errors import AgentProtocolError, VMError
 
 QUEUE_FRAMES = 64
@@ -25,7 +28,12 @@ ABANDONED_KEPT = 4096
 class Channel:
     """Reads and writes whole frames; routes each incoming frame by its request id."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        throttle: Throttle | None = None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._queues: dict[int, collections.deque[protocol.Frame]] = {}
@@ -33,6 +41,7 @@ class Channel:
         self._abandoned: dict[int, None] = {}
         self._reading: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
+        self._throttle = throttle or Throttle()
         self.failure: VMError | None = None
 
     async def read_frame(self) -> protocol.Frame:
@@ -43,6 +52,9 @@ class Channel:
                 header, protocol.MAX_GUEST_PAYLOAD
             )
             payload = await self._reader.readexactly(length) if length else b""
+            pause = self._throttle.delay(length)
+            if pause > 0:
+                await asyncio.sleep(pause)
         except protocol.ProtocolError as exc:
             raise AgentProtocolError(f"the guest sent a malformed frame: {exc}") from exc
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
