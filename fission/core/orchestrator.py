@@ -126,7 +126,10 @@ async def run_in_vm(
             outcome = await agent.exec(exec_request(spec), sink, spec.stdin)
     except TimeoutError:
         elapsed = (time.monotonic() - started) * 1000.0
-        outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, False, elapsed)
+        capped = (
+            sum(map(len, chunks["stdout"] + chunks["stderr"])) >= spec.limits.output_limit_bytes
+        )
+        outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, capped, elapsed)
     except VMError as exc:
         raise type(exc)(f"{exc}\n{vm.diagnostics()}".rstrip()) from exc
     return RunResult(

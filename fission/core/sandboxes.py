@@ -327,7 +327,11 @@ class SandboxManager:
                     outcome = await agent.exec(request, sink, stdin)
             except TimeoutError:
                 elapsed = (time.monotonic() - started) * 1000.0
-                outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, False, elapsed)
+                capped = (
+                    sum(map(len, chunks["stdout"] + chunks["stderr"]))
+                    >= spec.limits.output_limit_bytes
+                )
+                outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, capped, elapsed)
                 self._background(self._destroy(box, "wedged"))
             except FissionError as exc:
                 await self._audit(box.record.owner, action, spec, outcome_of_error(exc), started)
