@@ -15,6 +15,7 @@ from fission.cli.errors import abort
 from fission.config import daemon_socket
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput
+from fission.net.policy import NetworkPolicy
 
 
 def read_code(code: str | None, file: Path | None) -> str:
@@ -34,6 +35,13 @@ def read_code(code: str | None, file: Path | None) -> str:
         raise InvalidInput(f"--file {file} is not UTF-8 text") from exc
     except OSError as exc:
         raise InvalidInput(f"--file {file}: {exc.strerror}") from exc
+
+
+def network_policy(network: bool, allow_host: list[str] | None) -> NetworkPolicy:
+    """The policy of ``--network`` and ``--allow-host`` (InvalidInput for hosts without it)."""
+    if allow_host and not network:
+        raise InvalidInput("--allow-host needs --network")
+    return NetworkPolicy.allowing(allow_host or []) if network else NetworkPolicy.none()
 
 
 class LiveOutput:
@@ -106,6 +114,16 @@ def run_command(
     stdin: Annotated[
         bool, typer.Option("--stdin", "-i", help="Pass this process's stdin to the program.")
     ] = False,
+    network: Annotated[
+        bool, typer.Option("--network", help="Give the program a way out (see --allow-host).")
+    ] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="HOST[:PORT] the program may reach (repeatable; *.example.com wildcards).",
+        ),
+    ] = None,
     no_daemon: Annotated[
         bool,
         typer.Option("--no-daemon", help="Run in this process even if a daemon is running."),
@@ -132,9 +150,12 @@ def run_command(
             ),
             env=parse_env(env or []),
             stdin=sys.stdin.buffer.read() if stdin else None,
+            network=network_policy(network, allow_host),
         )
         on_output = None if as_json else LiveOutput()
-        result = run_via_daemon(spec, on_output) if not no_daemon else None
+        # Network runs are embedded: their proxy lives beside the VM, in this process.
+        daemon = not no_daemon and not spec.network.enabled
+        result = run_via_daemon(spec, on_output) if daemon else None
         if result is None:
             result = asyncio.run(_run_cancellable(spec, on_output))
     except FissionError as exc:

@@ -29,6 +29,7 @@ from fission.core.spec import RunResult, RunSpec
 from fission.errors import VMError
 from fission.images.scratch import scratch_disk
 from fission.images.store import ImageSet, image_set
+from fission.net.egress import attach
 from fission.vmm.accel import tcg_kernel_args
 from fission.vmm.base import VMConfig
 from fission.vmm.qemu import QemuVM
@@ -92,11 +93,15 @@ async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
     """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives."""
     started = time.monotonic()
     vm, agent = await boot(spec)
+    egress = None
     try:
+        egress = await attach(agent, spec.network)
         return await run_in_vm(
             vm, agent, spec, on_output, boot_ms=(time.monotonic() - started) * 1000
         )
     finally:
+        if egress is not None:
+            await egress.aclose()
         await agent.close()
         await vm.destroy()
 
