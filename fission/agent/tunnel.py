@@ -3,7 +3,9 @@
 The VM has no network device. When a run may reach the network, the host sends LISTEN and the
 agent listens on 127.0.0.1:<port> inside the guest; each accepted connection becomes a stream
 (OPEN, then STREAM bytes both ways, then CLOSE) over the agent channel, and the host-side egress
-proxy decides where, if anywhere, it goes. Flow control is by window: a side sends at most
+proxy decides where, if anywhere, it goes. The guest's CLOSE says ``eof`` (the program shut
+down its sending side and may still read) or ``reset`` (the connection is gone); the host's
+CLOSE ends the stream once its bytes are written. Flow control is by window: a side sends at most
 ``STREAM_WINDOW`` bytes the peer has not yet acknowledged with CREDIT, so neither side ever holds
 more than that per stream; a peer that overruns the window loses the stream.
 """
@@ -34,6 +36,7 @@ class Stream:
         self.outgoing = bytearray()  # from the host, not yet written to the program
         self.credit = protocol.STREAM_WINDOW  # bytes the host takes before its next CREDIT
         self.closing = False  # the host closed: close once ``outgoing`` is written
+        self.read_done = False  # the program shut down its writing side; the host knows
         self.events = 0
 
 
@@ -78,7 +81,7 @@ class GuestTunnel:
             return  # a stream that ended here first; the host learns it from our CLOSE
         if frame.type == protocol.FrameType.STREAM:
             if len(stream.outgoing) + len(frame.payload) > protocol.STREAM_WINDOW:
-                self._end(stream, notify=True)  # the host overran the window
+                self._end(stream, reset=True)  # the host overran the window
                 return
             stream.outgoing += frame.payload
             self._flush(stream)
@@ -118,8 +121,10 @@ class GuestTunnel:
             return
         except OSError:
             data = b""
-        if not data:
-            self._end(stream, notify=True)
+        if not data:  # end of what the program sends; it may still read the answer
+            stream.read_done = True
+            self.send(protocol.FrameType.CLOSE, stream.id, protocol.dump_json({"how": "eof"}))
+            self._watch(stream)
             return
         stream.credit -= len(data)
         self.send(protocol.FrameType.STREAM, stream.id, data)
@@ -134,13 +139,13 @@ class GuestTunnel:
                 written += count
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError:
-            stream.outgoing.clear()
-            stream.closing = True
+        except OSError:  # the program is gone
+            self._end(stream, reset=not stream.closing)
+            return
         if written and not stream.closing:
             self.send(protocol.FrameType.CREDIT, stream.id, protocol.dump_json({"bytes": written}))
         if stream.closing and not stream.outgoing:
-            self._end(stream, notify=False)
+            self._end(stream, reset=False)
             return
         self._watch(stream)
 
@@ -149,7 +154,7 @@ class GuestTunnel:
         if stream.id not in self.streams:
             return
         events = 0
-        if stream.credit > 0 and not stream.closing:
+        if stream.credit > 0 and not stream.closing and not stream.read_done:
             events |= selectors.EVENT_READ
         if stream.outgoing:
             events |= selectors.EVENT_WRITE
@@ -163,15 +168,16 @@ class GuestTunnel:
             self.selector.unregister(stream.sock)
         stream.events = events
 
-    def _end(self, stream: Stream, notify: bool) -> None:
+    def _end(self, stream: Stream, reset: bool) -> None:
+        """Forget a stream and close its socket; ``reset`` tells the host it is gone."""
         self.streams.pop(stream.id, None)
         if stream.events:
             self.selector.unregister(stream.sock)
             stream.events = 0
         with contextlib.suppress(OSError):
             stream.sock.close()
-        if notify:
-            self.send(protocol.FrameType.CLOSE, stream.id, b"{}")
+        if reset:
+            self.send(protocol.FrameType.CLOSE, stream.id, protocol.dump_json({"how": "reset"}))
 
     def state(self) -> dict[str, Any]:
         """What the tunnel holds (for tests and logs)."""

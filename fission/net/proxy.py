@@ -213,8 +213,11 @@ class EgressProxy:
             finally:
                 self.active -= 1
         except Refused as exc:
+            established = event.pop("established", False)
             event |= {"decision": "refused", "reason": exc.reason}
             self.record(event)
+            if established:
+                return  # the guest already speaks TLS on this connection: just close it
             body = f"fission egress proxy: {exc.reason}\n".encode()
             with contextlib.suppress(ConnectionError):
                 await stream.write(
@@ -238,7 +241,8 @@ class EgressProxy:
             first = request.head
             if request.method == "CONNECT":
                 await guest.stream.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                first = await self._client_hello(guest, request.host)
+                event["established"] = True
+                first = await self._client_hello(guest, request.host, request.port)
             event["decision"] = "allowed"
             self.record(event)
             writer.write(first + guest.take())
@@ -249,7 +253,7 @@ class EgressProxy:
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
 
-    async def _client_hello(self, guest: Buffered, host: str) -> bytes:
+    async def _client_hello(self, guest: Buffered, host: str, port: int) -> bytes:
         """The tunnel's first bytes; for TLS, the ClientHello after its SNI is checked."""
         async with asyncio.timeout(HEAD_TIMEOUT):
             if not await guest.fill(sni.RECORD_HEADER):
@@ -265,14 +269,14 @@ class EgressProxy:
             raise Refused(403, f"malformed TLS ClientHello: {exc}") from exc
         if name is not None and name != host and parse_address(host) is None:
             raise Refused(403, f"TLS server name {name[:100]!r} differs from CONNECT {host}")
-        if name is not None and not self.policy.allows_name(name, 443):
+        if name is not None and not self.policy.allows_name(name, port):
             raise Refused(403, f"TLS server name {name[:100]!r} is not an allowed host")
         return guest.take()
 
     async def _pipe(
         self, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """Move bytes both ways until either side ends or the byte cap is reached."""
+        """Move bytes both ways until the server ends, the guest goes or the byte cap is reached."""
 
         async def up() -> None:
             while data := await stream.read():
@@ -285,9 +289,14 @@ class EgressProxy:
                 self._count(len(data))
                 await stream.write(data)
 
-        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+        sending, receiving = asyncio.create_task(up()), asyncio.create_task(down())
+        tasks = [sending, receiving]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if sending in done and sending.exception() is None and writer.can_write_eof():
+                # The program shut down its sending side: pass that on, keep the answer coming.
+                writer.write_eof()
+                await receiving
         finally:
             for task in tasks:
                 task.cancel()

@@ -28,7 +28,8 @@ class TunnelStream:
         self.id = stream_id
         self._channel = channel
         self._incoming = bytearray()
-        self._eof = False  # the guest closed (or the tunnel ended)
+        self._eof = False  # the guest sends no more (it shut down its side, or is gone)
+        self._reset = False  # the guest's connection is gone: nothing more can be written
         self._closed = False  # we closed
         self._readable = asyncio.Event()
         self._credit = protocol.STREAM_WINDOW
@@ -43,9 +44,10 @@ class TunnelStream:
         self._readable.set()
         return True
 
-    def feed_eof(self) -> None:
-        """The guest closed its end (or the tunnel is going away)."""
+    def feed_eof(self, reset: bool = True) -> None:
+        """The guest sends no more; with ``reset`` its connection is gone altogether."""
         self._eof = True
+        self._reset = self._reset or reset
         self._readable.set()
         self._writable.set()
 
@@ -61,7 +63,7 @@ class TunnelStream:
             await self._readable.wait()
         data = bytes(self._incoming[:limit])
         del self._incoming[:limit]
-        if data and not self._eof:
+        if data and not self._reset:
             message = {"bytes": len(data)}
             with contextlib.suppress(VMError):
                 await self._channel.send(protocol.encode_json(FrameType.CREDIT, self.id, message))
@@ -71,10 +73,10 @@ class TunnelStream:
         """Send ``data`` to the guest within its window; ConnectionResetError once it closed."""
         view = memoryview(data)
         while view:
-            while self._credit <= 0 and not self._eof:
+            while self._credit <= 0 and not self._reset:
                 self._writable.clear()
                 await self._writable.wait()
-            if self._eof or self._closed:
+            if self._reset or self._closed:
                 raise ConnectionResetError("the guest closed the connection")
             piece = view[: min(self._credit, protocol.STREAM_CHUNK)]
             self._credit -= len(piece)
@@ -86,7 +88,7 @@ class TunnelStream:
         if self._closed:
             return
         self._closed = True
-        if not self._eof:
+        if not self._reset:
             with contextlib.suppress(VMError):
                 await self._channel.send(protocol.encode_json(FrameType.CLOSE, self.id, {}))
         self.feed_eof()
@@ -144,7 +146,8 @@ class HostTunnel:
             if type(amount) is int and amount > 0:
                 stream.add_credit(amount)
         elif frame.type == FrameType.CLOSE:
-            stream.feed_eof()
+            how = protocol.decode_json(frame.payload).get("how")
+            stream.feed_eof(reset=how != "eof")
 
     async def _serve(self, stream: TunnelStream) -> None:
         try:
