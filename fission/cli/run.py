@@ -14,6 +14,7 @@ import typer
 from fission.cli.errors import abort
 from fission.config import daemon_socket
 from fission.core.spec import RunResult, RunSpec
+from fission.core.transfers import Download, Upload, parse_download, parse_upload
 from fission.errors import FissionError, InvalidInput
 from fission.net.policy import NetworkPolicy
 
@@ -61,7 +62,12 @@ class LiveOutput:
             self.closed.add(stream)
 
 
-async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunResult:
+async def _run_cancellable(
+    spec: RunSpec,
+    on_output: LiveOutput | None,
+    uploads: tuple[Upload, ...] = (),
+    downloads: tuple[Download, ...] = (),
+) -> RunResult:
     """Run ``spec``; SIGTERM cancels the run so the VM is still destroyed."""
     from fission.core.orchestrator import run
 
@@ -70,7 +76,7 @@ async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunRe
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await run(spec, on_output)
+        return await run(spec, on_output, uploads, downloads)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 
@@ -124,6 +130,14 @@ def run_command(
             help="HOST[:PORT] the program may reach (repeatable; *.example.com wildcards).",
         ),
     ] = None,
+    upload: Annotated[
+        list[str] | None,
+        typer.Option("--upload", help="LOCAL:REMOTE, repeatable: copy a file in before the run."),
+    ] = None,
+    download: Annotated[
+        list[str] | None,
+        typer.Option("--download", help="REMOTE:LOCAL, repeatable: copy a file out after the run."),
+    ] = None,
     no_daemon: Annotated[
         bool,
         typer.Option("--no-daemon", help="Run in this process even if a daemon is running."),
@@ -152,12 +166,14 @@ def run_command(
             stdin=sys.stdin.buffer.read() if stdin else None,
             network=network_policy(network, allow_host),
         )
+        uploads = tuple(parse_upload(u) for u in upload or [])
+        downloads = tuple(parse_download(d) for d in download or [])
         on_output = None if as_json else LiveOutput()
-        # Network runs are embedded: their proxy lives beside the VM, in this process.
-        daemon = not no_daemon and not spec.network.enabled
+        # Network runs and file transfers are embedded: the proxy and the files are here.
+        daemon = not (no_daemon or spec.network.enabled or uploads or downloads)
         result = run_via_daemon(spec, on_output) if daemon else None
         if result is None:
-            result = asyncio.run(_run_cancellable(spec, on_output))
+            result = asyncio.run(_run_cancellable(spec, on_output, uploads, downloads))
     except FissionError as exc:
         abort(exc)
     except (KeyboardInterrupt, asyncio.CancelledError):

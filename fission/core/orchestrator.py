@@ -26,6 +26,7 @@ from fission.core.machines import (
     start_machine,
 )
 from fission.core.spec import RunResult, RunSpec
+from fission.core.transfers import Download, Upload, pull, push
 from fission.errors import VMError
 from fission.images.scratch import scratch_disk
 from fission.images.store import ImageSet, image_set
@@ -89,16 +90,27 @@ async def boot(spec: RunSpec, *, warm: bool = True) -> Machine:
     return await start_machine(await cold_config(images, spec, host.accel), host)
 
 
-async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
-    """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives."""
+async def run(
+    spec: RunSpec,
+    on_output: OutputSink | None = None,
+    uploads: tuple[Upload, ...] = (),
+    downloads: tuple[Download, ...] = (),
+) -> RunResult:
+    """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives.
+
+    ``uploads`` are copied in before the program starts, ``downloads`` out after it ended.
+    """
     started = time.monotonic()
     vm, agent = await boot(spec)
     egress = None
     try:
         egress = await attach(agent, spec.network)
-        return await run_in_vm(
+        await push(agent, uploads)
+        result = await run_in_vm(
             vm, agent, spec, on_output, boot_ms=(time.monotonic() - started) * 1000
         )
+        await pull(agent, downloads)
+        return result
     finally:
         if egress is not None:
             await egress.aclose()
