@@ -7,12 +7,13 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from fission.cli.errors import abort
 from fission.config import daemon_socket
+from fission.core.limits import Limits
 from fission.core.spec import RunResult, RunSpec
 from fission.core.transfers import Download, Upload, parse_download, parse_upload
 from fission.errors import FissionError, InvalidInput
@@ -148,7 +149,7 @@ def run_command(
 ) -> None:
     """Run CODE in a fresh microVM; exit with its exit code (124 on timeout)."""
     from fission.core.languages import resolve_language
-    from fission.core.limits import Limits, parse_env
+    from fission.core.limits import parse_env
 
     try:
         spec = RunSpec(
@@ -179,16 +180,21 @@ def run_command(
     except (KeyboardInterrupt, asyncio.CancelledError):
         sys.stderr.write("fission: interrupted; the VM was destroyed\n")
         raise SystemExit(130) from None
+    report(result, spec.limits, as_json)
+
+
+def report(result: RunResult, limits: Limits, as_json: bool) -> NoReturn:
+    """Print the result's JSON (``--json``) or notes on how it ended; exit with its code."""
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
     else:
         notes = []
         if result.timed_out:
-            notes.append(f"timed out after {spec.limits.timeout:g} s (--timeout)")
+            notes.append(f"timed out after {limits.timeout:g} s (--timeout)")
         if result.oom:
-            notes.append(f"killed: out of memory (--memory {spec.limits.memory_mb} MB)")
+            notes.append(f"killed: out of memory (--memory {limits.memory_mb} MB)")
         if result.truncated:
-            notes.append(f"output truncated at {spec.limits.output_limit_mb:g} MB (--output-limit)")
+            notes.append(f"output truncated at {limits.output_limit_mb:g} MB (--output-limit)")
         for note in notes:
             sys.stderr.write(f"fission: {note}\n")
     sys.stdout.flush()

@@ -26,6 +26,7 @@ from fission.core.pool import MemoryBudget, WarmPool
 from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy
+from fission.net.egress import attach
 
 log = logging.getLogger("fission.service")
 CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
@@ -152,11 +153,28 @@ class Service:
     ) -> RunResult:
         """Run ``spec`` on an acquired machine, and audit who ran it and how it ended."""
         started = asyncio.get_running_loop().time()
+        events: list[dict[str, Any]] = []
+        egress = None
         try:
+            egress = await attach(machine.agent, spec.network, events.append)
             result = await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
         except BaseException as exc:
             await self._audit(who, spec, outcome_of_error(exc), started)
             raise
+        finally:
+            if egress is not None:
+                await egress.aclose()
+            for event in events:  # every connection the proxy allowed or refused
+                await audit_event(
+                    self.audit,
+                    who,
+                    "run.egress",
+                    language=spec.language.name,
+                    limits=spec.limits,
+                    outcome=str(event.get("decision", "?")),
+                    duration_ms=None,
+                    detail=event,
+                )
         await self._audit(who, spec, outcome_of_result(result), started)
         return result
 
