@@ -54,9 +54,11 @@ def site(tmp_path: Path) -> Iterator[int]:
 
 
 FETCH = """
-import sys, urllib.request
+import urllib.error, urllib.request
 try:
-    print(urllib.request.urlopen(sys.argv[1] if len(sys.argv) > 1 else URL, timeout=20).read().decode())
+    print(urllib.request.urlopen(URL, timeout=20).read().decode())
+except urllib.error.HTTPError as exc:
+    print("failed:", exc.code, exc.read().decode())
 except Exception as exc:
     print("failed:", exc)
 """
@@ -85,9 +87,10 @@ def test_server_not_allowed_is_refused(site: int, tmp_path: Path) -> None:
 
 def test_name_resolving_to_loopback_is_refused(site: int) -> None:
     # localhost resolves to 127.0.0.1 on the host; only the literal address may reach it.
-    proc = fission_cli("run", "--lang", "bash", "--network", "--allow-host", f"localhost:{site}",
-                       f"curl -sS -m 20 http://localhost:{site}/hello.txt")
+    proc = fetch(f"http://localhost:{site}/hello.txt", "--network", "--allow-host", f"localhost:{site}")
+    assert proc.returncode == 0, proc.stderr.decode()
     assert b"hello from the host" not in proc.stdout
+    assert b"failed: 403" in proc.stdout
     assert b"not public" in proc.stdout and b"loopback" in proc.stdout
 
 
