@@ -227,3 +227,24 @@ def test_repo_from_a_local_directory(git_site: tuple[str, Path]) -> None:
     proc = fission_cli("repo", str(work), "--ref", "broken", "--command", "python3 -m pytest -q -p no:cacheprovider")
     assert proc.returncode == 1, proc.stdout.decode() + proc.stderr.decode()
     assert b"1 failed" in proc.stdout
+
+
+def test_sandbox_through_the_daemon_and_sdk(site: int) -> None:
+    """A sandbox created with a policy reaches the allowed server and nothing else."""
+    from fission.sdk import Sandbox
+    from tests.integration.test_sdk import Daemon
+
+    daemon = Daemon()
+    daemon.start()
+    try:
+        with Sandbox(allow_hosts=[f"127.0.0.1:{site}"], url=daemon.url) as box:
+            allowed = box.run(FETCH.replace("URL", repr(f"http://127.0.0.1:{site}/hello.txt")))
+            refused = box.run(FETCH.replace("URL", repr(f"http://localhost:{site}/hello.txt")))
+        assert b"hello from the host" in allowed.stdout
+        assert b"failed: 403" in refused.stdout and b"hello" not in refused.stdout
+        with Sandbox(url=daemon.url) as box:
+            info = box.run("import os; print(sorted(os.environ))")
+        assert b"HTTP_PROXY" not in info.stdout
+    finally:
+        daemon.stop()
+        daemon.remove()
