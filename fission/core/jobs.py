@@ -15,10 +15,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from fission.agent.client import OutputSink
 from fission.core import derived, orchestrator
+from fission.core.auditing import audit_local_egress
 from fission.core.languages import Language
 from fission.core.limits import Limits
 from fission.core.machines import Machine
@@ -149,14 +151,16 @@ async def run_on(
 ) -> RunResult:
     """Run ``spec`` in ``machine`` with its network policy attached for the run."""
     egress = None
+    events: list[dict[str, Any]] = []
     try:
-        egress = await attach(machine.agent, spec.network)
+        egress = await attach(machine.agent, spec.network, events.append)
         return await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
     finally:
         if egress is not None:
             await egress.aclose()
         if destroy:
             await machine.destroy()
+        await audit_local_egress(spec, events, "install.egress")
 
 
 def local_uploads(source: Path) -> tuple[Upload, ...]:

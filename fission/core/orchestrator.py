@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from fission.agent.client import AgentClient, ExecOutcome, OutputSink
 from fission.config import runtime_dir
 from fission.core import snapshots
+from fission.core.auditing import audit_local_egress
 from fission.core.languages import Language
 from fission.core.machines import (
     GUEST_OVERHEAD_MB,
@@ -99,12 +101,14 @@ async def run(
     """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives.
 
     ``uploads`` are copied in before the program starts, ``downloads`` out after it ended.
+    Every connection the egress proxy allows or refuses goes to the audit log.
     """
     started = time.monotonic()
     vm, agent = await boot(spec)
     egress = None
+    events: list[dict[str, Any]] = []
     try:
-        egress = await attach(agent, spec.network)
+        egress = await attach(agent, spec.network, events.append)
         await push(agent, uploads)
         result = await run_in_vm(
             vm, agent, spec, on_output, boot_ms=(time.monotonic() - started) * 1000
@@ -116,6 +120,7 @@ async def run(
             await egress.aclose()
         await agent.close()
         await vm.destroy()
+        await audit_local_egress(spec, events, "run.egress")
 
 
 async def run_in_vm(

@@ -18,7 +18,7 @@ from fission.agent.client import OutputSink
 from fission.auth.audit import LOCAL, AuditLog, describe_code, outcome_of_error, outcome_of_result
 from fission.config import use_runtime_dir
 from fission.core import orchestrator, snapshots
-from fission.core.auditing import audit_event
+from fission.core.auditing import audit_egress, audit_event
 from fission.core.journal import Journal
 from fission.core.languages import resolve_language
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine
@@ -164,17 +164,7 @@ class Service:
         finally:
             if egress is not None:
                 await egress.aclose()
-            for event in events:  # every connection the proxy allowed or refused
-                await audit_event(
-                    self.audit,
-                    who,
-                    "run.egress",
-                    language=spec.language.name,
-                    limits=spec.limits,
-                    outcome=str(event.get("decision", "?")),
-                    duration_ms=None,
-                    detail=event,
-                )
+            await audit_egress(self.audit, who, spec, events, "run.egress")
         await self._audit(who, spec, outcome_of_result(result), started)
         return result
 

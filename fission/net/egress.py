@@ -63,7 +63,9 @@ async def attach(
     if not policy.enabled:
         return None
     proxy = EgressProxy(policy, on_event)
-    tunnel = agent.open_tunnel(proxy.handle, policy.max_connections)
+    # The proxy refuses (and records) connections beyond the cap; the tunnel's own cap, higher,
+    # only bounds what a guest flooding the port can make the host hold.
+    tunnel = agent.open_tunnel(proxy.handle, 2 * policy.max_connections)
     try:
         await agent.listen(PROXY_PORT, timeout=LISTEN_TIMEOUT)
     except BaseException:

@@ -28,7 +28,8 @@ MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 PIPE_CHUNK = 32 * 1024
-HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive"}
+# Dropped from a plain-HTTP request; Host is set again from the URL the policy checked.
+HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive", "host"}
 
 EventSink = Callable[[dict[str, Any]], None]
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -106,14 +107,16 @@ def parse_request(head: bytes) -> Request:
             400, "only http:// URLs and CONNECT go through this proxy (https uses CONNECT)"
         )
     authority, slash, path = rest.partition("/")
-    host, port = split_host_port(authority.rpartition("@")[2], 80)
+    authority = authority.rpartition("@")[2]
+    host, port = split_host_port(authority, 80)
     kept = [
         line
         for line in lines[1:]
         if line and line.split(b":", 1)[0].strip().lower().decode("latin-1") not in HOP_HEADERS
     ]
     start = f"{method} {slash}{path} {version}".encode("ascii")
-    rebuilt = b"\r\n".join([start, *kept, b"Connection: close", b"", b""])
+    host_line = b"Host: " + authority.encode("ascii")
+    rebuilt = b"\r\n".join([start, host_line, *kept, b"Connection: close", b"", b""])
     return Request(method, host, port, rebuilt)
 
 

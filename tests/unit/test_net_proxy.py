@@ -136,3 +136,13 @@ async def test_connection_cap() -> None:
 def test_requests_the_proxy_does_not_carry(head: bytes) -> None:
     with pytest.raises(Refused):
         parse_request(head)
+
+
+def test_plain_http_gets_the_checked_host() -> None:
+    request = parse_request(
+        b"GET http://a.test:8080/p?q HTTP/1.1\r\nHost: other.test\r\nAccept: */*\r\n\r\n"
+    )
+    assert (request.host, request.port) == ("a.test", 8080)
+    assert request.head == (
+        b"GET /p?q HTTP/1.1\r\nHost: a.test:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
