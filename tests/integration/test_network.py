@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import http.server
 import io
+import json
 import shutil
 import subprocess
 import threading
@@ -83,6 +84,11 @@ def test_server_not_allowed_is_refused(site: int, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"secret" not in proc.stdout
     assert b"403" in proc.stdout
+    audit = fission_cli("audit", "--action", "run.egress", "--json", "--limit", "5")
+    assert audit.returncode == 0, audit.stderr.decode()
+    events = json.loads(audit.stdout)
+    refused = [e for e in events if e["detail"].get("port") == other_port]
+    assert refused and refused[0]["outcome"] == "refused", events
 
 
 def test_name_resolving_to_loopback_is_refused(site: int) -> None:
