@@ -61,7 +61,7 @@ def find(name: str, key: str) -> Path | None:
 
 async def build(name: str, key: str, image: str, setup: Setup[T]) -> tuple[Path | None, T]:
     """Run ``setup`` in a fresh clone, saved if it says so; (directory or None, its value)."""
-    config, _, host = await _base(image)
+    config, base, host = await _base(image)
     final = derived_dir() / f"{name}-{key}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
@@ -81,13 +81,26 @@ async def build(name: str, key: str, image: str, setup: Setup[T]) -> tuple[Path 
             return None, value
         await pause_vm(machine, staging)  # destroys the machine
         disk.chmod(0o444)
-        (staging / "meta.json").write_text(json.dumps({"image": image}))
+        meta = {"image": image, "base": str(base.directory)}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        prune()
         with contextlib.suppress(OSError):  # another process built it meanwhile
             staging.rename(final)
         return final, value
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def prune() -> None:
+    """Remove derived snapshots whose base snapshot is gone (rebuilt images or agent)."""
+    for directory in derived_dir().iterdir():
+        try:
+            base = Path(json.loads((directory / "meta.json").read_text())["base"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being built, or not ours
+        if not base.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 async def restore(directory: Path, image: str) -> Machine:

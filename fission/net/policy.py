@@ -194,7 +194,10 @@ class NetworkPolicy:
         for key, value in caps.items():
             if type(value) is not int:
                 raise InvalidInput(f"network.{key} must be an integer")
-        return cls.allowing(hosts, **caps) if data.get("enabled", True) else cls()
+        enabled = data.get("enabled", True)
+        if type(enabled) is not bool:
+            raise InvalidInput("network.enabled must be true or false")
+        return cls(enabled, tuple(parse_rule(h) for h in hosts), **caps)
 
 
 def same_address(a: IPAddress, b: IPAddress) -> bool:

@@ -112,3 +112,29 @@ def test_json_round_trip() -> None:
         NetworkPolicy.from_json("open")
     with pytest.raises(InvalidInput):
         NetworkPolicy.from_json({"allow_hosts": "a.com"})
+
+
+def test_disabled_policy_with_hosts_is_refused() -> None:
+    with pytest.raises(InvalidInput):
+        NetworkPolicy.from_json({"enabled": False, "allow_hosts": ["a.com"]})
+    assert NetworkPolicy.from_json({"enabled": False}) == NetworkPolicy()
+
+
+def test_proxy_env_only_with_network() -> None:
+    from fission.net.egress import PROXY_URL, proxy_env
+
+    assert proxy_env(NetworkPolicy()) == {}
+    env = proxy_env(NetworkPolicy.allowing(["a.com"]), "http://127.0.0.1:1/simple/")
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == env["ALL_PROXY"] == PROXY_URL
+    assert env["NO_PROXY"] == ""
+    assert (env["GIT_CONFIG_KEY_0"], env["GIT_CONFIG_VALUE_0"]) == ("http.proxy", PROXY_URL)
+    assert env["PIP_INDEX_URL"] == "http://127.0.0.1:1/simple/"
+
+
+def test_cli_allow_host_needs_network() -> None:
+    from fission.cli.run import network_policy
+
+    with pytest.raises(InvalidInput, match="--network"):
+        network_policy(False, ["a.com"])
+    assert network_policy(True, ["a.com:8080"]).allows_name("a.com", 8080)
+    assert not network_policy(False, None).enabled
