@@ -55,8 +55,11 @@ def install_command(
         )
     except FissionError as exc:
         abort(exc)
-    how = "restored from the cache" if outcome.cached else "installed and cached"
-    sys.stderr.write(f"fission: environment {how} in {outcome.setup_ms / 1000:.1f} s\n")
+    if not outcome.installed:
+        sys.stderr.write("fission: installing failed; the command did not run\n")
+    else:
+        how = "restored from the cache" if outcome.cached else "installed and cached"
+        sys.stderr.write(f"fission: environment {how} in {outcome.setup_ms / 1000:.1f} s\n")
     report(outcome.result, limits, as_json)
 
 

@@ -78,7 +78,10 @@ def install_script(language: Language, packages: list[str]) -> str:
             f"--progress-bar off -q -- {quoted}"
         )
     elif language.name == "node":
-        command = f"mkdir -p {WORKDIR} && cd {WORKDIR} && npm install --no-fund --no-audit {quoted}"
+        command = (
+            f"mkdir -p {WORKDIR} && cd {WORKDIR} && "
+            f"npm install --no-fund --no-audit --no-update-notifier --loglevel=error {quoted}"
+        )
     else:
         raise InvalidInput(f"fission install supports python and node, not {language.name}")
     return f"set -e\n{command}\necho {shlex.quote(' '.join(packages))} >> {INSTALL_LOG}\n"
@@ -91,6 +94,7 @@ class InstallResult:
     result: RunResult
     cached: bool
     setup_ms: float
+    installed: bool = True
 
 
 async def install(
@@ -105,27 +109,18 @@ async def install(
 ) -> InstallResult:
     """Install ``packages`` (or restore them from the cache), then run ``command``."""
     wanted = check_packages(packages)
-    hosts = (
-        [*allow_hosts, url_host(index_url, "--index-url")]
-        if index_url
-        else [
-            *allow_hosts,
-            *REGISTRY_HOSTS.get(language.name, ()),
-        ]
-    )
+    if index_url:
+        hosts = [*allow_hosts, url_host(index_url, "--index-url")]
+    else:
+        hosts = [*allow_hosts, *REGISTRY_HOSTS.get(language.name, ())]
     policy = NetworkPolicy.allowing(hosts)
     shell = shell_language(language)
-    spec = RunSpec(shell, command, limits or Limits(), network=policy)
+    env = {"PIP_INDEX_URL": index_url, "npm_config_registry": index_url} if index_url else {}
+    spec = RunSpec(shell, command, limits or Limits(), env, network=policy)
     if not orchestrator.snapshots.fits(spec.limits):
-        raise InvalidInput("fission install runs with the default --cpus, --disk (and --memory)")
-    setup = RunSpec(
-        shell,
-        install_script(language, wanted),
-        Limits(timeout=INSTALL_TIMEOUT),
-        network=NetworkPolicy.allowing(hosts),
-    )
-    env_index = {"PIP_INDEX_URL": index_url} if index_url else {}
-    setup = RunSpec(setup.language, setup.code, setup.limits, env_index, network=policy)
+        raise InvalidInput("fission install runs with the default --cpus and --disk")
+    script = install_script(language, wanted)
+    setup = RunSpec(shell, script, Limits(timeout=INSTALL_TIMEOUT), env, network=policy)
     key = await derived.derived_key(language.image, "install", *wanted, index_url or "")
     name = f"install-{language.name}"
     started = time.monotonic()
@@ -138,8 +133,9 @@ async def install(
             return result.exit_code == 0, result
 
         directory, setup_result = await derived.build(name, key, language.image, do_setup)
-        if directory is None:
-            return InstallResult(setup_result, False, (time.monotonic() - started) * 1000)
+        if directory is None:  # the package manager failed: its result is the answer
+            elapsed = (time.monotonic() - started) * 1000
+            return InstallResult(setup_result, False, elapsed, installed=False)
     setup_ms = (time.monotonic() - started) * 1000
     machine = await derived.restore(directory, language.image)
     result = await run_on(machine, spec, on_output, destroy=True)

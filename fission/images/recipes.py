@@ -65,7 +65,7 @@ RECIPES: dict[str, Recipe] = {
         ),
         "Python 3 with numpy, pandas, pip, pytest, git and curl",
     ),
-    "node": Recipe("node", ("python3", "nodejs"), "Node.js"),
+    "node": Recipe("node", ("python3", "nodejs", "npm"), "Node.js and npm"),
     "bash": Recipe("bash", ("python3", "bash", "coreutils"), "bash and coreutils"),
 }
 

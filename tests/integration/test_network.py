@@ -29,12 +29,27 @@ pytestmark = pytest.mark.vm
 
 
 @contextlib.contextmanager
-def serve(root: Path) -> Iterator[int]:
-    """A static HTTP server for ``root`` on 127.0.0.1 (an ephemeral port), in a thread."""
+def serve(root: Path, routes: dict[str, bytes] | None = None) -> Iterator[int]:
+    """A static HTTP server for ``root`` on 127.0.0.1 (an ephemeral port), in a thread.
+
+    ``routes`` maps exact paths to JSON bodies (filled in once the port is known).
+    """
+    json_routes = routes if routes is not None else {}
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:
             pass
+
+        def do_GET(self) -> None:
+            body = json_routes.get(self.path)
+            if body is None:
+                super().do_GET()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -254,3 +269,61 @@ def test_sandbox_through_the_daemon_and_sdk(site: int) -> None:
     finally:
         daemon.stop()
         daemon.remove()
+
+
+def npm_tarball(name: str, version: str) -> bytes:
+    """A package tarball as npm packs it: package/package.json and package/index.js."""
+    import tarfile
+
+    files = {
+        "package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}).encode(),
+        "package/index.js": b"module.exports = { value: 42 };\n",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def npm_registry(tmp_path: Path) -> Iterator[str]:
+    """A static npm registry on loopback serving one package."""
+    root = tmp_path / "registry"
+    (root / "fissiondemo" / "-").mkdir(parents=True)
+    data = npm_tarball("fissiondemo", "1.0.0")
+    (root / "fissiondemo" / "-" / "fissiondemo-1.0.0.tgz").write_bytes(data)
+    before = set(derived_dir().iterdir())
+    routes: dict[str, bytes] = {}
+    with serve(root, routes) as port:
+        url = f"http://127.0.0.1:{port}/"
+        integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+        packument = {
+            "name": "fissiondemo",
+            "dist-tags": {"latest": "1.0.0"},
+            "versions": {"1.0.0": {
+                "name": "fissiondemo", "version": "1.0.0",
+                "dist": {"tarball": f"{url}fissiondemo/-/fissiondemo-1.0.0.tgz",
+                         "shasum": hashlib.sha1(data).hexdigest(), "integrity": integrity},
+            }},
+        }
+        routes["/fissiondemo"] = json.dumps(packument).encode()
+        yield url
+    for path in set(derived_dir().iterdir()) - before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_install_node_package_from_a_local_registry(npm_registry: str) -> None:
+    command = "cd ~/work && node -e 'console.log(require(\"fissiondemo\").value)'"
+    args = ("install", "--lang", "node", "--packages", "fissiondemo", "--index-url", npm_registry,
+            "--command", command)
+    first = fission_cli(*args, timeout=600)
+    assert first.returncode == 0, first.stdout.decode() + first.stderr.decode()
+    assert first.stdout.splitlines()[-1] == b"42"
+    second = fission_cli(*args, timeout=600)
+    assert second.returncode == 0, second.stderr.decode()
+    assert second.stdout.splitlines()[-1] == b"42"
+    assert b"restored from the cache" in second.stderr
