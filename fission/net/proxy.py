@@ -299,7 +299,8 @@ class EgressProxy:
             if sending in done and sending.exception() is None and writer.can_write_eof():
                 # The program shut down its sending side: pass that on, keep the answer coming.
                 writer.write_eof()
-                await receiving
+                with contextlib.suppress(OSError):  # a reset, or the byte cap
+                    await receiving
         finally:
             for task in tasks:
                 task.cancel()

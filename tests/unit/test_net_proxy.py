@@ -146,3 +146,26 @@ def test_plain_http_gets_the_checked_host() -> None:
     assert request.head == (
         b"GET /p?q HTTP/1.1\r\nHost: a.test:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     )
+
+
+async def test_byte_cap_cuts_the_connection() -> None:
+    big = b"x" * 200_000
+
+    async def serve_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + big)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve_big, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        policy = NetworkPolicy.allowing([f"127.0.0.1:{port}"], max_bytes=50_000)
+        request = f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n\r\n".encode()
+        reply, events = await run(policy, request)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(reply) <= 50_000 + 65_536
+    assert [e["decision"] for e in events] == ["allowed", "cut"]
