@@ -495,7 +495,7 @@ class Agent:
             for key, mask in self.selector.select(timeout):
                 kind, execution = key.data
                 if kind == "tunnel":
-                    self.tunnel.on_event(execution, mask)
+                    self.on_tunnel(execution, mask)
                 elif kind == "channel":
                     self.on_channel()
                 elif kind == "wake":
@@ -518,6 +518,15 @@ class Agent:
             self.sweep_cgroups()
             if self.zygote is not None:
                 self.zygote.request_warm()
+
+    def on_tunnel(self, stream: Any, mask: int) -> None:
+        """Serve the egress tunnel; a failure ends that stream, never the agent."""
+        try:
+            self.tunnel.on_event(stream, mask)
+        except Exception:
+            log(f"egress tunnel failed: {traceback.format_exc()}")
+            if stream is not None:
+                self.tunnel.drop(stream)
 
     def on_channel(self) -> None:
         """Read from the host and act on every whole frame."""

@@ -168,6 +168,11 @@ class GuestTunnel:
             self.selector.unregister(stream.sock)
         stream.events = events
 
+    def drop(self, stream: Stream) -> None:
+        """End ``stream`` after a failure, telling the host (best effort)."""
+        with contextlib.suppress(Exception):
+            self._end(stream, reset=True)
+
     def _end(self, stream: Stream, reset: bool) -> None:
         """Forget a stream and close its socket; ``reset`` tells the host it is gone."""
         self.streams.pop(stream.id, None)
