@@ -39,6 +39,7 @@ REGISTRY_HOSTS = {
 }
 PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-\[\],=<>!~@/^*]*$")
 MAX_REPO_FILES = 10000
+GIT_IMAGES = ("python",)  # images whose recipe has git
 MAX_REPO_BYTES = 256 * 1024 * 1024
 
 
@@ -207,6 +208,11 @@ async def repo(
         policy = NetworkPolicy.allowing(list(allow_hosts)) if allow_hosts else NetworkPolicy()
         script = repo_script(None, ref, command)
     else:
+        if language.image not in GIT_IMAGES:
+            raise InvalidInput(
+                f"cloning needs git, which only the {', '.join(GIT_IMAGES)} image has: "
+                "use --lang python, or pass a local directory"
+            )
         uploads = ()
         policy = NetworkPolicy.allowing([*allow_hosts, url_host(source, "the repository")])
         script = repo_script(source, ref, command)

@@ -69,3 +69,10 @@ def test_transfer_specs(tmp_path: Path) -> None:
         parse_download(f"/x:{tmp_path}")
     with pytest.raises(InvalidInput):
         parse_download(f"/x:{tmp_path / 'no' / 'such' / 'f'}")
+
+
+async def test_cloning_needs_an_image_with_git() -> None:
+    from fission.core.jobs import repo
+
+    with pytest.raises(InvalidInput, match="git"):
+        await repo(resolve_language("bash"), "http://127.0.0.1:1/r.git", "true")
