@@ -5,7 +5,8 @@ waits on a queue of its own. Frames are read by short tasks, one frame each, sta
 waits on an empty queue, so a waiter that gives up (its deadline, a cancellation) never leaves
 a frame half-read. A frame for no request in flight, one larger than ``MAX_GUEST_PAYLOAD`` or a
 malformed header breaks the channel: every waiter, then every later call, gets that
-``AgentProtocolError`` (the caller then destroys the VM). A queue holds at most
+``AgentProtocolError`` (the caller then destroys the VM). The egress tunnel's frames carry
+stream ids, not request ids: they all go to one queue, ``TUNNEL_KEY``. A queue holds at most
 ``QUEUE_FRAMES`` frames; beyond that the channel stops reading until its consumer catches up.
 Reading is throttled (``throttle.Throttle``: frames and bytes per second), so a flooding guest
 slows down in its own queue instead of eating the host's CPU.
@@ -22,6 +23,8 @@ from fission.agent.throttle import Throttle
 from fission.errors import AgentProtocolError, VMError
 
 QUEUE_FRAMES = 64
+# Queue of the egress tunnel's frames (OPEN, STREAM, CLOSE, CREDIT), whatever their stream id.
+TUNNEL_KEY = -1
 ABANDONED_KEPT = 4096
 
 
@@ -115,7 +118,8 @@ class Channel:
             self._reading = None
 
     async def _route(self, frame: protocol.Frame) -> None:
-        queue = self._queues.get(frame.request_id)
+        key = TUNNEL_KEY if frame.type in protocol.STREAM_FRAMES else frame.request_id
+        queue = self._queues.get(key)
         if queue is None:
             if frame.request_id in self._abandoned:
                 return
@@ -123,12 +127,12 @@ class Channel:
             raise AgentProtocolError(
                 f"the guest answered request {frame.request_id} while {running} runs"
             )
-        while len(queue) >= QUEUE_FRAMES and self._queues.get(frame.request_id) is queue:
+        while len(queue) >= QUEUE_FRAMES and self._queues.get(key) is queue:
             if self.failure is not None:
                 raise self.failure
             self._room.clear()
             await self._room.wait()
-        if self._queues.get(frame.request_id) is queue:
+        if self._queues.get(key) is queue:
             queue.append(frame)
 
     async def aclose(self) -> None:

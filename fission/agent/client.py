@@ -14,7 +14,7 @@ import dataclasses
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from fission.agent.channel import Channel
 from fission.agent.host_files import FileInfo, FileOperations, decode, guest_error
 from fission.agent.protocol import FrameType
 from fission.errors import AgentProtocolError, InvalidInput
+from fission.net.tunnel import HostTunnel, TunnelStream
 
 __all__ = [
     "STDIN_CHUNK",
@@ -223,6 +224,22 @@ class AgentClient(FileOperations):
             raise
         finally:
             self._channel.close(0)
+
+    def open_tunnel(
+        self, handler: Callable[[TunnelStream], Awaitable[None]], max_streams: int
+    ) -> HostTunnel:
+        """Serve the guest's egress streams with ``handler`` (see ``fission.net.tunnel``)."""
+        tunnel = HostTunnel(self._channel, handler, max_streams)
+        tunnel.start()
+        return tunnel
+
+    async def listen(self, port: int, *, timeout: float) -> None:
+        """Ask the agent to open the egress proxy port inside the guest; timeout in seconds."""
+        answer = await self._simple(
+            FrameType.LISTEN, {"port": port}, "open the proxy port", timeout
+        )
+        if answer.get("listening") is not True:
+            raise AgentProtocolError(f"the guest answered LISTEN with {answer!r:.80}")
 
     async def kill(self, request_id: int) -> None:
         """Ask the agent to kill a running request's processes."""

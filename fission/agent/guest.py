@@ -34,7 +34,7 @@ import traceback
 from typing import Any
 
 if __package__:
-    from . import confine, context, files, protocol
+    from . import confine, context, files, protocol, tunnel
     from .protocol import INVALID_INPUT, AgentError
     from .zygote import ZygoteHandle
 else:  # run as a script inside the guest, with its modules beside it
@@ -42,6 +42,7 @@ else:  # run as a script inside the guest, with its modules beside it
     import context  # type: ignore[no-redef]
     import files  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
+    import tunnel  # type: ignore[no-redef]
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
     from zygote import ZygoteHandle  # type: ignore[no-redef]
 
@@ -462,6 +463,7 @@ class Agent:
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
         self.files = files.FileOps(self.send)
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
+        self.tunnel = tunnel.GuestTunnel(self.selector, self.send)
         self.zygote: ZygoteHandle | None = None
         modules = zygote_modules(read_text("/proc/cmdline"))
         if modules is not None:
@@ -490,9 +492,11 @@ class Agent:
                 timeout = 0.01 if timeout is None else min(timeout, 0.01)
             if self.files.downloads:
                 timeout = 0.0  # a file is being read: send its next chunk right away
-            for key, _ in self.selector.select(timeout):
+            for key, mask in self.selector.select(timeout):
                 kind, execution = key.data
-                if kind == "channel":
+                if kind == "tunnel":
+                    self.on_tunnel(execution, mask)
+                elif kind == "channel":
                     self.on_channel()
                 elif kind == "wake":
                     self.reap()
@@ -514,6 +518,15 @@ class Agent:
             self.sweep_cgroups()
             if self.zygote is not None:
                 self.zygote.request_warm()
+
+    def on_tunnel(self, stream: Any, mask: int) -> None:
+        """Serve the egress tunnel; a failure ends that stream, never the agent."""
+        try:
+            self.tunnel.on_event(stream, mask)
+        except Exception:
+            log(f"egress tunnel failed: {traceback.format_exc()}")
+            if stream is not None:
+                self.tunnel.drop(stream)
 
     def on_channel(self) -> None:
         """Read from the host and act on every whole frame."""
@@ -601,6 +614,14 @@ class Agent:
             self.files.handle(rid, protocol.decode_json(frame.payload))
         elif kind == protocol.FrameType.DATA:
             self.files.data(rid, frame.payload)
+        elif kind in protocol.STREAM_FRAMES:
+            self.tunnel.handle(frame)
+        elif kind == protocol.FrameType.LISTEN:
+            port = protocol.decode_json(frame.payload).get("port")
+            if type(port) is not int:
+                raise AgentError(INVALID_INPUT, "LISTEN needs an integer port")
+            self.tunnel.listen(port)
+            self.send_json(protocol.FrameType.RESULT, rid, self.tunnel.state())
         elif kind == protocol.FrameType.DROP:
             name = context.check_context_id(protocol.decode_json(frame.payload).get("context"))
             self.send_json(protocol.FrameType.RESULT, rid, {"dropped": self.contexts.drop(name)})

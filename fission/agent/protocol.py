@@ -11,7 +11,7 @@ A frame is a 12-byte header followed by ``length`` payload bytes::
     4       4     request id, big-endian (0 for frames outside any request)
     8       4     payload length, big-endian
 
-Output (STDOUT, STDERR), STDIN and DATA payloads are raw bytes; control frames carry a JSON
+Output (STDOUT, STDERR), STDIN, DATA and STREAM payloads are raw bytes; control frames carry a JSON
 object encoded as UTF-8. A decoder is given the largest payload it accepts: the host accepts at most
 MAX_GUEST_PAYLOAD from a guest, so a hostile guest cannot make the host buffer more than that.
 """
@@ -56,6 +56,21 @@ class FrameType(enum.IntEnum):
     DATA = 15  # both ways: raw bytes of a file being written or read; empty = end of a write
     RESULT = 16  # guest -> host: {...} the answer to FILE or DROP
     DROP = 17  # host -> guest: {context} end a code context and its process
+    LISTEN = 18  # host -> guest: {port} open the egress proxy port; answered with RESULT
+    OPEN = 19  # guest -> host: {} a program connected to the proxy port: stream <request id>
+    STREAM = 20  # both ways: raw bytes of a stream (within the peer's window)
+    CLOSE = 21  # both ways: {} the stream is over (the peer flushes what it holds, then closes)
+    CREDIT = 22  # both ways: {bytes} the sender consumed that many bytes: the window reopens
+
+
+# Frames of the egress tunnel (``tunnel.py``): their request id is a stream id, not a request.
+STREAM_FRAMES = frozenset({FrameType.OPEN, FrameType.STREAM, FrameType.CLOSE, FrameType.CREDIT})
+# Bytes a side may send on one stream before the peer's CREDIT; each STREAM frame's payload is
+# at most STREAM_CHUNK. Both bound what either side buffers per stream.
+STREAM_WINDOW = 256 * 1024
+STREAM_CHUNK = 32 * 1024
+# Streams the guest keeps open at once; the host has its own (lower) cap per VM.
+MAX_STREAMS = 64
 
 
 # Largest piece of a file in one DATA frame, either way (well under both payload limits).

@@ -7,14 +7,17 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from fission.cli.errors import abort
 from fission.config import daemon_socket
+from fission.core.limits import Limits
 from fission.core.spec import RunResult, RunSpec
+from fission.core.transfers import Download, Upload, parse_download, parse_upload
 from fission.errors import FissionError, InvalidInput
+from fission.net.policy import NetworkPolicy
 
 
 def read_code(code: str | None, file: Path | None) -> str:
@@ -36,6 +39,13 @@ def read_code(code: str | None, file: Path | None) -> str:
         raise InvalidInput(f"--file {file}: {exc.strerror}") from exc
 
 
+def network_policy(network: bool, allow_host: list[str] | None) -> NetworkPolicy:
+    """The policy of ``--network`` and ``--allow-host`` (InvalidInput for hosts without it)."""
+    if allow_host and not network:
+        raise InvalidInput("--allow-host needs --network")
+    return NetworkPolicy.allowing(allow_host or []) if network else NetworkPolicy.none()
+
+
 class LiveOutput:
     """Writes output chunks to this process's stdout and stderr as they arrive."""
 
@@ -53,7 +63,12 @@ class LiveOutput:
             self.closed.add(stream)
 
 
-async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunResult:
+async def _run_cancellable(
+    spec: RunSpec,
+    on_output: LiveOutput | None,
+    uploads: tuple[Upload, ...] = (),
+    downloads: tuple[Download, ...] = (),
+) -> RunResult:
     """Run ``spec``; SIGTERM cancels the run so the VM is still destroyed."""
     from fission.core.orchestrator import run
 
@@ -62,7 +77,7 @@ async def _run_cancellable(spec: RunSpec, on_output: LiveOutput | None) -> RunRe
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await run(spec, on_output)
+        return await run(spec, on_output, uploads, downloads)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 
@@ -106,6 +121,24 @@ def run_command(
     stdin: Annotated[
         bool, typer.Option("--stdin", "-i", help="Pass this process's stdin to the program.")
     ] = False,
+    network: Annotated[
+        bool, typer.Option("--network", help="Give the program a way out (see --allow-host).")
+    ] = False,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="HOST[:PORT] the program may reach (repeatable; *.example.com wildcards).",
+        ),
+    ] = None,
+    upload: Annotated[
+        list[str] | None,
+        typer.Option("--upload", help="LOCAL:REMOTE, repeatable: copy a file in before the run."),
+    ] = None,
+    download: Annotated[
+        list[str] | None,
+        typer.Option("--download", help="REMOTE:LOCAL, repeatable: copy a file out after the run."),
+    ] = None,
     no_daemon: Annotated[
         bool,
         typer.Option("--no-daemon", help="Run in this process even if a daemon is running."),
@@ -116,7 +149,7 @@ def run_command(
 ) -> None:
     """Run CODE in a fresh microVM; exit with its exit code (124 on timeout)."""
     from fission.core.languages import resolve_language
-    from fission.core.limits import Limits, parse_env
+    from fission.core.limits import parse_env
 
     try:
         spec = RunSpec(
@@ -132,26 +165,36 @@ def run_command(
             ),
             env=parse_env(env or []),
             stdin=sys.stdin.buffer.read() if stdin else None,
+            network=network_policy(network, allow_host),
         )
+        uploads = tuple(parse_upload(u) for u in upload or [])
+        downloads = tuple(parse_download(d) for d in download or [])
         on_output = None if as_json else LiveOutput()
-        result = run_via_daemon(spec, on_output) if not no_daemon else None
+        # Network runs and file transfers are embedded: the proxy and the files are here.
+        daemon = not (no_daemon or spec.network.enabled or uploads or downloads)
+        result = run_via_daemon(spec, on_output) if daemon else None
         if result is None:
-            result = asyncio.run(_run_cancellable(spec, on_output))
+            result = asyncio.run(_run_cancellable(spec, on_output, uploads, downloads))
     except FissionError as exc:
         abort(exc)
     except (KeyboardInterrupt, asyncio.CancelledError):
         sys.stderr.write("fission: interrupted; the VM was destroyed\n")
         raise SystemExit(130) from None
+    report(result, spec.limits, as_json)
+
+
+def report(result: RunResult, limits: Limits, as_json: bool) -> NoReturn:
+    """Print the result's JSON (``--json``) or notes on how it ended; exit with its code."""
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
     else:
         notes = []
         if result.timed_out:
-            notes.append(f"timed out after {spec.limits.timeout:g} s (--timeout)")
+            notes.append(f"timed out after {limits.timeout:g} s (--timeout)")
         if result.oom:
-            notes.append(f"killed: out of memory (--memory {spec.limits.memory_mb} MB)")
+            notes.append(f"killed: out of memory (--memory {limits.memory_mb} MB)")
         if result.truncated:
-            notes.append(f"output truncated at {spec.limits.output_limit_mb:g} MB (--output-limit)")
+            notes.append(f"output truncated at {limits.output_limit_mb:g} MB (--output-limit)")
         for note in notes:
             sys.stderr.write(f"fission: {note}\n")
     sys.stdout.flush()

@@ -6,8 +6,9 @@ import asyncio
 import logging
 from typing import Any
 
-from fission.auth.audit import AuditLog
+from fission.auth.audit import LOCAL, AuditLog
 from fission.core.limits import Limits
+from fission.core.spec import RunSpec
 
 log = logging.getLogger("fission.audit")
 
@@ -50,3 +51,35 @@ async def audit_event(
         )
     except Exception as exc:  # the audit log must not break the run it describes
         log.warning("could not write the audit log: %s", exc)
+
+
+async def audit_egress(
+    audit: AuditLog | None, who: str, spec: RunSpec, events: list[dict[str, Any]], action: str
+) -> None:
+    """Append one event per connection the egress proxy allowed or refused."""
+    for event in events:
+        await audit_event(
+            audit,
+            who,
+            action,
+            language=spec.language.name,
+            limits=spec.limits,
+            outcome=str(event.get("decision", "?")),
+            duration_ms=None,
+            detail=event,
+        )
+
+
+async def audit_local_egress(spec: RunSpec, events: list[dict[str, Any]], action: str) -> None:
+    """Record an embedded run's egress in the default audit log (``fission audit`` shows it)."""
+    if not events:
+        return
+    try:
+        audit = await asyncio.to_thread(AuditLog)
+    except Exception as exc:  # the audit log must not break the run it describes
+        log.warning("could not open the audit log: %s", exc)
+        return
+    try:
+        await audit_egress(audit, LOCAL, spec, events, action)
+    finally:
+        audit.close()

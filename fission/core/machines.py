@@ -16,6 +16,7 @@ from fission.core.limits import MB
 from fission.core.spec import RunSpec
 from fission.errors import BootTimeout, InvalidInput, VMError, VMStartFailed
 from fission.images.store import ImageSet
+from fission.net.egress import proxy_env
 from fission.vmm.accel import detect_accel
 from fission.vmm.base import VMConfig
 from fission.vmm.qemu import QemuVM, qemu_binary, qemu_version
@@ -77,7 +78,7 @@ def exec_request(spec: RunSpec) -> ExecRequest:
     language, limits = spec.language, spec.limits
     return ExecRequest(
         argv=list(language.argv),
-        env=language.env | spec.env,
+        env=language.env | proxy_env(spec.network) | spec.env,
         timeout=limits.timeout,
         memory_bytes=limits.memory_mb * MB,
         pids_max=limits.pids,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from fission.agent.client import AgentClient, ExecOutcome, OutputSink
 from fission.config import runtime_dir
 from fission.core import snapshots
+from fission.core.auditing import audit_local_egress
 from fission.core.languages import Language
 from fission.core.machines import (
     GUEST_OVERHEAD_MB,
@@ -26,9 +28,11 @@ from fission.core.machines import (
     start_machine,
 )
 from fission.core.spec import RunResult, RunSpec
+from fission.core.transfers import Download, Upload, pull, push
 from fission.errors import VMError
 from fission.images.scratch import scratch_disk
 from fission.images.store import ImageSet, image_set
+from fission.net.egress import attach
 from fission.vmm.accel import tcg_kernel_args
 from fission.vmm.base import VMConfig
 from fission.vmm.qemu import QemuVM
@@ -88,17 +92,35 @@ async def boot(spec: RunSpec, *, warm: bool = True) -> Machine:
     return await start_machine(await cold_config(images, spec, host.accel), host)
 
 
-async def run(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
-    """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives."""
+async def run(
+    spec: RunSpec,
+    on_output: OutputSink | None = None,
+    uploads: tuple[Upload, ...] = (),
+    downloads: tuple[Download, ...] = (),
+) -> RunResult:
+    """Run ``spec`` in a fresh microVM, streaming output to ``on_output`` as it arrives.
+
+    ``uploads`` are copied in before the program starts, ``downloads`` out after it ended.
+    Every connection the egress proxy allows or refuses goes to the audit log.
+    """
     started = time.monotonic()
     vm, agent = await boot(spec)
+    egress = None
+    events: list[dict[str, Any]] = []
     try:
-        return await run_in_vm(
+        egress = await attach(agent, spec.network, events.append)
+        await push(agent, uploads)
+        result = await run_in_vm(
             vm, agent, spec, on_output, boot_ms=(time.monotonic() - started) * 1000
         )
+        await pull(agent, downloads)
+        return result
     finally:
+        if egress is not None:
+            await egress.aclose()
         await agent.close()
         await vm.destroy()
+        await audit_local_egress(spec, events, "run.egress")
 
 
 async def run_in_vm(

@@ -17,6 +17,9 @@ from typing import Any
 from fission.core.languages import Language
 from fission.core.limits import Limits
 from fission.errors import InvalidInput
+from fission.net.policy import NetworkPolicy
+
+__all__ = ["NetworkPolicy", "SandboxRecord", "SandboxSpec", "SandboxState"]
 
 DEFAULT_TTL = 300.0
 MAX_TTL = 24 * 3600.0
@@ -32,12 +35,6 @@ class SandboxState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     DELETED = "deleted"
-
-
-class NetworkPolicy(StrEnum):
-    """What the sandbox may reach; only ``none`` exists until egress policies land."""
-
-    NONE = "none"
 
 
 def new_sandbox_id() -> str:
@@ -78,7 +75,7 @@ class SandboxSpec:
     ttl: float = DEFAULT_TTL
     env: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    network: NetworkPolicy = NetworkPolicy.NONE
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
     def __post_init__(self) -> None:
         check_ttl(self.ttl)
@@ -108,6 +105,7 @@ class SandboxRecord:
             "ttl": self.spec.ttl,
             "metadata": dict(self.spec.metadata),
             "network": self.spec.network.value,
+            "network_policy": self.spec.network.to_json(),
             "limits": {
                 "timeout": limits.timeout,
                 "memory_mb": limits.memory_mb,

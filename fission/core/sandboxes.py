@@ -45,6 +45,7 @@ from fission.core.sandbox_spec import (
 )
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy, FissionError, InvalidInput, SandboxNotFound, SandboxNotRunning
+from fission.net.egress import Egress, attach, proxy_env
 from fission.vmm.base import VMConfig
 
 log = logging.getLogger("fission.sandboxes")
@@ -99,6 +100,7 @@ class Sandbox:
     machine: Machine | None = None
     config: VMConfig | None = None
     host: Host | None = None
+    egress: Egress | None = None
     gate: Gate = field(default_factory=lambda: Gate())
 
     @property
@@ -195,6 +197,11 @@ class SandboxManager:
             machine, config, host = await sandbox_vm.start_sandbox_vm(
                 self._run_spec(spec), directory
             )
+            try:
+                box.egress = await self._attach(box, machine)
+            except BaseException:
+                await machine.destroy()
+                raise
         except BaseException as exc:
             self.budget.release(reserved)
             if slot is not None:
@@ -294,7 +301,7 @@ class SandboxManager:
         limits = spec.limits
         request = ExecRequest(
             argv=argv,
-            env=box.record.spec.language.env | spec.env,
+            env=box.record.spec.language.env | proxy_env(spec.network) | spec.env,
             timeout=limits.timeout,
             memory_bytes=limits.memory_mb * MB,
             pids_max=limits.pids,
@@ -439,6 +446,7 @@ class SandboxManager:
                 raise self._gone(box)
             box.machine = None
             self.journal.forget(machine.vm)
+            await self._detach(box)
             try:
                 await sandbox_vm.pause_vm(machine, box.directory)
             except BaseException as exc:
@@ -476,6 +484,11 @@ class SandboxManager:
             self._reserve(box.reserved_mb)
             try:
                 machine, config = await sandbox_vm.resume_vm(box.config, box.host, box.directory)
+                try:
+                    box.egress = await self._attach(box, machine)
+                except BaseException:
+                    await machine.destroy()
+                    raise
             except BaseException as exc:
                 self.budget.release(box.reserved_mb)
                 await self._audit(
@@ -514,6 +527,7 @@ class SandboxManager:
         box.record.state = SandboxState.DELETED
         machine, box.machine = box.machine, None
         try:
+            await self._detach(box)
             if machine is not None:
                 await machine.destroy()
                 self.journal.forget(machine.vm)
@@ -565,7 +579,29 @@ class SandboxManager:
         stdin: bytes | None = None,
     ) -> RunSpec:
         limits = spec.limits if timeout is None else replace(spec.limits, timeout=timeout)
-        return RunSpec(spec.language, code, limits, spec.env | (env or {}), stdin)
+        return RunSpec(
+            spec.language, code, limits, spec.env | (env or {}), stdin, network=spec.network
+        )
+
+    async def _attach(self, box: Sandbox, machine: Machine) -> Egress | None:
+        """The sandbox's egress proxy (None without network); its decisions are audited."""
+        record = box.record
+
+        def on_event(event: dict[str, Any]) -> None:
+            detail = {"sandbox": record.id} | event
+            outcome = str(event.get("decision", "?"))
+            self._background(
+                self._audit(record.owner, "sandbox.egress", record.spec, outcome, None, detail)
+            )
+
+        return await attach(machine.agent, record.spec.network, on_event)
+
+    @staticmethod
+    async def _detach(box: Sandbox) -> None:
+        """Close the sandbox's egress proxy, if any (before its VM goes)."""
+        egress, box.egress = box.egress, None
+        if egress is not None:
+            await egress.aclose()
 
     async def _audit(
         self,

@@ -18,7 +18,7 @@ from fission.agent.client import OutputSink
 from fission.auth.audit import LOCAL, AuditLog, describe_code, outcome_of_error, outcome_of_result
 from fission.config import use_runtime_dir
 from fission.core import orchestrator, snapshots
-from fission.core.auditing import audit_event
+from fission.core.auditing import audit_egress, audit_event
 from fission.core.journal import Journal
 from fission.core.languages import resolve_language
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine
@@ -26,6 +26,7 @@ from fission.core.pool import MemoryBudget, WarmPool
 from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy
+from fission.net.egress import attach
 
 log = logging.getLogger("fission.service")
 CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
@@ -152,11 +153,18 @@ class Service:
     ) -> RunResult:
         """Run ``spec`` on an acquired machine, and audit who ran it and how it ended."""
         started = asyncio.get_running_loop().time()
+        events: list[dict[str, Any]] = []
+        egress = None
         try:
+            egress = await attach(machine.agent, spec.network, events.append)
             result = await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
         except BaseException as exc:
             await self._audit(who, spec, outcome_of_error(exc), started)
             raise
+        finally:
+            if egress is not None:
+                await egress.aclose()
+            await audit_egress(self.audit, who, spec, events, "run.egress")
         await self._audit(who, spec, outcome_of_result(result), started)
         return result
 

@@ -8,6 +8,7 @@ from typing import Any
 from fission.core.languages import Language
 from fission.core.limits import Limits
 from fission.errors import InvalidInput
+from fission.net.policy import NetworkPolicy
 
 MAX_CODE_BYTES = 16 * 1024 * 1024
 MAX_STDIN_BYTES = 16 * 1024 * 1024
@@ -26,13 +27,14 @@ def _check_text(what: str, text: str) -> None:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One one-shot run: a program in a language, under limits, with env and optional stdin."""
+    """One one-shot run: a program in a language, under limits, with env, stdin and network."""
 
     language: Language
     code: str
     limits: Limits = field(default_factory=Limits)
     env: dict[str, str] = field(default_factory=dict)
     stdin: bytes | None = None
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
     def __post_init__(self) -> None:
         _check_text("the program", self.code)

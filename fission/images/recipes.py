@@ -27,6 +27,8 @@ CUSTOMIZE_COMMANDS: tuple[str, ...] = (
     "useradd --uid 1000 --gid 1000 --create-home --home-dir /home/sandbox --shell /bin/bash "
     "sandbox",
     "mkdir -p /opt/fission",
+    # No DNS inside the guest: names go to the host's egress proxy, which resolves them itself.
+    "cp /dev/null /etc/resolv.conf",
 )
 
 # Paths dpkg leaves out of every image: documentation and translations nobody reads in a VM.
@@ -50,10 +52,20 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "python": Recipe(
         "python",
-        ("python3", "python3-numpy", "python3-pandas"),
-        "Python 3 with numpy and pandas",
+        # pip, pytest, git and curl: for `fission install`, `fission repo` and network runs.
+        (
+            "python3",
+            "python3-numpy",
+            "python3-pandas",
+            "python3-pip",
+            "python3-pytest",
+            "git",
+            "curl",
+            "ca-certificates",
+        ),
+        "Python 3 with numpy, pandas, pip, pytest, git and curl",
     ),
-    "node": Recipe("node", ("python3", "nodejs"), "Node.js"),
+    "node": Recipe("node", ("python3", "nodejs", "npm"), "Node.js and npm"),
     "bash": Recipe("bash", ("python3", "bash", "coreutils"), "bash and coreutils"),
 }
 

@@ -22,7 +22,15 @@ from fission.config import cache_dir
 from fission.errors import ImagesNotBuilt
 from fission.images.recipes import RECIPES, cache_key
 
-AGENT_FILES = ("guest.py", "protocol.py", "confine.py", "zygote.py", "context.py", "files.py")
+AGENT_FILES = (
+    "guest.py",
+    "protocol.py",
+    "confine.py",
+    "zygote.py",
+    "context.py",
+    "files.py",
+    "tunnel.py",
+)
 
 
 def images_dir() -> Path:

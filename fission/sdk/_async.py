@@ -10,10 +10,10 @@ import asyncio
 import builtins
 import inspect
 import os
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fission.errors import SandboxNotFound
 from fission.sdk import _wire as wire
@@ -91,7 +91,8 @@ class AsyncSandbox(SandboxCore):
         disk_mb: int = 512,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
-        network: str = "none",
+        network: str | Mapping[str, Any] = "none",
+        allow_hosts: Sequence[str] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -107,6 +108,7 @@ class AsyncSandbox(SandboxCore):
             env=env,
             metadata=metadata,
             network=network,
+            allow_hosts=allow_hosts,
             url=url,
             api_key=api_key,
             request_timeout=request_timeout,

@@ -8,7 +8,7 @@ how long one HTTP call to the daemon may wait for an answer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fission.errors import Conflict
@@ -39,7 +39,8 @@ class SandboxCore:
         disk_mb: int = 512,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
-        network: str = "none",
+        network: str | Mapping[str, Any] = "none",
+        allow_hosts: Sequence[str] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -49,9 +50,11 @@ class SandboxCore:
         ``language``: python, node or bash. ``ttl``: seconds it lives. ``timeout``: default
         seconds per run or command. ``memory_mb``, ``cpus``, ``disk_mb``: its VM's size.
         ``env``: variables every run sees. ``metadata``: labels to find it by (``list``).
-        ``network``: ``"none"``. ``url``: the daemon, ``http://HOST:PORT`` or ``unix:/PATH``
-        (default: ``FISSION_URL``, else the local socket). ``api_key``: sent as a bearer token
-        (default: ``FISSION_API_KEY``). ``request_timeout``: seconds one HTTP call may wait.
+        ``network``: ``"none"`` (no network) or a policy object; ``allow_hosts``: ``HOST[:PORT]``
+        entries the sandbox may reach through the host's egress proxy. ``url``: the daemon,
+        ``http://HOST:PORT`` or ``unix:/PATH`` (default: ``FISSION_URL``, else the local socket).
+        ``api_key``: sent as a bearer token (default: ``FISSION_API_KEY``).
+        ``request_timeout``: seconds one HTTP call may wait.
         """
         self._attach(resolve_connection(url, api_key, request_timeout), None)
         self._create = wire.create_sandbox(
@@ -64,6 +67,7 @@ class SandboxCore:
             env=env,
             metadata=metadata,
             network=network,
+            allow_hosts=allow_hosts,
         )
 
     def _attach(self, conn: Connection, sandbox_id: str | None) -> None:

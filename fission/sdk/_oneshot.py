@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fission.core.limits import Limits
 from fission.errors import FissionError
@@ -38,6 +38,7 @@ def run(
     stdin: bytes | str | None = None,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
+    allow_hosts: Sequence[str] | None = None,
     url: str | None = None,
     api_key: str | None = None,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -47,20 +48,24 @@ def run(
     ``language``: python, node or bash. ``timeout``: seconds the program may run (boot not
     included). ``memory_mb``, ``cpus``: its VM's size. ``env``: its environment (the host's
     never leaks in). ``stdin``: bytes (or text) fed to it. ``on_stdout``/``on_stderr`` get each
-    chunk (bytes) as it is printed. Goes through the daemon at ``url`` (else ``FISSION_URL``,
-    else the local socket); with no url and no local daemon, runs embedded in this process.
+    chunk (bytes) as it is printed. ``allow_hosts``: ``HOST[:PORT]`` entries it may reach
+    (network on, through the host's egress proxy; default: no network). Goes through the
+    daemon at ``url`` (else ``FISSION_URL``, else the local socket); with no url and no local
+    daemon, runs embedded in this process.
     """
     conn = resolve_connection(url, api_key, request_timeout)
     http = SyncHTTP(conn)
     try:
         if conn.explicit or answers(http):
             limits = {"timeout": timeout, "memory_mb": memory_mb, "cpus": cpus}
-            call = wire.one_shot_run(language, code, limits, env, stdin)
+            call = wire.one_shot_run(language, code, limits, env, stdin, allow_hosts)
             return drain(stream_run(http, call), on_stdout, on_stderr)
     finally:
         http.close()
     limited = Limits(timeout=timeout, memory_mb=memory_mb, cpus=cpus)
-    return run_embedded(code, language, limited, env, stdin, on_stdout, on_stderr)
+    return run_embedded(
+        code, language, limited, env, stdin, on_stdout, on_stderr, allow_hosts or ()
+    )
 
 
 def run_embedded(
@@ -71,11 +76,13 @@ def run_embedded(
     stdin: bytes | str | None,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
+    allow_hosts: Sequence[str] = (),
 ) -> RunResult:
     """Run in this process: restore a VM from the warm snapshot, run, destroy it."""
     from fission.core.languages import resolve_language
     from fission.core.orchestrator import run as orchestrate
     from fission.core.spec import RunSpec
+    from fission.net.policy import NetworkPolicy
 
     data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
     spec = RunSpec(
@@ -84,6 +91,7 @@ def run_embedded(
         limits,
         dict(env or {}),
         data,
+        NetworkPolicy.allowing(list(allow_hosts)) if allow_hosts else NetworkPolicy(),
     )
 
     def sink(stream: str, chunk: bytes) -> None:

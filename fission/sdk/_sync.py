@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fission.errors import SandboxNotFound
 from fission.sdk import _wire as wire
@@ -89,7 +89,8 @@ class Sandbox(SandboxCore):
         disk_mb: int = 512,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
-        network: str = "none",
+        network: str | Mapping[str, Any] = "none",
+        allow_hosts: Sequence[str] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -105,6 +106,7 @@ class Sandbox(SandboxCore):
             env=env,
             metadata=metadata,
             network=network,
+            allow_hosts=allow_hosts,
             url=url,
             api_key=api_key,
             request_timeout=request_timeout,

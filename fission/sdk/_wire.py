@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -81,10 +81,13 @@ def one_shot_run(
     limits: Mapping[str, float],
     env: Mapping[str, str] | None = None,
     stdin: bytes | str | None = None,
+    allow_hosts: Sequence[str] | None = None,
 ) -> Call:
     """Run ``code`` once in a fresh VM; ``limits`` holds ``timeout`` and the other limits."""
     body: dict[str, Any] = {"language": language, "code": code, **limits, "env": dict(env or {})}
     body["stdin_b64"] = encode_stdin(stdin)
+    if allow_hosts:
+        body["network"] = network_body("none", allow_hosts)
     return Call(
         "POST", "/v1/run", json=body, run_timeout=float(limits["timeout"]), headers=_ndjson()
     )
@@ -100,7 +103,8 @@ def create_sandbox(
     disk_mb: int,
     env: Mapping[str, str] | None,
     metadata: Mapping[str, str] | None,
-    network: str,
+    network: str | Mapping[str, Any],
+    allow_hosts: Sequence[str] | None = None,
 ) -> Call:
     """Create a sandbox."""
     body = {
@@ -112,9 +116,18 @@ def create_sandbox(
         "disk_mb": disk_mb,
         "env": dict(env or {}),
         "metadata": dict(metadata or {}),
-        "network": network,
+        "network": network_body(network, allow_hosts),
     }
     return Call("POST", "/v1/sandboxes", json=body)
+
+
+def network_body(
+    network: str | Mapping[str, Any], allow_hosts: Sequence[str] | None
+) -> str | dict[str, Any]:
+    """The ``network`` of a request: "none", or a policy allowing ``allow_hosts``."""
+    if allow_hosts:
+        return {"enabled": True, "allow_hosts": list(allow_hosts)}
+    return network if isinstance(network, str) else dict(network)
 
 
 def get_sandbox(sandbox_id: str) -> Call:

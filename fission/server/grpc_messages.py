@@ -20,6 +20,7 @@ from fission.core.languages import resolve_language
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec, SandboxState
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput, QuotaExceeded
+from fission.net.policy import NetworkPolicy
 from fission.server.models import LimitsBody, SandboxCreate
 
 MiB = 1024 * 1024
@@ -76,7 +77,28 @@ def run_spec(request: pb.RunRequest) -> RunSpec:
     """A one-shot run as the core's RunSpec (validated like REST's ``RunRequest``)."""
     limits = LimitsBody(**set_fields(request.limits)).to_limits()
     language = resolve_language(request.language or "python")
-    return RunSpec(language, request.code, limits, dict(request.env), optional(request, "stdin"))
+    stdin = optional(request, "stdin")
+    network = network_policy(request.network) if request.HasField("network") else None
+    return RunSpec(
+        language, request.code, limits, dict(request.env), stdin, network or NetworkPolicy()
+    )
+
+
+def network_policy(message: pb.NetworkPolicy) -> NetworkPolicy:
+    """A network policy message as the core's policy (validated like REST's)."""
+    return NetworkPolicy.from_json(
+        {
+            "enabled": message.enabled,
+            "allow_hosts": list(message.allow_hosts),
+            "max_connections": optional(message, "max_connections"),
+            "max_bytes": optional(message, "max_bytes"),
+        }
+    )
+
+
+def network_message(policy: dict[str, Any]) -> pb.NetworkPolicy:
+    """A policy's JSON form (``NetworkPolicy.to_json``) as a message."""
+    return pb.NetworkPolicy(**policy)
 
 
 def sandbox_spec(request: pb.CreateSandboxRequest) -> SandboxSpec:
@@ -88,7 +110,11 @@ def sandbox_spec(request: pb.CreateSandboxRequest) -> SandboxSpec:
         language=request.language or "python",
         env=dict(request.env),
         metadata=dict(request.metadata),
-        network=request.network or "none",
+        network=(
+            network_policy(request.network_policy).to_json()
+            if request.HasField("network_policy")
+            else request.network or "none"
+        ),
         **fields,
     )
     return body.to_spec()
@@ -140,6 +166,7 @@ def sandbox_message(record: SandboxRecord) -> pb.Sandbox:
         metadata=body["metadata"],
         network=body["network"],
         limits=pb.Limits(**body["limits"]),
+        network_policy=network_message(body["network_policy"]),
     )
 
 

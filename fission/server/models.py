@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -45,6 +46,12 @@ class LimitsBody(BaseModel):
         )
 
 
+NETWORK_HELP = (
+    '"none" (the default: no network at all) or {"enabled": true, "allow_hosts": '
+    '["HOST[:PORT]", "*.example.com"], "max_connections": 16, "max_bytes": N}'
+)
+
+
 class RunRequest(LimitsBody):
     """A one-shot run: the program, its language and its limits."""
 
@@ -52,12 +59,19 @@ class RunRequest(LimitsBody):
     code: str
     env: dict[str, str] = Field(default_factory=dict)
     stdin_b64: str | None = None
+    network: str | dict[str, Any] | None = Field(None, description=NETWORK_HELP)
 
     def to_spec(self) -> RunSpec:
         """Validate into a RunSpec (raises InvalidInput subclasses)."""
         language = resolve_language(self.language)
+        network = NetworkPolicy.from_json(self.network)
         return RunSpec(
-            language, self.code, self.to_limits(), self.env, decode_stdin(self.stdin_b64)
+            language,
+            self.code,
+            self.to_limits(),
+            self.env,
+            decode_stdin(self.stdin_b64),
+            network,
         )
 
 
@@ -68,16 +82,11 @@ class SandboxCreate(LimitsBody):
     ttl: float = Field(DEFAULT_TTL, description="Seconds the sandbox lives unless extended.")
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
-    network: str = Field("none", description="Network policy; only 'none' for now.")
+    network: str | dict[str, Any] | None = Field("none", description=NETWORK_HELP)
 
     def to_spec(self) -> SandboxSpec:
         """Validate into a SandboxSpec."""
-        try:
-            network = NetworkPolicy(self.network)
-        except ValueError as exc:
-            raise InvalidInput(
-                f"network {self.network!r} is not a known policy: use 'none'"
-            ) from exc
+        network = NetworkPolicy.from_json(self.network)
         language = resolve_language(self.language)
         RunSpec(language, "", self.to_limits(), self.env)  # the env is checked like a run's
         return SandboxSpec(language, self.to_limits(), self.ttl, self.env, self.metadata, network)

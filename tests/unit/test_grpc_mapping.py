@@ -201,6 +201,8 @@ def test_a_sandbox_message_mirrors_the_rest_json() -> None:
             assert {f.name: v for f, v in message.limits.ListFields()} == value
         elif key == "metadata":
             assert dict(message.metadata) == value
+        elif key == "network_policy":
+            assert gm.network_policy(message.network_policy).to_json() == value
         elif key != "state":
             assert getattr(message, key) == value, key
 

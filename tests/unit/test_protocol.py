@@ -72,6 +72,11 @@ def test_frame_type_numbers_are_pinned() -> None:
         "DATA": 15,
         "RESULT": 16,
         "DROP": 17,
+        "LISTEN": 18,
+        "OPEN": 19,
+        "STREAM": 20,
+        "CLOSE": 21,
+        "CREDIT": 22,
     }
 
 
@@ -137,7 +142,7 @@ def test_a_partial_frame_waits_for_the_rest() -> None:
         (header(version=0), "version"),
         (header(version=2), "version"),
         (header(kind=0), "unknown frame type"),
-        (header(kind=18), "unknown frame type"),
+        (header(kind=23), "unknown frame type"),
         (header(kind=255), "unknown frame type"),
         (header(length=MAX + 1), "exceeds the limit"),
         (header(length=2**32 - 1), "exceeds the limit"),

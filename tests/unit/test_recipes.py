@@ -89,3 +89,11 @@ def test_every_recipe_has_its_own_key() -> None:
     assert all(name == recipe.name for name, recipe in RECIPES.items())
     keys = {recipe_key(recipe, SOURCES) for recipe in RECIPES.values()}
     assert len(keys) == len(RECIPES)
+
+
+def test_images_that_clone_have_git() -> None:
+    from fission.core.jobs import GIT_IMAGES
+    from fission.images.recipes import RECIPES
+
+    for image in GIT_IMAGES:
+        assert "git" in RECIPES[image].packages

@@ -1,0 +1,189 @@
+"""The guest's end of the egress tunnel (stdlib only): a local port whose connections go out.
+
+The VM has no network device. When a run may reach the network, the host sends LISTEN and the
+agent listens on 127.0.0.1:<port> inside the guest; each accepted connection becomes a stream
+(OPEN, then STREAM bytes both ways, then CLOSE) over the agent channel, and the host-side egress
+proxy decides where, if anywhere, it goes. The guest's CLOSE says ``eof`` (the program shut
+down its sending side and may still read) or ``reset`` (the connection is gone); the host's
+CLOSE ends the stream once its bytes are written. Flow control is by window: a side sends at most
+``STREAM_WINDOW`` bytes the peer has not yet acknowledged with CREDIT, so neither side ever holds
+more than that per stream; a peer that overruns the window loses the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+from collections.abc import Callable
+from typing import Any
+
+if __package__:
+    from . import protocol
+else:  # run as a script inside the guest, with its modules beside it
+    import protocol  # type: ignore[no-redef]
+
+Send = Callable[[protocol.FrameType, int, bytes], None]
+READ_CHUNK = protocol.STREAM_CHUNK
+
+
+class Stream:
+    """One accepted connection: bytes to write to it, and how much the host still takes."""
+
+    def __init__(self, stream_id: int, sock: socket.socket) -> None:
+        self.id = stream_id
+        self.sock = sock
+        self.outgoing = bytearray()  # from the host, not yet written to the program
+        self.credit = protocol.STREAM_WINDOW  # bytes the host takes before its next CREDIT
+        self.closing = False  # the host closed: close once ``outgoing`` is written
+        self.read_done = False  # the program shut down its writing side; the host knows
+        self.events = 0
+
+
+class GuestTunnel:
+    """Listens on the proxy port and moves bytes between its connections and the host."""
+
+    def __init__(self, selector: selectors.BaseSelector, send: Send) -> None:
+        self.selector = selector
+        self.send = send
+        self.listener: socket.socket | None = None
+        self.streams: dict[int, Stream] = {}
+        self.next_id = 1
+
+    def listen(self, port: int) -> None:
+        """Start accepting on 127.0.0.1:``port`` (again: no-op)."""
+        if self.listener is not None:
+            return
+        if not 1 <= port <= 65535:
+            raise ValueError(f"bad proxy port {port}")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ, ("tunnel", None))
+
+    def on_event(self, stream: Stream | None, mask: int) -> None:
+        """React to the listener (``stream`` None) or a stream's socket being ready."""
+        if stream is None:
+            self._accept()
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(stream)
+        if mask & selectors.EVENT_READ and stream.id in self.streams:
+            self._read(stream)
+
+    def handle(self, frame: protocol.Frame) -> None:
+        """Act on one tunnel frame from the host."""
+        stream = self.streams.get(frame.request_id)
+        if stream is None:
+            return  # a stream that ended here first; the host learns it from our CLOSE
+        if frame.type == protocol.FrameType.STREAM:
+            if len(stream.outgoing) + len(frame.payload) > protocol.STREAM_WINDOW:
+                self._end(stream, reset=True)  # the host overran the window
+                return
+            stream.outgoing += frame.payload
+            self._flush(stream)
+        elif frame.type == protocol.FrameType.CREDIT:
+            amount = protocol.decode_json(frame.payload).get("bytes")
+            if isinstance(amount, int) and amount > 0:
+                stream.credit = min(stream.credit + amount, protocol.STREAM_WINDOW)
+                self._watch(stream)
+        elif frame.type == protocol.FrameType.CLOSE:
+            stream.closing = True
+            self._flush(stream)
+        else:
+            raise ValueError(f"frame type {frame.type.name} is not for the guest")
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if len(self.streams) >= protocol.MAX_STREAMS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        stream = Stream(self.next_id, sock)
+        self.next_id = self.next_id % 0xFFFFFFF0 + 1
+        self.streams[stream.id] = stream
+        self.send(protocol.FrameType.OPEN, stream.id, b"{}")
+        self._watch(stream)
+
+    def _read(self, stream: Stream) -> None:
+        try:
+            data = stream.sock.recv(min(READ_CHUNK, stream.credit))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # end of what the program sends; it may still read the answer
+            stream.read_done = True
+            self.send(protocol.FrameType.CLOSE, stream.id, protocol.dump_json({"how": "eof"}))
+            self._watch(stream)
+            return
+        stream.credit -= len(data)
+        self.send(protocol.FrameType.STREAM, stream.id, data)
+        self._watch(stream)
+
+    def _flush(self, stream: Stream) -> None:
+        written = 0
+        try:
+            while stream.outgoing:
+                count = stream.sock.send(stream.outgoing[:READ_CHUNK])
+                del stream.outgoing[:count]
+                written += count
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the program is gone
+            self._end(stream, reset=not stream.closing)
+            return
+        if written and not stream.closing:
+            self.send(protocol.FrameType.CREDIT, stream.id, protocol.dump_json({"bytes": written}))
+        if stream.closing and not stream.outgoing:
+            self._end(stream, reset=False)
+            return
+        self._watch(stream)
+
+    def _watch(self, stream: Stream) -> None:
+        """Listen for what the stream can do next: read while the host has room, write a backlog."""
+        if stream.id not in self.streams:
+            return
+        events = 0
+        if stream.credit > 0 and not stream.closing and not stream.read_done:
+            events |= selectors.EVENT_READ
+        if stream.outgoing:
+            events |= selectors.EVENT_WRITE
+        if events == stream.events:
+            return
+        if stream.events and events:
+            self.selector.modify(stream.sock, events, ("tunnel", stream))
+        elif events:
+            self.selector.register(stream.sock, events, ("tunnel", stream))
+        else:
+            self.selector.unregister(stream.sock)
+        stream.events = events
+
+    def drop(self, stream: Stream) -> None:
+        """End ``stream`` after a failure, telling the host (best effort)."""
+        with contextlib.suppress(Exception):
+            self._end(stream, reset=True)
+
+    def _end(self, stream: Stream, reset: bool) -> None:
+        """Forget a stream and close its socket; ``reset`` tells the host it is gone."""
+        self.streams.pop(stream.id, None)
+        if stream.events:
+            self.selector.unregister(stream.sock)
+            stream.events = 0
+        with contextlib.suppress(OSError):
+            stream.sock.close()
+        if reset:
+            self.send(protocol.FrameType.CLOSE, stream.id, protocol.dump_json({"how": "reset"}))
+
+    def state(self) -> dict[str, Any]:
+        """What the tunnel holds (for tests and logs)."""
+        return {"listening": self.listener is not None, "streams": len(self.streams)}
