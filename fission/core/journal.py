@@ -27,6 +27,8 @@ def process_start_time(pid: int) -> int | None:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    if fields[0] in ("Z", "X"):  # a zombie is gone for our purposes (init may never reap it)
+        return None
     return int(fields[19])  # field 22 of stat; the first two were split off above
 
 
@@ -79,7 +81,10 @@ class Journal:
                 except ProcessLookupError:
                     pass
         removed = 0
+        # Every VM directory counts, not only journalled VMs: a VM still starting when the
+        # daemon died has a directory and a cgroup (with a process in it) but no entry yet.
         vm_ids = [path.stem for path in self.directory.glob("*.json")]
+        vm_ids += [path.name.removeprefix("vm-") for path in self.vms_dir.glob("vm-*")]
         cgroups = jailer.remove_stale_cgroups(vm_ids)
         for path in list(self.directory.iterdir()):
             path.unlink(missing_ok=True)

@@ -199,15 +199,21 @@ def qemu_version(qemu: str) -> str:
     return match.group(1) if match else out.strip()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL this process when its parent dies."""
+def _die_with_parent(parent: int | None = None) -> None:
+    """In the child before exec: SIGKILL this process when its parent dies.
+
+    A parent that died between the fork and the prctl would never send the signal, so the
+    child checks that its parent is still ``parent`` and exits otherwise.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
-def _jailed_child(jail: jailer.Jail) -> None:
+def _jailed_child(jail: jailer.Jail, parent: int) -> None:
     """In the child before exec: die with the parent, and enter the VM's cgroups."""
-    _die_with_parent()
+    _die_with_parent(parent)
     jail.join_cgroups()
 
 
@@ -272,14 +278,14 @@ class QemuVM(VirtualMachine):
         self.config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.config.workdir)}
         argv = qemu_argv(self.qemu, self.config, self.accel)
-        child_setup = _die_with_parent
+        child_setup = functools.partial(_die_with_parent, os.getpid())
         if jailer.decision().enabled:
             self._jail = await asyncio.to_thread(
                 jailer.Jail.for_vm, self.config, self.qemu, self.accel, TCG_TB_SIZE_MB
             )
             readonly = self._jail.plan.readonly_ram
             argv = self._jail.wrap(qemu_argv(self.qemu, self.config, self.accel, readonly))
-            child_setup = functools.partial(_jailed_child, self._jail)
+            child_setup = functools.partial(_jailed_child, self._jail, os.getpid())
         try:
             with self.paths.qemu_log.open("wb") as log:
                 self._proc = await asyncio.create_subprocess_exec(
