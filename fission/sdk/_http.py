@@ -64,6 +64,16 @@ def timeout_of(conn: Connection, call: Call) -> httpx.Timeout:
     return httpx.Timeout(limit, read=limit + (call.run_timeout or 0))
 
 
+def request_options(conn: Connection, call: Call) -> dict[str, Any]:
+    """The httpx arguments of ``call`` besides method, path and body (both clients use them)."""
+    return {
+        "params": call.params,
+        "json": call.json,
+        "headers": call.headers,
+        "timeout": timeout_of(conn, call),
+    }
+
+
 def closed_error() -> FissionError:
     """The error for a call on a closed client."""
     return FissionError("this client is closed (close() or the end of its with block)")
@@ -92,13 +102,7 @@ class SyncHTTP:
             raise closed_error()
         with converted(self.conn, call):
             response = self._client.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=content,
-                headers=call.headers,
-                timeout=timeout_of(self.conn, call),
+                call.method, call.path, content=content, **request_options(self.conn, call)
             )
         return parse_json(response.status_code, response.content, response.headers, self.conn.where)
 
@@ -107,12 +111,7 @@ class SyncHTTP:
         if self._client.is_closed:
             raise closed_error()
         request = self._client.build_request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            headers=call.headers,
-            timeout=timeout_of(self.conn, call),
+            call.method, call.path, **request_options(self.conn, call)
         )
         response = self._client.send(request, stream=True)
         try:
@@ -161,13 +160,7 @@ class AsyncHTTP:
             raise closed_error()
         with converted(self.conn, call):
             response = await self._client.request(
-                call.method,
-                call.path,
-                params=call.params,
-                json=call.json,
-                content=content,
-                headers=call.headers,
-                timeout=timeout_of(self.conn, call),
+                call.method, call.path, content=content, **request_options(self.conn, call)
             )
         return parse_json(response.status_code, response.content, response.headers, self.conn.where)
 
@@ -176,12 +169,7 @@ class AsyncHTTP:
         if self._client.is_closed:
             raise closed_error()
         request = self._client.build_request(
-            call.method,
-            call.path,
-            params=call.params,
-            json=call.json,
-            headers=call.headers,
-            timeout=timeout_of(self.conn, call),
+            call.method, call.path, **request_options(self.conn, call)
         )
         response = await self._client.send(request, stream=True)
         try:
