@@ -20,7 +20,7 @@ from benchlib import Row, append_section, host_line, markdown_table, print_table
 from fission.core.machines import detect_host, start_machine
 from fission.core.orchestrator import clone_config, ensure_snapshot
 from fission.images.store import image_set
-from fission.vmm import jail, jailer
+from fission.vmm import jail_plan, jailer
 from fission.vmm.qemu import TCG_TB_SIZE_MB
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    if not jail.decide("auto", jailer.host_facts()).enabled:
+    if not jail_plan.decide("auto", jailer.host_facts()).enabled:
         raise SystemExit("bench_jail: the jail needs root, bwrap and setpriv")
     rows, accel = asyncio.run(measure(args.runs))
     print_table("VMM jail cost", rows)

@@ -3,7 +3,7 @@
 ``run()`` is what ``fission run`` calls: through the daemon when one answers on the socket,
 else in this process (restore from the snapshot, run, destroy). Both paths give the same
 RunResult and the same exit codes. ``DaemonClient`` speaks the daemon's API through the SDK's
-shared parts (``fission.sdk._wire`` builds and reads, ``fission.sdk._http`` sends); the SDK's
+shared parts (``fission.sdk._requests`` builds and reads, ``fission.sdk._http`` sends); the SDK's
 ``fission.run`` is the same one-shot run with keyword options.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from fission.config import daemon_socket
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError
-from fission.sdk import _wire as wire
+from fission.sdk import _requests as calls
 from fission.sdk._connection import resolve_connection
 from fission.sdk._http import SyncHTTP
 from fission.sdk._sync import stream_run
@@ -53,19 +53,19 @@ class DaemonClient:
         if self.socket is not None and not self.socket.exists():
             return False
         try:
-            self._http.json(wire.health(CONNECT_TIMEOUT))
+            self._http.json(calls.health(CONNECT_TIMEOUT))
         except FissionError:
             return False
         return True
 
     def pools(self) -> dict[str, Any]:
         """The daemon's pools and memory budget."""
-        return dict(self._http.json(wire.pools()))
+        return dict(self._http.json(calls.pools()))
 
     def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> RunResult:
         """Run ``spec`` on the daemon, streaming output to ``on_output``."""
         limits = spec.limits
-        call = wire.one_shot_run(
+        call = calls.one_shot_run(
             spec.language.name,
             spec.code,
             {
@@ -85,7 +85,7 @@ class DaemonClient:
                     return event
                 if on_output is not None:
                     on_output(event.stream, event.data)
-        raise wire.missing_result()
+        raise calls.missing_result()
 
 
 def run(

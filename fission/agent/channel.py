@@ -18,9 +18,9 @@ import asyncio
 import collections
 import contextlib
 
-from fission.agent import protocol
 from fission.agent.throttle import Throttle
 from fission.errors import AgentProtocolError, VMError
+from fission.guest import protocol
 
 QUEUE_FRAMES = 64
 # Queue of the egress tunnel's frames (OPEN, STREAM, CLOSE, CREDIT), whatever their stream id.

@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fission.agent import context, protocol
 from fission.agent.channel import Channel
-from fission.agent.host_files import FileInfo, FileOperations, decode, guest_error
-from fission.agent.protocol import FrameType
+from fission.agent.file_ops import FileInfo, FileOperations, decode, guest_error
+from fission.agent.tunnel_streams import HostTunnel, TunnelStream
 from fission.errors import AgentProtocolError, InvalidInput
-from fission.net.tunnel import HostTunnel, TunnelStream
+from fission.guest import context, protocol
+from fission.guest.protocol import FrameType
 
 __all__ = [
     "STDIN_CHUNK",
@@ -228,7 +228,7 @@ class AgentClient(FileOperations):
     def open_tunnel(
         self, handler: Callable[[TunnelStream], Awaitable[None]], max_streams: int
     ) -> HostTunnel:
-        """Serve the guest's egress streams with ``handler`` (see ``fission.net.tunnel``)."""
+        """Serve the guest's egress streams with ``handler`` (``tunnel_streams``)."""
         tunnel = HostTunnel(self._channel, handler, max_streams)
         tunnel.start()
         return tunnel

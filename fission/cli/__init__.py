@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import audit, doctor, images, jobs, keys, mcp, run, serve
+from fission.cli import audit, doctor, images, install, keys, mcp, run, serve
 
 app = typer.Typer(
     name="fission",
@@ -14,8 +14,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run", context_settings={"allow_interspersed_args": True})(run.run_command)
-app.command("install")(jobs.install_command)
-app.command("repo")(jobs.repo_command)
+app.command("install")(install.install_command)
+app.command("repo")(install.repo_command)
 app.add_typer(images.app, name="images")
 app.command("serve")(serve.serve_command)
 app.add_typer(serve.pool_app, name="pool")

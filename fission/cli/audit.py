@@ -79,7 +79,7 @@ def audit_command(
     from rich.console import Console
     from rich.table import Table
 
-    from fission.auth.audit import AuditLog
+    from fission.auth.audit_log import AuditLog
     from fission.auth.keys import KeyStore
 
     path = db_path(db)

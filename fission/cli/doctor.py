@@ -11,8 +11,8 @@ def doctor_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Report each layer around a VM (KVM, seccomp, jail, cgroups): OK or MISSING, and the fix."""
-    from fission.vmm.doctor import as_json as layers_json
-    from fission.vmm.doctor import check_all
+    from fission.vmm.layer_checks import as_json as layers_json
+    from fission.vmm.layer_checks import check_all
 
     layers = check_all()
     if as_json:

@@ -95,7 +95,7 @@ def audited(path: Path, action: str, detail: dict[str, Any]) -> Iterator[dict[st
 
     Nothing is recorded when the block failed before any database existed.
     """
-    from fission.auth.audit import LOCAL, AuditLog, outcome_of_error
+    from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error
 
     started = time.monotonic()
     outcome = "ok"

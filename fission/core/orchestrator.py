@@ -16,7 +16,7 @@ from typing import Any
 from fission.agent.client import AgentClient, ExecOutcome, OutputSink
 from fission.config import runtime_dir
 from fission.core import snapshots
-from fission.core.auditing import audit_local_egress
+from fission.core.audit_events import audit_local_egress
 from fission.core.languages import Language
 from fission.core.machines import (
     GUEST_OVERHEAD_MB,

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from fission.agent.client import AgentClient, ExecOutcome, ExecRequest, OutputSink
-from fission.auth.audit import LOCAL, AuditLog, outcome_of_error, outcome_of_result
+from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
 from fission.core import sandbox_vm, snapshots
-from fission.core.auditing import audit_event
+from fission.core.audit_events import audit_event
 from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Host, Machine, exec_request
@@ -90,7 +90,7 @@ class Gate:
 
 
 @dataclass
-class Sandbox:
+class ManagedSandbox:
     """A sandbox's record and the live parts behind it."""
 
     record: SandboxRecord
@@ -137,7 +137,7 @@ class SandboxManager:
         self.audit = audit
         self.quotas = ConcurrencyTracker()
         self._clock = clock
-        self._sandboxes: dict[str, Sandbox] = {}
+        self._sandboxes: dict[str, ManagedSandbox] = {}
         self._expiry: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -191,7 +191,7 @@ class SandboxManager:
         now = self._clock()
         record = SandboxRecord(new_sandbox_id(), spec, owner, now, now + spec.ttl)
         directory = self.journal.sandboxes_dir / record.id
-        box = Sandbox(record, directory, reserved, slot)
+        box = ManagedSandbox(record, directory, reserved, slot)
         try:
             directory.mkdir(mode=0o700)
             machine, config, host = await sandbox_vm.start_sandbox_vm(
@@ -312,7 +312,7 @@ class SandboxManager:
 
     async def _exec(
         self,
-        box: Sandbox,
+        box: ManagedSandbox,
         action: str,
         spec: RunSpec,
         request: ExecRequest,
@@ -425,7 +425,7 @@ class SandboxManager:
                 box, box.agent.remove_file(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
             )
 
-    async def _file_op(self, box: Sandbox, operation: Any) -> Any:
+    async def _file_op(self, box: ManagedSandbox, operation: Any) -> Any:
         try:
             return await operation
         except FissionError as exc:
@@ -519,7 +519,7 @@ class SandboxManager:
         box = self._box(sandbox_id, owner)
         await self._destroy(box, "deleted")
 
-    async def _destroy(self, box: Sandbox, why: str) -> None:
+    async def _destroy(self, box: ManagedSandbox, why: str) -> None:
         """Forget the sandbox and free everything it holds (safe to call twice)."""
         if self._sandboxes.pop(box.record.id, None) is None:
             return
@@ -547,7 +547,7 @@ class SandboxManager:
         )
 
     # -- helpers -------------------------------------------------------------------------------
-    def _box(self, sandbox_id: str, owner: str | None) -> Sandbox:
+    def _box(self, sandbox_id: str, owner: str | None) -> ManagedSandbox:
         box = self._sandboxes.get(sandbox_id)
         if box is None or (owner is not None and box.record.owner != owner):
             raise SandboxNotFound(
@@ -555,11 +555,11 @@ class SandboxManager:
             )
         return box
 
-    def _is_gone(self, box: Sandbox) -> bool:
+    def _is_gone(self, box: ManagedSandbox) -> bool:
         return box.record.state == SandboxState.DELETED
 
     @staticmethod
-    def _gone(box: Sandbox) -> SandboxNotFound:
+    def _gone(box: ManagedSandbox) -> SandboxNotFound:
         return SandboxNotFound(f"sandbox {box.record.id} was deleted or expired")
 
     def _reserve(self, mb: int) -> None:
@@ -583,7 +583,7 @@ class SandboxManager:
             spec.language, code, limits, spec.env | (env or {}), stdin, network=spec.network
         )
 
-    async def _attach(self, box: Sandbox, machine: Machine) -> Egress | None:
+    async def _attach(self, box: ManagedSandbox, machine: Machine) -> Egress | None:
         """The sandbox's egress proxy (None without network); its decisions are audited."""
         record = box.record
 
@@ -597,7 +597,7 @@ class SandboxManager:
         return await attach(machine.agent, record.spec.network, on_event)
 
     @staticmethod
-    async def _detach(box: Sandbox) -> None:
+    async def _detach(box: ManagedSandbox) -> None:
         """Close the sandbox's egress proxy, if any (before its VM goes)."""
         egress, box.egress = box.egress, None
         if egress is not None:

@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from fission.agent.client import OutputSink
-from fission.auth.audit import LOCAL, AuditLog, describe_code, outcome_of_error, outcome_of_result
+from fission.auth.audit_log import (
+    LOCAL,
+    AuditLog,
+    describe_code,
+    outcome_of_error,
+    outcome_of_result,
+)
 from fission.config import use_runtime_dir
 from fission.core import orchestrator, snapshots
-from fission.core.auditing import audit_egress, audit_event
+from fission.core.audit_events import audit_egress, audit_event
 from fission.core.journal import Journal
 from fission.core.languages import resolve_language
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine

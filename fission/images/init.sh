@@ -48,5 +48,5 @@ $bb hostname fission
 $bb ip link set lo up
 $bb umount /proc /sys
 
-exec $bb switch_root /newroot /usr/bin/python3 -E -s -S /opt/fission/guest.py
+exec $bb switch_root /newroot /usr/bin/python3 -E -s -S /opt/fission/agent.py
 fail "switch_root failed"

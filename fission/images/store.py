@@ -23,7 +23,7 @@ from fission.errors import ImagesNotBuilt
 from fission.images.recipes import RECIPES, cache_key
 
 AGENT_FILES = (
-    "guest.py",
+    "agent.py",
     "protocol.py",
     "confine.py",
     "zygote.py",
@@ -42,7 +42,7 @@ def images_dir() -> Path:
 
 def agent_sources() -> dict[str, bytes]:
     """The guest agent's files as shipped in this fission install."""
-    package = Path(__file__).resolve().parent.parent / "agent"
+    package = Path(__file__).resolve().parent.parent / "guest"
     return {name: (package / name).read_bytes() for name in AGENT_FILES}
 
 

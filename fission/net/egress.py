@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fission.agent.client import AgentClient
+from fission.agent.tunnel_streams import HostTunnel
 from fission.net.policy import NetworkPolicy
 from fission.net.proxy import EgressProxy, EventSink
-from fission.net.tunnel import HostTunnel
 
 PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"

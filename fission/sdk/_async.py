@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fission.errors import SandboxNotFound
-from fission.sdk import _wire as wire
+from fission.sdk import _requests as calls
 from fission.sdk._base import DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
 from fission.sdk._http import AsyncHTTP
@@ -41,7 +41,7 @@ async def drain(
     async with aclosing(events):
         async for event in events:
             if isinstance(event, OutputEvent):
-                callback = wire.callback_for(event, on_stdout, on_stderr)
+                callback = calls.callback_for(event, on_stdout, on_stderr)
                 if callback is not None:
                     outcome = callback(event.data)
                     if inspect.isawaitable(outcome):
@@ -49,13 +49,13 @@ async def drain(
             else:
                 result = event
     if result is None:
-        raise wire.missing_result()
+        raise calls.missing_result()
     return result
 
 
-async def stream_run(http: AsyncHTTP, call: wire.Call) -> AsyncGenerator[StreamEvent, None]:
+async def stream_run(http: AsyncHTTP, call: calls.Call) -> AsyncGenerator[StreamEvent, None]:
     """The events of a streamed run: its output chunks as they come, then its RunResult."""
-    assembler = wire.RunAssembler()
+    assembler = calls.RunAssembler()
     async with aclosing(http.lines(call)) as lines:
         async for raw in lines:
             event = assembler.feed(raw)
@@ -63,7 +63,7 @@ async def stream_run(http: AsyncHTTP, call: wire.Call) -> AsyncGenerator[StreamE
                 yield event
             if assembler.result is not None:
                 return
-    raise wire.missing_result()
+    raise calls.missing_result()
 
 
 class AsyncSandbox(SandboxCore):
@@ -150,8 +150,8 @@ class AsyncSandbox(SandboxCore):
         try:
             cursor = None
             while True:
-                page, cursor = wire.parse_page(
-                    await http.json(wire.list_sandboxes(state, metadata, cursor))
+                page, cursor = calls.parse_page(
+                    await http.json(calls.list_sandboxes(state, metadata, cursor))
                 )
                 for info in page:
                     yield info
@@ -176,7 +176,7 @@ class AsyncSandbox(SandboxCore):
 
     async def info(self) -> SandboxInfo:
         """The sandbox's current facts (state, expiry, limits, metadata)."""
-        return self._remember(await self._http.json(wire.get_sandbox(self.id)))
+        return self._remember(await self._http.json(calls.get_sandbox(self.id)))
 
     async def run(
         self,
@@ -210,7 +210,7 @@ class AsyncSandbox(SandboxCore):
         fresh_context: bool = False,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Like ``run``, yielding OutputEvents as they come, then the RunResult."""
-        call = wire.run_code(
+        call = calls.run_code(
             self.id,
             code,
             timeout=timeout,
@@ -250,7 +250,7 @@ class AsyncSandbox(SandboxCore):
         stdin: bytes | str | None = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Like ``exec``, yielding OutputEvents as they come, then the RunResult."""
-        call = wire.exec_command(
+        call = calls.exec_command(
             self.id,
             command,
             timeout=timeout,
@@ -263,19 +263,19 @@ class AsyncSandbox(SandboxCore):
 
     async def pause(self) -> SandboxInfo:
         """Save the sandbox to disk and stop its VM (files and memory kept; the ttl stops)."""
-        return self._remember(await self._http.json(wire.pause_sandbox(self.id)))
+        return self._remember(await self._http.json(calls.pause_sandbox(self.id)))
 
     async def resume(self) -> SandboxInfo:
         """Start a paused sandbox again where it was; its ttl starts over."""
-        return self._remember(await self._http.json(wire.resume_sandbox(self.id)))
+        return self._remember(await self._http.json(calls.resume_sandbox(self.id)))
 
     async def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""
-        return self._remember(await self._http.json(wire.set_ttl(self.id, ttl)))
+        return self._remember(await self._http.json(calls.set_ttl(self.id, ttl)))
 
     async def delete(self) -> None:
         """Destroy the sandbox: its VM, disk and saved state."""
-        await self._http.json(wire.delete_sandbox(self.id))
+        await self._http.json(calls.delete_sandbox(self.id))
 
     async def close(self) -> None:
         """Close the connection to the daemon; the sandbox itself lives on (safe twice)."""
@@ -304,8 +304,8 @@ class AsyncFiles:
     async def write(self, path: str, data: bytes | str | BinaryIO) -> FileInfo:
         """Write a file from bytes, text (UTF-8) or a binary file object (streamed)."""
         box = self._sandbox
-        call = wire.write_file(box.id, path)
-        return wire.parse_file_info(await box._http.json(call, abody_of(data)))
+        call = calls.write_file(box.id, path)
+        return calls.parse_file_info(await box._http.json(call, abody_of(data)))
 
     async def read(self, path: str) -> bytes:
         """A file's whole content."""
@@ -313,7 +313,7 @@ class AsyncFiles:
 
     def read_stream(self, path: str) -> AsyncGenerator[bytes, None]:
         """A file's content in chunks as they arrive."""
-        return self._sandbox._http.chunks(wire.read_file(self._sandbox.id, path))
+        return self._sandbox._http.chunks(calls.read_file(self._sandbox.id, path))
 
     async def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileInfo:
         """Copy a local file into the sandbox, in chunks."""
@@ -331,19 +331,19 @@ class AsyncFiles:
     async def list(self, path: str = ".") -> builtins.list[FileInfo]:
         """The entries of a directory."""
         box = self._sandbox
-        return wire.parse_entries(await box._http.json(wire.list_files(box.id, path)))
+        return calls.parse_entries(await box._http.json(calls.list_files(box.id, path)))
 
     async def stat(self, path: str) -> FileInfo:
         """Facts about one file or directory; FileNotFound if there is none."""
         box = self._sandbox
-        return wire.parse_file_info(await box._http.json(wire.stat_file(box.id, path)))
+        return calls.parse_file_info(await box._http.json(calls.stat_file(box.id, path)))
 
     async def mkdir(self, path: str) -> FileInfo:
         """Create a directory and its parents."""
         box = self._sandbox
-        return wire.parse_file_info(await box._http.json(wire.make_dir(box.id, path)))
+        return calls.parse_file_info(await box._http.json(calls.make_dir(box.id, path)))
 
     async def remove(self, path: str, recursive: bool = False) -> None:
         """Remove a file, or with ``recursive`` a directory and everything in it."""
         box = self._sandbox
-        await box._http.json(wire.remove_file(box.id, path, recursive))
+        await box._http.json(calls.remove_file(box.id, path, recursive))

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fission.errors import Conflict
-from fission.sdk import _wire as wire
+from fission.sdk import _requests as calls
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
 from fission.sdk._models import SandboxInfo
 
@@ -25,7 +25,7 @@ class SandboxCore:
 
     _id: str | None
     _info: SandboxInfo | None
-    _create: wire.Call | None
+    _create: calls.Call | None
     _conn: Connection
 
     def __init__(
@@ -57,7 +57,7 @@ class SandboxCore:
         ``request_timeout``: seconds one HTTP call may wait.
         """
         self._attach(resolve_connection(url, api_key, request_timeout), None)
-        self._create = wire.create_sandbox(
+        self._create = calls.create_sandbox(
             language,
             ttl=ttl,
             timeout=timeout,
@@ -95,7 +95,7 @@ class SandboxCore:
 
     def _remember(self, body: Any) -> SandboxInfo:
         """Parse a sandbox's JSON and keep it as the latest facts."""
-        info = wire.parse_sandbox(body)
+        info = calls.parse_sandbox(body)
         self._id, self._info = info.id, info
         return info
 

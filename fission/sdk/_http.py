@@ -24,7 +24,7 @@ import httpx
 
 from fission.errors import FissionError, NotReady, RequestTimeout
 from fission.sdk._connection import Connection
-from fission.sdk._wire import CHUNK_SIZE, Call, error_from_response, parse_json
+from fission.sdk._requests import CHUNK_SIZE, Call, error_from_response, parse_json
 
 
 @contextmanager

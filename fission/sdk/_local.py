@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fission.errors import InvalidInput
-from fission.sdk._wire import CHUNK_SIZE
+from fission.sdk._requests import CHUNK_SIZE
 
 FileData = bytes | bytearray | memoryview | str | BinaryIO
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from fission.core.limits import Limits
 from fission.errors import FissionError
-from fission.sdk import _wire as wire
+from fission.sdk import _requests as calls
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, resolve_connection
 from fission.sdk._http import SyncHTTP
 from fission.sdk._models import OutputCallback, OutputEvent, RunResult
@@ -21,7 +21,7 @@ def answers(http: SyncHTTP) -> bool:
     if http.conn.socket is not None and not http.conn.socket.exists():
         return False
     try:
-        http.json(wire.health(PROBE_TIMEOUT))
+        http.json(calls.health(PROBE_TIMEOUT))
     except FissionError:
         return False
     return True
@@ -58,7 +58,7 @@ def run(
     try:
         if conn.explicit or answers(http):
             limits = {"timeout": timeout, "memory_mb": memory_mb, "cpus": cpus}
-            call = wire.one_shot_run(language, code, limits, env, stdin, allow_hosts)
+            call = calls.one_shot_run(language, code, limits, env, stdin, allow_hosts)
             return drain(stream_run(http, call), on_stdout, on_stderr)
     finally:
         http.close()
@@ -95,7 +95,7 @@ def run_embedded(
     )
 
     def sink(stream: str, chunk: bytes) -> None:
-        callback = wire.callback_for(OutputEvent(stream, chunk), on_stdout, on_stderr)
+        callback = calls.callback_for(OutputEvent(stream, chunk), on_stdout, on_stderr)
         if callback is not None:
             callback(chunk)
 

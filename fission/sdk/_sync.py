@@ -1,6 +1,6 @@
 """``Sandbox`` and its ``Files``: a persistent sandbox over the daemon's API, blocking calls.
 
-Each method builds its request in ``_wire`` and sends it with ``SyncHTTP``; ``_async`` is the
+Each method builds its request in ``_requests`` and sends it with ``SyncHTTP``; ``_async`` is the
 same file with ``await`` (``tests/unit/test_sdk_parity.py`` keeps the two in step).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fission.errors import SandboxNotFound
-from fission.sdk import _wire as wire
+from fission.sdk import _requests as calls
 from fission.sdk._base import DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
 from fission.sdk._http import SyncHTTP
@@ -39,19 +39,19 @@ def drain(
     with closing(events):
         for event in events:
             if isinstance(event, OutputEvent):
-                callback = wire.callback_for(event, on_stdout, on_stderr)
+                callback = calls.callback_for(event, on_stdout, on_stderr)
                 if callback is not None:
                     callback(event.data)
             else:
                 result = event
     if result is None:
-        raise wire.missing_result()
+        raise calls.missing_result()
     return result
 
 
-def stream_run(http: SyncHTTP, call: wire.Call) -> Generator[StreamEvent, None, None]:
+def stream_run(http: SyncHTTP, call: calls.Call) -> Generator[StreamEvent, None, None]:
     """The events of a streamed run: its output chunks as they come, then its RunResult."""
-    assembler = wire.RunAssembler()
+    assembler = calls.RunAssembler()
     with closing(http.lines(call)) as lines:
         for raw in lines:
             event = assembler.feed(raw)
@@ -59,7 +59,7 @@ def stream_run(http: SyncHTTP, call: wire.Call) -> Generator[StreamEvent, None, 
                 yield event
             if assembler.result is not None:
                 return
-    raise wire.missing_result()
+    raise calls.missing_result()
 
 
 class Sandbox(SandboxCore):
@@ -148,8 +148,8 @@ class Sandbox(SandboxCore):
         try:
             cursor = None
             while True:
-                page, cursor = wire.parse_page(
-                    http.json(wire.list_sandboxes(state, metadata, cursor))
+                page, cursor = calls.parse_page(
+                    http.json(calls.list_sandboxes(state, metadata, cursor))
                 )
                 yield from page
                 if cursor is None:
@@ -173,7 +173,7 @@ class Sandbox(SandboxCore):
 
     def info(self) -> SandboxInfo:
         """The sandbox's current facts (state, expiry, limits, metadata)."""
-        return self._remember(self._http.json(wire.get_sandbox(self.id)))
+        return self._remember(self._http.json(calls.get_sandbox(self.id)))
 
     def run(
         self,
@@ -207,7 +207,7 @@ class Sandbox(SandboxCore):
         fresh_context: bool = False,
     ) -> Generator[StreamEvent, None, None]:
         """Like ``run``, yielding OutputEvents as they come, then the RunResult."""
-        call = wire.run_code(
+        call = calls.run_code(
             self.id,
             code,
             timeout=timeout,
@@ -247,7 +247,7 @@ class Sandbox(SandboxCore):
         stdin: bytes | str | None = None,
     ) -> Generator[StreamEvent, None, None]:
         """Like ``exec``, yielding OutputEvents as they come, then the RunResult."""
-        call = wire.exec_command(
+        call = calls.exec_command(
             self.id,
             command,
             timeout=timeout,
@@ -260,19 +260,19 @@ class Sandbox(SandboxCore):
 
     def pause(self) -> SandboxInfo:
         """Save the sandbox to disk and stop its VM (files and memory kept; the ttl stops)."""
-        return self._remember(self._http.json(wire.pause_sandbox(self.id)))
+        return self._remember(self._http.json(calls.pause_sandbox(self.id)))
 
     def resume(self) -> SandboxInfo:
         """Start a paused sandbox again where it was; its ttl starts over."""
-        return self._remember(self._http.json(wire.resume_sandbox(self.id)))
+        return self._remember(self._http.json(calls.resume_sandbox(self.id)))
 
     def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""
-        return self._remember(self._http.json(wire.set_ttl(self.id, ttl)))
+        return self._remember(self._http.json(calls.set_ttl(self.id, ttl)))
 
     def delete(self) -> None:
         """Destroy the sandbox: its VM, disk and saved state."""
-        self._http.json(wire.delete_sandbox(self.id))
+        self._http.json(calls.delete_sandbox(self.id))
 
     def close(self) -> None:
         """Close the connection to the daemon; the sandbox itself lives on (safe twice)."""
@@ -301,7 +301,7 @@ class Files:
     def write(self, path: str, data: bytes | str | BinaryIO) -> FileInfo:
         """Write a file from bytes, text (UTF-8) or a binary file object (streamed)."""
         box = self._sandbox
-        return wire.parse_file_info(box._http.json(wire.write_file(box.id, path), body_of(data)))
+        return calls.parse_file_info(box._http.json(calls.write_file(box.id, path), body_of(data)))
 
     def read(self, path: str) -> bytes:
         """A file's whole content."""
@@ -309,7 +309,7 @@ class Files:
 
     def read_stream(self, path: str) -> Generator[bytes, None, None]:
         """A file's content in chunks as they arrive."""
-        return self._sandbox._http.chunks(wire.read_file(self._sandbox.id, path))
+        return self._sandbox._http.chunks(calls.read_file(self._sandbox.id, path))
 
     def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileInfo:
         """Copy a local file into the sandbox, in chunks."""
@@ -326,19 +326,19 @@ class Files:
     def list(self, path: str = ".") -> builtins.list[FileInfo]:
         """The entries of a directory."""
         box = self._sandbox
-        return wire.parse_entries(box._http.json(wire.list_files(box.id, path)))
+        return calls.parse_entries(box._http.json(calls.list_files(box.id, path)))
 
     def stat(self, path: str) -> FileInfo:
         """Facts about one file or directory; FileNotFound if there is none."""
         box = self._sandbox
-        return wire.parse_file_info(box._http.json(wire.stat_file(box.id, path)))
+        return calls.parse_file_info(box._http.json(calls.stat_file(box.id, path)))
 
     def mkdir(self, path: str) -> FileInfo:
         """Create a directory and its parents."""
         box = self._sandbox
-        return wire.parse_file_info(box._http.json(wire.make_dir(box.id, path)))
+        return calls.parse_file_info(box._http.json(calls.make_dir(box.id, path)))
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Remove a file, or with ``recursive`` a directory and everything in it."""
         box = self._sandbox
-        box._http.json(wire.remove_file(box.id, path, recursive))
+        box._http.json(calls.remove_file(box.id, path, recursive))

@@ -1,8 +1,8 @@
 """The daemon's HTTP API (FastAPI): a thin adapter over ``fission.core.service.Service``.
 
 ``POST /v1/run`` streams a one-shot run as newline-delimited JSON or server-sent events (see
-``fission.wire``); the machine is taken from the pool before the response starts, so ``Busy``
-is a plain 429. ``/v1/sandboxes`` holds persistent sandboxes (``sandboxes_api``).
+``fission.api.run_stream``); the machine is taken from the pool before the response starts,
+so ``Busy`` is a plain 429. ``/v1/sandboxes`` holds persistent sandboxes (``sandboxes_api``).
 ``GET /v1/pools`` shows the pools, ``GET /v1/health`` answers when the daemon is up (and needs
 no key). The OpenAPI document is at ``/openapi.json``, its pages at ``/docs``. Errors are
 ``{"error": {"code": slug, "message": text}}`` with the status of the error class.
@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fission import __version__
 from fission.agent.client import OutputSink
-from fission.auth.audit import LOCAL
+from fission.api.run_stream import error_body
+from fission.auth.audit_log import LOCAL
 from fission.core.service import Service
 from fission.core.spec import RunResult
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
@@ -30,7 +31,6 @@ from fission.server.auth import Gatekeeper, Who
 from fission.server.models import RunRequest
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.streaming import streaming_response, wants_sse
-from fission.wire import error_body
 
 
 def create_app(

@@ -33,7 +33,7 @@ from fission import __version__
 from fission.agent.client import OutputSink
 from fission.api import fission_pb2 as pb
 from fission.api import fission_pb2_grpc as pb_grpc
-from fission.auth.audit import LOCAL
+from fission.auth.audit_log import LOCAL
 from fission.core.sandboxes import SandboxManager
 from fission.core.service import Service
 from fission.core.spec import RunResult

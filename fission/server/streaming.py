@@ -1,4 +1,4 @@
-"""Streaming a run to an HTTP client as NDJSON or server-sent events (see ``fission.wire``)."""
+"""Streaming a run to an HTTP client as NDJSON or server-sent events (``api.run_stream``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from fission.agent.client import OutputSink
+from fission.api.run_stream import error_body, output_line, result_line
 from fission.core.spec import RunResult
 from fission.errors import FissionError
-from fission.wire import error_body, output_line, result_line
 
 Work = Callable[[OutputSink], Awaitable[RunResult]]
 NDJSON = "application/x-ndjson"

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fission.errors import Busy, VMStartFailed
-from fission.vmm import cgroups, jail
+from fission.vmm import cgroups, jail_plan
 from fission.vmm.base import VMConfig
-from fission.vmm.jail import Decision, HostFacts, JailPlan, Placement
+from fission.vmm.jail_plan import Decision, HostFacts, JailPlan, Placement
 
 log = logging.getLogger("fission.jail")
 SLOT_DIR = Path("/run/fission/jail")
@@ -69,7 +69,7 @@ def host_facts(qemu: str | None = None) -> HostFacts:
 
 def decision() -> Decision:
     """Whether this process jails its VMs (``FISSION_JAIL`` and the host), logged once."""
-    result = jail.decide(jail.jail_setting(), host_facts())
+    result = jail_plan.decide(jail_plan.jail_setting(), host_facts())
     _log_once(result)
     return result
 
@@ -140,7 +140,7 @@ class SlotLease:
     fd: int | None
 
     @classmethod
-    def acquire(cls, directory: Path = SLOT_DIR, slots: int = jail.JAIL_SLOTS) -> SlotLease:
+    def acquire(cls, directory: Path = SLOT_DIR, slots: int = jail_plan.JAIL_SLOTS) -> SlotLease:
         """Take a free slot (starting at a random one); Busy when all are taken."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         start = secrets.randbelow(slots)
@@ -172,8 +172,8 @@ def open_template_ram(memory: Path, readonly: bool) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # one process opens it up at a time
         st = os.fstat(fd)
-        if st.st_gid != jail.TEMPLATE_RAM_GID or stat.S_IMODE(st.st_mode) != mode:
-            os.fchown(fd, -1, jail.TEMPLATE_RAM_GID)
+        if st.st_gid != jail_plan.TEMPLATE_RAM_GID or stat.S_IMODE(st.st_mode) != mode:
+            os.fchown(fd, -1, jail_plan.TEMPLATE_RAM_GID)
             os.fchmod(fd, mode)
             stamp.unlink(missing_ok=True)
             st = os.fstat(fd)
@@ -211,7 +211,7 @@ class Jail:
         lease = SlotLease.acquire()
         try:
             place = placement(config)
-            plan = jail.plan_vm(config, qemu, accel, facts, lease.slot, place, tb_size_mb)
+            plan = jail_plan.plan_vm(config, qemu, accel, facts, lease.slot, place, tb_size_mb)
         except BaseException:
             lease.release()
             raise
@@ -223,11 +223,11 @@ class Jail:
         facts = host_facts(qemu)
         lease = SlotLease.acquire()
         try:
-            seen = jail.Exposure(read_only=(kernel, initramfs), read_write=(workdir,))
+            seen = jail_plan.Exposure(read_only=(kernel, initramfs), read_write=(workdir,))
             _, options = mount_of(workdir)
             place = Placement(workdir_nodev="nodev" in options)
             vm_id = f"probe-{secrets.token_hex(4)}"
-            plan = jail.plan(
+            plan = jail_plan.plan(
                 vm_id, qemu, seen, workdir, "kvm", PROBE_MEMORY_MB, 1, facts, lease.slot, place, 0
             )
         except BaseException:
@@ -280,7 +280,7 @@ class Jail:
 
     def wrap(self, argv: list[str]) -> list[str]:
         """The jailed command line for QEMU's ``argv``."""
-        return jail.jail_argv(self.plan, self.facts, argv)
+        return jail_plan.jail_argv(self.plan, self.facts, argv)
 
     def join_cgroups(self) -> None:
         """In the child before exec: enter the VM's cgroups (so no instant runs outside them)."""

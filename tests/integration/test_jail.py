@@ -28,7 +28,7 @@ from fission.core.machines import Machine, detect_host, exec_request, start_mach
 from fission.core.orchestrator import boot, clone_config, run_in_vm
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
-from fission.vmm import cgroups, jail, jailer
+from fission.vmm import cgroups, jail_plan, jailer
 from fission.vmm.qemu import QemuVM, qemu_binary
 from tests.integration.conftest import fission_cli
 
@@ -79,8 +79,8 @@ async def test_qemu_runs_as_an_unprivileged_uid_without_capabilities(clone: Mach
     facts = status(vmm_pid(clone.vm))
     uid = str(box.plan.uid)
     assert facts["Uid"].split() == [uid] * 4 and facts["Gid"].split() == [uid] * 4
-    assert int(uid) >= jail.JAIL_ID_BASE
-    assert facts["Groups"].split() == [str(jail.TEMPLATE_RAM_GID)]  # a clone maps template RAM
+    assert int(uid) >= jail_plan.JAIL_ID_BASE
+    assert facts["Groups"].split() == [str(jail_plan.TEMPLATE_RAM_GID)]  # a clone maps template RAM
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(facts[caps], 16) == 0, caps
     assert facts["NoNewPrivs"] == "1"
@@ -96,7 +96,7 @@ async def test_qemu_has_its_own_namespaces(clone: Machine) -> None:
     assert len([p for p in os.listdir(f"/proc/{pid}/root/proc") if p.isdigit()]) == 2
 
 
-def jail_tree(pid: int, plan: jail.JailPlan) -> tuple[set[Path], set[Path]]:
+def jail_tree(pid: int, plan: jail_plan.JailPlan) -> tuple[set[Path], set[Path]]:
     """Directories and files of a jailed process's root, not descending into /usr, /proc,
     /dev or bound directories."""
     root = Path(f"/proc/{pid}/root")
@@ -177,10 +177,10 @@ async def test_qemu_sits_in_a_cgroup_sized_from_the_vm(clone: Machine) -> None:
         members = cgroups.pids(directory)
         assert pid in members and clone.vm.pid in members  # bwrap too: joined before exec
     guest = clone.vm.config.memory_mb
-    expected = (guest + jail.QEMU_BASE_MB + 128) * jail.MIB
+    expected = (guest + jail_plan.QEMU_BASE_MB + 128) * jail_plan.MIB
     assert box.plan.limits.memory_bytes == expected
     assert int(cgroup_value(dirs, "memory.max", "memory.limit_in_bytes")) == expected
-    assert int(cgroup_value(dirs, "pids.max")) == jail.PIDS_BASE + 1
+    assert int(cgroup_value(dirs, "pids.max")) == jail_plan.PIDS_BASE + 1
     quota = cgroup_value(dirs, "cpu.max", "cpu.cfs_quota_us").split()[0]
     assert int(quota) == 125_000
     assert Path(f"/proc/{pid}/cgroup").read_text().count(f"vm-{clone.vm.config.vm_id}") == len(dirs)
@@ -218,8 +218,8 @@ async def test_a_template_is_built_jailed_and_cloned(tmp_path: Path) -> None:
     finally:
         await machine.destroy()
     assert (snap.memory.stat().st_gid, snap.memory.stat().st_mode & 0o777) == (
-        jail.TEMPLATE_RAM_GID,
-        0o640 if jail.private_readonly_ram(the_jail(machine.vm).facts.qemu_version) else 0o660,
+        jail_plan.TEMPLATE_RAM_GID,
+        0o640 if jail_plan.private_readonly_ram(the_jail(machine.vm).facts.qemu_version) else 0o660,
     )
 
 
@@ -292,7 +292,7 @@ def test_reconcile_removes_the_cgroups_a_crash_left(tmp_path: Path) -> None:
     layout = cgroups.detect_layout()
     if not layout.hierarchies:
         pytest.skip("no cgroup controllers here")
-    limits = jail.cgroup_limits(64, 1, "tcg", 128)
+    limits = jail_plan.cgroup_limits(64, 1, "tcg", 128)
     dirs = [cgroups.create(h, "deadbeef0001", limits) for h in layout.hierarchies]
     code = "import sys, time; sys.stdout.write('in'); sys.stdout.flush(); time.sleep(60)"
     orphan = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,

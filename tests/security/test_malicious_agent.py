@@ -18,14 +18,14 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from fission.agent import protocol
 from fission.agent.client import AgentClient
-from fission.agent.protocol import FrameType
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.orchestrator import KILL_GRACE, run_in_vm
 from fission.core.spec import RunSpec
 from fission.errors import AgentProtocolError, VMError
+from fission.guest import protocol
+from fission.guest.protocol import FrameType
 
 SPEC = RunSpec(resolve_language("python"), "print(1)", Limits(timeout=2))
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from fission.agent import protocol
 from fission.agent.client import STDIN_CHUNK, AgentClient, ExecOutcome, ExecRequest, parse_exit
-from fission.agent.protocol import Frame, FrameType
 from fission.errors import AgentProtocolError, VMError
+from fission.guest import protocol
+from fission.guest.protocol import Frame, FrameType
 
 GOOD_EXIT: dict[str, Any] = {
     "exit_code": 3,

@@ -11,11 +11,9 @@ from typing import Any
 
 import pytest
 
-from fission.agent import protocol
 from fission.agent.channel import QUEUE_FRAMES, Channel
 from fission.agent.client import AgentClient, ExecOutcome, parse_exit
-from fission.agent.host_files import FileInfo, parse_file_info
-from fission.agent.protocol import Frame, FrameType
+from fission.agent.file_ops import FileInfo, parse_file_info
 from fission.errors import (
     AgentProtocolError,
     FileNotFound,
@@ -23,6 +21,8 @@ from fission.errors import (
     PathNotAllowed,
     VMError,
 )
+from fission.guest import protocol
+from fission.guest.protocol import Frame, FrameType
 from tests.unit.test_agent_client import GOOD_EXIT, FakeGuest, connected, request
 
 INFO = {"name": "f.txt", "kind": "file", "size": 5, "mode": 0o644, "mtime": 1700000000.5}

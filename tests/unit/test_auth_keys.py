@@ -388,7 +388,7 @@ def test_close_twice(store: KeyStore) -> None:
 
 
 def test_unauthorized_crosses_the_wire() -> None:
-    from fission.wire import error_body, error_from_body
+    from fission.api.run_stream import error_body, error_from_body
 
     error = error_from_body(error_body(Unauthorized("no key")))
     assert type(error) is Unauthorized

@@ -223,7 +223,7 @@ def test_threads_never_exceed_the_limit() -> None:
 
 
 def test_quota_errors_cross_the_wire() -> None:
-    from fission.wire import error_body, error_from_body
+    from fission.api.run_stream import error_body, error_from_body
 
     error = error_from_body(error_body(QuotaExceeded("over", retry_after=2.0)))
     assert type(error) is QuotaExceeded

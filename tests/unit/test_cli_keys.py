@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from fission.auth.audit import LOCAL, AuditLog
+from fission.auth.audit_log import LOCAL, AuditLog
 from fission.auth.keys import DEFAULT_MAX_SANDBOXES, DEFAULT_RATE_PER_MINUTE, KeyStore
 from fission.cli import app
 from fission.cli.audit import parse_last, parse_since, since_from

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from fission.agent import context
-from fission.agent.context import Context, check_context_id, compile_cell, run_cell
-from fission.agent.protocol import AgentError
+from fission.guest import context
+from fission.guest.context import Context, check_context_id, compile_cell, run_cell
+from fission.guest.protocol import AgentError
 
 
 def namespace() -> dict[str, Any]:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fission.agent.guest import DEFAULT_PATH, SANDBOX_HOME, build_env
+from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, build_env
 from fission.images.store import AGENT_FILES
 
-AGENT_DIR = Path(__file__).resolve().parents[2] / "fission" / "agent"
-# Modules shipped beside guest.py in the image; the agent imports them by bare name when run
+AGENT_DIR = Path(__file__).resolve().parents[2] / "fission" / "guest"
+# Modules shipped beside agent.py in the image; the agent imports them by bare name when run
 # as a script and relatively when imported as a package.
 SHIPPED = {name.removesuffix(".py") for name in AGENT_FILES}
 
@@ -48,7 +48,7 @@ def test_the_import_check_catches_third_party_and_package_imports() -> None:
     assert non_stdlib("from .helpers import x") == {"helpers"}
 
 
-@pytest.mark.parametrize("name", ["guest.py", "protocol.py"])
+@pytest.mark.parametrize("name", ["agent.py", "protocol.py"])
 def test_guest_and_protocol_import_only_the_standard_library(name: str) -> None:
     assert non_stdlib((AGENT_DIR / name).read_text()) == set()
 

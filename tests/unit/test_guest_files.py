@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from fission.agent import files, protocol
-from fission.agent.files import FileOps, display_path, error_for, split_path
-from fission.agent.protocol import AgentError, FrameType
+from fission.guest import files, protocol
+from fission.guest.files import FileOps, display_path, error_for, split_path
+from fission.guest.protocol import AgentError, FrameType
 
 ROOTS = ("/home/sandbox", "/tmp", "/data")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from fission.errors import InvalidInput, NotReady, VMStartFailed
-from fission.vmm import cgroups, jail, jailer
+from fission.vmm import cgroups, jail_plan, jailer
 from fission.vmm.base import VMConfig
 from fission.vmm.cgroups import CgroupLimits, Hierarchy, Layout
-from fission.vmm.jail import HostFacts, Placement
+from fission.vmm.jail_plan import HostFacts, Placement
 from fission.vmm.qemu import TCG_TB_SIZE_MB, qemu_argv
 
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -70,12 +70,12 @@ def clone(**changes: object) -> VMConfig:
 
 
 def plan_of(cfg: VMConfig, accel: str = "tcg", slot: int = 7, place: Placement | None = None,
-            **fact_changes: object) -> jail.JailPlan:
-    return jail.plan_vm(cfg, QEMU, accel, facts(**fact_changes), slot, place or Placement(),
+            **fact_changes: object) -> jail_plan.JailPlan:
+    return jail_plan.plan_vm(cfg, QEMU, accel, facts(**fact_changes), slot, place or Placement(),
                         TCG_TB_SIZE_MB)
 
 
-def binds(plan: jail.JailPlan) -> dict[Path, str]:
+def binds(plan: jail_plan.JailPlan) -> dict[Path, str]:
     return {bind.dest: bind.kind for bind in plan.binds}
 
 
@@ -85,18 +85,18 @@ def binds(plan: jail.JailPlan) -> dict[Path, str]:
 @pytest.mark.parametrize(("raw", "value"), [("", "auto"), ("ON", "on"), (" off ", "off")])
 def test_jail_setting_reads_fission_jail(raw: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_JAIL", raw)
-    assert jail.jail_setting() == value
+    assert jail_plan.jail_setting() == value
 
 
 def test_jail_setting_rejects_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_JAIL", "maybe")
     with pytest.raises(InvalidInput, match="auto, on or off"):
-        jail.jail_setting()
+        jail_plan.jail_setting()
 
 
 def test_auto_jails_as_root_with_the_tools() -> None:
-    assert jail.decide("auto", facts()).enabled
-    assert not jail.decide("off", facts()).enabled
+    assert jail_plan.decide("auto", facts()).enabled
+    assert not jail_plan.decide("off", facts()).enabled
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,13 @@ def test_auto_jails_as_root_with_the_tools() -> None:
     ],
 )
 def test_auto_runs_unjailed_and_says_why(changes: dict[str, object], reason: str) -> None:
-    decision = jail.decide("auto", facts(**changes))
+    decision = jail_plan.decide("auto", facts(**changes))
     assert not decision.enabled and reason in decision.reason
 
 
 def test_on_refuses_to_run_unjailed() -> None:
     with pytest.raises(NotReady, match="FISSION_JAIL=on"):
-        jail.decide("on", facts(euid=1000))
+        jail_plan.decide("on", facts(euid=1000))
 
 
 # -- ids ----------------------------------------------------------------------------------------
@@ -122,11 +122,11 @@ def test_on_refuses_to_run_unjailed() -> None:
 
 def test_each_slot_is_its_own_unprivileged_uid_and_gid() -> None:
     plan = plan_of(config(), slot=7)
-    assert (plan.uid, plan.gid) == (jail.JAIL_ID_BASE + 7, jail.JAIL_ID_BASE + 7)
+    assert (plan.uid, plan.gid) == (jail_plan.JAIL_ID_BASE + 7, jail_plan.JAIL_ID_BASE + 7)
     assert plan.groups == ()  # a cold boot needs no group
     assert plan_of(config(), slot=8).uid != plan.uid
     with pytest.raises(ValueError):
-        plan_of(config(), slot=jail.JAIL_SLOTS)
+        plan_of(config(), slot=jail_plan.JAIL_SLOTS)
 
 
 # -- what the root holds ------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_a_clone_maps_the_template_ram_through_the_template_group() -> None:
     assert binds(plan)[SNAP / "memory"] == "rw"
     assert binds(plan)[SNAP / "scratch.ext4"] == "ro"
     assert SNAP / "state" not in binds(plan)  # handed over as a descriptor, never opened by QEMU
-    assert plan.groups == (jail.TEMPLATE_RAM_GID,)
+    assert plan.groups == (jail_plan.TEMPLATE_RAM_GID,)
     assert plan.template_ram == SNAP / "memory" and not plan.readonly_ram
     assert SNAP / "memory" not in plan.lend  # never owned by a VM
 
@@ -170,7 +170,7 @@ def test_a_clone_on_qemu_8_2_maps_the_template_ram_read_only() -> None:
                          [("7.2.22", False), ("8.1.5", False), ("8.2.0", True), ("10.0", True),
                           ("", False), ("garbage", False)])
 def test_private_readonly_ram_needs_qemu_8_2(version: str, expected: bool) -> None:
-    assert jail.private_readonly_ram(version) is expected
+    assert jail_plan.private_readonly_ram(version) is expected
 
 
 def test_a_template_writes_its_ram_and_disk_lent_to_its_uid() -> None:
@@ -199,7 +199,7 @@ def test_parent_directories_are_made_and_nothing_under_usr_is_bound_twice() -> N
     assert plan.dirs[:2] == (Path("/cache"), Path("/run"))
     assert Path("/cache/fission/images") in plan.dirs and Path("/run/fission") in plan.dirs
     assert all(d not in binds(plan) for d in plan.dirs)
-    other = jail.plan_vm(config(), "/opt/qemu/bin/qemu", "tcg", facts(), 1, Placement(), 128)
+    other = jail_plan.plan_vm(config(), "/opt/qemu/bin/qemu", "tcg", facts(), 1, Placement(), 128)
     assert binds(other)[Path("/opt/qemu/bin/qemu")] == "ro"
 
 
@@ -222,24 +222,24 @@ def test_kvm_is_only_in_the_jail_under_kvm() -> None:
 
 
 def test_memory_limit_is_guest_ram_plus_qemu_plus_the_tcg_buffer() -> None:
-    tcg = jail.cgroup_limits(352, 1, "tcg", 128)
-    kvm = jail.cgroup_limits(352, 1, "kvm", 128)
-    assert tcg.memory_bytes == (352 + jail.QEMU_BASE_MB + 128) * jail.MIB
-    assert kvm.memory_bytes == (352 + jail.QEMU_BASE_MB) * jail.MIB
-    on_tmpfs = jail.cgroup_limits(352, 1, "tcg", 128, tmpfs_disk_bytes=512 * jail.MIB)
-    assert on_tmpfs.memory_bytes == tcg.memory_bytes + 512 * jail.MIB
+    tcg = jail_plan.cgroup_limits(352, 1, "tcg", 128)
+    kvm = jail_plan.cgroup_limits(352, 1, "kvm", 128)
+    assert tcg.memory_bytes == (352 + jail_plan.QEMU_BASE_MB + 128) * jail_plan.MIB
+    assert kvm.memory_bytes == (352 + jail_plan.QEMU_BASE_MB) * jail_plan.MIB
+    on_tmpfs = jail_plan.cgroup_limits(352, 1, "tcg", 128, tmpfs_disk_bytes=512 * jail_plan.MIB)
+    assert on_tmpfs.memory_bytes == tcg.memory_bytes + 512 * jail_plan.MIB
 
 
 def test_pids_and_cpu_follow_the_vcpus() -> None:
-    one, four = jail.cgroup_limits(352, 1, "tcg", 128), jail.cgroup_limits(352, 4, "tcg", 128)
+    one, four = jail_plan.cgroup_limits(352, 1, "tcg", 128), jail_plan.cgroup_limits(352, 4, "tcg", 128)
     assert four.pids - one.pids == 3 and one.pids >= 64 + 1 + 2  # I/O pool, vCPU, bwrap
     assert (one.cpu_quota_us, one.cpu_period_us) == (125_000, 100_000)
     assert four.cpu_quota_us == 425_000
 
 
 def test_a_vm_on_tmpfs_gets_its_disk_in_its_memory_limit() -> None:
-    plan = plan_of(config(), place=Placement(disk_on_tmpfs=True, disk_bytes=512 * jail.MIB))
-    assert plan.limits.memory_bytes == (352 + 64 + 128 + 512) * jail.MIB
+    plan = plan_of(config(), place=Placement(disk_on_tmpfs=True, disk_bytes=512 * jail_plan.MIB))
+    assert plan.limits.memory_bytes == (352 + 64 + 128 + 512) * jail_plan.MIB
 
 
 def test_cgroup_settings_per_version() -> None:
@@ -281,7 +281,7 @@ def test_jail_argv_unshares_drops_and_then_runs_qemu() -> None:
     cfg = clone()
     plan = plan_of(cfg)
     inner = qemu_argv(QEMU, cfg, "tcg")
-    argv = jail.jail_argv(plan, facts(), inner)
+    argv = jail_plan.jail_argv(plan, facts(), inner)
     split = argv.index("--")
     bwrap, setpriv = argv[:split], argv[split + 1 :]
     for flag in ("--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
@@ -289,13 +289,13 @@ def test_jail_argv_unshares_drops_and_then_runs_qemu() -> None:
         assert flag in bwrap
     assert "--unshare-user" not in bwrap  # a user namespace would map the jail's uid to root
     assert bwrap[bwrap.index("--cap-drop") + 1] == "ALL"
-    assert [bwrap[i + 1] for i, a in enumerate(bwrap) if a == "--cap-add"] == list(jail.SETPRIV_CAPS)
+    assert [bwrap[i + 1] for i, a in enumerate(bwrap) if a == "--cap-add"] == list(jail_plan.SETPRIV_CAPS)
     assert bwrap.index("--remount-ro") > max(i for i, a in enumerate(bwrap) if a == "--bind")
     assert setpriv[:8] == [
         "/usr/bin/setpriv",
         f"--reuid={plan.uid}",
         f"--regid={plan.gid}",
-        f"--groups={jail.TEMPLATE_RAM_GID}",
+        f"--groups={jail_plan.TEMPLATE_RAM_GID}",
         "--inh-caps=-all",
         "--bounding-set=-all",
         "--no-new-privs",
@@ -308,13 +308,13 @@ def test_jail_argv_unshares_drops_and_then_runs_qemu() -> None:
 
 
 def test_jail_argv_clears_groups_without_a_template() -> None:
-    argv = jail.jail_argv(plan_of(config()), facts(), ["qemu"])
+    argv = jail_plan.jail_argv(plan_of(config()), facts(), ["qemu"])
     assert "--clear-groups" in argv
 
 
 def test_jail_argv_needs_the_tools() -> None:
     with pytest.raises(NotReady):
-        jail.jail_argv(plan_of(config()), facts(bwrap=None), ["qemu"])
+        jail_plan.jail_argv(plan_of(config()), facts(bwrap=None), ["qemu"])
 
 
 # -- cgroup layout from /proc -------------------------------------------------------------------
@@ -416,7 +416,7 @@ def test_template_ram_is_opened_to_the_group_once_and_then_checked(tmp_path: Pat
     memory.write_bytes(b"ram")
     jailer.open_template_ram(memory, readonly=False)
     st = memory.stat()
-    assert (st.st_gid, st.st_mode & 0o777) == (jail.TEMPLATE_RAM_GID, 0o660)
+    assert (st.st_gid, st.st_mode & 0o777) == (jail_plan.TEMPLATE_RAM_GID, 0o660)
     jailer.open_template_ram(memory, readonly=False)  # unchanged: fine
     with memory.open("r+b") as f:  # a VM writes the template's RAM
         f.write(b"RAM")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fission.agent import protocol
-from fission.agent.protocol import HEADER_SIZE, Frame, FrameDecoder, FrameType, ProtocolError
+from fission.guest import protocol
+from fission.guest.protocol import HEADER_SIZE, Frame, FrameDecoder, FrameType, ProtocolError
 
 MAX = 1024
 

@@ -92,7 +92,7 @@ def test_every_recipe_has_its_own_key() -> None:
 
 
 def test_images_that_clone_have_git() -> None:
-    from fission.core.jobs import GIT_IMAGES
+    from fission.core.provision import GIT_IMAGES
     from fission.images.recipes import RECIPES
 
     for image in GIT_IMAGES:

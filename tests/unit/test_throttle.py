@@ -59,8 +59,8 @@ async def test_the_channel_reads_a_flood_no_faster_than_its_throttle() -> None:
     import socket
     import time
 
-    from fission.agent import protocol
     from fission.agent.channel import Channel
+    from fission.guest import protocol
 
     host, guest = socket.socketpair()
     reader, writer = await asyncio.open_unix_connection(sock=host)

@@ -12,17 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fission.agent import zygote
-from fission.core import snapshots
-from fission.core.journal import Journal, process_start_time
-from fission.core.limits import Limits
-from fission.core.pool import MemoryBudget, WarmPool
-from fission.core.spec import RunResult
-from fission.errors import Busy, InvalidInput, LimitOutOfRange, UnknownLanguage
-from fission.images.store import ImageSet
-from fission.server.daemon import build_config, parse_pool_flags
-from fission.vmm import jailer
-from fission.wire import (
+from fission.api.run_stream import (
     error_body,
     error_from_body,
     output_bytes,
@@ -30,6 +20,16 @@ from fission.wire import (
     result_from_lines,
     result_line,
 )
+from fission.core import snapshots
+from fission.core.journal import Journal, process_start_time
+from fission.core.limits import Limits
+from fission.core.pool import MemoryBudget, WarmPool
+from fission.core.spec import RunResult
+from fission.errors import Busy, InvalidInput, LimitOutOfRange, UnknownLanguage
+from fission.guest import zygote
+from fission.images.store import ImageSet
+from fission.server.daemon import build_config, parse_pool_flags
+from fission.vmm import jailer
 
 
 def test_snapshot_fits_only_the_template_shape() -> None:
@@ -212,7 +212,7 @@ def test_exit_code_of_system_exit(code: object, expected: int) -> None:
 
 
 def test_zygote_modules_from_the_kernel_command_line() -> None:
-    from fission.agent.guest import zygote_modules
+    from fission.guest.agent import zygote_modules
 
     assert zygote_modules("quiet fission.zygote=numpy,pandas x=1") == ["numpy", "pandas"]
     assert zygote_modules("fission.zygote=none") == []

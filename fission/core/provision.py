@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from fission.agent.client import OutputSink
 from fission.core import derived, orchestrator
-from fission.core.auditing import audit_local_egress
+from fission.core.audit_events import audit_local_egress
 from fission.core.languages import Language
 from fission.core.limits import Limits
 from fission.core.machines import Machine

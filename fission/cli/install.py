@@ -35,9 +35,9 @@ def install_command(
     as_json: Json = False,
 ) -> None:
     """Install PACKAGES in a sandbox (cached per package set), then run COMMAND."""
-    from fission.core.jobs import install
     from fission.core.languages import resolve_language
     from fission.core.limits import Limits
+    from fission.core.provision import install
 
     limits = Limits(timeout=timeout)
     on_output = None if as_json else LiveOutput()
@@ -73,9 +73,9 @@ def repo_command(
     as_json: Json = False,
 ) -> None:
     """Clone SOURCE (or copy a local directory in), then run COMMAND in it."""
-    from fission.core.jobs import repo
     from fission.core.languages import resolve_language
     from fission.core.limits import Limits
+    from fission.core.provision import repo
 
     limits = Limits(timeout=timeout)
     on_output = None if as_json else LiveOutput()

@@ -2,7 +2,7 @@
 
 Nothing here does I/O. Each API operation is a function returning a ``Call``; the transports
 (``_http``) send it. Error bodies map to the ``fission.errors`` classes through
-``fission.wire.error_from_body``, the same table the server encodes them with::
+``fission.api.run_stream.error_from_body``, the same table the server encodes them with::
 
     {"error": {"code": "sandbox_not_found", "message": ...}}  ->  SandboxNotFound(message)
     streamed {"type": "error", "code": ..., "message": ...}    ->  the class of that code
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from fission.api.run_stream import error_from_body, output_bytes, result_from_lines
 from fission.errors import FissionError, QuotaExceeded
 from fission.sdk._models import FileInfo, OutputEvent, RunResult, SandboxInfo
-from fission.wire import error_from_body, output_bytes, result_from_lines
 
 CHUNK_SIZE = 1024 * 1024  # file transfers move in pieces of this many bytes
 PAGE_SIZE = 100

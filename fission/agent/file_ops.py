@@ -16,9 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fission.agent import files, protocol
 from fission.agent.channel import Channel
-from fission.agent.protocol import FrameType
 from fission.errors import (
     AgentProtocolError,
     FileNotFound,
@@ -27,6 +25,8 @@ from fission.errors import (
     PathNotAllowed,
     VMError,
 )
+from fission.guest import files, protocol
+from fission.guest.protocol import FrameType
 
 KINDS = ("file", "dir", "symlink", "other")
 MAX_NAME = 1024  # characters; a guest file name is at most 255 bytes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fission.auth.audit import (
+from fission.auth.audit_log import (
     LOCAL,
     AuditLog,
     describe_code,

@@ -8,11 +8,11 @@ import socket
 
 import pytest
 
-from fission.agent import protocol
 from fission.agent.channel import Channel
-from fission.agent.protocol import Frame, FrameType
-from fission.agent.tunnel import GuestTunnel
-from fission.net.tunnel import HostTunnel, TunnelStream
+from fission.agent.tunnel_streams import HostTunnel, TunnelStream
+from fission.guest import protocol
+from fission.guest.protocol import Frame, FrameType
+from fission.guest.tunnel import GuestTunnel
 
 
 def free_port() -> int:

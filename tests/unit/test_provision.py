@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from fission.core.jobs import (
+from fission.core.languages import resolve_language
+from fission.core.provision import (
     check_packages,
     install_script,
     local_uploads,
     repo_script,
     url_host,
 )
-from fission.core.languages import resolve_language
 from fission.core.transfers import parse_download, parse_upload
 from fission.errors import InvalidInput
 
@@ -72,7 +72,7 @@ def test_transfer_specs(tmp_path: Path) -> None:
 
 
 async def test_cloning_needs_an_image_with_git() -> None:
-    from fission.core.jobs import repo
+    from fission.core.provision import repo
 
     with pytest.raises(InvalidInput, match="git"):
         await repo(resolve_language("bash"), "http://127.0.0.1:1/r.git", "true")

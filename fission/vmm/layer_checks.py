@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fission.config import cache_dir, runtime_dir
 from fission.errors import FissionError
-from fission.vmm import accel, cgroups, jail, jailer
+from fission.vmm import accel, cgroups, jail_plan, jailer
 from fission.vmm.qemu import SANDBOX_OPTS, TCG_TB_SIZE_MB, qemu_binary, qemu_version
 
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
@@ -145,7 +145,7 @@ def _status(pid: int | str) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
-def check_tools(facts: jail.HostFacts) -> Layer:
+def check_tools(facts: jail_plan.HostFacts) -> Layer:
     """bubblewrap and setpriv, which build the jail."""
     missing = [p for p in facts.problems() if "not installed" in p]
     if missing:
@@ -161,10 +161,10 @@ def check_tools(facts: jail.HostFacts) -> Layer:
     return Layer("jail tools (bwrap, setpriv)", True, f"{version}, {facts.setpriv}")
 
 
-def check_setting(facts: jail.HostFacts) -> Layer:
+def check_setting(facts: jail_plan.HostFacts) -> Layer:
     """What FISSION_JAIL decides on this host."""
     try:
-        decision = jail.decide(jail.jail_setting(), facts)
+        decision = jail_plan.decide(jail_plan.jail_setting(), facts)
     except FissionError as exc:
         return Layer("jail (FISSION_JAIL)", False, exc.message, "fix what it names")
     fix = "" if decision.enabled else "run as root with bwrap and setpriv, FISSION_JAIL=auto"
@@ -187,7 +187,7 @@ def parse_probe(stdout: str) -> dict[str, str]:
     return found
 
 
-def jail_smoke(facts: jail.HostFacts) -> tuple[dict[str, str], int, Path] | str:
+def jail_smoke(facts: jail_plan.HostFacts) -> tuple[dict[str, str], int, Path] | str:
     """Run a shell in a real jail: what it saw, its expected uid and its directory (or why not)."""
     if facts.problems():
         return "; ".join(facts.problems())
@@ -195,8 +195,8 @@ def jail_smoke(facts: jail.HostFacts) -> tuple[dict[str, str], int, Path] | str:
     lease = jailer.SlotLease.acquire()
     box = None
     try:
-        seen = jail.Exposure(read_write=(workdir,))
-        plan = jail.plan(
+        seen = jail_plan.Exposure(read_write=(workdir,))
+        plan = jail_plan.plan(
             f"doctor-{secrets.token_hex(4)}",
             "/usr/bin/true",
             seen,
@@ -206,7 +206,7 @@ def jail_smoke(facts: jail.HostFacts) -> tuple[dict[str, str], int, Path] | str:
             1,
             facts,
             lease.slot,
-            jail.Placement(),
+            jail_plan.Placement(),
             TCG_TB_SIZE_MB,
         )
         box = jailer.Jail.set_up(plan, lease, facts)
@@ -234,7 +234,7 @@ def jail_smoke(facts: jail.HostFacts) -> tuple[dict[str, str], int, Path] | str:
 SYSTEM_ROOT = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc"}
 
 
-def jail_layers(facts: jail.HostFacts) -> list[Layer]:
+def jail_layers(facts: jail_plan.HostFacts) -> list[Layer]:
     """Namespaces, the uid drop, capabilities and the new root, as a jailed shell saw them."""
     names = (
         "namespaces (" + ", ".join(NAMESPACES) + ")",
@@ -276,7 +276,7 @@ def jail_layers(facts: jail.HostFacts) -> list[Layer]:
     return [ns, who, tree]
 
 
-def check_cgroups(facts: jail.HostFacts) -> Layer:
+def check_cgroups(facts: jail_plan.HostFacts) -> Layer:
     """The cgroup version and which of memory, pids and cpu the jail can limit."""
     layout = facts.layout
     used = layout.controller_versions()
@@ -298,7 +298,7 @@ def check_cgroups(facts: jail.HostFacts) -> Layer:
 
 def check_id_range(etc: Path = Path("/etc")) -> Layer:
     """No user, group or subordinate-id range may own an id of the jail's range."""
-    low, high = jail.TEMPLATE_RAM_GID, jail.JAIL_ID_BASE + jail.JAIL_SLOTS - 1
+    low, high = jail_plan.TEMPLATE_RAM_GID, jail_plan.JAIL_ID_BASE + jail_plan.JAIL_SLOTS - 1
     clashes = []
     for path in (etc / "passwd", etc / "group"):
         with contextlib.suppress(OSError):
@@ -314,7 +314,7 @@ def check_id_range(etc: Path = Path("/etc")) -> Layer:
                     start, count = int(fields[1]), int(fields[2])
                     if start <= high and start + count > low:
                         clashes.append(f"{path}: {fields[0]}")
-    detail = f"uids/gids {jail.JAIL_ID_BASE}..{high}, template group {low}"
+    detail = f"uids/gids {jail_plan.JAIL_ID_BASE}..{high}, template group {low}"
     if clashes:
         return Layer(
             "jail id range",
@@ -328,7 +328,7 @@ def check_id_range(etc: Path = Path("/etc")) -> Layer:
 def check_template_ram(version: str) -> Layer:
     """Whether clones can map their template's RAM read-only (QEMU 8.2 and later)."""
     name = "template RAM read-only to clones"
-    if jail.private_readonly_ram(version):
+    if jail_plan.private_readonly_ram(version):
         return Layer(name, True, f"QEMU {version}: readonly=on,rom=off")
     return Layer(
         name,

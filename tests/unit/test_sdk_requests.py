@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 import fission.sdk
+from fission.api.run_stream import error_body, output_line, result_line
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec
@@ -27,13 +28,13 @@ from fission.errors import (
     SandboxNotFound,
     UnknownLanguage,
 )
-from fission.sdk import _oneshot, _wire
+from fission.sdk import _oneshot
+from fission.sdk import _requests as calls
 from fission.sdk._connection import resolve_connection
 from fission.sdk._http import SyncHTTP, converted
 from fission.sdk._local import atomic_target
 from fission.sdk._models import OutputEvent
 from fission.sdk._sync import Sandbox
-from fission.wire import error_body, output_line, result_line
 
 RESULT = RunResult(3, b"", b"", False, False, False, 0, 12.5, 0.0, 20.25)
 
@@ -55,7 +56,7 @@ def encoded(*lines: dict[str, Any]) -> list[str]:
 def test_every_error_code_maps_to_its_class(code: str) -> None:
     cls = ERRORS_BY_CODE[code]
     body = json.dumps({"error": error_body(cls("what went wrong"))}).encode()
-    found = _wire.error_from_response(cls.http_status, body, {}, "here")
+    found = calls.error_from_response(cls.http_status, body, {}, "here")
     assert type(found) is cls
     assert found.message == "what went wrong"
     assert isinstance(found, FissionError)
@@ -64,7 +65,7 @@ def test_every_error_code_maps_to_its_class(code: str) -> None:
 @pytest.mark.parametrize("code", sorted(ERRORS_BY_CODE))
 def test_every_streamed_error_maps_to_its_class(code: str) -> None:
     cls = ERRORS_BY_CODE[code]
-    assembler = _wire.RunAssembler()
+    assembler = calls.RunAssembler()
     with pytest.raises(cls, match="mid-run") as caught:
         assembler.feed(json.dumps(error_body(cls("failed mid-run"))))
     assert type(caught.value) is cls
@@ -77,7 +78,7 @@ def test_the_sdk_reexports_the_one_hierarchy() -> None:
 
 def test_an_unknown_code_is_a_plain_fission_error() -> None:
     body = b'{"error": {"code": "from_the_future", "message": "new"}}'
-    found = _wire.error_from_response(500, body, {}, "here")
+    found = calls.error_from_response(500, body, {}, "here")
     assert type(found) is FissionError and found.message == "new"
 
 
@@ -86,27 +87,27 @@ def test_an_unknown_code_is_a_plain_fission_error() -> None:
     [(502, b"<html>Bad Gateway</html>"), (404, b'{"detail": "Not Found"}'), (500, b"")],
 )
 def test_failures_without_an_error_body_name_the_status(status: int, body: bytes) -> None:
-    found = _wire.error_from_response(status, body, {}, "http://127.0.0.1:9")
+    found = calls.error_from_response(status, body, {}, "http://127.0.0.1:9")
     assert type(found) is FissionError
     assert f"HTTP {status}" in found.message and "http://127.0.0.1:9" in found.message
 
 
 def test_quota_errors_carry_retry_after() -> None:
     body = json.dumps({"error": error_body(QuotaExceeded("slow down"))}).encode()
-    found = _wire.error_from_response(429, body, {"retry-after": "7"}, "here")
+    found = calls.error_from_response(429, body, {"retry-after": "7"}, "here")
     assert isinstance(found, QuotaExceeded) and found.retry_after == 7.0
-    found = _wire.error_from_response(429, body, {}, "here")
+    found = calls.error_from_response(429, body, {}, "here")
     assert isinstance(found, QuotaExceeded) and found.retry_after is None
 
 
 def test_parse_json() -> None:
-    assert _wire.parse_json(200, b'{"ok": true}', {}, "here") == {"ok": True}
-    assert _wire.parse_json(204, b"", {}, "here") is None
+    assert calls.parse_json(200, b'{"ok": true}', {}, "here") == {"ok": True}
+    assert calls.parse_json(204, b"", {}, "here") is None
     with pytest.raises(FissionError, match="without JSON"):
-        _wire.parse_json(200, b"not json", {}, "here")
+        calls.parse_json(200, b"not json", {}, "here")
     body = json.dumps({"error": error_body(SandboxNotFound("gone"))}).encode()
     with pytest.raises(SandboxNotFound, match="gone"):
-        _wire.parse_json(404, body, {}, "here")
+        calls.parse_json(404, body, {}, "here")
 
 
 # -- streams -------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_a_stream_becomes_events_in_order_then_the_result() -> None:
         output_line("stdout", b"two\n"),
         result_line(RESULT),
     )
-    assembler = _wire.RunAssembler()
+    assembler = calls.RunAssembler()
     events = [assembler.feed(line) for line in ["", *lines]]
     assert events[0] is None
     assert events[1:5] == [
@@ -138,24 +139,24 @@ def test_a_stream_becomes_events_in_order_then_the_result() -> None:
 )
 def test_malformed_lines_are_fission_errors(line: str) -> None:
     with pytest.raises(FissionError, match="cannot read"):
-        _wire.RunAssembler().feed(line)
+        calls.RunAssembler().feed(line)
 
 
 def test_an_unknown_line_type_is_an_error() -> None:
     with pytest.raises(FissionError, match="unknown type 'progress'"):
-        _wire.RunAssembler().feed('{"type": "progress"}')
+        calls.RunAssembler().feed('{"type": "progress"}')
 
 
 def test_callbacks_are_picked_by_stream() -> None:
     out, err = object(), object()
-    assert _wire.callback_for(OutputEvent("stdout", b""), out, err) is out
-    assert _wire.callback_for(OutputEvent("stderr", b""), out, err) is err
-    assert _wire.callback_for(OutputEvent("other", b""), out, err) is None
+    assert calls.callback_for(OutputEvent("stdout", b""), out, err) is out
+    assert calls.callback_for(OutputEvent("stderr", b""), out, err) is err
+    assert calls.callback_for(OutputEvent("other", b""), out, err) is None
 
 
 # -- requests ------------------------------------------------------------------------------------
 def test_create_body_keeps_ttl_timeout_and_limits_apart() -> None:
-    call = _wire.create_sandbox(
+    call = calls.create_sandbox(
         "python",
         ttl=600,
         timeout=5,
@@ -181,65 +182,65 @@ def test_create_body_keeps_ttl_timeout_and_limits_apart() -> None:
 
 
 def test_runs_and_commands_stream_with_their_own_deadline() -> None:
-    run = _wire.run_code(
+    run = calls.run_code(
         "sbx_1", "x", timeout=None, default_timeout=30, env=None, context="c", fresh_context=True
     )
     assert run.path == "/v1/sandboxes/sbx_1/run" and run.run_timeout == 30
-    assert run.headers["Accept"] == _wire.NDJSON
+    assert run.headers["Accept"] == calls.NDJSON
     assert run.json == {"code": "x", "timeout": None, "env": {}, "context": "c", "fresh_context": True}
-    cmd = _wire.exec_command(
+    cmd = calls.exec_command(
         "sbx_1", ["ls", "-l"], timeout=4, default_timeout=30, env={"A": "b"}, cwd="/tmp", stdin="hi"
     )
     assert cmd.run_timeout == 4 and cmd.json is not None
     assert cmd.json["command"] == ["ls", "-l"] and cmd.json["cwd"] == "/tmp"
     assert base64.b64decode(cmd.json["stdin_b64"]) == b"hi"
-    one_shot = _wire.one_shot_run("bash", "echo", {"timeout": 9.0, "memory_mb": 128}, None, b"\0")
+    one_shot = calls.one_shot_run("bash", "echo", {"timeout": 9.0, "memory_mb": 128}, None, b"\0")
     assert one_shot.json is not None and one_shot.run_timeout == 9.0
     assert one_shot.json["memory_mb"] == 128 and one_shot.json["stdin_b64"] == "AA=="
 
 
 def test_listing_params_repeat_metadata_and_carry_the_cursor() -> None:
-    call = _wire.list_sandboxes("paused", {"team": "ml", "job": "a:b"}, "123.0~sbx_1")
+    call = calls.list_sandboxes("paused", {"team": "ml", "job": "a:b"}, "123.0~sbx_1")
     assert call.params == (
-        ("limit", str(_wire.PAGE_SIZE)),
+        ("limit", str(calls.PAGE_SIZE)),
         ("state", "paused"),
         ("metadata", "team:ml"),
         ("metadata", "job:a:b"),
         ("cursor", "123.0~sbx_1"),
     )
-    assert _wire.list_sandboxes(None, None).params == (("limit", str(_wire.PAGE_SIZE)),)
+    assert calls.list_sandboxes(None, None).params == (("limit", str(calls.PAGE_SIZE)),)
 
 
 def test_ids_and_paths_are_quoted_and_sent_as_parameters() -> None:
-    assert _wire.get_sandbox("../x?y").path == "/v1/sandboxes/..%2Fx%3Fy"
-    call = _wire.remove_file("sbx_1", "a dir/f", True)
+    assert calls.get_sandbox("../x?y").path == "/v1/sandboxes/..%2Fx%3Fy"
+    call = calls.remove_file("sbx_1", "a dir/f", True)
     assert (call.method, call.path) == ("DELETE", "/v1/sandboxes/sbx_1/files")
     assert call.params == (("path", "a dir/f"), ("recursive", "true"))
-    assert _wire.make_dir("sbx_1", "d").json == {"path": "d"}
+    assert calls.make_dir("sbx_1", "d").json == {"path": "d"}
 
 
 # -- responses -----------------------------------------------------------------------------------
 def test_a_sandbox_record_reads_back_as_sandbox_info() -> None:
     spec = SandboxSpec(resolve_language("node"), ttl=90, metadata={"team": "ml"})
     record = SandboxRecord("sbx_0123", spec, None, 100.0, 190.0)
-    info = _wire.parse_sandbox(record.to_json())
+    info = calls.parse_sandbox(record.to_json())
     assert (info.id, info.language, info.state, info.ttl) == ("sbx_0123", "node", "running", 90)
     assert (info.created_at, info.expires_at, info.timeout) == (100.0, 190.0, 30.0)
     assert (info.memory_mb, info.cpus, info.disk_mb, info.metadata) == (256, 1, 512, {"team": "ml"})
-    page, cursor = _wire.parse_page({"sandboxes": [record.to_json()], "next_cursor": "c"})
+    page, cursor = calls.parse_page({"sandboxes": [record.to_json()], "next_cursor": "c"})
     assert page == [info] and cursor == "c"
     with pytest.raises(FissionError, match="cannot read"):
-        _wire.parse_sandbox({"id": "x"})
+        calls.parse_sandbox({"id": "x"})
 
 
 def test_file_facts_read_back() -> None:
-    info = _wire.parse_file_info({"path": "d/f.txt", "type": "file", "size": 3, "mode": 0o644})
+    info = calls.parse_file_info({"path": "d/f.txt", "type": "file", "size": 3, "mode": 0o644})
     assert (info.name, info.kind, info.size, info.is_dir) == ("f.txt", "file", 3, False)
-    assert _wire.parse_file_info({"path": "d/", "is_dir": True}).is_dir
-    entries = _wire.parse_entries({"entries": [{"path": "a", "name": "a", "type": "dir"}]})
+    assert calls.parse_file_info({"path": "d/", "is_dir": True}).is_dir
+    entries = calls.parse_entries({"entries": [{"path": "a", "name": "a", "type": "dir"}]})
     assert [e.name for e in entries] == ["a"] and entries[0].is_dir
     with pytest.raises(FissionError, match="cannot read"):
-        _wire.parse_file_info({"size": 1})
+        calls.parse_file_info({"size": 1})
 
 
 # -- connections ---------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_no_daemon_on_tcp_is_not_ready() -> None:
         list(Sandbox.list(url=url))
 
 
-RUN_CALL = _wire.run_code(
+RUN_CALL = calls.run_code(
     "s", "x", timeout=3, default_timeout=30, env=None, context=None, fresh_context=False
 )
 
@@ -298,14 +299,14 @@ RUN_CALL = _wire.run_code(
 @pytest.mark.parametrize(
     ("call", "raised", "expected", "message"),
     [
-        (_wire.health(), httpx.ReadTimeout("slow"), FissionError, r"request_timeout=7 s: raise"),
+        (calls.health(), httpx.ReadTimeout("slow"), FissionError, r"request_timeout=7 s: raise"),
         (RUN_CALL, httpx.ReadTimeout("slow"), FissionError, r"timeout=3 s \+ request_timeout=7"),
         (RUN_CALL, httpx.RemoteProtocolError("eof"), FissionError, r"lost the .* POST /v1/sand"),
         (RUN_CALL, httpx.ConnectError("refused"), NotReady, r"no fission daemon answers at http"),
     ],
 )
 def test_transport_errors_are_converted_in_one_place(
-    call: _wire.Call, raised: Exception, expected: type[FissionError], message: str
+    call: calls.Call, raised: Exception, expected: type[FissionError], message: str
 ) -> None:
     conn = resolve_connection("http://h:1", request_timeout=7)
     with pytest.raises(expected, match=message) as caught, converted(conn, call):
@@ -317,7 +318,7 @@ def test_a_closed_client_says_so() -> None:
     http = SyncHTTP(resolve_connection("http://h:1"))
     http.close()
     with pytest.raises(FissionError, match="closed"):
-        http.json(_wire.health())
+        http.json(calls.health())
 
 
 # -- fission.run falls back only for the local socket -------------------------------------------
@@ -422,7 +423,7 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_uploads_stream_a_file_in_chunks(tmp_path: Path) -> None:
     source = tmp_path / "big.bin"
-    source.write_bytes(os.urandom(_wire.CHUNK_SIZE * 2 + 5))
+    source.write_bytes(os.urandom(calls.CHUNK_SIZE * 2 + 5))
     received: list[bytes] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from fission.auth.audit import LOCAL, AuditLog
+from fission.auth.audit_log import LOCAL, AuditLog
 from fission.core.limits import Limits
 from fission.core.spec import RunSpec
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fission.vmm import doctor, jail, jailer
+from fission.vmm import jail_plan, jailer, layer_checks
 from fission.vmm.cgroups import Layout
 from fission.vmm.qemu import tail
 
@@ -24,7 +24,7 @@ root bin dev etc lib lib64 proc sbin tmp usr
 
 
 def test_parse_probe_reads_status_namespaces_and_root() -> None:
-    seen = doctor.parse_probe(JAILED_STATUS)
+    seen = layer_checks.parse_probe(JAILED_STATUS)
     assert seen["Uid"].split() == ["900005"] * 4
     assert seen["ns mnt"] == "mnt:[4026532177]" and seen["ns pid"] == "pid:[4026532180]"
     assert seen["root"].split()[0] == "bin" and seen["NoNewPrivs"] == "1"
@@ -34,17 +34,17 @@ def test_id_range_clashes_are_reported(tmp_path: Path) -> None:
     (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\nsvc:x:900010:900010::/:/bin/false\n")
     (tmp_path / "group").write_text("root:x:0:\n")
     (tmp_path / "subuid").write_text("alice:100000:65536\nbob:899000:2000\n")
-    layer = doctor.check_id_range(tmp_path)
+    layer = layer_checks.check_id_range(tmp_path)
     assert not layer.ok and "svc" in layer.detail and "bob" in layer.detail and "alice" not in layer.detail
     clean = tmp_path / "clean"
     clean.mkdir()
     (clean / "subuid").write_text("alice:100000:65536\n")
-    assert doctor.check_id_range(clean).ok
+    assert layer_checks.check_id_range(clean).ok
 
 
 def test_template_ram_layer_follows_the_qemu_version() -> None:
-    assert doctor.check_template_ram("8.2.0").ok
-    old = doctor.check_template_ram("7.2.22")
+    assert layer_checks.check_template_ram("8.2.0").ok
+    old = layer_checks.check_template_ram("7.2.22")
     assert not old.ok and old.fix == "QEMU 8.2 or later"
 
 
@@ -80,16 +80,16 @@ def test_give_back_restores_owner_and_mode_but_not_through_a_symlink(tmp_path: P
 
 
 def test_layers_have_a_fix_when_missing() -> None:
-    facts = jail.HostFacts(euid=1000, bwrap=None, setpriv=None, layout=Layout((), ()))
-    for layer in (doctor.check_tools(facts), doctor.check_setting(facts), doctor.check_cgroups(facts),
-                  *doctor.jail_layers(facts)):
+    facts = jail_plan.HostFacts(euid=1000, bwrap=None, setpriv=None, layout=Layout((), ()))
+    for layer in (layer_checks.check_tools(facts), layer_checks.check_setting(facts), layer_checks.check_cgroups(facts),
+                  *layer_checks.jail_layers(facts)):
         assert not layer.ok and layer.fix, layer
 
 
 @pytest.mark.parametrize("value", ["on", "off"])
 def test_setting_layer_reports_the_decision(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_JAIL", value)
-    facts = jail.HostFacts(euid=0, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv",
+    facts = jail_plan.HostFacts(euid=0, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv",
                            layout=Layout((), ()))
-    layer = doctor.check_setting(facts)
+    layer = layer_checks.check_setting(facts)
     assert layer.ok is (value == "on") and f"FISSION_JAIL={value}" in layer.detail

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from fission.agent import protocol
 from fission.agent.channel import TUNNEL_KEY, Channel
-from fission.agent.protocol import FrameType
 from fission.errors import VMError
+from fission.guest import protocol
+from fission.guest.protocol import FrameType
 
 Handler = Callable[["TunnelStream"], Awaitable[None]]
 
