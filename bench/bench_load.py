@@ -1,7 +1,7 @@
 """The daemon under sustained overload: 50 clients with mixed programs for two minutes.
 
 Starts its own ``fission serve`` (``--pool python=4`` unless told otherwise) in a fresh runtime
-and state dir, then ``--clients`` threads (default 50), each with its own ``DaemonClient``, run
+and state dir, then ``--clients`` threads (default 50), each with its own ``DaemonBackend``, run
 back to back for ``--seconds`` (default 120), each picking a program at random:
 
 * 60% ``print(42)``;
@@ -37,13 +37,13 @@ from benchlib import Row, append_section, fission_cli, host_line, markdown_table
 from rich.console import Console
 from rich.table import Table
 
-from fission.client import DaemonClient
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.machines import detect_host
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy
 from fission.images.store import image_set
+from fission.sdk._backend import DaemonBackend
 
 READY_DEADLINE = 240.0
 SETTLE_SECONDS = 30.0
@@ -117,7 +117,7 @@ def client_loop(socket: Path, mix: list[Workload], stop_at: float, tally: Tally,
     """One client: pick a workload, run it, count the answer, until ``stop_at``."""
     pick = random.Random(seed)
     weights = [w.weight for w in mix]
-    with DaemonClient(socket, request_timeout=120) as client:
+    with DaemonBackend.connect(socket, request_timeout=120) as client:
         while time.monotonic() < stop_at:
             work = pick.choices(mix, weights)[0]
             started = time.perf_counter()
@@ -173,7 +173,7 @@ def start_daemon(workdir: Path, pools: dict[str, int]) -> tuple[subprocess.Popen
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), socket
 
 
-def wait_pools_full(client: DaemonClient, deadline: float = READY_DEADLINE) -> None:
+def wait_pools_full(client: DaemonBackend, deadline: float = READY_DEADLINE) -> None:
     """Block until every pool holds all its VMs."""
     give_up = time.monotonic() + deadline
     while time.monotonic() < give_up:
@@ -225,7 +225,7 @@ def load(args: argparse.Namespace, pools: dict[str, int]) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="fission-load-") as tmp:
         daemon, socket = start_daemon(Path(tmp), pools)
         try:
-            with DaemonClient(socket, request_timeout=120) as client:
+            with DaemonBackend.connect(socket, request_timeout=120) as client:
                 wait_pools_full(client)
             time.sleep(2)
             rss_start = rss_mb(daemon.pid)

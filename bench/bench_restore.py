@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fission.core import snapshots
+from fission.core.execution import execute
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import detect_host, start_machine
-from fission.core.orchestrator import clone_config, run_in_vm
+from fission.core.machines import detect_host, exec_request, start_machine
+from fission.core.orchestrator import clone_config
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
 
@@ -44,7 +45,9 @@ async def measure(snapshot: snapshots.Snapshot, runs: int) -> tuple[list[float],
         machine = await start_machine(clone_config(images, snapshot), host)
         try:
             ready.append((time.perf_counter() - started) * 1000)
-            result = await run_in_vm(machine.vm, machine.agent, spec)
+            request = exec_request(spec)
+            execution = await execute(machine.agent, request, diagnostics=machine.vm.diagnostics)
+            result = execution.result
             assert result.stdout == b"42\n", result
             first.append((time.perf_counter() - started) * 1000)
         finally:

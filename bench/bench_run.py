@@ -25,10 +25,11 @@ from benchlib import (
     time_command,
 )
 
+from fission.core.execution import execute
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import detect_host
-from fission.core.orchestrator import boot, ensure_snapshot, run_in_vm
+from fission.core.machines import detect_host, exec_request
+from fission.core.orchestrator import boot, ensure_snapshot
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
 
@@ -51,13 +52,13 @@ async def time_boots(spec: RunSpec, warm: bool, runs: int) -> tuple[list[float],
 
 
 async def time_execs(spec: RunSpec, warm: bool, execs: int) -> list[float]:
-    """Boot one VM, then ms per ``run_in_vm`` call, ``execs`` times; the VM is always destroyed."""
+    """Boot one VM, then ms per ``execute`` call, ``execs`` times; the VM is always destroyed."""
     vm, agent = await boot(spec, warm=warm)
     samples = []
     try:
         for _ in range(execs):
             started = time.perf_counter()
-            result = await run_in_vm(vm, agent, spec)
+            result = (await execute(agent, exec_request(spec), diagnostics=vm.diagnostics)).result
             samples.append((time.perf_counter() - started) * 1000)
             if result.exit_code != 0 or result.stdout != b"42\n":
                 raise SystemExit(f"bench: exec in VM gave {result}")

@@ -2,7 +2,7 @@
 
 In one sitting, over ``--runs`` runs each (default 50), of ``print(42)`` in Python:
 
-(a) a warm one-shot run through the Python API (``DaemonClient.run``) against a running daemon,
+(a) a warm one-shot run through the Python API (``DaemonBackend.run``) against a running daemon,
 (b) the same through the ``fission`` CLI (it finds the daemon through ``FISSION_SOCKET``),
 (c) a cold embedded ``fission run --no-daemon`` (restore a clone in-process, no daemon),
 (d) host ``python3 -c``, (e) host ``bwrap`` + python3, (f) gVisor ``runsc do`` + python3 when
@@ -39,12 +39,12 @@ from benchlib import (
     time_command,
 )
 
-from fission.client import DaemonClient
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.machines import detect_host
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
+from fission.sdk._backend import DaemonBackend
 
 CODE = "print(42)"
 READY_DEADLINE = 180.0
@@ -72,7 +72,7 @@ def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
             daemon.wait(timeout=10)
 
 
-def wait_pool_full(client: DaemonClient, deadline: float = READY_DEADLINE) -> dict[str, int]:
+def wait_pool_full(client: DaemonBackend, deadline: float = READY_DEADLINE) -> dict[str, int]:
     """Block until every pool has all its VMs ready; returns the python pool's status."""
     give_up = time.monotonic() + deadline
     while time.monotonic() < give_up:
@@ -90,7 +90,7 @@ def wait_pool_full(client: DaemonClient, deadline: float = READY_DEADLINE) -> di
     raise SystemExit(f"bench: the pool was not full within {deadline:.0f} s")
 
 
-def warm_api_runs(client: DaemonClient, runs: int) -> list[float]:
+def warm_api_runs(client: DaemonBackend, runs: int) -> list[float]:
     """(a): ms from request to result of ``print(42)`` through the daemon, pool full each time."""
     spec = RunSpec(resolve_language("python"), CODE, Limits())
     samples = []
@@ -104,7 +104,7 @@ def warm_api_runs(client: DaemonClient, runs: int) -> list[float]:
     return samples
 
 
-def warm_cli_runs(client: DaemonClient, socket: Path, runs: int) -> list[float]:
+def warm_cli_runs(client: DaemonBackend, socket: Path, runs: int) -> list[float]:
     """(b): ``fission run`` spawn to exit against the daemon, pool full each time."""
     env = os.environ | {"FISSION_SOCKET": str(socket)}
     samples = []
@@ -125,7 +125,7 @@ def throughput(socket: Path, clients: int, seconds: float) -> tuple[float, list[
     stop_at = time.monotonic() + seconds
 
     def worker() -> None:
-        with DaemonClient(socket, request_timeout=120) as client:
+        with DaemonBackend.connect(socket, request_timeout=120) as client:
             while time.monotonic() < stop_at:
                 started = time.perf_counter()
                 try:
@@ -247,7 +247,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fission-bench-") as tmp:
         daemon, socket = start_daemon(Path(tmp), args.pool)
         try:
-            with DaemonClient(socket, request_timeout=120) as client:
+            with DaemonBackend.connect(socket, request_timeout=120) as client:
                 wait_pool_full(client)
                 time.sleep(2)  # let the last restores settle before measuring memory
                 pss = vmm_pss_mib(daemon.pid)

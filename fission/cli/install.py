@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
+from contextlib import closing
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fission.cli.errors import abort
 from fission.cli.run import LiveOutput, report
 from fission.errors import FissionError
+from fission.sdk._backend import open_backend
+
+if TYPE_CHECKING:
+    from fission.core.transfers import Upload
 
 AllowHosts = Annotated[
     list[str] | None,
@@ -21,6 +25,9 @@ Lang = Annotated[str, typer.Option("--lang", "-l", help="python or node.")]
 Command = Annotated[str, typer.Option("--command", "-c", help="Shell command to run.")]
 Timeout = Annotated[float, typer.Option(help="Seconds the command may run.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+NoDaemon = Annotated[
+    bool, typer.Option("--no-daemon", help="Run in this process even if a daemon is running.")
+]
 
 
 def install_command(
@@ -33,26 +40,24 @@ def install_command(
     allow_host: AllowHosts = None,
     timeout: Timeout = 30.0,
     as_json: Json = False,
+    no_daemon: NoDaemon = False,
 ) -> None:
     """Install PACKAGES in a sandbox (cached per package set), then run COMMAND."""
-    from fission.core.languages import resolve_language
     from fission.core.limits import Limits
-    from fission.core.provision import install
 
-    limits = Limits(timeout=timeout)
     on_output = None if as_json else LiveOutput()
     try:
-        outcome = asyncio.run(
-            install(
-                resolve_language(lang),
+        limits = Limits(timeout=timeout)
+        with closing(open_backend(embedded=no_daemon, cancel_on_sigterm=True)) as backend:
+            outcome = backend.install(
+                lang,
                 [p.strip() for p in packages.split(",") if p.strip()],
                 command,
+                on_output,
                 index_url=index_url,
                 allow_hosts=allow_host or [],
-                limits=limits,
-                on_output=on_output,
+                timeout=timeout,
             )
-        )
     except FissionError as exc:
         abort(exc)
     if not outcome.installed:
@@ -71,26 +76,32 @@ def repo_command(
     allow_host: AllowHosts = None,
     timeout: Timeout = 60.0,
     as_json: Json = False,
+    no_daemon: NoDaemon = False,
 ) -> None:
     """Clone SOURCE (or copy a local directory in), then run COMMAND in it."""
-    from fission.core.languages import resolve_language
     from fission.core.limits import Limits
-    from fission.core.provision import repo
+    from fission.core.provision import WORKDIR
+    from fission.sdk._local import directory_uploads
 
-    limits = Limits(timeout=timeout)
     on_output = None if as_json else LiveOutput()
     try:
-        result = asyncio.run(
-            repo(
-                resolve_language(lang),
-                str(Path(source)) if "://" not in source else source,
+        limits = Limits(timeout=timeout)
+        local = Path(source)
+        url: str | None = source
+        files: tuple[Upload, ...] = ()
+        if "://" not in source and local.is_dir():  # a local directory: read here, copied in
+            url, files = None, directory_uploads(local, WORKDIR)
+        with closing(open_backend(embedded=no_daemon, cancel_on_sigterm=True)) as backend:
+            result = backend.repo(
+                lang,
+                url,
                 command,
+                on_output,
                 ref=ref,
                 allow_hosts=allow_host or [],
-                limits=limits,
-                on_output=on_output,
+                timeout=timeout,
+                files=files,
             )
-        )
     except FissionError as exc:
         abort(exc)
     report(result, limits, as_json)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
 from fission.cli.errors import abort
-from fission.config import daemon_socket
 from fission.core.limits import Limits
 from fission.core.spec import RunResult, RunSpec
-from fission.core.transfers import Download, Upload, parse_download, parse_upload
 from fission.errors import FissionError, InvalidInput
 from fission.net.policy import NetworkPolicy
+from fission.sdk._backend import open_backend
+from fission.sdk._local import parse_download, parse_upload, save_downloads
 
 
 def read_code(code: str | None, file: Path | None) -> str:
@@ -61,37 +61,6 @@ class LiveOutput:
             target.flush()
         except BrokenPipeError:
             self.closed.add(stream)
-
-
-async def _run_cancellable(
-    spec: RunSpec,
-    on_output: LiveOutput | None,
-    uploads: tuple[Upload, ...] = (),
-    downloads: tuple[Download, ...] = (),
-) -> RunResult:
-    """Run ``spec``; SIGTERM cancels the run so the VM is still destroyed."""
-    from fission.core.orchestrator import run
-
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await run(spec, on_output, uploads, downloads)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-
-
-def run_via_daemon(spec: RunSpec, on_output: LiveOutput | None) -> RunResult | None:
-    """The result from a running daemon, or None when no daemon answers on the socket."""
-    if not daemon_socket().exists():  # no daemon: do not even import the HTTP client
-        return None
-    from fission.client import DaemonClient
-
-    with DaemonClient() as client:
-        if not client.alive():
-            return None
-        return client.run(spec, on_output)
 
 
 def run_command(
@@ -170,11 +139,9 @@ def run_command(
         uploads = tuple(parse_upload(u) for u in upload or [])
         downloads = tuple(parse_download(d) for d in download or [])
         on_output = None if as_json else LiveOutput()
-        # Network runs and file transfers are embedded: the proxy and the files are here.
-        daemon = not (no_daemon or spec.network.enabled or uploads or downloads)
-        result = run_via_daemon(spec, on_output) if daemon else None
-        if result is None:
-            result = asyncio.run(_run_cancellable(spec, on_output, uploads, downloads))
+        with closing(open_backend(embedded=no_daemon, cancel_on_sigterm=True)) as backend:
+            result = backend.run(spec, on_output, uploads, [d.remote for d in downloads])
+        save_downloads(downloads, result.files)
     except FissionError as exc:
         abort(exc)
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -78,9 +78,9 @@ def pool_status_command(
     from rich.console import Console
     from rich.table import Table
 
-    from fission.client import DaemonClient
+    from fission.sdk._backend import DaemonBackend
 
-    with DaemonClient(socket) as client:
+    with DaemonBackend.connect(socket) as client:
         try:
             if not client.alive():
                 raise NotReady(

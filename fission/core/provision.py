@@ -1,33 +1,26 @@
-"""``fission install`` and ``fission repo``: set a VM up through the allowlist, then run a command.
+"""``fission install`` and ``fission repo``, planned: checked requests turned into run specs.
 
 Both run shell commands in the language's image (``bash`` is in every image) under the same
 limits, output and exit codes as ``fission run``. ``install`` caches the VM with the packages
 installed as a derived snapshot, so the same package set starts as fast as a plain run the
-next time; ``repo`` clones a git URL through the proxy or copies a local directory in (never
-mounts it).
+next time; ``repo`` clones a git URL through the proxy, or runs in files the client uploaded
+(a local directory is read by the client, never by the service, and copied in, never mounted).
+``Service.install`` and ``Service.repo`` carry the plans out.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-from fission.agent.client import OutputSink
-from fission.core import derived, orchestrator
-from fission.core.audit_events import audit_local_egress
+from fission.core import snapshots
 from fission.core.languages import Language
 from fission.core.limits import Limits
-from fission.core.machines import Machine
 from fission.core.spec import RunResult, RunSpec
-from fission.core.transfers import Upload
 from fission.errors import InvalidInput
-from fission.net.egress import attach
 from fission.net.policy import NetworkPolicy
 
 WORKDIR = "/home/sandbox/work"
@@ -38,9 +31,7 @@ REGISTRY_HOSTS = {
     "node": ("registry.npmjs.org",),
 }
 PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-\[\],=<>!~@/^*]*$")
-MAX_REPO_FILES = 10000
 GIT_IMAGES = ("python",)  # images whose recipe has git
-MAX_REPO_BYTES = 256 * 1024 * 1024
 
 
 def shell_language(language: Language) -> Language:
@@ -98,7 +89,18 @@ class InstallResult:
     installed: bool = True
 
 
-async def install(
+@dataclass(frozen=True)
+class InstallPlan:
+    """What ``fission install`` runs: a set-up step (cached as a derived snapshot), a command."""
+
+    language: Language
+    setup: RunSpec  # installs the packages; its VM is saved as the derived snapshot
+    command: RunSpec  # runs in a restore of that snapshot
+    name: str  # derived snapshots' name prefix
+    key_parts: tuple[str, ...]  # with the base snapshot, the cache key
+
+
+def plan_install(
     language: Language,
     packages: Sequence[str],
     command: str,
@@ -106,9 +108,8 @@ async def install(
     index_url: str | None = None,
     allow_hosts: Sequence[str] = (),
     limits: Limits | None = None,
-    on_output: OutputSink | None = None,
-) -> InstallResult:
-    """Install ``packages`` (or restore them from the cache), then run ``command``."""
+) -> InstallPlan:
+    """Check an install request and plan it; InvalidInput before any VM starts."""
     wanted = check_packages(packages)
     if index_url:
         hosts = [*allow_hosts, url_host(index_url, "--index-url")]
@@ -118,63 +119,13 @@ async def install(
     shell = shell_language(language)
     env = {"PIP_INDEX_URL": index_url, "npm_config_registry": index_url} if index_url else {}
     spec = RunSpec(shell, command, limits or Limits(), env, network=policy)
-    if not orchestrator.snapshots.fits(spec.limits):
+    if not snapshots.fits(spec.limits):
         raise InvalidInput("fission install runs with the default --cpus and --disk")
     script = install_script(language, wanted)
     setup = RunSpec(shell, script, Limits(timeout=INSTALL_TIMEOUT), env, network=policy)
-    key = await derived.derived_key(language.image, "install", *wanted, index_url or "")
-    name = f"install-{language.name}"
-    started = time.monotonic()
-    directory = derived.find(name, key)
-    cached = directory is not None
-    if directory is None:
-
-        async def do_setup(machine: Machine) -> tuple[bool, RunResult]:
-            result = await run_on(machine, setup, on_output)
-            return result.exit_code == 0, result
-
-        directory, setup_result = await derived.build(name, key, language.image, do_setup)
-        if directory is None:  # the package manager failed: its result is the answer
-            elapsed = (time.monotonic() - started) * 1000
-            return InstallResult(setup_result, False, elapsed, installed=False)
-    setup_ms = (time.monotonic() - started) * 1000
-    machine = await derived.restore(directory, language.image)
-    result = await run_on(machine, spec, on_output, destroy=True)
-    return InstallResult(result, cached, setup_ms)
-
-
-async def run_on(
-    machine: Machine, spec: RunSpec, on_output: OutputSink | None, destroy: bool = False
-) -> RunResult:
-    """Run ``spec`` in ``machine`` with its network policy attached for the run."""
-    egress = None
-    events: list[dict[str, Any]] = []
-    try:
-        egress = await attach(machine.agent, spec.network, events.append)
-        return await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
-    finally:
-        if egress is not None:
-            await egress.aclose()
-        if destroy:
-            await machine.destroy()
-        await audit_local_egress(spec, events, "install.egress")
-
-
-def local_uploads(source: Path) -> tuple[Upload, ...]:
-    """Every regular file under ``source`` as an upload into WORKDIR; symlinks are skipped."""
-    uploads: list[Upload] = []
-    total = 0
-    for path in sorted(source.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        total += path.stat().st_size
-        if len(uploads) >= MAX_REPO_FILES or total > MAX_REPO_BYTES:
-            raise InvalidInput(
-                f"{source} holds more than {MAX_REPO_FILES} files or "
-                f"{MAX_REPO_BYTES // (1024 * 1024)} MB: clone it from a URL instead"
-            )
-        uploads.append(Upload(path, f"{WORKDIR}/{path.relative_to(source).as_posix()}"))
-    return tuple(uploads)
+    return InstallPlan(
+        language, setup, spec, f"install-{language.name}", ("install", *wanted, index_url or "")
+    )
 
 
 def repo_script(url: str | None, ref: str | None, command: str) -> str:
@@ -189,32 +140,26 @@ def repo_script(url: str | None, ref: str | None, command: str) -> str:
     return "\n".join(lines)
 
 
-async def repo(
+def plan_repo(
     language: Language,
-    source: str,
+    url: str | None,
     command: str,
     *,
     ref: str | None = None,
     allow_hosts: Sequence[str] = (),
     limits: Limits | None = None,
-    on_output: OutputSink | None = None,
-) -> RunResult:
-    """Clone ``source`` (a git URL) or copy it in (a local directory), then run ``command``."""
+) -> RunSpec:
+    """The run that clones ``url`` (or uses files uploaded to WORKDIR when None) and runs."""
     if ref is not None and (not ref or ref.startswith("-")):
         raise InvalidInput(f"--ref {ref!r} is not a branch, tag or commit")
-    local = Path(source)
-    if "://" not in source and local.is_dir():
-        uploads = local_uploads(local)
+    if url is None:
         policy = NetworkPolicy.allowing(list(allow_hosts)) if allow_hosts else NetworkPolicy()
-        script = repo_script(None, ref, command)
     else:
         if language.image not in GIT_IMAGES:
             raise InvalidInput(
                 f"cloning needs git, which only the {', '.join(GIT_IMAGES)} image has: "
                 "use --lang python, or pass a local directory"
             )
-        uploads = ()
-        policy = NetworkPolicy.allowing([*allow_hosts, url_host(source, "the repository")])
-        script = repo_script(source, ref, command)
-    spec = RunSpec(shell_language(language), script, limits or Limits(), network=policy)
-    return await orchestrator.run(spec, on_output, uploads)
+        policy = NetworkPolicy.allowing([*allow_hosts, url_host(url, "the repository")])
+    script = repo_script(url, ref, command)
+    return RunSpec(shell_language(language), script, limits or Limits(), network=policy)

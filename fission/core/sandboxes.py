@@ -8,7 +8,8 @@ Runs, commands and file transfers on one sandbox may overlap (the agent channel 
 reply to its request); pause and resume wait until none is in flight and hold new ones back.
 ``delete`` and expiry do not wait: they destroy the VM at once, so a
 run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
-``KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a timeout.
+``execution.KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a
+timeout.
 Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
 the ttl. Sandboxes do not survive a daemon restart: reconcile removes what a dead one left.
 """
@@ -25,15 +26,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fission.agent.client import AgentClient, ExecOutcome, ExecRequest, OutputSink
+from fission.agent.client import AgentClient, ExecRequest, OutputSink
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
 from fission.core import sandbox_vm, snapshots
 from fission.core.audit_events import audit_event
+from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Host, Machine, exec_request
-from fission.core.orchestrator import KILL_GRACE, TIMEOUT_EXIT_CODE
 from fission.core.pool import MemoryBudget
 from fission.core.sandbox_spec import (
     SandboxRecord,
@@ -320,43 +321,18 @@ class SandboxManager:
         stdin: bytes | None,
     ) -> RunResult:
         started = time.monotonic()
-        chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-
-        def sink(stream: str, data: bytes) -> None:
-            chunks[stream].append(data)
-            if on_output is not None:
-                on_output(stream, data)
-
         async with box.gate.operation():
             agent = box.agent
             try:
-                async with asyncio.timeout(spec.limits.timeout + KILL_GRACE):
-                    outcome = await agent.exec(request, sink, stdin)
-            except TimeoutError:
-                elapsed = (time.monotonic() - started) * 1000.0
-                capped = (
-                    sum(map(len, chunks["stdout"] + chunks["stderr"]))
-                    >= spec.limits.output_limit_bytes
-                )
-                outcome = ExecOutcome(TIMEOUT_EXIT_CODE, 0, True, False, capped, elapsed)
-                self._background(self._destroy(box, "wedged"))
+                execution = await execute(agent, request, on_output, stdin)
             except FissionError as exc:
                 await self._audit(box.record.owner, action, spec, outcome_of_error(exc), started)
                 if self._is_gone(box):
                     raise self._gone(box) from exc
                 raise
-        result = RunResult(
-            exit_code=TIMEOUT_EXIT_CODE if outcome.timed_out else outcome.exit_code,
-            stdout=b"".join(chunks["stdout"]),
-            stderr=b"".join(chunks["stderr"]),
-            timed_out=outcome.timed_out,
-            oom=outcome.oom,
-            truncated=outcome.output_truncated,
-            signal=outcome.signal,
-            duration_ms=outcome.duration_ms,
-            boot_ms=0.0,
-            total_ms=(time.monotonic() - started) * 1000.0,
-        )
+            if execution.wedged:  # the guest never answered: this VM is not to be trusted again
+                self._background(self._destroy(box, "wedged"))
+        result = execution.result
         detail = {"sandbox": box.record.id}
         await self._audit(
             box.record.owner, action, spec, outcome_of_result(result), started, detail

@@ -1,18 +1,30 @@
-"""The daemon's core: warm pools per language, a memory budget, and the journal of its VMs.
+"""The Service: the one API every adapter calls, in-process or inside the daemon.
 
-Adapters (the HTTP server now, gRPC and MCP later) call ``Service.run``; nothing here knows
-about HTTP. Runs whose limits fit the snapshot come from the pool; others (more CPUs, another
-disk size) get a VM of their own, inside the same memory budget.
+One-shot runs (with network policy, uploads and downloads), ``install``, ``repo`` and, through
+``Service.sandboxes``, persistent sandboxes. The CLI and the SDK reach it embedded (a Service in
+their own process: ``embedded_service``) or through the daemon's REST API (the daemon runs one
+Service and its adapters, REST, gRPC and MCP, call it); which of the two is decided once, in
+``fission.sdk._backend``. Nothing here knows about HTTP.
+
+A run whose limits fit the snapshot takes a machine from the language's warm pool when the
+service has one; other runs (more CPUs, another disk size, no pool) get a VM of their own inside
+the same memory budget. Every machine is destroyed after one run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from fission.agent.client import OutputSink
 from fission.auth.audit_log import (
@@ -22,36 +34,67 @@ from fission.auth.audit_log import (
     outcome_of_error,
     outcome_of_result,
 )
-from fission.config import use_runtime_dir
-from fission.core import orchestrator, snapshots
-from fission.core.audit_events import audit_egress, audit_event
+from fission.config import runtime_dir, use_runtime_dir
+from fission.core import derived, orchestrator, snapshots
+from fission.core.audit_events import audit_egress, audit_event, audit_local_egress
+from fission.core.execution import execute
 from fission.core.journal import Journal
-from fission.core.languages import resolve_language
-from fission.core.machines import GUEST_OVERHEAD_MB, Machine
+from fission.core.languages import Language, resolve_language
+from fission.core.limits import Limits
+from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget, WarmPool
+from fission.core.provision import InstallResult, plan_install, plan_repo
 from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult, RunSpec
-from fission.errors import Busy
+from fission.core.state_dirs import default_budget_mb, lock_state_dir, sweep_stale
+from fission.core.transfers import Upload, check_transfers, pull, push
+from fission.errors import Busy, InvalidInput
 from fission.net.egress import attach
 
 log = logging.getLogger("fission.service")
 CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
+EMBEDDED_PREFIX = "embedded-"
 Release = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """How the daemon runs: pool sizes, memory budget, deadlines and where its state lives."""
+    """How a Service runs: pool sizes, memory budget, deadlines and where its state lives."""
 
     state_dir: Path
     pools: dict[str, int] = field(default_factory=lambda: {"python": 2})
     memory_budget_mb: int = 8192
     acquire_timeout: float = 10.0
     audit_db: Path | None = None  # SQLite file of the audit log; None: no audit log
+    # Without an audit log, still record egress decisions in the default one (embedded runs,
+    # so `fission audit` shows what a local run's network policy allowed and refused).
+    audit_egress_locally: bool = False
+
+
+@dataclass
+class Lease:
+    """A machine taken for one run, and how to give it back (destroy it, free its memory)."""
+
+    machine: Machine
+    release: Release
+    disposed: bool = False
+
+
+def parse_pool_flags(flags: list[str]) -> dict[str, int]:
+    """``["python=2", "node=1"]`` -> ``{"python": 2, "node": 1}``, checking each part."""
+    pools: dict[str, int] = {}
+    for flag in flags:
+        name, sep, count = flag.partition("=")
+        if not sep or not count.isdigit():
+            raise InvalidInput(f"--pool {flag!r} is not LANGUAGE=COUNT (e.g. python=2)")
+        if int(count) > 64:
+            raise InvalidInput(f"--pool {flag}: at most 64 VMs per language")
+        pools[resolve_language(name).name] = int(count)
+    return pools
 
 
 class Service:
-    """Pools, budget and journal of one daemon."""
+    """Pools, budget, journal and sandboxes of one daemon (or one embedded process)."""
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
@@ -63,6 +106,7 @@ class Service:
         self.audit = AuditLog(config.audit_db) if config.audit_db is not None else None
         self.sandboxes = SandboxManager(self.budget, self.journal, self.audit)
 
+    # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Clean up after a dead predecessor, then start filling the pools."""
         self.reconciled = self.journal.reconcile()
@@ -85,6 +129,23 @@ class Service:
             pool.start()
         self.sandboxes.start()
 
+    async def close(self) -> None:
+        """Destroy every VM the pools and sandboxes hold and wait for pending releases."""
+        await self.sandboxes.close()
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        await asyncio.gather(*self._disposals, return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        """Pools and budget, JSON-ready."""
+        return {
+            "pools": [pool.status() for pool in self.pools.values()],
+            "memory_budget_mb": self.budget.total_mb,
+            "memory_reserved_mb": self.budget.used_mb,
+            "reconciled": self.reconciled,
+            "sandboxes": self.sandboxes.count(),
+        }
+
+    # -- machines ----------------------------------------------------------------------------------
     def _clone_factory(self, name: str) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:
             machine = await orchestrator.warm_clone(resolve_language(name))
@@ -96,22 +157,25 @@ class Service:
     async def _forget(self, machine: Machine) -> None:
         self.journal.forget(machine.vm)
 
-    async def acquire(self, spec: RunSpec) -> tuple[Machine, Release]:
-        """A machine for ``spec`` and the coroutine function that releases it."""
+    async def acquire(self, spec: RunSpec) -> Lease:
+        """A machine for ``spec``: from its pool when one fits, else started now (Busy if full)."""
         pool = self.pools.get(spec.language.name)
         if pool is not None and snapshots.fits(spec.limits):
             machine = await pool.acquire(self.config.acquire_timeout)
-            return machine, lambda: pool.release(machine)
-        needed = spec.limits.memory_mb + GUEST_OVERHEAD_MB
-        if snapshots.fits(spec.limits):
-            needed = CLONE_MB
+            return Lease(machine, lambda: pool.release(machine))
+        return await self._own_machine(spec, lambda: orchestrator.boot(spec))
+
+    async def _own_machine(self, spec: RunSpec, start: Callable[[], Awaitable[Machine]]) -> Lease:
+        """A machine started by ``start`` inside the memory budget, journaled while it lives."""
+        fits = snapshots.fits(spec.limits)
+        needed = CLONE_MB if fits else spec.limits.memory_mb + GUEST_OVERHEAD_MB
         if not self.budget.reserve(needed):
             raise Busy(
                 f"the memory budget ({self.budget.total_mb} MB, {self.budget.used_mb} MB in use) "
                 f"has no room for a {needed} MB VM: raise --memory-budget or retry later"
             )
         try:
-            machine = await orchestrator.boot(spec)
+            machine = await start()
         except BaseException:
             self.budget.release(needed)
             raise
@@ -124,81 +188,223 @@ class Service:
             finally:
                 self.budget.release(needed)
 
-        return machine, release
+        return Lease(machine, release)
 
-    def dispose(self, release: Release) -> None:
-        """Release a machine in a task of its own, so a cancelled request cannot stop it halfway.
+    def dispose(self, lease: Lease) -> None:
+        """Release a lease in a task of its own, so a cancelled request cannot stop it halfway.
 
-        ``close`` waits for every such task.
+        Safe to call twice (an adapter disposes in its own ``finally`` in case the run never
+        started); ``close`` waits for every such task.
         """
-        task = asyncio.create_task(release())
+        if lease.disposed:
+            return
+        lease.disposed = True
+        task = asyncio.create_task(lease.release())
         self._disposals.add(task)
         task.add_done_callback(self._disposals.discard)
 
+    # -- one-shot runs -----------------------------------------------------------------------------
     async def run(
-        self, spec: RunSpec, on_output: OutputSink | None = None, who: str = LOCAL
+        self,
+        spec: RunSpec,
+        on_output: OutputSink | None = None,
+        *,
+        who: str = LOCAL,
+        uploads: Sequence[Upload] = (),
+        downloads: Sequence[str] = (),
+        lease: Lease | None = None,
+        action: str = "run",
     ) -> RunResult:
-        """Run ``spec`` on a fresh machine; the machine is destroyed afterwards."""
-        started = asyncio.get_running_loop().time()
+        """Run ``spec`` on a fresh machine (``lease``'s, when the caller took one already).
+
+        ``uploads`` are written into the VM before the program starts; the files named by
+        ``downloads`` are read out after it ended, into ``RunResult.files``. The machine is
+        destroyed afterwards, on every path. Every run and egress decision is audited.
+        """
+        started = time.monotonic()
         try:
-            machine, release = await self.acquire(spec)
+            check_transfers(uploads, downloads)
+            if lease is None:
+                lease = await self.acquire(spec)
         except BaseException as exc:
-            await self._audit(who, spec, outcome_of_error(exc), started)
+            if lease is not None:
+                self.dispose(lease)
+            await self._audit(who, action, spec, outcome_of_error(exc), started)
             raise
         try:
-            return await self.run_on(machine, spec, on_output, who)
+            return await self._run_on(
+                lease.machine, spec, on_output, who, uploads, downloads, action
+            )
         finally:
-            self.dispose(release)
+            self.dispose(lease)
 
-    async def run_on(
+    async def _run_on(
         self,
         machine: Machine,
         spec: RunSpec,
-        on_output: OutputSink | None = None,
-        who: str = LOCAL,
+        on_output: OutputSink | None,
+        who: str,
+        uploads: Sequence[Upload] = (),
+        downloads: Sequence[str] = (),
+        action: str = "run",
     ) -> RunResult:
-        """Run ``spec`` on an acquired machine, and audit who ran it and how it ended."""
-        started = asyncio.get_running_loop().time()
+        """Run ``spec`` on ``machine`` with its egress proxy and transfers; audit how it ended."""
+        started = time.monotonic()
         events: list[dict[str, Any]] = []
         egress = None
         try:
             egress = await attach(machine.agent, spec.network, events.append)
-            result = await orchestrator.run_in_vm(machine.vm, machine.agent, spec, on_output)
+            await push(machine.agent, uploads)
+            execution = await execute(
+                machine.agent,
+                exec_request(spec),
+                on_output,
+                spec.stdin,
+                diagnostics=machine.vm.diagnostics,
+            )
+            result = execution.result
+            if downloads and not execution.wedged:
+                result = replace(result, files=await pull(machine.agent, downloads))
         except BaseException as exc:
-            await self._audit(who, spec, outcome_of_error(exc), started)
+            await self._audit(who, action, spec, outcome_of_error(exc), started)
             raise
         finally:
             if egress is not None:
                 await egress.aclose()
-            await audit_egress(self.audit, who, spec, events, "run.egress")
-        await self._audit(who, spec, outcome_of_result(result), started)
+            await self._audit_egress(who, spec, events, f"{action}.egress")
+        await self._audit(who, action, spec, outcome_of_result(result), started)
         return result
 
-    async def _audit(self, who: str, spec: RunSpec, outcome: str, started: float) -> None:
-        elapsed = (asyncio.get_running_loop().time() - started) * 1000.0
+    # -- install and repo --------------------------------------------------------------------------
+    async def install(
+        self,
+        language: Language,
+        packages: Sequence[str],
+        command: str,
+        on_output: OutputSink | None = None,
+        *,
+        index_url: str | None = None,
+        allow_hosts: Sequence[str] = (),
+        limits: Limits | None = None,
+        who: str = LOCAL,
+    ) -> InstallResult:
+        """Install ``packages`` (or restore them from the cache), then run ``command``."""
+        plan = plan_install(
+            language,
+            packages,
+            command,
+            index_url=index_url,
+            allow_hosts=allow_hosts,
+            limits=limits,
+        )
+        image = language.image
+        key = await derived.derived_key(image, *plan.key_parts)
+        started = time.monotonic()
+        directory = derived.find(plan.name, key)
+        cached = directory is not None
+        if directory is None:
+
+            async def set_up(machine: Machine) -> tuple[bool, RunResult]:
+                result = await self._run_on(machine, plan.setup, on_output, who, action="install")
+                return result.exit_code == 0, result
+
+            directory, setup_result = await derived.build(plan.name, key, image, set_up)
+            if directory is None:  # the package manager failed: its result is the answer
+                elapsed = (time.monotonic() - started) * 1000
+                return InstallResult(setup_result, False, elapsed, installed=False)
+        setup_ms = (time.monotonic() - started) * 1000
+        built = directory
+        lease = await self._own_machine(plan.command, lambda: derived.restore(built, image))
+        result = await self.run(plan.command, on_output, who=who, lease=lease, action="install")
+        return InstallResult(result, cached, setup_ms)
+
+    async def repo(
+        self,
+        language: Language,
+        url: str | None,
+        command: str,
+        on_output: OutputSink | None = None,
+        *,
+        ref: str | None = None,
+        allow_hosts: Sequence[str] = (),
+        limits: Limits | None = None,
+        files: Sequence[Upload] = (),
+        who: str = LOCAL,
+    ) -> RunResult:
+        """Clone ``url`` (or, with None, use ``files`` uploaded into the workdir), then run."""
+        spec = plan_repo(language, url, command, ref=ref, allow_hosts=allow_hosts, limits=limits)
+        return await self.run(spec, on_output, who=who, uploads=files, action="repo")
+
+    # -- audit -------------------------------------------------------------------------------------
+    async def _audit(
+        self, who: str, action: str, spec: RunSpec, outcome: str, started: float
+    ) -> None:
         await audit_event(
             self.audit,
             who,
-            "run",
+            action,
             language=spec.language.name,
             limits=spec.limits,
             outcome=outcome,
-            duration_ms=elapsed,
+            duration_ms=(time.monotonic() - started) * 1000.0,
             detail=describe_code(spec.code),
         )
 
-    def status(self) -> dict[str, Any]:
-        """Pools and budget, JSON-ready."""
-        return {
-            "pools": [pool.status() for pool in self.pools.values()],
-            "memory_budget_mb": self.budget.total_mb,
-            "memory_reserved_mb": self.budget.used_mb,
-            "reconciled": self.reconciled,
-            "sandboxes": self.sandboxes.count(),
-        }
+    async def _audit_egress(
+        self, who: str, spec: RunSpec, events: list[dict[str, Any]], action: str
+    ) -> None:
+        if self.audit is None and self.config.audit_egress_locally:
+            await audit_local_egress(spec, events, action)
+        else:
+            await audit_egress(self.audit, who, spec, events, action)
 
-    async def close(self) -> None:
-        """Destroy every VM the pools and sandboxes hold and wait for pending releases."""
-        await self.sandboxes.close()
-        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
-        await asyncio.gather(*self._disposals, return_exceptions=True)
+
+@contextlib.asynccontextmanager
+async def private_service(
+    prefix: str,
+    config: Callable[[Path], ServiceConfig],
+    close_deadline: float = 30.0,
+    *,
+    make: Callable[[ServiceConfig], Service] | None = None,
+) -> AsyncIterator[Service]:
+    """A started Service whose state dir belongs to this process alone (``<prefix><pid>``).
+
+    The dir is locked while the service lives and removed when it stops; what a process killed
+    before it could clean up left behind (its VMs, their files and cgroups) is swept by the next
+    process with the same prefix to start. Every VM is destroyed on the way out, even when the
+    caller is cancelled (within ``close_deadline`` seconds).
+    """
+    root = runtime_dir()
+    sweep_stale(root, prefix)
+    state_dir = root / f"{prefix}{os.getpid()}"
+    lock = lock_state_dir(state_dir)
+    try:
+        service = (make or Service)(config(state_dir))
+        try:
+            await service.start()
+            yield service
+        finally:
+            # Shielded: a cancelled caller (SIGTERM, a closed connection) must still clean up.
+            with anyio.move_on_after(close_deadline, shield=True) as scope:
+                await service.close()
+            if scope.cancelled_caught:
+                log.error("VMs were still being destroyed after %.0f s", close_deadline)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        lock.close()
+
+
+def embedded_config(state_dir: Path) -> ServiceConfig:
+    """An embedded Service: no pools (each run starts its own clone), egress audited locally."""
+    return ServiceConfig(
+        state_dir=state_dir,
+        pools={},
+        memory_budget_mb=default_budget_mb(),
+        audit_db=None,
+        audit_egress_locally=True,
+    )
+
+
+def embedded_service() -> contextlib.AbstractAsyncContextManager[Service]:
+    """A Service in this process for the runs of one CLI command or SDK call."""
+    return private_service(EMBEDDED_PREFIX, embedded_config)

@@ -66,6 +66,8 @@ class RunResult:
     duration_ms: float
     boot_ms: float
     total_ms: float
+    # Files read out of the VM after the run (``downloads``), by guest path; not in to_json.
+    files: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-ready dict (output decoded as UTF-8, bad bytes replaced)."""

@@ -1,87 +1,71 @@
-"""Files into and out of one-shot runs: ``--upload LOCAL:REMOTE`` and ``--download REMOTE:LOCAL``.
+"""Files into and out of one-shot runs: bytes in before the program starts, bytes out after.
 
-Uploads go in through the agent's file operations before the program starts (copied, never
-mounted). A download writes only the local path it names: into a temporary file beside it, then
-renamed over it, so a symlink there is replaced rather than followed and a failed transfer
-leaves nothing half-written.
+The Service takes uploads as (guest path, bytes) and returns downloads as bytes keyed by guest
+path, so the same call works in-process and through the daemon: host paths never cross the API
+(a daemon must not read or write files named by a client). Reading and writing the caller's
+own files (``--upload LOCAL:REMOTE``, ``--download REMOTE:LOCAL``) is the client's part
+(``fission.sdk._local``). Guest paths are checked by the guest agent (``path_not_allowed``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from fission.agent.client import AgentClient
 from fission.errors import InvalidInput
 
 TRANSFER_TIMEOUT = 300.0
+MAX_TRANSFER_FILES = 10000
+MAX_TRANSFER_BYTES = 256 * 1024 * 1024  # each way, per run
 
 
 @dataclass(frozen=True)
 class Upload:
-    """A host file copied into the VM."""
-
-    local: Path
-    remote: str
-
-
-@dataclass(frozen=True)
-class Download:
-    """A VM file copied out to exactly one host path."""
+    """Bytes written to ``remote`` in the VM before the program starts."""
 
     remote: str
-    local: Path
+    data: bytes
 
 
-def parse_upload(text: str) -> Upload:
-    """``LOCAL:REMOTE`` (split at the last colon); InvalidInput when malformed."""
-    local, sep, remote = text.rpartition(":")
-    if not sep or not local or not remote:
-        raise InvalidInput(f"--upload {text!r}: expected LOCAL:REMOTE")
-    path = Path(local)
-    if not path.is_file():
-        raise InvalidInput(f"--upload {text!r}: {local} is not a file")
-    return Upload(path, remote)
+def check_transfers(uploads: Sequence[Upload], downloads: Sequence[str]) -> None:
+    """Refuse transfers that are malformed or too large, before any VM starts."""
+    if len(uploads) > MAX_TRANSFER_FILES or len(downloads) > MAX_TRANSFER_FILES:
+        raise InvalidInput(f"a run takes at most {MAX_TRANSFER_FILES} uploads and downloads")
+    for remote in [upload.remote for upload in uploads] + list(downloads):
+        if not isinstance(remote, str) or not remote or "\0" in remote:
+            raise InvalidInput(f"{remote!r} is not a path in the VM")
+    total = sum(len(upload.data) for upload in uploads)
+    if total > MAX_TRANSFER_BYTES:
+        raise InvalidInput(
+            f"the uploads hold {total} bytes; a run takes at most {MAX_TRANSFER_BYTES} "
+            "(use a sandbox's file API for more)"
+        )
 
 
-def parse_download(text: str) -> Download:
-    """``REMOTE:LOCAL`` (split at the first colon); InvalidInput when malformed."""
-    remote, sep, local = text.partition(":")
-    if not sep or not local or not remote:
-        raise InvalidInput(f"--download {text!r}: expected REMOTE:LOCAL")
-    path = Path(local)
-    if path.is_dir():
-        raise InvalidInput(f"--download {text!r}: {local} is a directory; name the file")
-    if not path.absolute().parent.is_dir():
-        raise InvalidInput(f"--download {text!r}: {path.parent} is not a directory")
-    return Download(remote, path)
-
-
-async def push(agent: AgentClient, uploads: tuple[Upload, ...]) -> None:
+async def push(agent: AgentClient, uploads: Sequence[Upload]) -> None:
     """Copy every upload into the VM."""
     for upload in uploads:
-        data = upload.local.read_bytes()
-        await agent.write_file(upload.remote, data, timeout=TRANSFER_TIMEOUT)
+        await agent.write_file(upload.remote, upload.data, timeout=TRANSFER_TIMEOUT)
 
 
-async def pull(agent: AgentClient, downloads: tuple[Download, ...]) -> None:
-    """Copy every download out of the VM, each only to its own local path."""
-    for download in downloads:
-        target = download.local.absolute()
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+async def pull(agent: AgentClient, downloads: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of every download, read out of the VM (at most MAX_TRANSFER_BYTES in all)."""
+    files: dict[str, bytes] = {}
+    total = 0
+    for remote in downloads:
+        parts: list[bytes] = []
+        chunks = agent.read_file(remote, timeout=TRANSFER_TIMEOUT)
         try:
-            with os.fdopen(fd, "wb") as out:
-                chunks = agent.read_file(download.remote, timeout=TRANSFER_TIMEOUT)
-                try:
-                    async for chunk in chunks:
-                        out.write(chunk)
-                finally:
-                    await chunks.aclose()
-            os.chmod(temp, 0o644)
-            os.replace(temp, target)
+            async for chunk in chunks:
+                total += len(chunk)
+                if total > MAX_TRANSFER_BYTES:
+                    raise InvalidInput(
+                        f"the downloads hold more than {MAX_TRANSFER_BYTES} bytes: "
+                        "use a sandbox's file API for more"
+                    )
+                parts.append(chunk)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            await chunks.aclose()
+        files[remote] = b"".join(parts)
+    return files

@@ -1,15 +1,17 @@
-"""Local files for transfers: read in chunks, write to a temporary name and rename into place."""
+"""The caller's own files: read in chunks, write to a temporary name and rename into place."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from fission.core.transfers import MAX_TRANSFER_BYTES, MAX_TRANSFER_FILES, Upload
 from fission.errors import InvalidInput
 from fission.sdk._requests import CHUNK_SIZE
 
@@ -90,3 +92,68 @@ def atomic_target(local_path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+# -- the caller's files for one-shot runs (``--upload``, ``--download``, ``fission repo DIR``) --
+
+
+@dataclass(frozen=True)
+class LocalDownload:
+    """A guest file to copy out after a run, to exactly one local path."""
+
+    remote: str
+    local: Path
+
+
+def parse_upload(text: str) -> Upload:
+    """``LOCAL:REMOTE`` (split at the last colon), read now; InvalidInput when malformed."""
+    local, sep, remote = text.rpartition(":")
+    if not sep or not local or not remote:
+        raise InvalidInput(f"--upload {text!r}: expected LOCAL:REMOTE")
+    path = Path(local)
+    if not path.is_file():
+        raise InvalidInput(f"--upload {text!r}: {local} is not a file")
+    try:
+        return Upload(remote, path.read_bytes())
+    except OSError as exc:
+        raise InvalidInput(f"--upload {text!r}: cannot read {local}: {exc.strerror}") from exc
+
+
+def parse_download(text: str) -> LocalDownload:
+    """``REMOTE:LOCAL`` (split at the first colon); InvalidInput when malformed."""
+    remote, sep, local = text.partition(":")
+    if not sep or not local or not remote:
+        raise InvalidInput(f"--download {text!r}: expected REMOTE:LOCAL")
+    path = Path(local)
+    if path.is_dir():
+        raise InvalidInput(f"--download {text!r}: {local} is a directory; name the file")
+    if not path.absolute().parent.is_dir():
+        raise InvalidInput(f"--download {text!r}: {path.parent} is not a directory")
+    return LocalDownload(remote, path)
+
+
+def save_downloads(downloads: Sequence[LocalDownload], files: Mapping[str, bytes]) -> None:
+    """Write each downloaded file to its own local path (temporary file, then rename)."""
+    for download in downloads:
+        if download.remote not in files:
+            continue  # the run was cut off before its files were read (a wedged guest)
+        with atomic_target(download.local) as handle:
+            handle.write(files[download.remote])
+
+
+def directory_uploads(source: Path, workdir: str) -> tuple[Upload, ...]:
+    """Every regular file under ``source`` as an upload into ``workdir``; symlinks are skipped."""
+    uploads: list[Upload] = []
+    total = 0
+    for path in sorted(source.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        total += path.stat().st_size
+        if len(uploads) >= MAX_TRANSFER_FILES or total > MAX_TRANSFER_BYTES:
+            raise InvalidInput(
+                f"{source} holds more than {MAX_TRANSFER_FILES} files or "
+                f"{MAX_TRANSFER_BYTES // (1024 * 1024)} MB: clone it from a URL instead"
+            )
+        remote = f"{workdir}/{path.relative_to(source).as_posix()}"
+        uploads.append(Upload(remote, path.read_bytes()))
+    return tuple(uploads)

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 
-from fission.core.limits import Limits
-from fission.errors import FissionError
 from fission.sdk import _requests as calls
-from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, resolve_connection
-from fission.sdk._http import SyncHTTP
+from fission.sdk._backend import open_backend
+from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT
 from fission.sdk._models import OutputCallback, OutputEvent, RunResult
-from fission.sdk._sync import drain, stream_run
-
-PROBE_TIMEOUT = 2.0  # seconds a local daemon has to answer before the run goes embedded
-
-
-def answers(http: SyncHTTP) -> bool:
-    """True when a daemon answers the health probe."""
-    if http.conn.socket is not None and not http.conn.socket.exists():
-        return False
-    try:
-        http.json(calls.health(PROBE_TIMEOUT))
-    except FissionError:
-        return False
-    return True
 
 
 def run(
@@ -53,44 +37,17 @@ def run(
     daemon at ``url`` (else ``FISSION_URL``, else the local socket); with no url and no local
     daemon, runs embedded in this process.
     """
-    conn = resolve_connection(url, api_key, request_timeout)
-    http = SyncHTTP(conn)
-    try:
-        if conn.explicit or answers(http):
-            limits = {"timeout": timeout, "memory_mb": memory_mb, "cpus": cpus}
-            call = calls.one_shot_run(language, code, limits, env, stdin, allow_hosts)
-            return drain(stream_run(http, call), on_stdout, on_stderr)
-    finally:
-        http.close()
-    limited = Limits(timeout=timeout, memory_mb=memory_mb, cpus=cpus)
-    return run_embedded(
-        code, language, limited, env, stdin, on_stdout, on_stderr, allow_hosts or ()
-    )
-
-
-def run_embedded(
-    code: str,
-    language: str,
-    limits: Limits,
-    env: Mapping[str, str] | None,
-    stdin: bytes | str | None,
-    on_stdout: OutputCallback | None,
-    on_stderr: OutputCallback | None,
-    allow_hosts: Sequence[str] = (),
-) -> RunResult:
-    """Run in this process: restore a VM from the warm snapshot, run, destroy it."""
     from fission.core.languages import resolve_language
-    from fission.core.orchestrator import run as orchestrate
+    from fission.core.limits import Limits
     from fission.core.spec import RunSpec
     from fission.net.policy import NetworkPolicy
 
-    data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
     spec = RunSpec(
         resolve_language(language),
         code,
-        limits,
+        Limits(timeout=timeout, memory_mb=memory_mb, cpus=cpus),
         dict(env or {}),
-        data,
+        stdin.encode("utf-8") if isinstance(stdin, str) else stdin,
         NetworkPolicy.allowing(list(allow_hosts)) if allow_hosts else NetworkPolicy(),
     )
 
@@ -99,4 +56,5 @@ def run_embedded(
         if callback is not None:
             callback(chunk)
 
-    return asyncio.run(orchestrate(spec, sink))
+    with closing(open_backend(url, api_key, request_timeout)) as backend:
+        return backend.run(spec, sink)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from fission.api.run_stream import error_from_body, output_bytes, result_from_lines
+from fission.api.run_stream import error_from_body, file_bytes, output_bytes, result_from_lines
+from fission.core.provision import INSTALL_TIMEOUT
 from fission.errors import FissionError, QuotaExceeded
 from fission.sdk._models import FileInfo, OutputEvent, RunResult, SandboxInfo
 
@@ -82,15 +83,81 @@ def one_shot_run(
     env: Mapping[str, str] | None = None,
     stdin: bytes | str | None = None,
     allow_hosts: Sequence[str] | None = None,
+    *,
+    network: Mapping[str, Any] | None = None,
+    uploads: Sequence[tuple[str, bytes]] = (),
+    downloads: Sequence[str] = (),
 ) -> Call:
-    """Run ``code`` once in a fresh VM; ``limits`` holds ``timeout`` and the other limits."""
+    """Run ``code`` once in a fresh VM; ``limits`` holds ``timeout`` and the other limits.
+
+    ``network`` is a whole policy (``NetworkPolicy.to_json``); ``allow_hosts`` the short form.
+    ``uploads`` are (guest path, bytes) written in first; ``downloads`` guest paths read out
+    after, into the result's ``files``.
+    """
     body: dict[str, Any] = {"language": language, "code": code, **limits, "env": dict(env or {})}
     body["stdin_b64"] = encode_stdin(stdin)
-    if allow_hosts:
+    if network is not None:
+        body["network"] = dict(network)
+    elif allow_hosts:
         body["network"] = network_body("none", allow_hosts)
+    if uploads:
+        body["uploads"] = files_body(uploads)
+    if downloads:
+        body["downloads"] = list(downloads)
     return Call(
         "POST", "/v1/run", json=body, run_timeout=float(limits["timeout"]), headers=_ndjson()
     )
+
+
+def files_body(files: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
+    """Files for a request body: guest path and base64 bytes."""
+    return [{"path": path, "data_b64": base64.b64encode(data).decode()} for path, data in files]
+
+
+def install(
+    language: str,
+    packages: Sequence[str],
+    command: str,
+    *,
+    timeout: float,
+    index_url: str | None = None,
+    allow_hosts: Sequence[str] = (),
+) -> Call:
+    """Install packages (cached per set) and run a command: ``fission install``."""
+    body = {
+        "language": language,
+        "packages": list(packages),
+        "command": command,
+        "timeout": timeout,
+        "index_url": index_url,
+        "allow_hosts": list(allow_hosts),
+    }
+    # Installing may take INSTALL_TIMEOUT before the command's own deadline starts.
+    run_timeout = timeout + INSTALL_TIMEOUT
+    return Call("POST", "/v1/install", json=body, run_timeout=run_timeout, headers=_ndjson())
+
+
+def repo(
+    language: str,
+    url: str | None,
+    command: str,
+    *,
+    timeout: float,
+    ref: str | None = None,
+    allow_hosts: Sequence[str] = (),
+    files: Sequence[tuple[str, bytes]] = (),
+) -> Call:
+    """Clone ``url`` (or use ``files``) and run a command: ``fission repo``."""
+    body = {
+        "language": language,
+        "url": url,
+        "command": command,
+        "timeout": timeout,
+        "ref": ref,
+        "allow_hosts": list(allow_hosts),
+        "files": files_body(files),
+    }
+    return Call("POST", "/v1/repo", json=body, run_timeout=timeout, headers=_ndjson())
 
 
 def create_sandbox(
@@ -354,6 +421,8 @@ class RunAssembler:
 
     def __init__(self) -> None:
         self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self._files: dict[str, bytes] = {}
+        self.install: dict[str, Any] | None = None  # the facts of an install, if one ran
         self.result: RunResult | None = None
 
     def feed(self, raw: str | bytes) -> OutputEvent | RunResult | None:
@@ -367,9 +436,16 @@ class RunAssembler:
                 stream, data = output_bytes(line)
                 self._chunks.setdefault(stream, []).append(data)
                 return OutputEvent(stream, data)
+            if kind == "file":
+                path, data = file_bytes(line)
+                self._files[path] = data
+                return None
+            if kind == "install":
+                self.install = {key: line[key] for key in ("cached", "setup_ms", "installed")}
+                return None
             if kind == "result":
                 stdout, stderr = b"".join(self._chunks["stdout"]), b"".join(self._chunks["stderr"])
-                self.result = result_from_lines(line, stdout, stderr)
+                self.result = result_from_lines(line, stdout, stderr, self._files)
                 return self.result
         except (KeyError, TypeError, ValueError) as exc:
             raise FissionError(f"the daemon sent a line the SDK cannot read: {exc!r}") from exc

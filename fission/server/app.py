@@ -24,11 +24,15 @@ from fission import __version__
 from fission.agent.client import OutputSink
 from fission.api.run_stream import error_body
 from fission.auth.audit_log import LOCAL
+from fission.core.languages import resolve_language
+from fission.core.limits import Limits
+from fission.core.provision import InstallResult
 from fission.core.service import Service
 from fission.core.spec import RunResult
+from fission.core.transfers import check_transfers
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
 from fission.server.auth import Gatekeeper, Who
-from fission.server.models import RunRequest
+from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.streaming import streaming_response, wants_sse
 
@@ -97,14 +101,79 @@ def create_app(
         ] = None,
     ) -> StreamingResponse:
         spec = body.to_spec()
-        machine, release = await service.acquire(spec)
+        uploads, downloads = to_uploads(body.uploads), tuple(body.downloads)
+        check_transfers(uploads, downloads)
+        lease = await service.acquire(spec)  # before the response starts: Busy is a plain 429
 
         def work(sink: OutputSink) -> Awaitable[RunResult]:
-            return service.run_on(machine, spec, sink, who=who.owner or LOCAL)
+            return service.run(
+                spec,
+                sink,
+                who=who.owner or LOCAL,
+                uploads=uploads,
+                downloads=downloads,
+                lease=lease,
+            )
 
+        # The cleanup disposes the lease if the run never started (a no-op otherwise).
         return streaming_response(
-            work, wants_sse(accept, stream_format), lambda: service.dispose(release)
+            work, wants_sse(accept, stream_format), lambda: service.dispose(lease)
         )
+
+    @app.post("/v1/install", summary="Install packages (cached per set), then run a command")
+    async def install(
+        body: InstallRequest,
+        who: Who,
+        accept: Annotated[str | None, Header()] = None,
+        stream_format: Annotated[
+            str | None, Query(alias="format", pattern="^(ndjson|sse)$")
+        ] = None,
+    ) -> StreamingResponse:
+        language = resolve_language(body.language)
+        limits = Limits(timeout=body.timeout)
+
+        def work(sink: OutputSink) -> Awaitable[InstallResult]:
+            return service.install(
+                language,
+                body.packages,
+                body.command,
+                sink,
+                index_url=body.index_url,
+                allow_hosts=body.allow_hosts,
+                limits=limits,
+                who=who.owner or LOCAL,
+            )
+
+        return streaming_response(work, wants_sse(accept, stream_format))
+
+    @app.post("/v1/repo", summary="Clone a repository (or use uploaded files), then run a command")
+    async def repo(
+        body: RepoRequest,
+        who: Who,
+        accept: Annotated[str | None, Header()] = None,
+        stream_format: Annotated[
+            str | None, Query(alias="format", pattern="^(ndjson|sse)$")
+        ] = None,
+    ) -> StreamingResponse:
+        language = resolve_language(body.language)
+        limits = Limits(timeout=body.timeout)
+        files = to_uploads(body.files)
+        check_transfers(files, ())
+
+        def work(sink: OutputSink) -> Awaitable[RunResult]:
+            return service.repo(
+                language,
+                body.url,
+                body.command,
+                sink,
+                ref=body.ref,
+                allow_hosts=body.allow_hosts,
+                limits=limits,
+                files=files,
+                who=who.owner or LOCAL,
+            )
+
+        return streaming_response(work, wants_sse(accept, stream_format))
 
     app.include_router(sandbox_router(service.sandboxes))
     return app

@@ -171,14 +171,14 @@ class FissionServicer(Adapter, pb_grpc.FissionServicer):
         self, request: pb.RunRequest, context: Any, who: Caller
     ) -> AsyncGenerator[pb.RunEvent, None]:
         spec = run_spec(request)
-        machine, release = await self.service.acquire(spec)
+        lease = await self.service.acquire(spec)
         try:
             async for event in run_events(
-                lambda sink: self.service.run_on(machine, spec, sink, who=who.owner or LOCAL)
+                lambda sink: self.service.run(spec, sink, who=who.owner or LOCAL, lease=lease)
             ):
                 yield event
         finally:
-            self.service.dispose(release)
+            self.service.dispose(lease)  # when the run never started; a no-op otherwise
 
     async def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
         return pb.HealthResponse(ok=True, version=__version__)

@@ -11,6 +11,7 @@ from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.sandbox_spec import DEFAULT_TTL, NetworkPolicy, SandboxSpec
 from fission.core.spec import RunSpec
+from fission.core.transfers import Upload
 from fission.errors import InvalidInput
 
 
@@ -52,6 +53,26 @@ NETWORK_HELP = (
 )
 
 
+class FileBody(BaseModel):
+    """A file for the VM: its guest path and its bytes in base64."""
+
+    path: str
+    data_b64: str
+
+    def to_upload(self) -> Upload:
+        """The upload it stands for (InvalidInput when the base64 is broken)."""
+        try:
+            data = base64.b64decode(self.data_b64, validate=True)
+        except ValueError as exc:
+            raise InvalidInput(f"the file {self.path!r}: data_b64 is not valid base64") from exc
+        return Upload(self.path, data)
+
+
+def to_uploads(files: list[FileBody]) -> tuple[Upload, ...]:
+    """The uploads of a request body."""
+    return tuple(file.to_upload() for file in files)
+
+
 class RunRequest(LimitsBody):
     """A one-shot run: the program, its language and its limits."""
 
@@ -60,6 +81,13 @@ class RunRequest(LimitsBody):
     env: dict[str, str] = Field(default_factory=dict)
     stdin_b64: str | None = None
     network: str | dict[str, Any] | None = Field(None, description=NETWORK_HELP)
+    uploads: list[FileBody] = Field(
+        default_factory=list, description="files written into the VM before the program starts"
+    )
+    downloads: list[str] = Field(
+        default_factory=list,
+        description="guest paths read out after the run, streamed back as file lines",
+    )
 
     def to_spec(self) -> RunSpec:
         """Validate into a RunSpec (raises InvalidInput subclasses)."""
@@ -73,6 +101,29 @@ class RunRequest(LimitsBody):
             decode_stdin(self.stdin_b64),
             network,
         )
+
+
+class InstallRequest(BaseModel):
+    """``fission install``: packages through the allowlist (cached per set), then a command."""
+
+    language: str = "python"
+    packages: list[str]
+    command: str
+    timeout: float = 30.0
+    index_url: str | None = None
+    allow_hosts: list[str] = Field(default_factory=list)
+
+
+class RepoRequest(BaseModel):
+    """``fission repo``: clone ``url`` (or use ``files`` in the workdir), then a command."""
+
+    language: str = "python"
+    url: str | None = None
+    command: str
+    timeout: float = 60.0
+    ref: str | None = None
+    allow_hosts: list[str] = Field(default_factory=list)
+    files: list[FileBody] = Field(default_factory=list)
 
 
 class SandboxCreate(LimitsBody):

@@ -10,11 +10,12 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from fission.agent.client import OutputSink
-from fission.api.run_stream import error_body, output_line, result_line
+from fission.api.run_stream import closing_lines, error_body, output_line
+from fission.core.provision import InstallResult
 from fission.core.spec import RunResult
 from fission.errors import FissionError
 
-Work = Callable[[OutputSink], Awaitable[RunResult]]
+Work = Callable[[OutputSink], Awaitable[RunResult | InstallResult]]
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
@@ -42,8 +43,9 @@ async def stream_lines(
 
     async def execute() -> None:
         try:
-            result = await work(lambda stream, data: queue.put_nowait(output_line(stream, data)))
-            queue.put_nowait(result_line(result))
+            outcome = await work(lambda stream, data: queue.put_nowait(output_line(stream, data)))
+            for line in closing_lines(outcome):
+                queue.put_nowait(line)
         except FissionError as exc:
             queue.put_nowait(error_body(exc))
         finally:

@@ -6,7 +6,7 @@ import time
 
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.orchestrator import run
+from fission.core.service import embedded_service
 from fission.core.spec import RunResult, RunSpec
 
 
@@ -20,4 +20,5 @@ async def run_code(language: str, code: str, *, env: dict[str, str] | None = Non
             events.append((time.monotonic(), stream, data))
 
     spec = RunSpec(resolve_language(language), code, Limits(**limits), env or {}, stdin)  # type: ignore[arg-type]
-    return await run(spec, sink)
+    async with embedded_service() as service:
+        return await service.run(spec, sink)

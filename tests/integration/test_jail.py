@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 
 from fission.core import sandbox_vm, snapshots
+from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.machines import Machine, detect_host, exec_request, start_machine
-from fission.core.orchestrator import boot, clone_config, run_in_vm
+from fission.core.orchestrator import boot, clone_config
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
 from fission.vmm import cgroups, jail_plan, jailer
@@ -193,7 +194,7 @@ async def test_a_run_a_clone_and_a_cold_boot_leave_nothing_behind() -> None:
         machine = await boot(spec)
         box = the_jail(machine.vm)
         boxes.append(box)
-        result = await run_in_vm(machine.vm, machine.agent, spec)
+        result = (await execute(machine.agent, exec_request(spec), diagnostics=machine.vm.diagnostics)).result
         assert result.exit_code == 0 and result.stdout == b"1000\n"
         await machine.destroy()
         await machine.destroy()  # safe twice

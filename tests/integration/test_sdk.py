@@ -24,7 +24,6 @@ import pytest
 
 import fission
 from fission.agent.client import AgentClient, ExecRequest
-from fission.client import DaemonClient
 from fission.sdk import (
     AsyncSandbox,
     FileNotFound,
@@ -39,6 +38,7 @@ from fission.sdk import (
     Unauthorized,
     UnknownLanguage,
 )
+from fission.sdk._backend import DaemonBackend
 from tests.integration.conftest import FISSION, vmm_processes
 
 pytestmark = pytest.mark.vm
@@ -98,7 +98,7 @@ class Daemon:
                 *self.args]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        probe = DaemonClient(base_url=self.url) if self.port else DaemonClient(self.socket)
+        probe = DaemonBackend.connect(url=self.url) if self.port else DaemonBackend.connect(self.socket)
         deadline = time.monotonic() + 120
         with probe:
             while time.monotonic() < deadline:

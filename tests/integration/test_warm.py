@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fission.client import DaemonClient
 from fission.core.languages import resolve_language
 from fission.core.orchestrator import run
 from fission.core.spec import RunSpec
 from fission.errors import Busy
+from fission.sdk._backend import DaemonBackend
 from tests.integration.conftest import FISSION, fission_cli
 
 pytestmark = pytest.mark.vm
@@ -64,7 +64,7 @@ class Daemon:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=log)
         deadline = time.monotonic() + 240
-        with DaemonClient(self.socket) as client:
+        with DaemonBackend.connect(self.socket) as client:
             while time.monotonic() < deadline:
                 assert self.proc.poll() is None, (self.dir / "daemon.log").read_text()
                 if client.alive():
@@ -74,8 +74,8 @@ class Daemon:
                 time.sleep(0.5)
         raise AssertionError(f"daemon not ready: {(self.dir / 'daemon.log').read_text()}")
 
-    def client(self) -> DaemonClient:
-        return DaemonClient(self.socket)
+    def client(self) -> DaemonBackend:
+        return DaemonBackend.connect(self.socket)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from fission.client import DaemonClient
 from fission.core.languages import resolve_language
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError
+from fission.sdk._backend import DaemonBackend
 from tests.integration.test_warm import Daemon
 from tests.security.test_leaks import (
     VmWatcher,
@@ -65,7 +65,7 @@ def test_sigkill_with_runs_in_flight_then_restart_cleans_up() -> None:
 
     def client(index: int) -> None:
         try:
-            with DaemonClient(daemon.socket, request_timeout=60) as c:
+            with DaemonBackend.connect(daemon.socket, request_timeout=60) as c:
                 outcomes[index] = c.run(spec)
         except BaseException as exc:
             outcomes[index] = exc

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from fission.client import DaemonClient
 from fission.core.languages import resolve_language
 from fission.core.spec import RunSpec
 from fission.errors import Busy, FissionError
+from fission.sdk._backend import DaemonBackend
 from fission.vmm.cgroups import CONTROLLERS, GROUP_DIR, VM_PREFIX
 from tests.integration.test_warm import Daemon
 
@@ -182,7 +182,7 @@ def run_many(daemon: Daemon, runs: int, clients: int = CLIENTS) -> Tally:
     left = [runs]
 
     def worker() -> None:
-        with DaemonClient(daemon.socket, request_timeout=60) as client:
+        with DaemonBackend.connect(daemon.socket, request_timeout=60) as client:
             while True:
                 with lock:
                     if left[0] <= 0:

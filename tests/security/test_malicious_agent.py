@@ -2,7 +2,7 @@
 
 User code cannot reach the agent's channel (it runs as uid 1000; the port is root's), so these
 attacks assume a guest that is already fully compromised. The host side under test is the real
-one (``orchestrator.run_in_vm`` over a real ``AgentClient``); the guest end is a socket this
+one (``execution.execute`` over a real ``AgentClient``); the guest end is a socket this
 test writes by hand. Every attack must end in a clear error or a timeout result within its
 deadline, never a hang, a crash of the host process or unbounded host memory.
 """
@@ -19,9 +19,10 @@ from contextlib import asynccontextmanager
 import pytest
 
 from fission.agent.client import AgentClient
+from fission.core.execution import KILL_GRACE, execute
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.orchestrator import KILL_GRACE, run_in_vm
+from fission.core.machines import exec_request
 from fission.core.spec import RunSpec
 from fission.errors import AgentProtocolError, VMError
 from fission.guest import protocol
@@ -86,16 +87,16 @@ async def test_garbage_from_the_guest_is_a_clear_error(attack: str) -> None:
     async with hostile_guest(ATTACKS[attack]) as client:
         started = time.monotonic()
         with pytest.raises(AgentProtocolError):
-            await run_in_vm(NoVM(), client, SPEC)  # type: ignore[arg-type]
+            await execute(client, exec_request(SPEC), diagnostics=NoVM().diagnostics)
         assert time.monotonic() - started < 5
         with pytest.raises(VMError):  # the channel is broken for good: the VM must go
-            await run_in_vm(NoVM(), client, SPEC)  # type: ignore[arg-type]
+            await execute(client, exec_request(SPEC), diagnostics=NoVM().diagnostics)
 
 
 async def test_a_guest_that_stalls_ends_at_the_host_deadline() -> None:
     async with hostile_guest(protocol.encode(FrameType.STDOUT, 1, b"half a run")) as client:
         started = time.monotonic()
-        result = await run_in_vm(NoVM(), client, SPEC)  # type: ignore[arg-type]
+        result = (await execute(client, exec_request(SPEC), diagnostics=NoVM().diagnostics)).result
     elapsed = time.monotonic() - started
     assert result.timed_out and result.exit_code == 124 and result.stdout == b"half a run"
     assert SPEC.limits.timeout + KILL_GRACE - 0.5 < elapsed < SPEC.limits.timeout + KILL_GRACE + 2
@@ -107,7 +108,7 @@ async def test_a_flood_of_output_stays_capped_in_host_memory() -> None:
     spec = RunSpec(SPEC.language, SPEC.code, Limits(timeout=5, output_limit_mb=1))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     async with hostile_guest(flood) as client:
-        result = await run_in_vm(NoVM(), client, spec)  # type: ignore[arg-type]
+        result = (await execute(client, exec_request(spec), diagnostics=NoVM().diagnostics)).result
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert result.truncated and len(result.stdout) <= 1024 * 1024
     assert grown_mb < 200, f"the host kept {grown_mb:.0f} MB of a guest's flood"

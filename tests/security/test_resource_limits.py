@@ -8,9 +8,11 @@ import time
 
 import pytest
 
+from fission.core.execution import KILL_GRACE, execute
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.orchestrator import KILL_GRACE, boot, run_in_vm
+from fission.core.machines import exec_request
+from fission.core.orchestrator import boot
 from fission.core.spec import RunSpec
 from tests.integration.helpers import run_code
 
@@ -46,7 +48,7 @@ async def test_a_wedged_guest_is_stopped_by_the_host_deadline() -> None:
                                                 "running": True}
         await vm.qmp("stop")
         started = time.monotonic()
-        result = await run_in_vm(vm, agent, spec)
+        result = (await execute(agent, exec_request(spec), diagnostics=vm.diagnostics)).result
         elapsed = time.monotonic() - started
     finally:
         await agent.close()

@@ -19,6 +19,7 @@ from fission.api import fission_pb2 as pb
 from fission.api import fission_pb2_grpc as pb_grpc
 from fission.auth.keys import KeyLimits, KeyStore
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec
+from fission.core.service import Lease
 from fission.core.spec import RunResult
 from fission.errors import InvalidInput, SandboxNotFound
 from fission.server.auth import Gatekeeper
@@ -80,16 +81,21 @@ class FakeService:
         async def release() -> None:
             self.released.set()
 
-        return object(), release
+        return Lease(object(), release)  # type: ignore[arg-type]
 
-    async def run_on(self, machine: Any, spec: Any, sink: Any, who: str) -> RunResult:
-        sink("stdout", b"tick")
-        await asyncio.sleep(3600)
-        return RESULT
+    async def run(self, spec: Any, sink: Any, *, who: str, lease: Lease) -> RunResult:
+        try:
+            sink("stdout", b"tick")
+            await asyncio.sleep(3600)
+            return RESULT
+        finally:
+            self.dispose(lease)
 
-    def dispose(self, release: Any) -> None:
-        task = asyncio.create_task(release())
-        self.tasks.add(task)
+    def dispose(self, lease: Lease) -> None:
+        if not lease.disposed:
+            lease.disposed = True
+            task = asyncio.create_task(lease.release())
+            self.tasks.add(task)
 
 
 @dataclass

@@ -16,9 +16,8 @@ import pytest
 import fission.sdk
 from fission.api.run_stream import error_body, output_line, result_line
 from fission.core.languages import resolve_language
-from fission.core.limits import Limits
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec
-from fission.core.spec import RunResult
+from fission.core.spec import RunResult, RunSpec
 from fission.errors import (
     ERRORS_BY_CODE,
     FissionError,
@@ -28,7 +27,7 @@ from fission.errors import (
     SandboxNotFound,
     UnknownLanguage,
 )
-from fission.sdk import _oneshot
+from fission.sdk import _backend
 from fission.sdk import _requests as calls
 from fission.sdk._connection import resolve_connection
 from fission.sdk._http import SyncHTTP, converted
@@ -111,6 +110,38 @@ def test_parse_json() -> None:
 
 
 # -- streams -------------------------------------------------------------------------------------
+def test_downloaded_files_and_install_facts_come_before_the_result() -> None:
+    from dataclasses import replace
+
+    from fission.api.run_stream import closing_lines
+    from fission.core.provision import InstallResult
+
+    ran = replace(RESULT, files={"/data/out.bin": b"\x00\xffdata", "/data/empty": b""})
+    lines = encoded(output_line("stdout", b"x"), *closing_lines(InstallResult(ran, True, 51.5)))
+    assembler = calls.RunAssembler()
+    events = [assembler.feed(line) for line in lines]
+    result = events[-1]
+    assert isinstance(result, RunResult) and result.files == ran.files
+    assert events[1:-1] == [None, None, None]  # install facts and files are not output events
+    assert assembler.install == {"cached": True, "setup_ms": 51.5, "installed": True}
+    assert "files" not in result.to_json()  # --json output keeps its shape
+
+
+def test_run_requests_carry_policy_uploads_and_downloads() -> None:
+    call = calls.one_shot_run(
+        "python",
+        "print(1)",
+        {"timeout": 5},
+        network={"enabled": True, "allow_hosts": ["127.0.0.1:8"]},
+        uploads=[("/data/in.csv", b"a,b\n")],
+        downloads=["/data/out.txt"],
+    )
+    assert call.json is not None
+    assert call.json["network"] == {"enabled": True, "allow_hosts": ["127.0.0.1:8"]}
+    assert call.json["uploads"] == [{"path": "/data/in.csv", "data_b64": "YSxiCg=="}]
+    assert call.json["downloads"] == ["/data/out.txt"]
+
+
 def test_a_stream_becomes_events_in_order_then_the_result() -> None:
     lines = encoded(
         output_line("stdout", b"one\n"),
@@ -326,29 +357,44 @@ def test_run_goes_embedded_when_no_local_daemon_answers(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("FISSION_SOCKET", str(tmp_path / "none.sock"))
-    seen: list[tuple[str, str, Any]] = []
+    monkeypatch.delenv("FISSION_URL", raising=False)
+    seen: list[RunSpec] = []
 
-    def embedded(code: str, language: str, limits: Any, *rest: Any) -> RunResult:
-        seen.append((code, language, limits))
+    def embedded(self: Any, spec: RunSpec, *rest: Any) -> RunResult:
+        seen.append(spec)
         return RESULT
 
-    monkeypatch.setattr(_oneshot, "run_embedded", embedded)
+    monkeypatch.setattr(_backend.EmbeddedBackend, "run", embedded)
     assert fission.sdk.run("print(1)", "bash", timeout=4, memory_mb=128) is RESULT
-    assert seen[0][:2] == ("print(1)", "bash")
-    assert (seen[0][2].timeout, seen[0][2].memory_mb) == (4, 128)
+    assert (seen[0].code, seen[0].language.name) == ("print(1)", "bash")
+    assert (seen[0].limits.timeout, seen[0].limits.memory_mb) == (4, 128)
+
+
+def test_the_backend_is_chosen_in_one_place(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FISSION_SOCKET", str(tmp_path / "none.sock"))
+    monkeypatch.delenv("FISSION_URL", raising=False)
+    assert _backend.open_backend().where == "embedded"  # no socket: no probe, no HTTP client
+    assert _backend.open_backend(embedded=True).where == "embedded"
+    (tmp_path / "none.sock").touch()  # a socket file nobody answers on: probed, then embedded
+    assert _backend.open_backend().where == "embedded"
+    named = _backend.open_backend(url=f"unix:{tmp_path / 'other.sock'}")
+    assert named.where == "daemon"  # a named daemon is never replaced by an embedded run
+    named.close()
 
 
 def test_run_never_falls_back_from_a_named_daemon(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(_oneshot, "run_embedded", None)  # would fail if called
+    monkeypatch.setattr(_backend.EmbeddedBackend, "run", None)  # would fail if called
     with pytest.raises(NotReady):
         fission.sdk.run("print(1)", url=f"unix:{tmp_path / 'none.sock'}")
 
 
-def test_embedded_runs_refuse_an_unknown_language_before_any_vm() -> None:
+def test_runs_refuse_an_unknown_language_before_any_vm() -> None:
     with pytest.raises(UnknownLanguage, match="cobol"):
-        _oneshot.run_embedded("x", "cobol", Limits(), None, None, None, None)
+        fission.sdk.run("x", "cobol")
 
 
 # -- local files ---------------------------------------------------------------------------------
