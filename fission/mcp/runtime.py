@@ -21,8 +21,8 @@ import anyio
 from fission.config import runtime_dir
 from fission.core.journal import Journal
 from fission.core.service import Service, ServiceConfig
+from fission.core.service_options import default_budget_mb, lock_state_dir, parse_pool_flags
 from fission.errors import InvalidInput, NotReady
-from fission.server.daemon import default_budget_mb, lock_state_dir, parse_pool_flags
 
 log = logging.getLogger("fission.mcp")
 STATE_PREFIX = "mcp-"

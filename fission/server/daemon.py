@@ -7,17 +7,17 @@ destroys every VM the daemon owns. A second daemon on the same state dir is refu
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fission.auth.db import default_db_path
 from fission.config import daemon_socket, runtime_dir
 from fission.core.languages import resolve_language
 from fission.core.service import ServiceConfig
+from fission.core.service_options import default_budget_mb, lock_state_dir, parse_pool_flags
 from fission.errors import InvalidInput, NotReady
 
 
@@ -35,19 +35,6 @@ class DaemonConfig:
     # gRPC (fission.server.grpc_server): "HOST:PORT" or "unix:PATH"; None serves no gRPC
     grpc_address: str | None = None
     grpc_keys_db: Path | None = None  # set for a TCP gRPC listener
-
-
-def parse_pool_flags(flags: list[str]) -> dict[str, int]:
-    """``["python=2", "node=1"]`` -> ``{"python": 2, "node": 1}``, checking each part."""
-    pools: dict[str, int] = {}
-    for flag in flags:
-        name, sep, count = flag.partition("=")
-        if not sep or not count.isdigit():
-            raise InvalidInput(f"--pool {flag!r} is not LANGUAGE=COUNT (e.g. python=2)")
-        if int(count) > 64:
-            raise InvalidInput(f"--pool {flag}: at most 64 VMs per language")
-        pools[resolve_language(name).name] = int(count)
-    return pools
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -127,30 +114,6 @@ def grpc_address(host: str | None, port: int | None, socket: Path | None) -> str
         raise InvalidInput(f"--grpc-port {port!r} is out of range: use 1 to 65535")
     host = host or "127.0.0.1"
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def default_budget_mb() -> int:
-    """Half of this host's memory."""
-    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * page_size / 2**20 / 2)
-
-
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the state dir for this daemon's lifetime."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    handle = (state_dir / "daemon.pid").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        handle.close()
-        raise NotReady(
-            f"another fission daemon is using {state_dir}: stop it or pass --state-dir"
-        ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def serve(config: DaemonConfig) -> None:
