@@ -66,9 +66,7 @@ def package_sources(root: Path = PACKAGE_ROOT) -> dict[str, tuple[str, str]]:
     }
 
 
-def imports_of(
-    module: str, path: str, source: str, known: Iterable[str] = ()
-) -> Iterator[Import]:
+def imports_of(module: str, path: str, source: str, known: Iterable[str] = ()) -> Iterator[Import]:
     """Each import in ``source``, at any depth (functions, ``TYPE_CHECKING``), made absolute.
 
     ``from pkg import name`` targets ``pkg.name`` when that is a module in ``known``, else ``pkg``.
@@ -107,7 +105,9 @@ def layer_of(module: str, top_level_modules: Iterable[str]) -> str:
 
 def top_level_modules(sources: Mapping[str, tuple[str, str]]) -> set[str]:
     """The modules that are files directly in ``fission/`` (not subpackages, not the package)."""
-    return {name for name, (path, _) in sources.items() if path.count("/") == 1 and name.count(".") == 1}
+    return {
+        name for name, (path, _) in sources.items() if path.count("/") == 1 and name.count(".") == 1
+    }
 
 
 def all_imports(sources: Mapping[str, tuple[str, str]]) -> list[Import]:
