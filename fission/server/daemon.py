@@ -133,8 +133,8 @@ def serve(config: DaemonConfig) -> None:
             os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
             try:
                 from fission.server.grpc_server import attach_grpc
-            except ModuleNotFoundError as exc:  # the build makes the stubs: fission/api
-                raise NotReady(f"gRPC is not set up ({exc}): run `make protos`") from exc
+            except ModuleNotFoundError as exc:  # grpcio or protobuf missing: the server extra
+                raise NotReady(f"gRPC needs {exc.name}: pip install 'fission[server]'") from exc
             attach_grpc(app, service, config.grpc_address, config.grpc_keys_db)
         if config.socket is not None:
             config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
