@@ -14,13 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fission.auth.db import Database, default_db_path, from_iso, to_iso, utc_now
 from fission.errors import FissionError, InvalidInput
-
-if TYPE_CHECKING:
-    from fission.core.spec import RunResult
 
 LOCAL = "local"  # who: a request on the local Unix socket, which needs no key
 MAX_QUERY_LIMIT = 10_000
@@ -72,7 +69,20 @@ class AuditEvent:
         }
 
 
-def outcome_of_result(result: RunResult) -> str:
+class FinishedRun(Protocol):
+    """What an outcome is made of: the fields of ``fission.core.spec.RunResult`` (a layer above)."""
+
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def timed_out(self) -> bool: ...
+    @property
+    def oom(self) -> bool: ...
+    @property
+    def signal(self) -> int: ...
+
+
+def outcome_of_result(result: FinishedRun) -> str:
     """The outcome of a finished run: ``timeout``, ``oom``, ``signal N``, ``exit N`` or ``ok``."""
     if result.timed_out:
         return "timeout"

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fission.cli.errors import abort
 from fission.errors import FissionError
+
+if TYPE_CHECKING:
+    from fission.images.build import StepReporter
 
 app = typer.Typer(help="Build and list the VM images.", no_args_is_help=True)
 
@@ -24,12 +31,44 @@ def build_command(
     ] = True,
 ) -> None:
     """Build the kernel, initramfs, root disks and warm snapshots (cached by their inputs)."""
-    from fission.images.build import build_images
+    from fission.core.snapshots import build_warm_snapshot
+    from fission.images.build import build_images, resolve_targets
 
+    names = languages or ["all"]
     try:
-        build_images(languages or ["all"], snapshots=snapshots)
+        with _progress() as step:
+            build_images(names, step)
+            if snapshots:
+                for name in resolve_targets(names):
+                    with step(f"{name} warm snapshot (booted, warmed, saved)"):
+                        asyncio.run(build_warm_snapshot(name))
     except FissionError as exc:
         abort(exc)
+
+
+@contextmanager
+def _progress() -> Iterator[StepReporter]:
+    """A live progress display on stderr; yields the ``step`` reporter the builds call."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+
+        @contextmanager
+        def step(description: str) -> Iterator[None]:
+            task = progress.add_task(description, total=None)
+            started = time.monotonic()
+            try:
+                yield
+            except BaseException:
+                failed = f"{description} [red]failed"
+                progress.update(task, total=1, completed=1, description=failed)
+                raise
+            done = f"{description} [green]{time.monotonic() - started:.1f}s"
+            progress.update(task, total=1, completed=1, description=done)
+
+        yield step
 
 
 @app.command("list")

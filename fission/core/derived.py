@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from fission.cache_keys import cache_key
 from fission.core import snapshots
 from fission.core.machines import Host, Machine, detect_host, start_machine
 from fission.core.orchestrator import clone_config, ensure_snapshot
 from fission.core.sandbox_vm import DISK_NAME, STATE_NAME, pause_vm
 from fission.images.overlay import create_overlay
-from fission.images.recipes import cache_key
 from fission.images.store import image_set
 from fission.vmm.base import VMConfig
 

@@ -19,7 +19,8 @@ from fission.images.store import ImageSet
 from fission.net.egress import proxy_env
 from fission.vmm.accel import detect_accel
 from fission.vmm.base import VMConfig
-from fission.vmm.qemu import QemuVM, qemu_binary, qemu_version
+from fission.vmm.binary import qemu_binary, qemu_version
+from fission.vmm.qemu import QemuVM
 
 # Guest RAM on top of the program's memory limit, for the guest kernel and the agent.
 GUEST_OVERHEAD_MB = 96

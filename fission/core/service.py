@@ -45,10 +45,11 @@ from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget, WarmPool
 from fission.core.provision import InstallResult, plan_install, plan_repo
 from fission.core.sandboxes import SandboxManager
+from fission.core.service_options import default_budget_mb
 from fission.core.spec import RunResult, RunSpec
-from fission.core.state_dirs import default_budget_mb, lock_state_dir, sweep_stale
+from fission.core.state_dirs import lock_state_dir, sweep_stale
 from fission.core.transfers import Upload, check_transfers, pull, push
-from fission.errors import Busy, InvalidInput
+from fission.errors import Busy
 from fission.net.egress import attach
 
 log = logging.getLogger("fission.service")
@@ -78,19 +79,6 @@ class Lease:
     machine: Machine
     release: Release
     disposed: bool = False
-
-
-def parse_pool_flags(flags: list[str]) -> dict[str, int]:
-    """``["python=2", "node=1"]`` -> ``{"python": 2, "node": 1}``, checking each part."""
-    pools: dict[str, int] = {}
-    for flag in flags:
-        name, sep, count = flag.partition("=")
-        if not sep or not count.isdigit():
-            raise InvalidInput(f"--pool {flag!r} is not LANGUAGE=COUNT (e.g. python=2)")
-        if int(count) > 64:
-            raise InvalidInput(f"--pool {flag}: at most 64 VMs per language")
-        pools[resolve_language(name).name] = int(count)
-    return pools
 
 
 class Service:

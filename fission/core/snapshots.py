@@ -29,15 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fission.agent.client import AgentClient
+from fission.cache_keys import cache_key
 from fission.config import cache_dir, runtime_dir
 from fission.core.languages import Language, resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import GUEST_OVERHEAD_MB, Host, exec_request, new_vm_id, start_machine
+from fission.core.machines import (
+    GUEST_OVERHEAD_MB,
+    Host,
+    detect_host,
+    exec_request,
+    new_vm_id,
+    start_machine,
+)
 from fission.core.spec import RunSpec
 from fission.errors import ImageBuildFailed
-from fission.images.recipes import cache_key
 from fission.images.scratch import scratch_disk
-from fission.images.store import ImageSet
+from fission.images.store import ImageSet, image_set
 from fission.vmm.accel import tcg_kernel_args
 from fission.vmm.base import VMConfig
 from fission.vmm.qemu import BASE_KERNEL_ARGS
@@ -230,6 +237,13 @@ async def build_snapshot(
     if snapshot is None:
         raise ImageBuildFailed(f"the {images.language} snapshot vanished after it was built")
     return snapshot
+
+
+async def build_warm_snapshot(language: str) -> Snapshot:
+    """The language's warm snapshot on this host, built unless current (``images build``)."""
+    images = image_set(language)
+    host = await detect_host(images)
+    return await build_snapshot(images, host.qemu, host.version, host.accel)
 
 
 def remove_stale_staging(max_age_s: float = 3600.0) -> None:

@@ -22,12 +22,6 @@ from fission.errors import NotReady
 log = logging.getLogger("fission.state")
 
 
-def default_budget_mb() -> int:
-    """Half of this host's memory."""
-    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * page_size / 2**20 / 2)
-
-
 def lock_state_dir(state_dir: Path) -> IO[str]:
     """Hold an exclusive lock on the state dir for this process's lifetime."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,15 +1,16 @@
-"""`fission images build`: kernel, initramfs and root disks, with a progress display."""
+"""Building the kernel, initramfs and root disks that are missing or stale.
+
+Each step is reported through ``step(description)``, a context manager around the step's work
+(``fission images build`` draws it as a progress line). The warm snapshots made from these
+images are the core's job (``fission.core.snapshots.build_warm_snapshot``).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
-
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fission.errors import UnknownLanguage
 from fission.images.initramfs import build_initramfs
@@ -17,6 +18,9 @@ from fission.images.kernel import build_kernel
 from fission.images.recipes import RECIPES
 from fission.images.rootfs import build_rootfs
 from fission.images.store import images_dir, load_manifest, save_manifest
+
+# Wraps one build step: entered before it starts, exited when it ends (with its error, if any).
+StepReporter = Callable[[str], AbstractContextManager[object]]
 
 
 def resolve_targets(names: list[str]) -> list[str]:
@@ -31,53 +35,25 @@ def resolve_targets(names: list[str]) -> list[str]:
     return [n for n in RECIPES if n in names]
 
 
-@contextmanager
-def _step(progress: Progress, description: str) -> Iterator[None]:
-    task = progress.add_task(description, total=None)
-    started = time.monotonic()
-    try:
-        yield
-    except BaseException:
-        progress.update(task, total=1, completed=1, description=f"{description} [red]failed")
-        raise
-    elapsed = time.monotonic() - started
-    progress.update(task, total=1, completed=1, description=f"{description} [green]{elapsed:.1f}s")
+def _silent(_description: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
 
 
-def build_images(
-    names: list[str], console: Console | None = None, snapshots: bool = True
-) -> dict[str, Any]:
-    """Build every requested image (and its warm snapshot) that is missing or stale."""
+def build_images(names: list[str], step: StepReporter = _silent) -> dict[str, Any]:
+    """Build every requested image that is missing or stale; return the saved manifest."""
     targets = resolve_targets(names)
     logs = images_dir() / "logs"
     manifest = load_manifest()
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
-        with _step(progress, "kernel (Debian linux-image-cloud-amd64)"):
-            kernel = build_kernel(logs / "kernel.log")
-        with _step(progress, "initramfs (busybox + virtio modules)"):
-            initramfs = build_initramfs(kernel)
-        manifest["kernel"], manifest["initramfs"] = kernel, initramfs
-        rootfs = manifest.setdefault("rootfs", {})
-        for name in targets:
-            recipe = RECIPES[name]
-            with _step(progress, f"{name} root disk ({recipe.description})"):
-                rootfs[name] = build_rootfs(recipe, logs / f"rootfs-{name}.log")
-            save_manifest(manifest)
+    with step("kernel (Debian linux-image-cloud-amd64)"):
+        kernel = build_kernel(logs / "kernel.log")
+    with step("initramfs (busybox + virtio modules)"):
+        initramfs = build_initramfs(kernel)
+    manifest["kernel"], manifest["initramfs"] = kernel, initramfs
+    rootfs = manifest.setdefault("rootfs", {})
+    for name in targets:
+        recipe = RECIPES[name]
+        with step(f"{name} root disk ({recipe.description})"):
+            rootfs[name] = build_rootfs(recipe, logs / f"rootfs-{name}.log")
         save_manifest(manifest)
-        if snapshots:
-            for name in targets:
-                with _step(progress, f"{name} warm snapshot (booted, warmed, saved)"):
-                    asyncio.run(build_warm_snapshot(name))
+    save_manifest(manifest)
     return manifest
-
-
-async def build_warm_snapshot(language: str) -> None:
-    """Build the language's warm snapshot (see fission.core.snapshots) unless current."""
-    from fission.core.machines import detect_host
-    from fission.core.snapshots import build_snapshot
-    from fission.images.store import image_set
-
-    images = image_set(language)
-    host = await detect_host(images)
-    await build_snapshot(images, host.qemu, host.version, host.accel)

@@ -8,11 +8,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fission.cache_keys import cache_key
 from fission.errors import MissingTool
 from fission.images import cpio
-from fission.images.recipes import KERNEL_MODULES, cache_key
+from fission.images.recipes import KERNEL_MODULES
 from fission.images.store import images_dir
-from fission.images.tools import is_static_elf, require_tool
+from fission.images.tools import is_static_elf
+from fission.tools import require_tool
 
 DIRECTORIES = ("bin", "dev", "proc", "sys", "mnt", "newroot", "lib", "lib/modules")
 

@@ -12,10 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fission.cache_keys import cache_key
 from fission.errors import ImageBuildFailed
-from fission.images.recipes import KERNEL_MODULES, KERNEL_PACKAGE, cache_key
+from fission.images.recipes import KERNEL_MODULES, KERNEL_PACKAGE
 from fission.images.store import images_dir
-from fission.images.tools import capture, require_tool, run_logged
+from fission.images.tools import capture, run_logged
+from fission.tools import require_tool
 
 
 def resolve_kernel_package() -> tuple[str, str]:

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from fission.errors import VMStartFailed
-from fission.images.tools import require_tool
+from fission.tools import require_tool
 
 
 def create_overlay(base: Path, target: Path) -> Path:

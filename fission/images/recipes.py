@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+
+from fission.cache_keys import cache_key
 
 SUITE = "bookworm"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -68,16 +69,6 @@ RECIPES: dict[str, Recipe] = {
     "node": Recipe("node", ("python3", "nodejs", "npm"), "Node.js and npm"),
     "bash": Recipe("bash", ("python3", "bash", "coreutils"), "bash and coreutils"),
 }
-
-
-def cache_key(*parts: str | bytes) -> str:
-    """A short, stable hash of the given inputs, used in cached file names."""
-    digest = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        digest.update(len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()[:16]
 
 
 def recipe_key(recipe: Recipe, apt_sources: bytes) -> str:

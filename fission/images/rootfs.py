@@ -12,17 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fission.cache_keys import cache_key
 from fission.errors import ImageBuildFailed
 from fission.images.recipes import (
     CUSTOMIZE_COMMANDS,
     DPKG_EXCLUDES,
     SUITE,
     Recipe,
-    cache_key,
     recipe_key,
 )
 from fission.images.store import agent_key, agent_sources, images_dir
-from fission.images.tools import require_tool, run_logged
+from fission.images.tools import run_logged
+from fission.tools import require_tool
 
 ROOT_LABEL = "fission-root"
 DEFAULT_SOURCES = (

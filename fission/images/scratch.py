@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fission.errors import ImageBuildFailed
 from fission.images.store import images_dir
-from fission.images.tools import require_tool
+from fission.tools import require_tool
 
 SCRATCH_LABEL = "fission-scratch"
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fission.cache_keys import cache_key
 from fission.config import cache_dir
 from fission.errors import ImagesNotBuilt
-from fission.images.recipes import RECIPES, cache_key
+from fission.images.recipes import RECIPES
 
 AGENT_FILES = (
     "agent.py",

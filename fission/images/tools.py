@@ -1,38 +1,15 @@
-"""Finding the host programs image builds and VMs need, and running them with a log."""
+"""Running image-build commands (with a log, or for their output) and checking busybox is static.
+
+Finding the programs themselves is ``fission.tools.require_tool``.
+"""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Literal
 
-from fission.errors import ImageBuildFailed, MissingTool
-
-# Which Debian package ships each program, for error messages that say what to install.
-PACKAGE_OF: dict[str, str] = {
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-img": "qemu-utils",
-    "mmdebstrap": "mmdebstrap",
-    "mkfs.ext4": "e2fsprogs",
-    "busybox": "busybox-static",
-    "apt-get": "apt",
-    "apt-cache": "apt",
-    "dpkg-deb": "dpkg",
-}
-
-
-def require_tool(name: str) -> str:
-    """Return the path of program ``name`` or raise MissingTool naming its package."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
-    if found is None:
-        package = PACKAGE_OF.get(name, name)
-        raise MissingTool(
-            f"{name} is not installed: install the Debian package '{package}' "
-            f"(apt-get install {package}) or run `make setup`"
-        )
-    return found
-
+from fission.errors import ImageBuildFailed
 
 ELF64_HEADER_SIZE = 64
 

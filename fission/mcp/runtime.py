@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fission.core import state_dirs
-from fission.core.service import Service, ServiceConfig, parse_pool_flags, private_service
-from fission.core.state_dirs import default_budget_mb
+from fission.core.service import Service, ServiceConfig, private_service
+from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.errors import InvalidInput
 
 log = logging.getLogger("fission.mcp")

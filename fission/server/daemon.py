@@ -16,8 +16,9 @@ from typing import Any
 from fission.auth.db import default_db_path
 from fission.config import daemon_socket, runtime_dir
 from fission.core.languages import resolve_language
-from fission.core.service import ServiceConfig, parse_pool_flags
-from fission.core.state_dirs import default_budget_mb, lock_state_dir
+from fission.core.service import ServiceConfig
+from fission.core.service_options import default_budget_mb, parse_pool_flags
+from fission.core.state_dirs import lock_state_dir
 from fission.errors import InvalidInput, NotReady
 
 
@@ -133,8 +134,8 @@ def serve(config: DaemonConfig) -> None:
             os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
             try:
                 from fission.server.grpc_server import attach_grpc
-            except ModuleNotFoundError as exc:  # the build makes the stubs: fission/api
-                raise NotReady(f"gRPC is not set up ({exc}): run `make protos`") from exc
+            except ModuleNotFoundError as exc:  # grpcio or protobuf missing: the server extra
+                raise NotReady(f"gRPC needs {exc.name}: pip install 'fission[server]'") from exc
             attach_grpc(app, service, config.grpc_address, config.grpc_keys_db)
         if config.socket is not None:
             config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fission.cache_keys import cache_key
 from fission.config import cache_dir, runtime_dir
 from fission.errors import InvalidInput
-from fission.images.recipes import cache_key
 from fission.vmm import jailer
 
 ACCELS = ("kvm", "tcg")

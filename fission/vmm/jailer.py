@@ -25,6 +25,7 @@ from pathlib import Path
 from fission.errors import Busy, VMStartFailed
 from fission.vmm import cgroups, jail_plan
 from fission.vmm.base import VMConfig
+from fission.vmm.binary import qemu_version
 from fission.vmm.jail_plan import Decision, HostFacts, JailPlan, Placement
 
 log = logging.getLogger("fission.jail")
@@ -33,12 +34,6 @@ ROOT_ENTRIES = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 QCOW2_MAGIC = b"QFI\xfb"
 RAM_STAMP_SUFFIX = ".jail-ctime"
 PROBE_MEMORY_MB = 128
-
-
-def _qemu_version(qemu: str) -> str:
-    from fission.vmm.qemu import qemu_version  # qemu imports this module
-
-    return qemu_version(qemu)
 
 
 @functools.cache
@@ -59,7 +54,7 @@ def host_facts(qemu: str | None = None) -> HostFacts:
         bwrap=shutil.which("bwrap"),
         setpriv=shutil.which("setpriv"),
         layout=cgroups.detect_layout(),
-        qemu_version=_qemu_version(qemu) if qemu else "",
+        qemu_version=qemu_version(qemu) if qemu else "",
         root_entries=tuple(entries),
         ld_cache=os.path.exists("/etc/ld.so.cache"),
         kvm_mode=kvm_mode,

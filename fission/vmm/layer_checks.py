@@ -21,7 +21,8 @@ from pathlib import Path
 from fission.config import cache_dir, runtime_dir
 from fission.errors import FissionError
 from fission.vmm import accel, cgroups, jail_plan, jailer
-from fission.vmm.qemu import SANDBOX_OPTS, TCG_TB_SIZE_MB, qemu_binary, qemu_version
+from fission.vmm.binary import qemu_binary, qemu_version
+from fission.vmm.qemu import SANDBOX_OPTS, TCG_TB_SIZE_MB
 
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 PROBE_SCRIPT = (

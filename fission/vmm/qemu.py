@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import functools
 import os
-import re
 import shutil
 import signal
 import stat
@@ -33,8 +32,7 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from fission.errors import MissingTool, VMError, VMStartFailed
-from fission.images.tools import require_tool
+from fission.errors import VMError, VMStartFailed
 from fission.vmm import jailer
 from fission.vmm.base import Capabilities, VirtualMachine, VMConfig
 
@@ -171,32 +169,6 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str, readonly_ram: bool = Fals
         f"unix:{option_value(paths.qmp_socket)},server=on,wait=off",
         *snapshot_args(config, readonly_ram),
     ]
-
-
-def qemu_binary() -> str:
-    """Path of qemu-system-x86_64 (``FISSION_QEMU`` overrides), or MissingTool naming it."""
-    override = os.environ.get("FISSION_QEMU")
-    if override:
-        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
-            raise MissingTool(
-                f"FISSION_QEMU={override} is not an executable file: point it at "
-                "qemu-system-x86_64 or unset it"
-            )
-        return override
-    return require_tool("qemu-system-x86_64")
-
-
-@functools.cache
-def qemu_version(qemu: str) -> str:
-    """The version QEMU reports, e.g. ``7.2.19`` (asked once per binary and process)."""
-    try:
-        out = subprocess.run(
-            [qemu, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MissingTool(f"{qemu} does not run: {exc}") from exc
-    match = re.search(r"version (\S+)", out)
-    return match.group(1) if match else out.strip()
 
 
 def _die_with_parent(parent: int | None = None) -> None:

@@ -30,7 +30,8 @@ from fission.core.orchestrator import boot, clone_config
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
 from fission.vmm import cgroups, jail_plan, jailer
-from fission.vmm.qemu import QemuVM, qemu_binary
+from fission.vmm.binary import qemu_binary
+from fission.vmm.qemu import QemuVM
 from tests.integration.conftest import fission_cli
 
 pytestmark = [

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fission.images.recipes import RECIPES, Recipe, cache_key, recipe_key
+from fission.cache_keys import cache_key
+from fission.images.recipes import RECIPES, Recipe, recipe_key
 
 parts = st.lists(st.one_of(st.text(max_size=20), st.binary(max_size=20)), max_size=5)
 

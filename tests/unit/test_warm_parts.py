@@ -24,7 +24,7 @@ from fission.core import snapshots
 from fission.core.journal import Journal, process_start_time
 from fission.core.limits import Limits
 from fission.core.pool import MemoryBudget, WarmPool
-from fission.core.service import parse_pool_flags
+from fission.core.service_options import parse_pool_flags
 from fission.core.spec import RunResult
 from fission.errors import Busy, InvalidInput, LimitOutOfRange, UnknownLanguage
 from fission.guest import zygote
