@@ -31,11 +31,9 @@ ROWS: tuple[tuple[str, ...], ...] = (
 # Top-level modules (``fission/config.py``, ``errors.py``, ...) are the foundation, except these.
 # ``fission/__init__.py`` exposes ``fission.run``, ``fission.Sandbox``... from the SDK (lazily,
 # so ``import fission.config`` stays cheap): it is the SDK's front door and sits in its layer.
-# ``fission/client.py`` is the daemon client behind ``fission run``, built on the SDK's parts;
 # ``fission/__main__.py`` is the ``fission`` command's entry point.
 MODULE_LAYERS: Mapping[str, str] = {
     "fission": "sdk",
-    "fission.client": "sdk",
     "fission.__main__": "cli",
 }
 
