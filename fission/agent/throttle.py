@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fission.ratelimit import TokenBucket
+
 FRAMES_PER_SECOND = 20_000.0
 FRAME_BURST = 4_000.0
 BYTES_PER_SECOND = 128.0 * 1024 * 1024
@@ -27,23 +29,14 @@ class Throttle:
     bytes_per_second: float = BYTES_PER_SECOND
     byte_burst: float = BYTE_BURST
     clock: Callable[[], float] = time.monotonic
-    _frames: float = field(init=False)
-    _bytes: float = field(init=False)
-    _last: float = field(init=False)
+    _frames: TokenBucket = field(init=False)
+    _bytes: TokenBucket = field(init=False)
 
     def __post_init__(self) -> None:
-        self._frames, self._bytes = self.frame_burst, self.byte_burst
-        self._last = self.clock()
+        self._frames = TokenBucket(self.frames_per_second, self.frame_burst, self.clock)
+        self._bytes = TokenBucket(self.bytes_per_second, self.byte_burst, self.clock)
 
     def delay(self, size: int) -> float:
         """Account one frame of ``size`` payload bytes; seconds to wait before the next read."""
-        now = self.clock()
-        elapsed, self._last = max(0.0, now - self._last), now
-        self._frames = min(self.frame_burst, self._frames + elapsed * self.frames_per_second)
-        self._bytes = min(self.byte_burst, self._bytes + elapsed * self.bytes_per_second)
-        self._frames -= 1
-        self._bytes -= size
-        return max(
-            -self._frames / self.frames_per_second if self._frames < 0 else 0.0,
-            -self._bytes / self.bytes_per_second if self._bytes < 0 else 0.0,
-        )
+        # A frame already read is spent even when over the limit: the debt is the wait.
+        return max(self._frames.take(1), self._bytes.take(size))

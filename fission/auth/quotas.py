@@ -11,18 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 
 from fission.errors import QuotaExceeded
-
-
-@dataclass
-class _Bucket:
-    """Tokens left and when they were last counted (clock seconds)."""
-
-    tokens: float
-    updated: float
+from fission.ratelimit import TokenBucket
 
 
 class RateLimiter:
@@ -36,18 +28,16 @@ class RateLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
-    def _refill(self, key_id: str, rate_per_minute: int) -> _Bucket:
-        """The key's bucket with the tokens earned since it was last counted (lock held)."""
-        now = self._clock()
-        capacity = float(rate_per_minute)
+    def _bucket(self, key_id: str, rate_per_minute: int) -> TokenBucket:
+        """The key's bucket at the key's current limit (lock held); a new key's starts full."""
         bucket = self._buckets.get(key_id)
         if bucket is None:
-            bucket = self._buckets[key_id] = _Bucket(capacity, now)
-        elapsed = max(0.0, now - bucket.updated)  # a clock that steps back earns nothing
-        bucket.tokens = min(capacity, bucket.tokens + elapsed * rate_per_minute / 60.0)
-        bucket.updated = now
+            bucket = TokenBucket(rate_per_minute / 60.0, rate_per_minute, self._clock)
+            self._buckets[key_id] = bucket
+        # Limits come with each call: a changed one applies from this request on.
+        bucket.rate, bucket.capacity = rate_per_minute / 60.0, float(rate_per_minute)
         return bucket
 
     def consume(self, key_id: str, rate_per_minute: int) -> None:
@@ -55,11 +45,10 @@ class RateLimiter:
         if rate_per_minute < 1:
             raise ValueError(f"rate_per_minute must be at least 1, got {rate_per_minute}")
         with self._lock:
-            bucket = self._refill(key_id, rate_per_minute)
-            if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
+            bucket = self._bucket(key_id, rate_per_minute)
+            retry_after = bucket.try_take()
+            if not retry_after:
                 return
-            retry_after = (1.0 - bucket.tokens) * 60.0 / rate_per_minute
         raise QuotaExceeded(
             f"API key {key_id} is over its rate limit of {rate_per_minute} requests per minute: "
             f"retry in {retry_after:.2f} s, or raise the limit with "
@@ -70,7 +59,7 @@ class RateLimiter:
     def remaining(self, key_id: str, rate_per_minute: int) -> int:
         """Requests ``key_id`` could make right now (for a RateLimit-Remaining header)."""
         with self._lock:
-            return int(self._refill(key_id, rate_per_minute).tokens)
+            return int(self._bucket(key_id, rate_per_minute).tokens)
 
     def forget(self, key_id: str) -> None:
         """Drop a key's bucket (after revoking it); its next request starts with a full one."""

@@ -7,6 +7,12 @@ not public unless allowed literally, dials the address it checked (so a second l
 rebind it), and for CONNECT reads the TLS ClientHello to check that its SNI names the same host.
 It never decrypts anything. Caps per VM: connections at once and bytes in total. Every decision
 goes to ``on_event``.
+
+Request heads are parsed by h11, up to ``MAX_HEAD`` bytes. A plain-HTTP head is rebuilt from what
+h11 parsed, with the Host the policy checked (the guest's is dropped, folded lines are unfolded),
+and a head whose body framing two parsers could read two ways is refused. What follows the head
+goes on as it came: the policy's boundary is the host and port dialed (a CONNECT tunnel carries
+any bytes to them anyway), and ``Connection: close`` ends the server's side after one answer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import h11
+
 from fission.net import sni
 from fission.net.policy import IPAddress, NetworkPolicy, address_class, parse_address, unmap
 
@@ -29,7 +37,11 @@ HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 PIPE_CHUNK = 32 * 1024
 # Dropped from a plain-HTTP request; Host is set again from the URL the policy checked.
-HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive", "host"}
+HOP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive", b"host"}
+# How h11 refuses an HTTP/1.1 request without Host (pinned by the unit tests), and the header
+# put in to parse such a request; it is never sent on.
+H11_MISSING_HOST = "Missing mandatory Host: header"
+HOST_STAND_IN = b"Host: fission-proxy.invalid\r\n"
 
 EventSink = Callable[[dict[str, Any]], None]
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -90,14 +102,27 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 def parse_request(head: bytes) -> Request:
-    """Parse a proxy request head (through the blank line); Refused when not one we carry."""
-    lines = head.split(b"\r\n")
-    try:
-        method, target, version = lines[0].decode("ascii").split(" ")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Refused(400, "malformed request line") from exc
-    if not version.startswith("HTTP/1."):
-        raise Refused(400, f"unsupported protocol {version[:20]!r}")
+    """Parse a whole proxy request head (bytes after it are ignored); Refused when not carried."""
+    parsed = HeadReader().feed(head)
+    if parsed is None:
+        raise Refused(400, "the request head is incomplete")
+    return proxy_request(parsed[0])
+
+
+def proxy_request(event: h11.Request) -> Request:
+    """Where a parsed request goes and, for plain HTTP, the head to send on; Refused when the
+    proxy does not carry it."""
+    if event.http_version not in (b"1.0", b"1.1"):
+        raise Refused(400, f"unsupported protocol HTTP/{event.http_version.decode()}")
+    names = {name for name, _ in event.headers}
+    # h11 lets Transfer-Encoding win over Content-Length; a server behind may not, and two
+    # views of where a body ends is how requests are smuggled (RFC 9112 6.1, 6.3).
+    if b"transfer-encoding" in names and b"content-length" in names:
+        raise Refused(400, "both Transfer-Encoding and Content-Length: ambiguous framing")
+    if b"transfer-encoding" in names and event.http_version == b"1.0":
+        raise Refused(400, "Transfer-Encoding in an HTTP/1.0 request: faulty framing")
+    method = event.method.decode("ascii")  # h11 admits only ASCII tokens and visible ASCII
+    target = event.target.decode("ascii")
     if method == "CONNECT":
         host, port = split_host_port(target, 443)
         return Request(method, host, port, b"")
@@ -109,15 +134,70 @@ def parse_request(head: bytes) -> Request:
     authority, slash, path = rest.partition("/")
     authority = authority.rpartition("@")[2]
     host, port = split_host_port(authority, 80)
+    # The guest's Host goes (RFC 9112 3.2.2: a proxy replaces it with the URL's authority).
     kept = [
-        line
-        for line in lines[1:]
-        if line and line.split(b":", 1)[0].strip().lower().decode("latin-1") not in HOP_HEADERS
+        name + b": " + value
+        for name, value in event.headers.raw_items()
+        if name.lower() not in HOP_HEADERS
     ]
-    start = f"{method} {slash}{path} {version}".encode("ascii")
+    version = event.http_version.decode("ascii")
+    start = f"{method} {slash}{path} HTTP/{version}".encode("ascii")
     host_line = b"Host: " + authority.encode("ascii")
     rebuilt = b"\r\n".join([start, host_line, *kept, b"Connection: close", b"", b""])
     return Request(method, host, port, rebuilt)
+
+
+class HeadReader:
+    """One request head, parsed by h11 as its bytes arrive."""
+
+    def __init__(self) -> None:
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._received = bytearray()
+
+    def feed(self, data: bytes) -> tuple[h11.Request, bytes] | None:
+        """The head and the bytes after it once it is whole, None while more is needed;
+        Refused when malformed or over ``MAX_HEAD``."""
+        self._received += data
+        self._http.receive_data(data)
+        try:
+            return _next_head(self._http, len(self._received))
+        except h11.RemoteProtocolError as exc:
+            if str(exc) != H11_MISSING_HOST:
+                raise _refusal(exc) from exc
+        # A proxy request names its host in the request line, so a Host header adds nothing
+        # (and is replaced anyway); h11 insists on one for HTTP/1.1: parse with a stand-in.
+        received = bytes(self._received)
+        line_end = received.index(b"\n") + 1
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD + len(HOST_STAND_IN))
+        http.receive_data(received[:line_end] + HOST_STAND_IN + received[line_end:])
+        try:
+            parsed = _next_head(http, len(received))
+        except h11.RemoteProtocolError as exc:
+            raise _refusal(exc) from exc
+        if parsed is None:  # the head was whole without the stand-in: cannot happen
+            raise Refused(400, "malformed request")
+        return parsed
+
+
+def _next_head(http: h11.Connection, received: int) -> tuple[h11.Request, bytes] | None:
+    """The head h11 parsed from the ``received`` bytes so far and the bytes after it, or None
+    while more are needed; h11's RemoteProtocolError when malformed."""
+    event = http.next_event()
+    if event is h11.NEED_DATA:
+        return None
+    if not isinstance(event, h11.Request):  # a server's first event is its request
+        raise Refused(400, "malformed request")
+    rest = http.trailing_data[0]
+    if received - len(rest) > MAX_HEAD:
+        raise Refused(431, "request head too large")
+    return event, rest
+
+
+def _refusal(exc: h11.RemoteProtocolError) -> Refused:
+    """The answer to a head h11 will not parse (its text quotes the guest's bytes: cut short)."""
+    if exc.error_status_hint == 431:
+        return Refused(431, "request head too large")
+    return Refused(exc.error_status_hint, f"malformed request: {str(exc)[:200]}")
 
 
 class Buffered:
@@ -136,18 +216,20 @@ class Buffered:
             self.pending += data
         return True
 
-    async def head(self) -> bytes:
-        """The request head through its blank line; Refused when it is too long or cut off."""
-        while (end := self.pending.find(b"\r\n\r\n")) < 0:
-            if len(self.pending) > MAX_HEAD:
-                raise Refused(431, "request head too large")
+    async def request(self) -> Request:
+        """Read and parse the request head, holding what follows it; Refused when it is too
+        long, malformed, cut off or not one the proxy carries."""
+        reader = HeadReader()
+        while True:
             data = await self.stream.read()
             if not data:
                 raise Refused(400, "the connection closed before a whole request")
-            self.pending += data
-        head = bytes(self.pending[: end + 4])
-        del self.pending[: end + 4]
-        return head
+            parsed = reader.feed(data)
+            if parsed is not None:
+                break
+        event, rest = parsed
+        self.pending += rest
+        return proxy_request(event)
 
     def take(self) -> bytes:
         """Everything held so far."""
@@ -231,7 +313,7 @@ class EgressProxy:
 
     async def _serve(self, guest: Buffered, event: dict[str, Any]) -> None:
         async with asyncio.timeout(HEAD_TIMEOUT):
-            request = parse_request(await guest.head())
+            request = await guest.request()
         event |= {"method": request.method, "host": request.host, "port": request.port}
         address = await self.decide(request.host, request.port)
         event["address"] = str(address)

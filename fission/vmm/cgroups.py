@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fission.waiting import WaitTimeout, wait_until
+
 CONTROLLERS = ("memory", "pids", "cpu")
 GROUP_DIR = "fission"
 VM_PREFIX = "vm-"
@@ -290,21 +292,35 @@ def pids(directory: Path) -> list[int]:
 
 def kill_all(directory: Path, deadline_s: float = 5.0) -> bool:
     """SIGKILL every process in the cgroup until it is empty; False if some outlive it."""
-    end = time.monotonic() + deadline_s
-    while True:
+
+    def emptied() -> bool:
         members = pids(directory)
-        if not members:
-            return True
-        if time.monotonic() > end:
-            return False
-        if (directory / "cgroup.kill").exists():
-            with contextlib.suppress(OSError):
-                (directory / "cgroup.kill").write_text("1")
-        else:
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        time.sleep(0.002)
+        if members:
+            _kill(directory, members)
+        return not members
+
+    try:
+        wait_until(
+            emptied,
+            timeout=deadline_s,
+            interval=0.002,
+            what=f"the processes of cgroup {directory} to die",
+            setting="cgroups.kill_all(deadline_s)",
+        )
+    except WaitTimeout:
+        return False
+    return True
+
+
+def _kill(directory: Path, members: list[int]) -> None:
+    """SIGKILL the cgroup's processes: all at once where the kernel offers ``cgroup.kill``."""
+    if (directory / "cgroup.kill").exists():
+        with contextlib.suppress(OSError):
+            (directory / "cgroup.kill").write_text("1")
+    else:
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def remove(directory: Path, deadline_s: float = 5.0) -> bool:
@@ -313,17 +329,26 @@ def remove(directory: Path, deadline_s: float = 5.0) -> bool:
     if not directory.exists():
         return True
     kill_all(directory, deadline_s)
-    end = time.monotonic() + deadline_s
-    while True:
+
+    def removed() -> bool:
         try:
             directory.rmdir()
-            break
         except FileNotFoundError:
-            break
+            pass
         except OSError:  # EBUSY: exiting tasks are still being reaped
-            if time.monotonic() > end:
-                return False
-            time.sleep(0.005)
+            return False
+        return True
+
+    try:
+        wait_until(
+            removed,
+            timeout=deadline_s,
+            interval=0.005,
+            what=f"cgroup {directory} to be removable",
+            setting="cgroups.remove(deadline_s)",
+        )
+    except WaitTimeout:
+        return False
     with contextlib.suppress(OSError):  # other VMs' cgroups still in it
         directory.parent.rmdir()
     return True

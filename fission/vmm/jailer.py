@@ -18,7 +18,6 @@ import secrets
 import shutil
 import stat
 import struct
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from fission.vmm import cgroups, jail_plan
 from fission.vmm.base import VMConfig
 from fission.vmm.binary import qemu_version
 from fission.vmm.jail_plan import Decision, HostFacts, JailPlan, Placement
+from fission.waiting import WaitTimeout, wait_until
 
 log = logging.getLogger("fission.jail")
 SLOT_DIR = Path("/run/fission/jail")
@@ -317,13 +317,24 @@ class Jail:
 
     def _wait_uid_gone(self, deadline_s: float = 5.0) -> bool:
         """Without cgroups: kill and wait until no process runs as this VM's uid."""
-        end = time.monotonic() + deadline_s
-        while (pid := self.vmm_pid()) is not None:
-            if time.monotonic() > end:
-                return False
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            time.sleep(0.005)
+
+        def gone() -> bool:
+            pid = self.vmm_pid()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            return pid is None
+
+        try:
+            wait_until(
+                gone,
+                timeout=deadline_s,
+                interval=0.005,
+                what=f"the processes of uid {self.plan.uid} to die",
+                setting="Jail._wait_uid_gone(deadline_s)",
+            )
+        except WaitTimeout:
+            return False
         return True
 
 

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fission.errors import FissionError
 from fission.vmm import accel, cgroups, jail_plan, jailer
 from fission.vmm.binary import qemu_binary, qemu_version
 from fission.vmm.qemu import SANDBOX_OPTS, TCG_TB_SIZE_MB
+from fission.waiting import WaitTimeout, wait_until
 
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 PROBE_SCRIPT = (
@@ -110,13 +110,23 @@ def check_seccomp() -> Layer:
         argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     mode = None
-    deadline = time.monotonic() + SECCOMP_WAIT
+
+    def filtered_or_exited() -> bool:
+        nonlocal mode
+        if proc.poll() is not None:
+            return True
+        mode = _status(proc.pid).get("Seccomp")
+        return mode == "2"
+
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            mode = _status(proc.pid).get("Seccomp")
-            if mode == "2":
-                break
-            time.sleep(0.01)
+        with contextlib.suppress(WaitTimeout):
+            wait_until(
+                filtered_or_exited,
+                timeout=SECCOMP_WAIT,
+                interval=0.01,
+                what="QEMU to apply its seccomp filter",
+                setting="layer_checks.SECCOMP_WAIT",
+            )
     finally:
         with contextlib.suppress(OSError):
             assert proc.stdin is not None

@@ -35,6 +35,7 @@ from qemu.qmp import QMPClient
 from fission.errors import VMError, VMStartFailed
 from fission.vmm import jailer
 from fission.vmm.base import Capabilities, VirtualMachine, VMConfig
+from fission.waiting import WaitTimeout, refused, retry, wait_for
 
 AGENT_PORT_NAME = "org.fission.agent"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -50,6 +51,8 @@ TCG_TB_SIZE_MB = 128
 MIGRATION_BANDWIDTH = 16 * 1024**3  # bytes per second: no throttle in practice
 SOCKET_WAIT_SECONDS = 10.0
 SAVE_STATE_SECONDS = 120.0
+POLL_SECONDS = 0.005  # how often a start-up wait looks again
+MIGRATION_POLL_SECONDS = 0.01
 PR_SET_PDEATHSIG = 1
 
 
@@ -271,22 +274,36 @@ class QemuVM(VirtualMachine):
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SOCKET_WAIT_SECONDS
-        while not (self.paths.agent_socket.exists() and self.paths.qmp_socket.exists()):
-            if self._proc.returncode is not None:
-                raise VMStartFailed(
-                    f"QEMU exited with code {self._proc.returncode} while "
-                    f"starting:\n{tail(self.paths.qemu_log)}"
-                )
-            if loop.time() > deadline:
-                raise VMStartFailed(
-                    f"QEMU did not open its sockets within "
-                    f"{SOCKET_WAIT_SECONDS:.0f} s:\n{tail(self.paths.qemu_log)}"
-                )
-            await asyncio.sleep(0.005)
+        try:
+            await wait_for(
+                self._sockets_bound,
+                timeout=SOCKET_WAIT_SECONDS,
+                interval=POLL_SECONDS,
+                what="QEMU to open its sockets",
+                setting="qemu.SOCKET_WAIT_SECONDS",
+            )
+        except WaitTimeout as exc:
+            raise VMStartFailed(
+                f"QEMU did not open its sockets within "
+                f"{SOCKET_WAIT_SECONDS:.0f} s:\n{tail(self.paths.qemu_log)}"
+            ) from exc
         if self.config.incoming is not None:
             await self._restore(self.config.incoming)
+
+    async def _sockets_bound(self) -> bool:
+        """Whether QEMU has bound both its sockets; VMStartFailed once it has exited."""
+        assert self._proc is not None
+        if self._proc.returncode is not None:
+            raise VMStartFailed(
+                f"QEMU exited with code {self._proc.returncode} while "
+                f"starting:\n{tail(self.paths.qemu_log)}"
+            )
+        return self.paths.agent_socket.exists() and self.paths.qmp_socket.exists()
+
+    def _refused_while_running(self, exc: Exception) -> bool:
+        """Whether to connect again: QEMU runs and has bound the socket but does not listen yet."""
+        running = self._proc is not None and self._proc.returncode is None
+        return running and refused(exc)
 
     async def _ignore_shared_memory(self) -> None:
         """RAM in a file is not part of the migration stream (templates and their clones)."""
@@ -321,37 +338,34 @@ class QemuVM(VirtualMachine):
 
     async def open_agent_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the agent's virtio-serial socket (retrying while QEMU is not listening)."""
-        async with asyncio.timeout(SOCKET_WAIT_SECONDS):
-            while True:
-                try:
-                    return await asyncio.open_unix_connection(
-                        str(self.paths.agent_socket), limit=1 << 20
-                    )
-                except ConnectionRefusedError:
-                    if self._proc is None or self._proc.returncode is not None:
-                        raise
-                await asyncio.sleep(0.005)
+        return await retry(
+            lambda: asyncio.open_unix_connection(str(self.paths.agent_socket), limit=1 << 20),
+            retry_on=self._refused_while_running,
+            timeout=SOCKET_WAIT_SECONDS,
+            interval=POLL_SECONDS,
+            what="QEMU's agent socket to accept a connection",
+            setting="qemu.SOCKET_WAIT_SECONDS",
+        )
 
     async def _qmp_client(self) -> QMPClient:
         if self._destroyed:
             raise VMError(f"VM {self.config.vm_id} is destroyed")
         if self._qmp is None:
-            async with asyncio.timeout(SOCKET_WAIT_SECONDS):
-                self._qmp = await self._connect_qmp()
+            self._qmp = await retry(
+                self._connect_qmp,
+                retry_on=self._refused_while_running,
+                timeout=SOCKET_WAIT_SECONDS,
+                interval=POLL_SECONDS,
+                what="QEMU's QMP socket to accept a connection",
+                setting="qemu.SOCKET_WAIT_SECONDS",
+            )
         return self._qmp
 
     async def _connect_qmp(self) -> QMPClient:
-        """Connect to QMP, retrying while QEMU has bound its socket but not yet listens on it."""
-        while True:
-            client = QMPClient(f"fission-{self.config.vm_id}")
-            try:
-                await client.connect(str(self.paths.qmp_socket))
-                return client
-            except Exception as exc:  # qemu.qmp wraps the OSError in its ConnectError
-                refused = isinstance(exc.__cause__ or exc, ConnectionRefusedError)
-                if not refused or self._proc is None or self._proc.returncode is not None:
-                    raise
-            await asyncio.sleep(0.005)
+        """One attempt to connect to QMP (qemu.qmp wraps a refusal in its ConnectError)."""
+        client = QMPClient(f"fission-{self.config.vm_id}")
+        await client.connect(str(self.paths.qmp_socket))
+        return client
 
     async def qmp(self, command: str, **arguments: object) -> object:
         """Run one QMP command (e.g. ``query-status``) and return its result."""
@@ -371,17 +385,28 @@ class QemuVM(VirtualMachine):
         await self.qmp("migrate-set-parameters", **{"max-bandwidth": MIGRATION_BANDWIDTH})
         await self._pass_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "fission-state")
         await self.qmp("migrate", uri="fd:fission-state")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SAVE_STATE_SECONDS
-        while True:
-            info = await self.qmp("query-migrate")
-            status = info.get("status") if isinstance(info, dict) else None
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled") or loop.time() > deadline:
-                detail = info.get("error-desc", status) if isinstance(info, dict) else info
-                raise VMError(f"saving the VM state failed: {detail}")
-            await asyncio.sleep(0.01)
+        # Polled rather than awaited as a MIGRATION event: the event needs the ``events``
+        # capability, and a QEMU that dies mid-save never sends it, whereas ``query-migrate``
+        # on a closed QMP socket fails at once.
+        try:
+            await wait_for(
+                self._migration_done,
+                timeout=SAVE_STATE_SECONDS,
+                interval=MIGRATION_POLL_SECONDS,
+                what="QEMU to finish saving the VM state",
+                setting="qemu.SAVE_STATE_SECONDS",
+            )
+        except WaitTimeout as exc:
+            raise VMError(f"saving the VM state failed: {exc}") from exc
+
+    async def _migration_done(self) -> bool:
+        """Whether the outgoing migration has completed; VMError once it failed."""
+        info = await self.qmp("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status in ("failed", "cancelled"):
+            detail = info.get("error-desc", status) if isinstance(info, dict) else info
+            raise VMError(f"saving the VM state failed: {detail}")
+        return status == "completed"
 
     def diagnostics(self) -> str:
         """Recent QEMU and guest console output."""

@@ -422,3 +422,36 @@ def test_template_ram_is_opened_to_the_group_once_and_then_checked(tmp_path: Pat
         f.write(b"RAM")
     with pytest.raises(VMStartFailed, match="changed after clones"):
         jailer.open_template_ram(memory, readonly=False)
+
+
+def test_kill_all_kills_and_reports_processes_that_stay_listed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # A plain directory stands in for the cgroup: its cgroup.procs goes on listing the
+        # victim after it dies, so the wait runs to its deadline and reports failure.
+        (tmp_path / "cgroup.procs").write_text(f"{victim.pid}\n")
+        started = time.monotonic()
+        assert cgroups.kill_all(tmp_path, deadline_s=0.1) is False
+        assert time.monotonic() - started < 2.0
+        assert victim.wait(timeout=5) == -9
+        (tmp_path / "cgroup.procs").write_text("")
+        assert cgroups.kill_all(tmp_path, deadline_s=0.1) is True
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_remove_gives_up_on_a_cgroup_that_stays_busy(tmp_path: Path) -> None:
+    busy = tmp_path / "fission" / "vm-busy"
+    busy.mkdir(parents=True)
+    (busy / "cgroup.procs").write_text("")  # a plain directory with a file is never removable
+    assert cgroups.remove(busy, deadline_s=0.05) is False
+    assert busy.exists()
+    (busy / "cgroup.procs").unlink()
+    assert cgroups.remove(busy, deadline_s=0.05) is True
+    assert not (tmp_path / "fission").exists()  # the emptied parent goes too
+    assert cgroups.remove(busy) is True  # already gone

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fission.net.policy import IPAddress, NetworkPolicy
-from fission.net.proxy import EgressProxy, Refused, parse_request
+from fission.net.proxy import MAX_HEAD, EgressProxy, Refused, parse_request
 from tests.unit.test_net_sni import client_hello
 
 
@@ -169,3 +169,146 @@ async def test_byte_cap_cuts_the_connection() -> None:
         await server.wait_closed()
     assert len(reply) <= 50_000 + 65_536
     assert [e["decision"] for e in events] == ["allowed", "cut"]
+
+
+# Hostile heads: what a guest may send to slip past the proxy's checks.
+
+
+def refusal(head: bytes) -> Refused:
+    with pytest.raises(Refused) as caught:
+        parse_request(head)
+    return caught.value
+
+
+async def test_a_head_that_never_ends_is_refused_at_the_size_limit() -> None:
+    endless = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX-Pad: " + b"a" * (MAX_HEAD + 100)
+    reply, events = await run(NetworkPolicy.allowing(["a.test"]), endless)
+    assert reply.startswith(b"HTTP/1.1 431")
+    assert events == [
+        {"action": "egress", "decision": "refused", "reason": "request head too large"}
+    ]
+
+
+def test_a_whole_head_over_the_size_limit_is_refused() -> None:
+    head = b"GET http://a.test/ HTTP/1.1\r\nX-Pad: " + b"a" * MAX_HEAD + b"\r\n\r\n"
+    assert refusal(head).status == 431
+    assert parse_request(b"GET http://a.test/ HTTP/1.1\r\nX-Pad: " + b"a" * 1000 + b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET http://a.test/\r\n\r\n",  # no version
+        b"GET  http://a.test/ HTTP/1.1\r\n\r\n",  # two spaces
+        b"GET http://a.test/ HTTP/1.1 extra\r\n\r\n",
+        b"GET http://a.test/\x7f HTTP/1.1\r\n\r\n",
+        b"G\x00T http://a.test/ HTTP/1.1\r\n\r\n",
+        b"GET http://a.test/ HTTP/2.0\r\n\r\n",
+        b"GET http://a.test/ HTTP/0.9\r\n\r\n",
+        b"GET http://a.test/ http/1.1\r\n\r\n",
+        b"\r\n\r\n",
+        b"GET http://a.test/ HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"GET http://a.test/ HTTP/1.1\r\nHost : a.test\r\n\r\n",  # space before the colon
+        b"GET http://a.test/ HTTP/1.1\r\nX: a\rHost: evil.test\r\n\r\n",  # a bare CR
+        b"GET http://a.test/ HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+    ],
+)
+def test_malformed_heads_are_refused(head: bytes) -> None:
+    assert refusal(head).status == 400
+
+
+@pytest.mark.parametrize("other", [b"evil.test", b"a.test"])
+def test_two_host_headers_are_refused(other: bytes) -> None:
+    error = refusal(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: " + other + b"\r\n\r\n")
+    assert error.status == 400 and "Host" in error.reason
+
+
+def test_a_folded_line_cannot_smuggle_a_host() -> None:
+    request = parse_request(
+        b"GET http://a.test/ HTTP/1.1\r\nX-A: 1\r\n Host: evil.test\r\nAccept: */*\r\n\r\n"
+    )
+    lines = request.head.split(b"\r\n")
+    assert [line for line in lines if line.lower().startswith(b"host")] == [b"Host: a.test"]
+    assert not any(line[:1] in (b" ", b"\t") for line in lines)  # no fold reaches the server
+    assert b"X-A: 1 Host: evil.test" in lines  # unfolded into the header it continued
+
+
+def test_a_fold_before_any_header_is_refused() -> None:
+    assert refusal(b"GET http://a.test/ HTTP/1.1\r\n Host: evil.test\r\n\r\n").status == 400
+
+
+@pytest.mark.parametrize(
+    ("framing", "status"),
+    [
+        (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400),
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", 400),
+        (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+        (b"Content-Length: +5\r\n", 400),
+        (b"Content-Length: 0x5\r\n", 400),
+        (b"Transfer-Encoding: gzip, chunked\r\n", 501),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 501),
+        (b"Transfer-Encoding : chunked\r\n", 400),
+    ],
+)
+def test_ambiguous_body_framing_is_refused(framing: bytes, status: int) -> None:
+    head = b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\n" + framing + b"\r\n"
+    assert refusal(head).status == status
+
+
+def test_chunked_framing_in_http_1_0_is_refused() -> None:
+    head = b"POST http://a.test/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert refusal(head).status == 400
+
+
+async def test_a_smuggling_attempt_never_reaches_the_server() -> None:
+    async with serving() as (port, seen):
+        request = (
+            f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "0\r\n\r\nGET http://evil.test/ HTTP/1.1\r\nHost: evil\r\n\r\n"
+        ).encode()
+        reply, events = await run(NetworkPolicy.allowing([f"127.0.0.1:{port}"]), request)
+        assert reply.startswith(b"HTTP/1.1 400") and not seen
+        assert events[0]["decision"] == "refused" and "ambiguous" in events[0]["reason"]
+
+
+async def test_the_server_sees_the_checked_host_not_the_guests() -> None:
+    async with serving() as (port, seen):
+        request = f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n".encode()
+        reply, _ = await run(NetworkPolicy.allowing([f"127.0.0.1:{port}"]), request)
+        assert reply.endswith(b"from-upstream")
+        assert b"evil.test" not in seen[0]
+        assert f"\r\nHost: 127.0.0.1:{port}\r\n".encode() in seen[0]
+
+
+async def test_connect_goes_where_its_target_says_whatever_its_host_header() -> None:
+    request = b"CONNECT evil.test:443 HTTP/1.1\r\nHost: good.test:443\r\n\r\n"
+    reply, events = await run(NetworkPolicy.allowing(["good.test"]), request)
+    assert reply.startswith(b"HTTP/1.1 403")
+    assert events[0]["host"] == "evil.test" and events[0]["decision"] == "refused"
+
+
+def test_a_request_without_host_parses_and_the_stand_in_is_never_sent() -> None:
+    request = parse_request(b"GET http://a.test/x HTTP/1.1\r\nAccept: */*\r\n\r\n")
+    assert (
+        request.head
+        == b"GET /x HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    connect = parse_request(b"CONNECT a.test:8443 HTTP/1.1\r\n\r\n")
+    assert (connect.host, connect.port, connect.head) == ("a.test", 8443, b"")
+
+
+def test_bare_line_feeds_are_rebuilt_with_crlf() -> None:
+    request = parse_request(b"GET http://a.test/ HTTP/1.0\nAccept: */*\n\n")
+    assert (
+        request.head
+        == b"GET / HTTP/1.0\r\nHost: a.test\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+
+
+async def test_bytes_after_a_connect_head_go_on_to_the_server() -> None:
+    async with serving() as (port, seen):
+        request = f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\nnot tls at all".encode()
+        reply, _ = await run(NetworkPolicy.allowing([f"127.0.0.1:{port}"]), request)
+        assert reply.startswith(b"HTTP/1.1 200 Connection established")
+        assert seen[0].startswith(b"not tls")
