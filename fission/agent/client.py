@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,12 +33,19 @@ __all__ = [
     "ExecRequest",
     "FileInfo",
     "OutputSink",
+    "TraceSteps",
     "parse_exit",
+    "parse_trace",
 ]
 
 OutputSink = Callable[[str, bytes], None]
+# A guest's trace: (step, ms since the agent read the EXEC frame), in the order it sent them.
+TraceSteps = tuple[tuple[str, float], ...]
 STDIN_CHUNK = 64 * 1024
 STREAM_NAMES = {FrameType.STDOUT: "stdout", FrameType.STDERR: "stderr"}
+MAX_TRACE_STEPS = 32
+MAX_TRACE_MS = 86_400_000.0  # a day: no step of a run is later than that
+TRACE_STEP = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,11 @@ class ExecRequest:
     # globals survive between runs; ``fresh_context`` discards the old one first.
     context: str | None = None
     fresh_context: bool = False
+    # More runs follow on this VM (a sandbox): once this one ends, the agent prepares the
+    # next warm processes (at idle priority). A one-shot VM leaves it off and forks nothing.
+    warm_next: bool = False
+    # Ask the agent for its per-step times in the EXIT frame (``ExecOutcome.trace``).
+    trace: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,29 @@ class ExecOutcome:
     context_reset: bool = False
     # A pre-started interpreter served the run (a fork-server child or a live context).
     warm: bool = False
+    # The guest's per-step times when the request asked for them (and they were well formed).
+    trace: TraceSteps = ()
+
+
+def parse_trace(value: object) -> TraceSteps:
+    """A guest's per-step trace if well formed, else empty: a bad trace never fails a run.
+
+    Well formed: at most ``MAX_TRACE_STEPS`` pairs ``[name, ms]``, each name lower-case
+    letters, digits and ``_`` (32 at most), each ms a finite number from 0 to a day.
+    """
+    if not isinstance(value, list) or len(value) > MAX_TRACE_STEPS:
+        return ()
+    steps = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            return ()
+        name, ms = item
+        if not isinstance(name, str) or not TRACE_STEP.match(name):
+            return ()
+        if type(ms) not in (int, float) or not math.isfinite(ms) or not 0 <= ms <= MAX_TRACE_MS:
+            return ()
+        steps.append((name, float(ms)))
+    return tuple(steps)
 
 
 def parse_exit(message: dict[str, Any]) -> ExecOutcome:
@@ -98,7 +134,15 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
     if not all(type(flag) is bool for flag in extras):
         raise AgentProtocolError("EXIT frame flags must be booleans")
     return ExecOutcome(
-        exit_code, sig, flags[0], flags[1], flags[2], float(duration), extras[0], extras[1]
+        exit_code,
+        sig,
+        flags[0],
+        flags[1],
+        flags[2],
+        float(duration),
+        extras[0],
+        extras[1],
+        parse_trace(message.get("trace")),
     )
 
 
@@ -145,12 +189,18 @@ class AgentClient(FileOperations):
         return decode(frame)
 
     async def exec(
-        self, request: ExecRequest, on_output: OutputSink, stdin: bytes | None = None
+        self,
+        request: ExecRequest,
+        on_output: OutputSink,
+        stdin: bytes | None = None,
+        *,
+        marks: dict[str, float] | None = None,
     ) -> ExecOutcome:
         """Run ``request`` and stream its output to ``on_output`` until the agent's EXIT.
 
         The caller bounds the wait (the host-side deadline) and destroys the VM when it passes.
         InvalidInput when the agent refuses the request (e.g. a context for another language).
+        ``marks`` gets the ``time.monotonic()`` of ``exec_sent`` and ``exit_read``.
         """
         check_context(request.context)
         feeder = None
@@ -158,9 +208,13 @@ class AgentClient(FileOperations):
             try:
                 message = asdict(request) | {"stdin": stdin is not None}
                 await self._send(protocol.encode_json(FrameType.EXEC, pending.id, message))
+                if marks is not None:
+                    marks["exec_sent"] = time.monotonic()
                 if stdin is not None:
                     feeder = asyncio.create_task(self._feed_stdin(pending.id, stdin))
                 outcome = await self._collect(pending.id, request.output_limit, on_output)
+                if marks is not None:
+                    marks["exit_read"] = time.monotonic()
                 pending.finished = True
                 return outcome
             finally:

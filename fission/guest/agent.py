@@ -6,9 +6,12 @@ set the hostname; the agent then:
 
 * opens its virtio-serial port (named ``org.fission.agent``) and speaks the framed protocol of
   ``protocol.py`` over it;
-* runs each EXEC request as the unprivileged ``sandbox`` user (uid 1000) in a cgroup of its own
-  with memory, pids and (through the VM) CPU limits, with an environment built only from the
-  request, and a deadline after which the whole cgroup is killed;
+* runs each EXEC request (``runs.py``) as the unprivileged ``sandbox`` user (uid 1000) in a
+  cgroup of its own with memory, pids and (through the VM) CPU limits, with an environment
+  built only from the request, and a deadline after which the whole cgroup is killed; a
+  process prepared ahead of time takes the run when one waits (a warm Python interpreter,
+  ``zygote.py``; a confined process that only has to exec, ``spawn.py``), and after a run that
+  says more follow (``warm_next``: a sandbox) the next ones are prepared at idle priority;
 * streams stdout and stderr back in chunks, stops forwarding at the output cap and says so;
 * ends a run when its main process ends, killing whatever it left behind, and reaps every
   zombie, since orphans are re-parented to PID 1;
@@ -28,44 +31,55 @@ import os
 import select
 import selectors
 import signal
-import sys
 import time
 import traceback
 from typing import Any
 
 if __package__:
-    from . import confine, context, files, protocol, tunnel
+    from . import confine, context, files, protocol, spawn, tunnel
     from .protocol import INVALID_INPUT, AgentError
+    from .runs import (
+        CGROUP_ROOT,
+        DEFAULT_PATH,
+        RUN_DIR,
+        SANDBOX_HOME,
+        WARM_WAIT,
+        Execution,
+        build_env,
+        log,
+        remove_tree,
+        write_file,
+    )
     from .zygote import ZygoteHandle
 else:  # run as a script inside the guest, with its modules beside it
     import confine  # type: ignore[no-redef]
     import context  # type: ignore[no-redef]
     import files  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
+    import spawn  # type: ignore[no-redef]
     import tunnel  # type: ignore[no-redef]
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
+    from runs import (  # type: ignore[no-redef]
+        CGROUP_ROOT,
+        DEFAULT_PATH,
+        RUN_DIR,
+        SANDBOX_HOME,
+        WARM_WAIT,
+        Execution,
+        build_env,
+        log,
+        remove_tree,
+        write_file,
+    )
     from zygote import ZygoteHandle  # type: ignore[no-redef]
+
+__all__ = ["DEFAULT_PATH", "SANDBOX_HOME", "Agent", "build_env", "main"]
 
 AGENT_VERSION = "1"
 PORT_NAME = "org.fission.agent"
-SANDBOX_HOME = "/home/sandbox"
-CGROUP_ROOT = "/sys/fs/cgroup"
-RUN_DIR = "/run/fission"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RNDRESEEDCRNG = 0x5207  # ioctl: reseed the kernel's CRNG from its input pool now
-DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
-WARM_WAIT = 2.0  # how long a Python run waits for a fork-server child already being forked
 DATA_DIR = "/data"
 CHANNEL_READ = 1024 * 1024  # most bytes taken from the host per turn of the loop
-
-
-def log(message: str) -> None:
-    """Write one line to the kernel console (the VM's serial log on the host)."""
-    try:
-        with open("/dev/kmsg", "w") as kmsg:
-            kmsg.write(f"fission-agent: {message}\n")
-    except OSError:
-        sys.stderr.write(f"fission-agent: {message}\n")
 
 
 def find_port(sys_root: str = "/sys/class/virtio-ports") -> str:
@@ -78,369 +92,6 @@ def find_port(sys_root: str = "/sys/class/virtio-ports") -> str:
         except OSError:
             continue
     raise RuntimeError(f"no virtio port named {PORT_NAME}")
-
-
-def write_file(path: str, text: str) -> None:
-    """Write ``text`` to a (sysfs or cgroup) file."""
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def oom_kills(cgroup: str) -> int:
-    """How many OOM kills the cgroup has seen so far."""
-    events = read_cgroup_events(cgroup)
-    return events.get("oom_kill", 0) + events.get("oom_group_kill", 0)
-
-
-def read_cgroup_events(cgroup: str, name: str = "memory.events") -> dict[str, int]:
-    """Parse a cgroup ``key value`` file into a dict."""
-    events: dict[str, int] = {}
-    try:
-        with open(os.path.join(cgroup, name)) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                events[key] = int(value or 0)
-    except (OSError, ValueError):
-        pass
-    return events
-
-
-def build_env(requested: dict[str, str]) -> dict[str, str]:
-    """The program's whole environment: safe defaults overlaid with what the request names."""
-    env = {
-        "PATH": DEFAULT_PATH,
-        "HOME": SANDBOX_HOME,
-        "USER": "sandbox",
-        "LOGNAME": "sandbox",
-        "LANG": "C.UTF-8",
-        "TMPDIR": "/tmp",
-    }
-    for key, value in requested.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key:
-            raise ValueError(f"bad environment entry {key!r}")
-        if "\0" in key or "\0" in value:
-            raise ValueError(f"environment entry {key!r} holds a NUL byte")
-        env[key] = value
-    return env
-
-
-class Execution:
-    """One program the agent is running for one request."""
-
-    def __init__(self, agent: Agent, request_id: int, request: dict[str, Any]) -> None:
-        self.agent = agent
-        self.request_id = request_id
-        argv = request.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ValueError("argv must be a non-empty list of strings")
-        if any("\0" in a for a in argv):
-            raise ValueError("argv holds a NUL byte")
-        self.argv = list(argv)
-        self.env = build_env(request.get("env") or {})
-        self.cwd = str(request.get("cwd") or SANDBOX_HOME)
-        self.timeout = float(request.get("timeout", 30.0))
-        self.memory_bytes = int(request.get("memory_bytes", 0))
-        self.pids_max = int(request.get("pids_max", 0))
-        self.output_limit = int(request.get("output_limit", 10 * 1024 * 1024))
-        self.wants_stdin = bool(request.get("stdin", False))
-        if self.timeout <= 0 or self.output_limit < 0:
-            raise ValueError("timeout must be positive and output_limit not negative")
-        self.script = request.get("script")
-        self.script_name = os.path.basename(str(request.get("script_name") or "main"))
-        self.mode = str(request.get("mode") or "exec")
-        self.context: str | None = None
-        self.fresh_context = bool(request.get("fresh_context", False))
-        if request.get("context") is not None:
-            if self.mode != "python" or not isinstance(self.script, str):
-                raise AgentError(
-                    INVALID_INPUT,
-                    "code contexts are for python only: run this language without a context",
-                )
-            self.context = context.check_context_id(request["context"])
-        self.ctx: context.Context | None = None
-        self.context_reset = False
-        self.keep_processes = False  # the context's kernel outlives the run
-        self.warm = False
-        self.oom_before = 0
-        self.workdir = os.path.join(RUN_DIR, str(request_id))
-        self.cgroup = os.path.join(CGROUP_ROOT, f"run-{request_id}")
-        self.pid = 0
-        self.status: int | None = None
-        self.stdin_fd = -1
-        self.stdin_buffer = bytearray()
-        self.stdin_closing = False
-        self.out_fds: dict[int, protocol.FrameType] = {}
-        self.forwarded = 0
-        self.truncated = False
-        self.timed_out = False
-        self.killed = False
-        self.started = 0.0
-        self.deadline = 0.0
-        self.drain_deadline = 0.0
-        self.status_fd = -1
-
-    # -- start -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Prepare the cgroup and script file, then start the program."""
-        os.makedirs(self.workdir, mode=0o755, exist_ok=True)
-        argv = list(self.argv)
-        script_path = ""
-        if isinstance(self.script, str):
-            script_path = os.path.join(self.workdir, self.script_name)
-            with open(script_path, "w", encoding="utf-8") as f:
-                f.write(self.script)
-            os.chmod(script_path, 0o644)
-            argv.append(script_path)
-        zygote = self.agent.zygote
-        warm = None
-        if self.context is not None:
-            self.ctx = self.agent.enter_context(self)
-            self.cgroup = self.ctx.cgroup
-        elif self.mode == "python" and script_path and zygote is not None:
-            warm = zygote.take_warm(WARM_WAIT)
-        if warm is not None:
-            self.cgroup = warm.cgroup  # the warm child is already in it
-            self.warm = True
-        elif self.ctx is None:
-            os.mkdir(self.cgroup)
-        self._set_limits()
-        self.oom_before = oom_kills(self.cgroup)
-        in_r, in_w = os.pipe() if self.wants_stdin else (os.open("/dev/null", os.O_RDONLY), -1)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        child_fds = [in_r, out_w, err_w]
-        try:
-            if self.ctx is not None:
-                self.begin_in_context(script_path, child_fds)
-            elif warm is not None:
-                status_r, status_w = os.pipe()
-                child_fds.append(status_w)
-                self.status_fd = status_r
-                os.set_blocking(status_r, False)
-                self.agent.selector.register(status_r, selectors.EVENT_READ, ("status", self))
-                request = {"path": script_path, "env": self.env, "cwd": self.cwd}
-                warm.hand_over(request, child_fds)
-                self.pid = warm.pid
-            else:
-                self.pid = self._fork_exec(argv, child_fds)
-        finally:
-            for fd in child_fds:
-                os.close(fd)
-        self.started = time.monotonic()
-        self.deadline = self.started + self.timeout
-        self.agent.pids[self.pid] = self
-        for fd, kind in ((out_r, protocol.FrameType.STDOUT), (err_r, protocol.FrameType.STDERR)):
-            os.set_blocking(fd, False)
-            self.out_fds[fd] = kind
-            self.agent.selector.register(fd, selectors.EVENT_READ, ("out", self))
-        if in_w >= 0:
-            os.set_blocking(in_w, False)
-            self.stdin_fd = in_w
-
-    def begin_in_context(self, script_path: str, child_fds: list[int]) -> None:
-        """Hand the run to its context's kernel (which may have died a moment ago)."""
-        assert self.ctx is not None
-        request = {"path": script_path, "env": self.env, "cwd": self.cwd}
-        try:
-            self.ctx.begin(request, child_fds)
-        except OSError as exc:
-            self.agent.contexts.end(self.ctx, lost=True)
-            raise AgentError(
-                "internal",
-                f"the interpreter of context {self.context!r} has just ended ({exc}): "
-                "run again, it starts afresh",
-            ) from exc
-        self.ctx.execution = self
-        self.pid = self.ctx.pid
-
-    def _set_limits(self) -> None:
-        if self.memory_bytes > 0:
-            write_file(os.path.join(self.cgroup, "memory.max"), str(self.memory_bytes))
-            write_file(os.path.join(self.cgroup, "memory.swap.max"), "0")
-            write_file(os.path.join(self.cgroup, "memory.oom.group"), "1")
-        if self.pids_max > 0:
-            write_file(os.path.join(self.cgroup, "pids.max"), str(self.pids_max))
-
-    def _fork_exec(self, argv: list[str], child_fds: list[int]) -> int:
-        """Fork a confined child that execs ``argv``; a failure to exec goes to its stderr."""
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        procs = os.path.join(self.cgroup, "cgroup.procs")
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            try:
-                confine.confine_process(procs, keep_fds=(*child_fds, report_w))
-                confine.attach_stdio(child_fds[0], child_fds[1], child_fds[2])
-                os.chdir(self.cwd)
-                os.execvpe(argv[0], argv, self.env)
-            except BaseException as exc:
-                try:
-                    os.write(report_w, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
-                finally:
-                    os._exit(127)
-        os.close(report_w)
-        failure = b""
-        while chunk := os.read(report_r, 4096):
-            failure += chunk
-        os.close(report_r)
-        if failure:
-            os.write(child_fds[2], b"fission: cannot start program: " + failure + b"\n")
-        return pid
-
-    # -- running -----------------------------------------------------------------------------
-    def on_output(self, fd: int) -> None:
-        """Read what the program wrote on ``fd`` and forward it within the output cap."""
-        try:
-            data = os.read(fd, protocol.OUTPUT_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close_output(fd)
-            return
-        room = self.output_limit - self.forwarded
-        if room <= 0:
-            self.truncated = True
-            return
-        if len(data) > room:
-            data = data[:room]
-            self.truncated = True
-        self.forwarded += len(data)
-        self.agent.send(self.out_fds[fd], self.request_id, data)
-
-    def on_status(self) -> None:
-        """The fork-server child reported its exit code just before exiting: take it."""
-        try:
-            data = os.read(self.status_fd, 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self.close_status()
-        if data.isdigit() and int(data) <= 255 and self.status is None:
-            self.status = int(data) << 8  # as a wait status: exited with that code
-
-    def close_status(self) -> None:
-        """Stop listening for the fork-server child's exit code."""
-        if self.status_fd >= 0:
-            self.agent.selector.unregister(self.status_fd)
-            os.close(self.status_fd)
-            self.status_fd = -1
-
-    def _close_output(self, fd: int) -> None:
-        self.agent.selector.unregister(fd)
-        os.close(fd)
-        del self.out_fds[fd]
-
-    def feed_stdin(self, data: bytes) -> None:
-        """Queue bytes for the program's stdin; empty ``data`` closes it after the queue."""
-        if self.stdin_fd < 0:
-            return
-        if data:
-            self.stdin_buffer += data
-        else:
-            self.stdin_closing = True
-        self.flush_stdin()
-
-    def flush_stdin(self) -> None:
-        """Write as much queued stdin as the pipe takes now."""
-        if self.stdin_fd < 0:
-            return
-        try:
-            while self.stdin_buffer:
-                written = os.write(self.stdin_fd, self.stdin_buffer[: 64 * 1024])
-                del self.stdin_buffer[:written]
-        except BlockingIOError:
-            pass
-        except OSError:  # the program closed its stdin: drop the rest
-            self.stdin_buffer.clear()
-            self.stdin_closing = True
-        if not self.stdin_buffer and self.stdin_closing:
-            os.close(self.stdin_fd)
-            self.stdin_fd = -1
-
-    def kill(self, timed_out: bool = False) -> None:
-        """Kill every process of this run (the whole cgroup)."""
-        self.timed_out = self.timed_out or timed_out
-        self.killed = True
-        try:
-            write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
-        except OSError as exc:
-            log(f"cgroup.kill of {self.cgroup} failed: {exc}")
-            if self.status is None and self.pid:
-                os.kill(-self.pid, signal.SIGKILL)
-
-    def tick(self, now: float) -> bool:
-        """Advance deadlines; return True when the run is over and EXIT has been sent."""
-        if self.status is None:
-            if now >= self.deadline and not self.timed_out:
-                self.kill(timed_out=True)
-            if self.stdin_fd >= 0 and self.stdin_buffer:
-                self.flush_stdin()
-            return False
-        if self.drain_deadline == 0.0:
-            # The main process is gone: whatever it left behind dies with it (but a context's
-            # kernel, which reported the end of its run, lives on).
-            if not self.keep_processes:
-                self.kill()
-            self.drain_deadline = now + DRAIN_SECONDS
-        if self.out_fds and now < self.drain_deadline:
-            return False
-        self.finish()
-        return True
-
-    def next_wakeup(self) -> float:
-        """The monotonic time at which tick() must next run."""
-        if self.status is None:
-            return self.deadline
-        return self.drain_deadline or time.monotonic()
-
-    def finish(self) -> None:
-        """Send EXIT, then release the pipes, the cgroup and the script directory."""
-        for fd in list(self.out_fds):
-            self._close_output(fd)
-        self.close_status()
-        if self.stdin_fd >= 0:
-            os.close(self.stdin_fd)
-            self.stdin_fd = -1
-        oom = oom_kills(self.cgroup) > self.oom_before
-        if self.ctx is not None:
-            self.ctx.execution = None
-            lost_now = not self.keep_processes  # the kernel died with this run
-            self.context_reset = self.context_reset or lost_now
-            if lost_now or not self.ctx.alive:
-                self.agent.contexts.end(self.ctx, lost=lost_now)
-        status = self.status or 0
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            exit_code, signal_number = 128 + sig, sig
-        else:
-            exit_code, signal_number = os.WEXITSTATUS(status), 0
-        self.agent.send_json(
-            protocol.FrameType.EXIT,
-            self.request_id,
-            {
-                "exit_code": exit_code,
-                "signal": signal_number,
-                "timed_out": self.timed_out,
-                "oom": oom,
-                "output_truncated": self.truncated,
-                "duration_ms": round((time.monotonic() - self.started) * 1000.0, 3),
-                "warm": self.warm,
-                "context_reset": self.context_reset,
-            },
-        )
-        self.agent.pids.pop(self.pid, None)
-        if self.ctx is None:
-            self.agent.remove_cgroup_later(self.cgroup)
-        remove_tree(self.workdir)
-
-
-def remove_tree(path: str) -> None:
-    """Remove a directory tree the agent made, ignoring what is already gone."""
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Agent:
@@ -464,6 +115,9 @@ class Agent:
         self.files = files.FileOps(self.send)
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
         self.tunnel = tunnel.GuestTunnel(self.selector, self.send)
+        self.spawner = spawn.Spawner()
+        self.warm_next = False  # the last run said more follow: keep warm processes ready
+        self.frame_read_at = 0.0  # when the frames being handled were read (for traces)
         self.zygote: ZygoteHandle | None = None
         modules = zygote_modules(read_text("/proc/cmdline"))
         if modules is not None:
@@ -516,8 +170,20 @@ class Agent:
                 if execution.tick(now):
                     del self.executions[request_id]
             self.sweep_cgroups()
-            if self.zygote is not None:
-                self.zygote.request_warm()
+            self.prepare_next()
+
+    def prepare_next(self) -> None:
+        """After a run that said more follow, get the next warm processes ready.
+
+        The fork server prepares at idle priority, so its child is asked for at once; a spare
+        is forked by the agent itself, so only once no run is in flight.
+        """
+        if not self.warm_next:
+            return
+        if self.zygote is not None:
+            self.zygote.request_warm()
+        if not self.executions:
+            self.spawner.refill()
 
     def on_tunnel(self, stream: Any, mask: int) -> None:
         """Serve the egress tunnel; a failure ends that stream, never the agent."""
@@ -532,6 +198,7 @@ class Agent:
         """Read from the host and act on every whole frame."""
         try:
             data = os.read(self.channel_fd, 256 * 1024)
+            self.frame_read_at = time.monotonic()
             # virtio-console hands out one small (page-sized) buffer per read(2): take what
             # else is already there now rather than one page per turn of the loop.
             pieces = [data]
@@ -591,7 +258,9 @@ class Agent:
         elif kind == protocol.FrameType.EXEC:
             if rid in self.executions:
                 raise ValueError(f"request {rid} is already running")
-            execution = Execution(self, rid, protocol.decode_json(frame.payload))
+            request = protocol.decode_json(frame.payload)
+            execution = Execution(self, rid, request, self.frame_read_at)
+            self.warm_next = execution.warm_next
             try:
                 execution.start()
             except BaseException:
@@ -655,11 +324,13 @@ class Agent:
         exits, self.zygote.exits = self.zygote.exits, []
         for pid, status in exits:
             execution = self.pids.get(pid)
-            if execution is not None and execution.status is None:
-                execution.status = status
+            if execution is not None:
+                execution.set_status(status, "exit_collected")
 
     def prepare_snapshot(self) -> bool:
-        """Wait for a warm fork-server child and flush the disks; True if one is waiting."""
+        """Get a spare and a warm fork-server child waiting, flush the disks; True if warm."""
+        self.spawner.refill()
+        self.spawner.wait_ready(timeout=60.0)
         warm = False
         if self.zygote is not None:
             warm = self.zygote.wait_warm(timeout=300.0)
@@ -668,7 +339,9 @@ class Agent:
         return warm
 
     def init(self, message: dict[str, Any]) -> None:
-        """Set the wall clock and mix the host's seed into the kernel's random pool."""
+        """Set the clock and seed the kernel's pool; warm children from before it will reseed."""
+        if self.zygote is not None:
+            self.zygote.mark_reseed()
         time_ns = message.get("time_ns")
         if isinstance(time_ns, int) and time_ns > 0:
             try:
@@ -704,8 +377,12 @@ class Agent:
             if pid == 0:
                 return
             execution = self.pids.get(pid)
-            if execution is not None and execution.status is None:
-                execution.status = status
+            if execution is not None:
+                execution.set_status(status, "exit_collected")
+                continue
+            cgroup = self.spawner.forget(pid)
+            if cgroup is not None:
+                self.remove_cgroup_later(cgroup)
 
     def remove_cgroup_later(self, cgroup: str) -> None:
         """Remove a run's cgroup once its last process is gone."""

@@ -9,6 +9,8 @@ It is split in two so the fork server can do the expensive part ahead of time, i
 that then waits for its run already confined: ``confine_process`` (everything that needs root)
 and ``attach_stdio`` (the run's own streams). ``fresh_stdio``, ``reseed`` and ``exit_code_of``
 are what a pre-started Python interpreter (a fork-server child, a code context) does per run.
+Every cgroup a run lands in is made by ``new_cgroup``; processes prepared ahead of time wait at
+idle priority (``lower_priority``) until the agent ``wake``s them with a run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,29 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 PR_SET_NO_NEW_PRIVS = 38
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+
+
+def new_cgroup(path: str) -> None:
+    """Make a cgroup for one run: no swap, and an OOM kill takes every process in it.
+
+    The run's own memory and pids limits are written when it is handed a run.
+    """
+    os.mkdir(path)
+    for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(value)
+
+
+def lower_priority(pid: int = 0) -> None:
+    """Run ``pid`` (0: this process) only when the CPU is otherwise idle (SCHED_IDLE)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def wake(pid: int) -> None:
+    """Give ``pid`` the normal scheduling policy again (only root may raise it: the agent)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
 
 
 def close_fds_except(keep: tuple[int, ...]) -> None:

@@ -10,7 +10,7 @@ process dies (the run's timeout, OOM, ``os._exit``) the context is lost and the 
 that id starts afresh, which its EXIT reports as ``context_reset``.
 
 Agent <-> kernel, over a SOCK_SEQPACKET socket, JSON:
-  agent -> fork-server child  {"context": true}       become a kernel instead of running once
+  agent -> fork-server child  {"context": true, "reseed": bool}   become a kernel, not run once
   agent -> kernel  {"path", "env", "cwd"} + fds [stdin, stdout, stderr]   run one script
   kernel -> agent  {"done": exit_code}   after closing its copies of the run's streams
 The agent closing the socket ends the kernel.
@@ -102,7 +102,6 @@ def serve(sock: socket.socket) -> None:
     sys.modules["__main__"] = main
     sys.modules.pop("context", None)  # leave the name to the user's own module
     sys.path[0] = ""  # imports from the working directory, as in a notebook
-    confine.reseed()
     null = os.open(os.devnull, os.O_RDWR)
     cells = 0
     while True:
@@ -186,8 +185,11 @@ class Context:
 
 
 def spawn_kernel(cgroup: str) -> tuple[int, socket.socket]:
-    """Start ``python3 context.py FD`` confined in the new cgroup ``cgroup``: (pid, socket)."""
-    os.mkdir(cgroup)
+    """Start ``python3 context.py FD`` confined in the new cgroup ``cgroup``: (pid, socket).
+
+    A fresh interpreter seeds its generators from the kernel: no reseeding needed.
+    """
+    confine.new_cgroup(cgroup)
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # child: never returns
@@ -250,7 +252,7 @@ class Contexts:
         execution = ctx.execution
         if code is not None and execution is not None and execution.status is None:
             execution.keep_processes = True
-            execution.status = code << 8  # as a wait status: exited with that code
+            execution.set_status(code << 8, "status_read")  # as a wait status: exited with code
         elif not ctx.alive:
             # Without its socket a kernel is useless; a run in it ends when the kill lands.
             self.end(ctx, lost=True)
@@ -259,7 +261,8 @@ class Contexts:
         """A new context: the fork-server child ``warm_child`` if given, else an exec'd kernel."""
         if warm_child is not None:
             sock = warm_child.sock
-            sock.send(json.dumps({"context": True}).encode())
+            sock.send(json.dumps({"context": True, "reseed": warm_child.reseed}).encode())
+            confine.wake(warm_child.pid)
             ctx = Context(name, warm_child.pid, warm_child.cgroup, sock, warm=True)
         else:
             pid, sock = spawn_kernel(cgroup)

@@ -5,17 +5,24 @@ and pandas seconds. So the agent starts this process once: it imports the preloa
 freezes its heap (``gc.freeze()``, so children dirty fewer shared pages) and forks *warm
 children* ahead of time. A warm child puts itself in a fresh cgroup, confines itself exactly as
 an exec'd program would be (``confine.confine_process``: sandbox user, no_new_privs, no fds but
-its hand-off socket), runs a warm-up snippet, tells the agent it is waiting, and blocks. A run
-is one message on that socket (script path, env, cwd) carrying the run's three streams and a
-status pipe: the child attaches them, reseeds every random generator it holds (clones of one
-snapshot share the parent's state) and runs the script as ``__main__``. A ``{"context": true}``
-message instead makes the child a code context's kernel (``context.serve``).
+its hand-off socket), reseeds every random generator it holds (it shares the zygote's), runs a
+warm-up snippet, tells the agent it is waiting, and blocks. The zygote and the children it
+prepares run at idle priority, so preparing the next child never slows a run in progress; the
+agent lifts a child to the normal policy when it hands it a run.
+
+A run is one message on the child's socket (script path, env, cwd) carrying the run's three
+streams and a status pipe: the child attaches them and runs the script as ``__main__``. A child
+that was waiting when the VM was saved (every clone of a snapshot holds the same one) is told to
+``reseed`` again at hand-over; the agent marks those at each INIT, which follows every restore.
+A ``{"context": true}`` message instead makes the child a code context's kernel
+(``context.serve``).
 
 The zygote talks to the agent over a SOCK_SEQPACKET socket, JSON with SCM_RIGHTS fds:
 zygote -> agent ``{"ready": true}``; ``{"warm": pid, "cgroup": path}`` + the child's socket;
 ``{"exited": pid, "status": wait status}``. agent -> zygote ``{"fork": true}`` (one more warm
-child). The agent hands runs to warm children directly, without waking the zygote, and asks for
-the next child as soon as it takes one, so back-to-back runs all find one waiting.
+child). The agent hands runs to warm children directly, without waking the zygote. It asks for
+the next child when a run that says more runs follow (``warm_next``: a sandbox) takes one, and
+before a snapshot; a one-shot VM, destroyed after its run, forks nothing it will not use.
 """
 
 from __future__ import annotations
@@ -61,18 +68,23 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 
 
 # -- inside a warm child ----------------------------------------------------------------------
-def run_script(request: dict[str, Any], status_fd: int) -> None:
+def run_script(request: dict[str, Any], status_fd: int, woke: float) -> None:
     """Run the request's script as __main__ with its environment; never returns.
 
     At the end the exit code is written to ``status_fd`` after the output streams are closed,
-    so the agent can report the run without waiting for this large process to be torn down.
+    so the agent can report the run without waiting for this large process to be torn down;
+    the teardown itself then runs at idle priority, after the agent's EXIT. With ``trace``,
+    the report also carries when this child woke, was ready, began and ended the script.
     """
     env = request["env"]
+    begun = 0.0
     os.environ.clear()
     os.environ.update(env)
     os.chdir(request["cwd"])
-    reseed()
+    if request.get("reseed"):
+        reseed()
     fresh_stdio(env)
+    ready = time.monotonic()
     path = request["path"]
     sys.argv = [path]
     sys.path[0] = os.path.dirname(path)
@@ -84,6 +96,7 @@ def run_script(request: dict[str, Any], status_fd: int) -> None:
         main.__file__ = path
         main.__dict__["__builtins__"] = builtins
         sys.modules["__main__"] = main
+        begun = time.monotonic()
         exec(compiled, main.__dict__)
     except SystemExit as exc:
         code = exit_code_of(exc)
@@ -98,10 +111,15 @@ def run_script(request: dict[str, Any], status_fd: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BaseException):
             stream.flush()
+    report = str(code)
+    if request.get("trace"):
+        ended = time.monotonic()
+        report += "".join(f" {at:.6f}" for at in (woke, ready, begun or ended, ended))
+    confine.lower_priority()
     with contextlib.suppress(OSError):
         os.close(1)
         os.close(2)
-        os.write(status_fd, str(code).encode())
+        os.write(status_fd, report.encode())
     os._exit(code)
 
 
@@ -125,19 +143,24 @@ def warm_child(conn: socket.socket, cgroup: str) -> None:
     """In a pre-forked child: confine, warm up, wait for one run and run it; never returns."""
     try:
         confine.confine_process(os.path.join(cgroup, "cgroup.procs"), keep_fds=(conn.fileno(),))
+        reseed()  # forked after the agent's INIT, this is fresh; else the hand-over says so
         exec(compile(WARM_UP, "<warm-up>", "exec"), {})
         # The agent may have handed the run over (and closed its end) already: the message
         # is queued all the same, only this notice cannot be delivered.
         with contextlib.suppress(OSError):
             conn.send(WAITING)
         message, fds = receive_run(conn)
-        if message and json.loads(message).get("context"):
+        woke = time.monotonic()
+        request = json.loads(message) if message else {}
+        if request.get("context"):
+            if request.get("reseed"):
+                reseed()
             context.serve(conn)  # a code context: this socket carries its runs from now on
         if not message or len(fds) != 4:
             os._exit(0)
         conn.close()
         confine.attach_stdio(fds[0], fds[1], fds[2])
-        run_script(json.loads(message), fds[3])
+        run_script(request, fds[3], woke)
     except BaseException:
         os._exit(127)
     os._exit(127)
@@ -162,7 +185,7 @@ class Zygote:
         """Fork one warm child in a cgroup of its own and give its socket to the agent."""
         self.forked += 1
         cgroup = os.path.join(CGROUP_ROOT, f"warm-{os.getpid()}-{self.forked}")
-        os.mkdir(cgroup)
+        confine.new_cgroup(cgroup)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
@@ -204,6 +227,7 @@ class Zygote:
 
 def main() -> None:
     """Entry point: ``zygote.py FD MODULE,MODULE,...``."""
+    confine.lower_priority()  # preparing children must never slow a run down
     sock = socket.socket(fileno=int(sys.argv[1]))
     for name in filter(None, sys.argv[2].split(",") if len(sys.argv) > 2 else []):
         try:
@@ -234,16 +258,21 @@ def recv_with_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
 class WarmChild:
     """A pre-forked, confined interpreter waiting for one run."""
 
-    def __init__(self, pid: int, cgroup: str, sock: socket.socket) -> None:
+    def __init__(self, pid: int, cgroup: str, sock: socket.socket, reseed: bool) -> None:
         self.pid = pid
         self.cgroup = cgroup
         self.sock = sock
         self.waiting = False
+        # Waiting since before the last INIT: its generators may be in other clones too.
+        self.reseed = reseed
 
     def hand_over(self, request: dict[str, Any], fds: list[int]) -> None:
-        """Give this child its run (it owns the fds from now on)."""
+        """Give this child its run (it owns the fds from now on) at the normal priority."""
+        if self.reseed:
+            request = {**request, "reseed": True}
         send(self.sock, request, fds)
         self.sock.close()
+        confine.wake(self.pid)
 
 
 class ZygoteHandle:
@@ -274,6 +303,7 @@ class ZygoteHandle:
         self.ready = False
         self.alive = True
         self.fork_requested = True  # the zygote forks its first warm child by itself
+        self.reseed_next = True  # a child forked before the first INIT must reseed again
         self.warm: list[WarmChild] = []
         self.exits: list[tuple[int, int]] = []
 
@@ -302,28 +332,40 @@ class ZygoteHandle:
         elif "warm" in message and fds:
             self.fork_requested = False
             sock = socket.socket(fileno=fds[0])
-            self.warm.append(WarmChild(int(message["warm"]), str(message["cgroup"]), sock))
+            child = WarmChild(int(message["warm"]), str(message["cgroup"]), sock, self.reseed_next)
+            self.reseed_next = False
+            self.warm.append(child)
         elif "exited" in message:
             pid, status = int(message["exited"]), int(message["status"])
             self.warm = [child for child in self.warm if child.pid != pid]
             self.exits.append((pid, status))
 
+    def mark_reseed(self) -> None:
+        """The VM was just restored (INIT): children waiting now, or being forked, reseed."""
+        for child in self.warm:
+            child.reseed = True
+        self.reseed_next = self.reseed_next or self.fork_requested
+
     def take_warm(self, wait: float = 0.0) -> WarmChild | None:
-        """A warm child for a run (and the next one asked for at once), or None.
+        """A warm child for a run, or None.
 
         When the next child is already being forked, wait up to ``wait`` seconds for it: that
-        takes tens of milliseconds, starting a fresh ``python3`` hundreds.
+        takes tens of milliseconds, starting a fresh ``python3`` hundreds. The zygote runs at
+        the normal priority meanwhile, so a busy run beside this one cannot starve it.
         """
         deadline = time.monotonic() + wait
+        boosted = False
         while self.alive and self.ready and not self.warm and self.fork_requested:
             left = deadline - time.monotonic()
+            if not boosted:
+                confine.wake(self.pid)
+                boosted = True
             if left <= 0 or not select.select([self.sock], [], [], left)[0]:
                 break
             self.receive()
-        child = self.warm.pop(0) if self.ready and self.warm else None
-        if child is not None:
-            self.request_warm()
-        return child
+        if boosted:
+            confine.lower_priority(self.pid)
+        return self.warm.pop(0) if self.ready and self.warm else None
 
     def request_warm(self) -> None:
         """Ask for one more warm child unless one is waiting or on its way."""
@@ -336,6 +378,7 @@ class ZygoteHandle:
 
     def wait_warm(self, timeout: float) -> bool:
         """Block until preloads are imported and a warm child is waiting; False if not."""
+        self.request_warm()
         self.sock.settimeout(timeout)
         try:
             while self.alive and not (self.ready and self.warm):

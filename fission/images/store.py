@@ -25,6 +25,8 @@ from fission.images.recipes import RECIPES
 
 AGENT_FILES = (
     "agent.py",
+    "runs.py",
+    "spawn.py",
     "protocol.py",
     "confine.py",
     "zygote.py",
