@@ -67,9 +67,9 @@ class ExecRequest:
     # globals survive between runs; ``fresh_context`` discards the old one first.
     context: str | None = None
     fresh_context: bool = False
-    # More runs follow on this VM (a sandbox): once this one ends, the agent prepares the
-    # next warm processes (at idle priority). A one-shot VM leaves it off and forks nothing.
-    warm_next: bool = False
+    # The VM is destroyed after this run (one-shot): the agent prepares no warm process for
+    # a next one. Otherwise it does, at idle priority, so a sandbox's next run finds them.
+    last_run: bool = False
     # Ask the agent for its per-step times in the EXIT frame (``ExecOutcome.trace``).
     trace: bool = False
 

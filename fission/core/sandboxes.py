@@ -9,8 +9,7 @@ reply to its request); pause and resume wait until none is in flight and hold ne
 ``delete`` and expiry do not wait: they destroy the VM at once, so a
 run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
 ``execution.KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a
-timeout. Every request says more runs follow (``warm_next``), so the guest keeps a warm
-interpreter and a confined spare process ready between them.
+timeout.
 Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
 the ttl. Sandboxes do not survive a daemon restart: reconcile removes what a dead one left.
 """
@@ -272,7 +271,7 @@ class SandboxManager:
         """Run ``code`` in the sandbox's language; with ``context``, in a persistent kernel."""
         box = self._box(sandbox_id, owner)
         spec = self._run_spec(box.record.spec, code, timeout, env)
-        request = replace(exec_request(spec), warm_next=True)
+        request = exec_request(spec)
         if context is not None or fresh_context:
             request = replace(request, context=context or "default", fresh_context=fresh_context)
         return await self._exec(box, "sandbox.run", spec, request, on_output, None)
@@ -309,7 +308,6 @@ class SandboxManager:
             pids_max=limits.pids,
             output_limit=limits.output_limit_bytes,
             cwd=cwd,
-            warm_next=True,
         )
         return await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
 

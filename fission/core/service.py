@@ -245,7 +245,7 @@ class Service:
             await push(machine.agent, uploads)
             execution = await execute(
                 machine.agent,
-                exec_request(spec),
+                replace(exec_request(spec), last_run=True),  # one run per machine
                 on_output,
                 spec.stdin,
                 diagnostics=machine.vm.diagnostics,

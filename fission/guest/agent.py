@@ -10,8 +10,8 @@ set the hostname; the agent then:
   cgroup of its own with memory, pids and (through the VM) CPU limits, with an environment
   built only from the request, and a deadline after which the whole cgroup is killed; a
   process prepared ahead of time takes the run when one waits (a warm Python interpreter,
-  ``zygote.py``; a confined process that only has to exec, ``spawn.py``), and after a run that
-  says more follow (``warm_next``: a sandbox) the next ones are prepared at idle priority;
+  ``zygote.py``; a confined process that only has to exec, ``spawn.py``), and unless a run is
+  the VM's last (``last_run``) the next ones are prepared at idle priority;
 * streams stdout and stderr back in chunks, stops forwarding at the output cap and says so;
 * ends a run when its main process ends, killing whatever it left behind, and reaps every
   zombie, since orphans are re-parented to PID 1;
@@ -116,7 +116,7 @@ class Agent:
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
         self.tunnel = tunnel.GuestTunnel(self.selector, self.send)
         self.spawner = spawn.Spawner()
-        self.warm_next = False  # the last run said more follow: keep warm processes ready
+        self.warm_next = False  # a run was not the VM's last: keep warm processes ready
         self.frame_read_at = 0.0  # when the frames being handled were read (for traces)
         self.zygote: ZygoteHandle | None = None
         modules = zygote_modules(read_text("/proc/cmdline"))
@@ -173,7 +173,7 @@ class Agent:
             self.prepare_next()
 
     def prepare_next(self) -> None:
-        """After a run that said more follow, get the next warm processes ready.
+        """Unless the last run was the VM's last, get the next warm processes ready.
 
         The fork server prepares at idle priority, so its child is asked for at once; a spare
         is forked by the agent itself, so only once no run is in flight.

@@ -144,8 +144,8 @@ class Execution:
         self.pids_max = int(request.get("pids_max", 0))
         self.output_limit = int(request.get("output_limit", 10 * 1024 * 1024))
         self.wants_stdin = bool(request.get("stdin", False))
-        # More runs are coming (a sandbox): prepare the next warm process once this one ends.
-        self.warm_next = request.get("warm_next") is True
+        # Unless this VM ends with this run, prepare the next warm processes for the next one.
+        self.warm_next = request.get("last_run") is not True
         if self.timeout <= 0 or self.output_limit < 0:
             raise ValueError("timeout must be positive and output_limit not negative")
         self.script = request.get("script")

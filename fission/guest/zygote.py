@@ -21,8 +21,8 @@ The zygote talks to the agent over a SOCK_SEQPACKET socket, JSON with SCM_RIGHTS
 zygote -> agent ``{"ready": true}``; ``{"warm": pid, "cgroup": path}`` + the child's socket;
 ``{"exited": pid, "status": wait status}``. agent -> zygote ``{"fork": true}`` (one more warm
 child). The agent hands runs to warm children directly, without waking the zygote. It asks for
-the next child when a run that says more runs follow (``warm_next``: a sandbox) takes one, and
-before a snapshot; a one-shot VM, destroyed after its run, forks nothing it will not use.
+the next child when a run takes one, unless the run is the VM's last (``last_run``: a one-shot
+VM forks nothing it will not use), and before a snapshot.
 """
 
 from __future__ import annotations
