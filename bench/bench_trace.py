@@ -8,7 +8,8 @@ a markdown table of steps:
 (b) the same through a daemon (``fission serve --pool python=1``) and the SDK's daemon client;
     the daemon writes each run's trace to ``FISSION_TRACE_FILE``, and since host times are
     ``time.monotonic()`` the bench places them between its own send and receive;
-(c) in a persistent sandbox of that daemon: ``run`` and ``exec("echo 42")``.
+(c) in a persistent sandbox of that daemon: ``run`` and ``exec("echo 42")``, back to back or
+    ``--pause`` seconds apart (an agent's think time).
 
 Host steps come from ``fission.core.execution`` (``execute`` entered, EXEC frame written, first
 output, EXIT frame read, ``execute`` done); guest steps are the agent's own (ms after it read
@@ -188,7 +189,7 @@ def traced_calls(
     samples = []
     for _ in range(runs):
         before()
-        seen = trace_lines(trace_file)
+        seen = len(trace_lines(trace_file))
         start = time.monotonic()
         answer = call()
         end = time.monotonic()
@@ -209,8 +210,8 @@ def trace_lines(path: Path) -> list[str]:
         return []
 
 
-def through_daemon(runs: int, workdir: Path) -> dict[str, list[Sample]]:
-    """(b) and (c): pooled runs, then sandbox runs and execs, against one daemon."""
+def through_daemon(runs: int, workdir: Path, pause: float) -> dict[str, list[Sample]]:
+    """(b) and (c): pooled runs, then sandbox runs and execs (``pause`` s apart), one daemon."""
     trace_file = workdir / "trace.jsonl"
     os.environ[TRACE_FILE_ENV] = str(trace_file)
     try:
@@ -227,7 +228,10 @@ def through_daemon(runs: int, workdir: Path) -> dict[str, list[Sample]]:
                 )
             }
         with Sandbox.create("python", url=f"unix:{socket}") as box:
-            idle = lambda: None  # noqa: E731 - back to back, as an agent's steps come
+
+            def idle() -> None:
+                time.sleep(pause)
+
             found["(c) sandbox run"] = traced_calls(runs, trace_file, lambda: box.run(CODE), idle)
             found['(c) sandbox exec("echo 42")'] = traced_calls(
                 runs, trace_file, lambda: box.exec("echo 42"), idle
@@ -242,6 +246,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30, help="runs in each setting")
     parser.add_argument("--skip-in-process", action="store_true", help="only (b) and (c)")
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds between sandbox steps (think time)"
+    )
     args = parser.parse_args()
     if args.runs < 2:
         parser.error("--runs must be at least 2")
@@ -252,7 +259,7 @@ def main() -> None:
             tables.append(markdown("(a) pooled run, in-process Service", samples))
         daemon_dir = Path(tmp) / "daemon"
         daemon_dir.mkdir()
-        for title, samples in through_daemon(args.runs, daemon_dir).items():
+        for title, samples in through_daemon(args.runs, daemon_dir, args.pause).items():
             tables.append(markdown(title, samples))
     print("\n\n".join(tables))
 

@@ -97,7 +97,8 @@ def parse_trace(value: object) -> TraceSteps:
     """A guest's per-step trace if well formed, else empty: a bad trace never fails a run.
 
     Well formed: at most ``MAX_TRACE_STEPS`` pairs ``[name, ms]``, each name lower-case
-    letters, digits and ``_`` (32 at most), each ms a finite number from 0 to a day.
+    letters, digits and ``_`` (32 at most), each ms a finite number within a day either way
+    (steps that prepared the run's process ahead of time are negative).
     """
     if not isinstance(value, list) or len(value) > MAX_TRACE_STEPS:
         return ()
@@ -108,7 +109,7 @@ def parse_trace(value: object) -> TraceSteps:
         name, ms = item
         if not isinstance(name, str) or not TRACE_STEP.match(name):
             return ()
-        if type(ms) not in (int, float) or not math.isfinite(ms) or not 0 <= ms <= MAX_TRACE_MS:
+        if type(ms) not in (int, float) or not math.isfinite(ms) or abs(ms) > MAX_TRACE_MS:
             return ()
         steps.append((name, float(ms)))
     return tuple(steps)

@@ -42,8 +42,17 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
 WARM_WAIT = 2.0  # how long a Python run waits for a fork-server child already being forked
 MAX_TRACE_STEPS = 24  # the host accepts no more (``fission.agent.client``)
-# What a fork-server child reports after its exit code when tracing (monotonic seconds).
-CHILD_STEPS = ("child_woke", "child_ready", "program_start", "program_end")
+# What a fork-server child reports after its exit code when tracing (monotonic seconds); the
+# first three happened before the run (negative offsets) unless the run had to wait for them.
+CHILD_STEPS = (
+    "prep_forked",
+    "prep_confined",
+    "prep_warmed",
+    "child_woke",
+    "child_ready",
+    "program_start",
+    "program_end",
+)
 
 
 def log(message: str) -> None:
@@ -187,7 +196,7 @@ class Execution:
         """Record that ``step`` happened now (or at monotonic ``at``), when tracing."""
         if self.trace is not None and len(self.trace) < MAX_TRACE_STEPS:
             offset = ((at or time.monotonic()) - self.trace_base) * 1000.0
-            self.trace.append([step, round(max(offset, 0.0), 3)])
+            self.trace.append([step, round(offset, 3)])
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -213,10 +222,12 @@ class Execution:
         if warm is not None:
             self.cgroup = warm.cgroup  # the warm child is already in it
             self.warm = True
+            self.mark("prep_received", warm.received_at)
         elif self.ctx is None:
             spare = self.agent.spawner.take()
             if spare is not None:
                 self.cgroup = spare.cgroup
+                self.mark("prep_forked", spare.forked_at)
             else:
                 confine.new_cgroup(self.cgroup)
         self.mark("child_taken")

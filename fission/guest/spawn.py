@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 
 if __package__:
     from . import confine
@@ -71,6 +72,7 @@ class Spare:
         self.cgroup = cgroup
         self.sock = sock
         self.waiting = False
+        self.forked_at = time.monotonic()
 
     def hand_over(self, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> bool:
         """Give the spare its program and streams; False if it is gone (start another way)."""

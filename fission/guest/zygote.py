@@ -68,13 +68,14 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 
 
 # -- inside a warm child ----------------------------------------------------------------------
-def run_script(request: dict[str, Any], status_fd: int, woke: float) -> None:
+def run_script(request: dict[str, Any], status_fd: int, times: tuple[float, ...]) -> None:
     """Run the request's script as __main__ with its environment; never returns.
 
     At the end the exit code is written to ``status_fd`` after the output streams are closed,
     so the agent can report the run without waiting for this large process to be torn down;
     the teardown itself then runs at idle priority, after the agent's EXIT. With ``trace``,
-    the report also carries when this child woke, was ready, began and ended the script.
+    the report also carries ``times`` (when this child was forked, confined, warmed up, and
+    woke with its run) and when it was ready, began and ended the script.
     """
     env = request["env"]
     begun = 0.0
@@ -114,7 +115,7 @@ def run_script(request: dict[str, Any], status_fd: int, woke: float) -> None:
     report = str(code)
     if request.get("trace"):
         ended = time.monotonic()
-        report += "".join(f" {at:.6f}" for at in (woke, ready, begun or ended, ended))
+        report += "".join(f" {at:.6f}" for at in (*times, ready, begun or ended, ended))
     confine.lower_priority()
     with contextlib.suppress(OSError):
         os.close(1)
@@ -142,9 +143,12 @@ def receive_run(conn: socket.socket) -> tuple[bytes, list[int]]:
 def warm_child(conn: socket.socket, cgroup: str) -> None:
     """In a pre-forked child: confine, warm up, wait for one run and run it; never returns."""
     try:
+        forked = time.monotonic()
         confine.confine_process(os.path.join(cgroup, "cgroup.procs"), keep_fds=(conn.fileno(),))
+        confined = time.monotonic()
         reseed()  # forked after the agent's INIT, this is fresh; else the hand-over says so
         exec(compile(WARM_UP, "<warm-up>", "exec"), {})
+        prepared = (forked, confined, time.monotonic())
         # The agent may have handed the run over (and closed its end) already: the message
         # is queued all the same, only this notice cannot be delivered.
         with contextlib.suppress(OSError):
@@ -160,7 +164,7 @@ def warm_child(conn: socket.socket, cgroup: str) -> None:
             os._exit(0)
         conn.close()
         confine.attach_stdio(fds[0], fds[1], fds[2])
-        run_script(request, fds[3], woke)
+        run_script(request, fds[3], (*prepared, woke))
     except BaseException:
         os._exit(127)
     os._exit(127)
@@ -265,6 +269,7 @@ class WarmChild:
         self.waiting = False
         # Waiting since before the last INIT: its generators may be in other clones too.
         self.reseed = reseed
+        self.received_at = time.monotonic()
 
     def hand_over(self, request: dict[str, Any], fds: list[int]) -> None:
         """Give this child its run (it owns the fds from now on) at the normal priority."""

@@ -58,13 +58,22 @@ def tcg_kernel_args() -> tuple[str, ...]:
     """Kernel arguments a TCG guest needs.
 
     Under TCG the guest's TSC calibration against the PIT fails at random (emulation jitter),
-    and the kernel then hangs; telling it the TSC frequency skips the calibration.
+    and the kernel then hangs; telling it the TSC frequency skips the calibration. The same
+    jitter makes the clocksource watchdog drop the TSC in a busy template, leaving clones on
+    4 ms jiffies (coarse timers, a syscall per clock read); TCG's TSC follows the host's
+    monotonic clock, so it is trusted (``tsc=reliable``).
+
+    ``norandmaps`` turns user-space address randomisation off in TCG guests: TCG finds its
+    translated code by virtual address, so a randomised program retranslates its loader and
+    libc at every exec (``sh -c 'echo 42'``: 30 ms, 6 ms without). The VM, not ASLR, is the
+    boundary around untrusted code (and every fork-server child of a snapshot already shares
+    one layout); KVM guests keep ASLR.
     """
     try:
         khz = tsc_khz(Path("/proc/cpuinfo").read_text())
     except OSError:
         khz = None
-    return (f"tsc_early_khz={khz}",) if khz else ()
+    return (f"tsc_early_khz={khz}", "tsc=reliable", "norandmaps") if khz else ("norandmaps",)
 
 
 def _cache_file() -> Path:
