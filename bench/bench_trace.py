@@ -3,9 +3,10 @@
 ``--runs`` warm runs of ``print(42)`` (default 30) in each of three settings, each printed as
 a markdown table of steps:
 
-(a) an in-process ``Service`` with a python pool of one VM, paced (each run waits until the
-    pool is full again): the bench times the call, the pool's ``acquire`` and the result;
-(b) the same through a daemon (``fission serve --pool python=1``) and the SDK's daemon client;
+(a) an in-process ``Service`` with a python pool of two VMs (the daemon's default), paced
+    (each run waits until the pool is full again): the bench times the call, the pool's
+    ``acquire`` and the result;
+(b) the same through a daemon (``fission serve --pool python=2``) and the SDK's daemon client;
     the daemon writes each run's trace to ``FISSION_TRACE_FILE``, and since host times are
     ``time.monotonic()`` the bench places them between its own send and receive;
 (c) in a persistent sandbox of that daemon: ``run`` and ``exec("echo 42")``, back to back or
@@ -47,6 +48,7 @@ from fission.sdk._backend import DaemonBackend
 
 CODE = "print(42)"
 POOL_DEADLINE = 180.0
+POOL = 2  # the daemon's default: with one, each run's refill starts beside it
 HOST_LABELS = {
     "pool_acquired": "host: pool acquire",
     "execute": "host: to execute() (HTTP, routing, acquire, set-up)",
@@ -133,9 +135,12 @@ def sample_of(trace: RunTrace | dict[str, Any], call: float, end: float, **more:
 
 
 # -- (a) in process -----------------------------------------------------------------------------
-async def in_process(runs: int, state_dir: Path) -> list[Sample]:
-    """(a): paced warm runs through a Service in this process with a python pool of one."""
-    service = Service(ServiceConfig(state_dir=state_dir, pools={"python": 1}))
+async def in_process(runs: int, state_dir: Path, settle: float = 0.0) -> list[Sample]:
+    """(a): paced warm runs through a Service in this process with a python pool of two.
+
+    Each run starts ``settle`` seconds after the pool is full again.
+    """
+    service = Service(ServiceConfig(state_dir=state_dir, pools={"python": POOL}))
     await service.start()
     pool = service.pools["python"]
     acquired: list[float] = []
@@ -154,6 +159,7 @@ async def in_process(runs: int, state_dir: Path) -> list[Sample]:
         with tracing(traces.append):
             for _ in range(runs):
                 await wait_full(lambda: pool.status())
+                await asyncio.sleep(settle)
                 call = time.monotonic()
                 result = await service.run(spec)
                 end = time.monotonic()
@@ -215,7 +221,7 @@ def through_daemon(runs: int, workdir: Path, pause: float) -> dict[str, list[Sam
     trace_file = workdir / "trace.jsonl"
     os.environ[TRACE_FILE_ENV] = str(trace_file)
     try:
-        daemon, socket = start_daemon(workdir, 1)
+        daemon, socket = start_daemon(workdir, POOL)
     finally:
         del os.environ[TRACE_FILE_ENV]
     spec = RunSpec(resolve_language("python"), CODE, Limits())

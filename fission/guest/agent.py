@@ -165,7 +165,6 @@ class Agent:
                 elif kind == "context" and execution is not None:
                     self.contexts.on_event(execution)
             self.files.pump()
-            self.reap()
             self.take_zygote_exits()
             now = time.monotonic()
             for request_id, execution in list(self.executions.items()):
