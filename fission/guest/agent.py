@@ -9,9 +9,9 @@ set the hostname; the agent then:
 * runs each EXEC request (``runs.py``) as the unprivileged ``sandbox`` user (uid 1000) in a
   cgroup of its own with memory, pids and (through the VM) CPU limits, with an environment
   built only from the request, and a deadline after which the whole cgroup is killed; a
-  process prepared ahead of time takes the run when one waits (a warm Python interpreter,
-  ``zygote.py``; a confined process that only has to exec, ``spawn.py``), and unless a run is
-  the VM's last (``last_run``) the next ones are prepared at idle priority;
+  process prepared ahead of time takes the run when one waits (``warm.py``: a Python
+  interpreter, or a confined process that only has to exec), and unless a run is the VM's last
+  (``last_run``) the next ones are prepared at idle priority;
 * streams stdout and stderr back in chunks, stops forwarding at the output cap and says so;
 * ends a run when its main process ends, killing whatever it left behind, and reaps every
   zombie, since orphans are re-parented to PID 1;
@@ -37,7 +37,7 @@ import traceback
 from typing import Any
 
 if __package__:
-    from . import confine, context, files, protocol, spawn, tunnel
+    from . import confine, context, files, protocol, tunnel, warm
     from .protocol import INVALID_INPUT, AgentError
     from .runs import (
         CGROUP_ROOT,
@@ -49,7 +49,6 @@ if __package__:
         build_env,
         log,
         remove_tree,
-        write_file,
     )
     from .zygote import ZygoteHandle
 else:  # run as a script inside the guest, with its modules beside it
@@ -57,8 +56,8 @@ else:  # run as a script inside the guest, with its modules beside it
     import context  # type: ignore[no-redef]
     import files  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
-    import spawn  # type: ignore[no-redef]
     import tunnel  # type: ignore[no-redef]
+    import warm  # type: ignore[no-redef]
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
     from runs import (  # type: ignore[no-redef]
         CGROUP_ROOT,
@@ -70,7 +69,6 @@ else:  # run as a script inside the guest, with its modules beside it
         build_env,
         log,
         remove_tree,
-        write_file,
     )
     from zygote import ZygoteHandle  # type: ignore[no-redef]
 
@@ -117,14 +115,9 @@ class Agent:
         self.files = files.FileOps(self.send)
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
         self.tunnel = tunnel.GuestTunnel(self.selector, self.send)
-        self.spawner = spawn.Spawner()
         self.warm_next = False  # a run was not the VM's last: keep warm processes ready
         self.frame_read_at = 0.0  # when the frames being handled were read (for traces)
-        self.zygote: ZygoteHandle | None = None
-        modules = zygote_modules(read_text("/proc/cmdline"))
-        if modules is not None:
-            self.zygote = ZygoteHandle(modules)
-            self.selector.register(self.zygote.fileno(), selectors.EVENT_READ, ("zygote", None))
+        self.forks = warm.ForkServers(self.selector, zygote_modules(read_text("/proc/cmdline")))
 
     def send(self, frame_type: protocol.FrameType, request_id: int, payload: bytes) -> None:
         """Write one whole frame to the host."""
@@ -157,7 +150,7 @@ class Agent:
                 elif kind == "wake":
                     self.reap()
                 elif kind == "zygote":
-                    self.on_zygote()
+                    self.on_zygote(execution)
                 elif kind == "out" and execution is not None:
                     execution.on_output(key.fd)
                 elif kind == "status" and execution is not None:
@@ -174,17 +167,15 @@ class Agent:
             self.prepare_next()
 
     def prepare_next(self) -> None:
-        """Unless the last run was the VM's last, get the next warm processes ready.
+        """Unless the last run was the VM's last, keep a warm child of each kind waiting.
 
-        The fork server prepares at idle priority, so its child is asked for at once; a spare
-        is forked by the agent itself, so only once no run is in flight.
+        Asked for once no run is in flight (right after an EXIT): the fork servers prepare at
+        idle priority, but a fork's kernel work and a server busy forking (not reporting an
+        exit) would still slow a run down.
         """
-        if not self.warm_next:
-            return
-        if self.zygote is not None:
-            self.zygote.request_warm()
-        if not self.executions:
-            self.spawner.refill()
+        if self.warm_next and not self.executions:
+            self.forks.start_lean()
+            self.forks.request_warm()
 
     def on_tunnel(self, stream: Any, mask: int) -> None:
         """Serve the egress tunnel; a failure ends that stream, never the agent."""
@@ -300,49 +291,31 @@ class Agent:
 
     def enter_context(self, execution: Execution) -> context.Context:
         """The context a run names (see ``context.Contexts.enter``)."""
-        zygote = self.zygote
-        return self.contexts.enter(
-            execution, lambda: zygote.take_warm(WARM_WAIT) if zygote is not None else None
-        )
+        return self.contexts.enter(execution, lambda: self.forks.take_context(WARM_WAIT))
 
-    def on_zygote(self) -> None:
+    def on_zygote(self, server: ZygoteHandle) -> None:
         """Take one fork-server message; forget the fork server if it has died."""
-        zygote = self.zygote
-        if zygote is None:
-            return
-        zygote.receive()
+        if not self.forks.on_message(server):
+            log("a fork server died; its kind of run is forked afresh from now on")
         self.take_zygote_exits()
-        if not zygote.alive:
-            log("the fork server died; programs are exec'd from now on")
-            self.selector.unregister(zygote.fileno())
-            zygote.sock.close()
-            self.zygote = None
 
     def take_zygote_exits(self) -> None:
-        """Record the exit status of runs the fork server reaped."""
-        if self.zygote is None:
-            return
-        exits, self.zygote.exits = self.zygote.exits, []
-        for pid, status in exits:
+        """Record the exit status of runs the fork servers reaped."""
+        for pid, status in self.forks.take_exits():
             execution = self.pids.get(pid)
             if execution is not None:
                 execution.set_status(status, "exit_collected")
 
     def prepare_snapshot(self) -> bool:
-        """Get a spare and a warm fork-server child waiting, flush the disks; True if warm."""
-        self.spawner.refill()
-        self.spawner.wait_ready(timeout=60.0)
-        warm = False
-        if self.zygote is not None:
-            warm = self.zygote.wait_warm(timeout=300.0)
-            self.take_zygote_exits()
+        """Get a warm child of each kind waiting and flush the disks; True if they wait."""
+        warm = self.forks.wait_warm(timeout=300.0)
+        self.take_zygote_exits()
         os.sync()
         return warm
 
     def init(self, message: dict[str, Any]) -> None:
         """Set the clock and seed the kernel's pool; warm children from before it will reseed."""
-        if self.zygote is not None:
-            self.zygote.mark_reseed()
+        self.forks.mark_reseed()
         time_ns = message.get("time_ns")
         if isinstance(time_ns, int) and time_ns > 0:
             try:
@@ -380,10 +353,6 @@ class Agent:
             execution = self.pids.get(pid)
             if execution is not None:
                 execution.set_status(status, "exit_collected")
-                continue
-            cgroup = self.spawner.forget(pid)
-            if cgroup is not None:
-                self.remove_cgroup_later(cgroup)
 
     def remove_cgroup_later(self, cgroup: str) -> None:
         """Remove a run's cgroup once its last process is gone."""
@@ -439,11 +408,11 @@ def prepare_system() -> None:
     """Delegate the cgroup controllers and protect the agent from the OOM killer."""
     favor_cgroup_moves()
     try:
-        write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "+memory +pids")
+        confine.write_file(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), "+memory +pids")
     except OSError as exc:
         log(f"cannot enable cgroup controllers: {exc}")
     with contextlib.suppress(OSError):
-        write_file("/proc/self/oom_score_adj", "-1000")
+        confine.write_file("/proc/self/oom_score_adj", "-1000")
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     # File operations take the sandbox user's fsuid/fsgid; no supplementary group may add to it.
     os.setgroups([])

@@ -29,15 +29,23 @@ PR_SET_NO_NEW_PRIVS = 38
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
 
 
+def write_file(path: str, text: str) -> None:
+    """Write ``text`` to a (sysfs, procfs or cgroup) file: one open, one write, one close."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def new_cgroup(path: str) -> None:
     """Make a cgroup for one run: no swap, and an OOM kill takes every process in it.
 
     The run's own memory and pids limits are written when it is handed a run.
     """
     os.mkdir(path)
-    for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
-        with open(os.path.join(path, name), "w") as f:
-            f.write(value)
+    write_file(os.path.join(path, "memory.swap.max"), "0")
+    write_file(os.path.join(path, "memory.oom.group"), "1")
 
 
 def lower_priority(pid: int = 0) -> None:
@@ -68,11 +76,9 @@ def confine_process(cgroup_procs: str, keep_fds: tuple[int, ...] = ()) -> None:
     Raises OSError if any step fails; the caller must then exit without running user code.
     """
     os.setsid()
-    with open(cgroup_procs, "w") as f:
-        f.write(str(os.getpid()))
+    write_file(cgroup_procs, str(os.getpid()))
     # The agent shields itself from the OOM killer; its children must not inherit that.
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("0")
+    write_file("/proc/self/oom_score_adj", "0")
     for sig in RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])

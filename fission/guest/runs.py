@@ -2,9 +2,9 @@
 
 An ``Execution`` validates its request, starts the program in the cheapest way that gives it
 the same box, streams its output within the cap, enforces its deadline, and sends EXIT. The
-ways to start, fastest first: a code context's live interpreter (``context.py``); a Python
-fork-server child already confined and warmed up (``zygote.py``); a pre-forked confined
-process that only has to exec the program (``spawn.py``); a fresh fork here (the fallback).
+ways to start, fastest first: a code context's live interpreter (``context.py``); a warm
+fork-server child (``warm.py``), already confined, that runs the Python script itself or
+only has to exec the program; a fresh fork here (the fallback).
 Every one of them is the sandbox user, with ``no_new_privs``, in a cgroup of the run's own
 (limits written at hand-over) or of its context.
 
@@ -28,14 +28,17 @@ import time
 from typing import Any
 
 if __package__:
-    from . import confine, context, protocol, spawn
+    from . import confine, context, protocol
+    from .confine import write_file
     from .protocol import INVALID_INPUT, AgentError
+    from .zygote import START_FAILED
 else:  # run as a script inside the guest, with its modules beside it
     import confine  # type: ignore[no-redef]
     import context  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
-    import spawn  # type: ignore[no-redef]
+    from confine import write_file  # type: ignore[no-redef]
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
+    from zygote import START_FAILED  # type: ignore[no-redef]
 
 SANDBOX_HOME = "/home/sandbox"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -54,6 +57,7 @@ CHILD_STEPS = (
     "child_woke",
     "child_ready",
     "program_start",
+    "program_done",
     "program_end",
 )
 
@@ -65,12 +69,6 @@ def log(message: str) -> None:
             kmsg.write(f"fission-agent: {message}\n")
     except OSError:
         sys.stderr.write(f"fission-agent: {message}\n")
-
-
-def write_file(path: str, text: str) -> None:
-    """Write ``text`` to a (sysfs or cgroup) file."""
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def oom_kills(cgroup: str) -> int:
@@ -188,6 +186,7 @@ class Execution:
         self.context_reset = False
         self.keep_processes = False  # the context's kernel outlives the run
         self.warm = False
+        self.server: Any = None  # the fork server whose child runs the program, if any
         self.oom_before = 0
         self.workdir = os.path.join(RUN_DIR, str(request_id))
         self.cgroup = os.path.join(CGROUP_ROOT, f"run-{request_id}")
@@ -225,72 +224,87 @@ class Execution:
             write_script(script_path, self.script)
             argv.append(script_path)
         self.mark("script_written")
-        zygote = self.agent.zygote
-        warm = spare = None
+        forks = self.agent.forks
+        warm = None
         if self.context is not None:
             self.ctx = self.agent.enter_context(self)
             self.cgroup = self.ctx.cgroup
             self.oom_before = oom_kills(self.cgroup)  # a live kernel's cgroup has a past
-        elif self.mode == "python" and script_path and zygote is not None:
-            warm = zygote.take_warm(WARM_WAIT)
+        elif self.mode == "python" and isinstance(self.script, str):
+            warm = forks.take_python(self.script, WARM_WAIT)
+        else:
+            warm = forks.take_exec(WARM_WAIT)
         if warm is not None:
             self.cgroup = warm.cgroup  # the warm child is already in it
-            self.warm = True
+            self.server = warm.server
+            self.warm = self.mode == "python"  # a Python interpreter was waiting
             self.mark("prep_received", warm.received_at)
         elif self.ctx is None:
-            spare = self.agent.spawner.take()
-            if spare is not None:
-                self.cgroup = spare.cgroup
-                self.mark("prep_forked", spare.forked_at)
-            else:
-                confine.new_cgroup(self.cgroup)
+            confine.new_cgroup(self.cgroup)
         self.mark("child_taken")
         self._set_limits()
         self.mark("limits_set")
-        self._launch(argv, script_path, warm, spare)
+        self._launch(argv, script_path, warm)
         self.started = time.monotonic()
         self.deadline = self.started + self.timeout
         self.agent.pids[self.pid] = self
         self.mark("handed_over", self.started)
 
-    def _launch(self, argv: list[str], script_path: str, warm: Any, spare: Any) -> None:
+    def _launch(self, argv: list[str], script_path: str, warm: Any) -> None:
         """Give the program its streams and start it in the process chosen for it."""
         in_r, in_w = os.pipe() if self.wants_stdin else (os.open("/dev/null", os.O_RDONLY), -1)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         child_fds = [in_r, out_w, err_w]
-        try:
-            if self.ctx is not None:
-                self.begin_in_context(script_path, child_fds)
-            elif warm is not None:
-                status_r, status_w = os.pipe()
-                child_fds.append(status_w)
-                self.status_fd = status_r
-                os.set_blocking(status_r, False)
-                self.agent.selector.register(status_r, selectors.EVENT_READ, ("status", self))
-                request: dict[str, Any] = {"path": script_path, "env": self.env, "cwd": self.cwd}
-                if self.trace is not None:
-                    request["trace"] = True
-                warm.hand_over(request, child_fds)
-                self.pid = warm.pid
-            elif spare is not None and spare.hand_over(argv, self.env, self.cwd, child_fds):
-                self.pid = spare.pid
-            else:
-                if spare is not None:  # it died before its run: start this one afresh
-                    self.cgroup = os.path.join(CGROUP_ROOT, f"run-{self.request_id}")
-                    confine.new_cgroup(self.cgroup)
-                    self._set_limits()
-                self.pid = self._fork_exec(argv, child_fds)
-        finally:
-            for fd in child_fds:
-                os.close(fd)
+        # Listen before the hand-over: the program may run (and end) before the agent is back.
         for fd, kind in ((out_r, protocol.FrameType.STDOUT), (err_r, protocol.FrameType.STDERR)):
             os.set_blocking(fd, False)
             self.out_fds[fd] = kind
             self.agent.selector.register(fd, selectors.EVENT_READ, ("out", self))
+        try:
+            if self.ctx is not None:
+                self.begin_in_context(script_path, child_fds)
+            elif warm is not None and self._hand_over(warm, argv, script_path, child_fds):
+                self.pid = warm.pid
+            else:
+                if warm is not None:  # it died before its run: start this one afresh
+                    self.close_status()
+                    self.cgroup = os.path.join(CGROUP_ROOT, f"run-{self.request_id}")
+                    self.server = None
+                    self.warm = False
+                    confine.new_cgroup(self.cgroup)
+                    self._set_limits()
+                self.pid = self._fork_exec(argv, child_fds[:3])
+        except BaseException:
+            for fd in list(self.out_fds):
+                self.agent.selector.unregister(fd)
+                os.close(fd)
+            self.out_fds.clear()
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
         if in_w >= 0:
             os.set_blocking(in_w, False)
             self.stdin_fd = in_w
+
+    def _hand_over(
+        self, warm: Any, argv: list[str], script_path: str, child_fds: list[int]
+    ) -> bool:
+        """Give a warm child the run: a script to run itself, or a program to exec."""
+        request: dict[str, Any] = {"env": self.env, "cwd": self.cwd}
+        if self.mode == "python" and script_path:
+            status_r, status_w = os.pipe()
+            child_fds.append(status_w)
+            self.status_fd = status_r
+            os.set_blocking(status_r, False)
+            self.agent.selector.register(status_r, selectors.EVENT_READ, ("status", self))
+            request["path"] = script_path
+            if self.trace is not None:
+                request["trace"] = True
+        else:
+            request["argv"] = argv
+        return bool(warm.hand_over(request, child_fds))
 
     def begin_in_context(self, script_path: str, child_fds: list[int]) -> None:
         """Hand the run to its context's kernel (which may have died a moment ago)."""
@@ -337,7 +351,7 @@ class Execution:
             failure += chunk
         os.close(report_r)
         if failure:
-            os.write(child_fds[2], spawn.START_FAILED + failure + b"\n")
+            os.write(child_fds[2], START_FAILED + failure + b"\n")
         return pid
 
     # -- running -----------------------------------------------------------------------------
@@ -347,21 +361,24 @@ class Execution:
             self.status = status
             self.mark(step)
 
-    def on_output(self, fd: int) -> None:
-        """Read what the program wrote on ``fd`` and forward it within the output cap."""
+    def on_output(self, fd: int) -> bool:
+        """Read what the program wrote on ``fd`` and forward it within the output cap.
+
+        False once there is nothing more to read on ``fd`` for now (or ever).
+        """
         try:
             data = os.read(fd, protocol.OUTPUT_CHUNK)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._close_output(fd)
-            return
+            return False
         room = self.output_limit - self.forwarded
         if room <= 0:
             self.truncated = True
-            return
+            return True
         if len(data) > room:
             data = data[:room]
             self.truncated = True
@@ -369,9 +386,16 @@ class Execution:
             self.mark("first_output")
         self.forwarded += len(data)
         self.agent.send(self.out_fds[fd], self.request_id, data)
+        return True
 
     def on_status(self) -> None:
-        """The fork-server child reported its exit code just before exiting: take it."""
+        """The fork-server child reported its exit code just before exiting: take it.
+
+        The child flushed its output before, so the pipes hold all of it: read it now, and
+        unless other processes of the run are left (which may hold the pipes and write on),
+        stop reading there, without waiting for the end-of-file that comes only after this
+        large process is torn down.
+        """
         try:
             data = os.read(self.status_fd, 256)
         except BlockingIOError:
@@ -385,6 +409,24 @@ class Execution:
                 for step, at in child_steps(data):
                     self.mark(step, at)
             self.set_status(int(code) << 8, "status_read")  # as a wait status: exited with code
+            for fd in list(self.out_fds):
+                while fd in self.out_fds and self.on_output(fd):
+                    pass
+            if self.out_fds and self._only_main_left():
+                for fd in list(self.out_fds):
+                    self.agent.selector.unregister(fd)
+                    os.close(fd)
+                self.out_fds.clear()
+                self.mark("output_read")
+
+    def _only_main_left(self) -> bool:
+        """True when no process of the run's cgroup is left but (maybe) its main one."""
+        try:
+            with open(os.path.join(self.cgroup, "cgroup.procs"), "rb") as procs:
+                left = procs.read().split()
+        except OSError:
+            return False
+        return all(int(pid) == self.pid for pid in left)
 
     def close_status(self) -> None:
         """Stop listening for the fork-server child's exit code."""
@@ -416,6 +458,9 @@ class Execution:
         elif self.status_fd >= 0:
             if select.select([self.status_fd], [], [], STATUS_WAIT)[0]:
                 self.on_status()
+        elif self.server is not None:  # an exec'd program: its fork server reaps it
+            if self.server.alive and select.select([self.server.sock], [], [], STATUS_WAIT)[0]:
+                self.agent.on_zygote(self.server)
         elif select.select([self.agent.wake_r], [], [], STATUS_WAIT)[0]:
             self.agent.reap()
 

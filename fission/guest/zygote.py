@@ -11,7 +11,9 @@ prepares run at idle priority, so preparing the next child never slows a run in 
 agent lifts a child to the normal policy when it hands it a run.
 
 A run is one message on the child's socket (script path, env, cwd) carrying the run's three
-streams and a status pipe: the child attaches them and runs the script as ``__main__``. A child
+streams and a status pipe: the child attaches them and runs the script as ``__main__``. A
+message with an ``argv`` and the three streams instead has the child exec that program (its
+box already set up, only the exec is left: ``warm.py`` keeps a lean fork server for that). A child
 that was waiting when the VM was saved (every clone of a snapshot holds the same one) is told to
 ``reseed`` again at hand-over; the agent marks those at each INIT, which follows every restore.
 A ``{"context": true}`` message instead makes the child a code context's kernel
@@ -55,6 +57,7 @@ else:  # run as a script inside the guest
 MAX_MESSAGE = 64 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
 WAITING = b"W"
+START_FAILED = b"fission: cannot start program: "
 WARM_UP = "values = [str(i) * 2 for i in range(64)]\nprint(','.join(values).split(',')[-1])\n"
 # What a run's environment usually holds: the rehearsal sets it so its pages are the child's.
 REHEARSAL_ENV = {
@@ -81,14 +84,14 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 def run_script(request: dict[str, Any], status_fd: int, times: tuple[float, ...]) -> None:
     """Run the request's script as __main__ with its environment; never returns.
 
-    At the end the exit code is written to ``status_fd`` after the output streams are closed,
-    so the agent can report the run without waiting for this large process to be torn down;
-    the teardown itself then runs at idle priority, after the agent's EXIT. With ``trace``,
+    At the end, with the output flushed, the exit code is written to ``status_fd``, so the
+    agent can report the run without waiting for this large process to be torn down; the
+    teardown itself then runs at idle priority, after the agent's EXIT. With ``trace``,
     the report also carries ``times`` (when this child was forked, confined, warmed up, and
     woke with its run) and when it was ready, began and ended the script.
     """
     env = request["env"]
-    begun = 0.0
+    begun = done = 0.0
     os.environ.clear()
     os.environ.update(env)
     os.chdir(request["cwd"])
@@ -109,6 +112,7 @@ def run_script(request: dict[str, Any], status_fd: int, times: tuple[float, ...]
         sys.modules["__main__"] = main
         begun = time.monotonic()
         exec(compiled, main.__dict__)
+        done = time.monotonic()
     except SystemExit as exc:
         code = exit_code_of(exc)
     except BaseException as exc:
@@ -125,10 +129,13 @@ def run_script(request: dict[str, Any], status_fd: int, times: tuple[float, ...]
     report = str(code)
     if request.get("trace"):
         ended = time.monotonic()
-        report += "".join(f" {at:.6f}" for at in (*times, ready, begun or ended, ended))
+        steps = (*times, ready, begun or done or ended, done or ended, ended)
+        report += "".join(f" {at:.6f}" for at in steps)
+    # The output is flushed: the status tells the agent it has all of it, so it need not wait
+    # for the streams to close (they close only once this large process is torn down). At
+    # idle priority from here on, the agent runs first, and the teardown after its EXIT.
     confine.lower_priority()
     with contextlib.suppress(OSError):
-        os.closerange(1, 3)  # one close_range(2): the agent sees both streams end at once
         os.write(status_fd, report.encode())
     os._exit(code)
 
@@ -150,6 +157,24 @@ def rehearse() -> None:
     exec(compile(WARM_UP, "<warm-up>", "exec"), main.__dict__)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+
+
+def exec_program(request: dict[str, Any], fds: list[int]) -> None:
+    """Attach the run's streams and exec its program; never returns.
+
+    A program that cannot be started gets the reason on its stderr and exit code 127, as
+    from a freshly forked child.
+    """
+    try:
+        confine.attach_stdio(fds[0], fds[1], fds[2])
+        try:
+            os.chdir(request["cwd"])
+            os.execvpe(request["argv"][0], request["argv"], request["env"])
+        except BaseException as exc:
+            why = f"{type(exc).__name__}: {exc}".encode(errors="replace")
+            os.write(2, START_FAILED + why + b"\n")
+    finally:
+        os._exit(127)
 
 
 def receive_run(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -188,6 +213,9 @@ def warm_child(conn: socket.socket, cgroup: str) -> None:
             if request.get("reseed"):
                 reseed()
             context.serve(conn)  # a code context: this socket carries its runs from now on
+        if request.get("argv") and len(fds) == 3:
+            conn.close()
+            exec_program(request, fds)
         if not message or len(fds) != 4:
             os._exit(0)
         conn.close()
@@ -229,17 +257,22 @@ class Zygote:
         parent_end.close()
 
     def serve(self) -> None:
-        """Handle the agent's messages until it closes the socket."""
+        """Handle the agent's messages until it closes the socket.
+
+        Exits are reported before any fork: a run's end is waited for, a fork is not.
+        """
         self.fork_warm()
         while True:
-            for key, _ in self.selector.select():
+            events = self.selector.select()
+            self.reap()
+            for key, _ in events:
                 if key.data == "wake":
-                    self.reap()
                     continue
                 data = self.sock.recv(MAX_MESSAGE)
                 if not data:
                     return
                 if json.loads(data).get("fork"):
+                    self.reap()
                     self.fork_warm()
 
     def reap(self) -> None:
@@ -290,8 +323,11 @@ def recv_with_fds(sock: socket.socket, flags: int) -> tuple[bytes, list[int]]:
 class WarmChild:
     """A pre-forked, confined interpreter waiting for one run."""
 
-    def __init__(self, pid: int, cgroup: str, sock: socket.socket, reseed: bool) -> None:
+    def __init__(
+        self, pid: int, cgroup: str, sock: socket.socket, reseed: bool, server: ZygoteHandle
+    ) -> None:
         self.pid = pid
+        self.server = server  # the fork server that reports this child's exit
         self.cgroup = cgroup
         self.sock = sock
         self.waiting = False
@@ -299,13 +335,18 @@ class WarmChild:
         self.reseed = reseed
         self.received_at = time.monotonic()
 
-    def hand_over(self, request: dict[str, Any], fds: list[int]) -> None:
-        """Give this child its run (it owns the fds from now on) at the normal priority."""
+    def hand_over(self, request: dict[str, Any], fds: list[int]) -> bool:
+        """Give this child its run at the normal priority; False if it is gone already."""
         if self.reseed:
             request = {**request, "reseed": True}
-        send(self.sock, request, fds)
-        self.sock.close()
-        confine.wake(self.pid)
+        confine.wake(self.pid)  # before the send: once it has its run, it runs at once
+        try:
+            send(self.sock, request, fds)
+        except OSError:
+            return False
+        finally:
+            self.sock.close()
+        return True
 
 
 class ZygoteHandle:
@@ -365,7 +406,8 @@ class ZygoteHandle:
         elif "warm" in message and fds:
             self.fork_requested = False
             sock = socket.socket(fileno=fds[0])
-            child = WarmChild(int(message["warm"]), str(message["cgroup"]), sock, self.reseed_next)
+            pid, cgroup = int(message["warm"]), str(message["cgroup"])
+            child = WarmChild(pid, cgroup, sock, self.reseed_next, self)
             self.reseed_next = False
             self.warm.append(child)
         elif "exited" in message:
@@ -382,11 +424,14 @@ class ZygoteHandle:
     def take_warm(self, wait: float = 0.0) -> WarmChild | None:
         """A warm child for a run, or None.
 
-        When the next child is already being forked, wait up to ``wait`` seconds for it: that
-        takes tens of milliseconds, starting a fresh ``python3`` hundreds. The zygote runs at
-        the normal priority meanwhile, so a busy run beside this one cannot starve it.
+        With ``wait``, a child is asked for unless one is on its way, and waited for up to
+        ``wait`` seconds: forking one takes tens of milliseconds, starting a fresh ``python3``
+        hundreds. The zygote runs at the normal priority meanwhile, so a busy run beside this
+        one cannot starve it.
         """
         deadline = time.monotonic() + wait
+        if wait > 0 and self.ready and not self.warm:
+            self.request_warm()
         boosted = False
         while self.alive and self.ready and not self.warm and self.fork_requested:
             left = deadline - time.monotonic()

@@ -26,7 +26,7 @@ from fission.images.recipes import RECIPES
 AGENT_FILES = (
     "agent.py",
     "runs.py",
-    "spawn.py",
+    "warm.py",
     "protocol.py",
     "confine.py",
     "zygote.py",
