@@ -33,6 +33,7 @@ from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy
 from fission.net.egress import attach
+from fission.vmm.base import Driver, default_driver
 
 log = logging.getLogger("fission.service")
 CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
@@ -48,6 +49,8 @@ class ServiceConfig:
     memory_budget_mb: int = 8192
     acquire_timeout: float = 10.0
     audit_db: Path | None = None  # SQLite file of the audit log; None: no audit log
+    # The VMM driver every VM of this service comes from (tests pass the fake one).
+    driver: Driver = field(default_factory=default_driver, compare=False)
 
 
 class Service:
@@ -55,17 +58,18 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
+        self.driver = config.driver
         self.budget = MemoryBudget(config.memory_budget_mb)
         self.journal = Journal(config.state_dir)
         self.pools: dict[str, WarmPool] = {}
         self.reconciled: dict[str, int] = {}
         self._disposals: set[asyncio.Task[None]] = set()
         self.audit = AuditLog(config.audit_db) if config.audit_db is not None else None
-        self.sandboxes = SandboxManager(self.budget, self.journal, self.audit)
+        self.sandboxes = SandboxManager(self.budget, self.journal, self.audit, driver=self.driver)
 
     async def start(self) -> None:
         """Clean up after a dead predecessor, then start filling the pools."""
-        self.reconciled = self.journal.reconcile()
+        self.reconciled = self.journal.reconcile(self.driver)
         if any(self.reconciled.values()):
             log.warning("removed what a previous daemon left: %s", self.reconciled)
         use_runtime_dir(self.journal.vms_dir)
@@ -87,7 +91,7 @@ class Service:
 
     def _clone_factory(self, name: str) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:
-            machine = await orchestrator.warm_clone(resolve_language(name))
+            machine = await orchestrator.warm_clone(resolve_language(name), self.driver)
             self.journal.record(machine.vm)
             return machine
 
@@ -111,7 +115,7 @@ class Service:
                 f"has no room for a {needed} MB VM: raise --memory-budget or retry later"
             )
         try:
-            machine = await orchestrator.boot(spec)
+            machine = await orchestrator.boot(spec, driver=self.driver)
         except BaseException:
             self.budget.release(needed)
             raise

@@ -74,10 +74,7 @@ def build_images(
 
 async def build_warm_snapshot(language: str) -> None:
     """Build the language's warm snapshot (see fission.core.snapshots) unless current."""
-    from fission.core.machines import detect_host
-    from fission.core.snapshots import build_snapshot
-    from fission.images.store import image_set
+    from fission.core.snapshots import ensure_template
+    from fission.vmm.base import default_driver
 
-    images = image_set(language)
-    host = await detect_host(images)
-    await build_snapshot(images, host.qemu, host.version, host.accel)
+    await ensure_template(default_driver(), language)
