@@ -26,7 +26,6 @@ The driver remembers every VM it made (``vms``, ``live``), so tests can look ins
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -61,7 +60,8 @@ class FakeVM(VirtualMachine):
     def __init__(self, config: VMConfig, clock: Callable[[], float]) -> None:
         self.config = config
         self.guest: FakeGuest | None = None
-        self.destroyed = asyncio.Event()
+        self.destroyed = asyncio.Event()  # set once everything the VM made is released
+        self._destroying = False
         self._clock = clock
         self._host_end: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +88,7 @@ class FakeVM(VirtualMachine):
 
     async def start(self) -> None:
         """Make (or restore) the guest's files and start serving its end of the channel."""
-        if self.destroyed.is_set() or self.guest is not None:
+        if self._destroying or self.guest is not None:
             raise VMStartFailed(f"fake VM {self.config.vm_id} cannot be started again")
         try:
             await asyncio.to_thread(self._make_root)
@@ -108,7 +108,7 @@ class FakeVM(VirtualMachine):
 
     async def open_agent_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The host's end of the socketpair, once (the agent client then owns it)."""
-        if self._host_end is None or self._channel_taken or self.destroyed.is_set():
+        if self._host_end is None or self._channel_taken or self._destroying:
             raise VMError(f"fake VM {self.config.vm_id} has no agent channel to open")
         self._channel_taken = True
         return await asyncio.open_unix_connection(sock=self._host_end, limit=CHANNEL_LIMIT)
@@ -131,24 +131,27 @@ class FakeVM(VirtualMachine):
             tar.add(self.root, arcname=".")
 
     def _running_guest(self) -> FakeGuest:
-        if self.guest is None or self.destroyed.is_set():
+        if self.guest is None or self._destroying:
             raise VMError(f"fake VM {self.config.vm_id} is not running")
         return self.guest
 
     async def destroy(self) -> None:
         """Kill the guest and its programs, close the sockets, remove the directory."""
-        if self.destroyed.is_set():
+        if self._destroying:
+            await self.destroyed.wait()
             return
-        self.destroyed.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.guest is not None:
-            self.guest.close()
-        if self._host_end is not None and not self._channel_taken:
-            self._host_end.close()
-        await asyncio.to_thread(shutil.rmtree, self.config.workdir, True)
+        self._destroying = True
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.wait([self._task])
+            if self.guest is not None:
+                self.guest.close()
+            if self._host_end is not None and not self._channel_taken:
+                self._host_end.close()
+            await asyncio.to_thread(shutil.rmtree, self.config.workdir, True)
+        finally:
+            self.destroyed.set()
 
     def diagnostics(self) -> str:
         """What went wrong inside the fake guest, if anything."""
