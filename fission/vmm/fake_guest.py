@@ -106,10 +106,10 @@ class FakeGuest:
             reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
             decoder = protocol.FrameDecoder(protocol.MAX_HOST_PAYLOAD)
             while True:
-                await self._awake.wait()
                 data = await reader.read(CHANNEL_READ)
                 if not data:
                     return
+                await self._awake.wait()  # what arrived while paused waits, as in a stopped VM
                 try:
                     frames = decoder.feed(data)
                 except protocol.ProtocolError as exc:
@@ -266,6 +266,7 @@ class FakeGuest:
             "warm": False,
             "context_reset": run.execution.context is not None,
         }
+        await self._awake.wait()
         self._send_json(FrameType.EXIT, run.id, outcome)
         await self._drain()
 
