@@ -89,7 +89,8 @@ class FakeGuest:
         self.files = RootedFiles(self._send, root)
         self.runs: dict[int, Run] = {}
         self.execs: list[dict[str, Any]] = []  # every EXEC request received, for tests
-        self.cancelled_transfers = 0
+        self.kills: list[int] = []  # the request ids of every KILL received
+        self.cancelled_transfers = 0  # file transfers a KILL cut short
         self.log: list[str] = []
         self._sock = sock
         self._clock = clock
@@ -155,6 +156,7 @@ class FakeGuest:
             if rid in self.runs:
                 self.runs[rid].stdin.put_nowait(frame.payload)
         elif kind == FrameType.KILL:
+            self.kills.append(rid)
             if rid in self.runs:
                 self.runs[rid].signal(signal.SIGKILL)
             elif self.files.cancel(rid):

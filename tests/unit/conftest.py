@@ -47,6 +47,7 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # -- a Service on the fake VMM driver (no /dev/kvm, no QEMU, no images) -----------------------
 
 ServiceStarter = Callable[..., Awaitable[Service]]
+Calls = list[tuple[Any, ...]]
 
 
 @pytest_asyncio.fixture(loop_scope="function")
@@ -102,3 +103,17 @@ async def eventually(condition: Callable[[], bool], what: str, timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"{what} did not happen within {timeout:g} s")
         await asyncio.sleep(0.01)
+
+
+def record_calls(
+    target: object, name: str, calls: Calls, entry: Callable[..., tuple[Any, ...]]
+) -> None:
+    """Wrap the coroutine method ``target.name`` so each call first appends ``entry(*args,
+    **kwargs)`` to ``calls``, then runs the real method."""
+    real: Callable[..., Awaitable[Any]] = getattr(target, name)
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(entry(*args, **kwargs))
+        return await real(*args, **kwargs)
+
+    setattr(target, name, recorded)
