@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+import fission
 from fission.agent.client import ExecOutcome, ExecRequest
 from fission.core import snapshots
 from fission.core.languages import resolve_language
@@ -215,3 +217,24 @@ async def test_a_broken_state_fails_the_start_and_leaves_nothing(
     with pytest.raises(VMStartFailed):
         await fake_driver.start(fake_driver.restored(config, tmp_path, keep_writes=False))
     assert fake_driver.live == [] and not list((tmp_path / "runtime").iterdir())
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_only_tests_use_the_fake_and_core_names_no_vmm() -> None:
+    package = Path(fission.__file__).parent
+    for path in package.rglob("*.py"):
+        imports = imported_modules(path)
+        if path.parent.name != "vmm" or not path.name.startswith("fake"):
+            assert not any(name.startswith("fission.vmm.fake") for name in imports), path
+        if path.parent.name == "core":
+            assert not any(name.startswith("fission.vmm.qemu") for name in imports), path
