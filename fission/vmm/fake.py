@@ -66,6 +66,7 @@ class FakeVM(VirtualMachine):
         self._host_end: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._channel_taken = False
+        self._file_work: set[asyncio.Task[None]] = set()
 
     @property
     def root(self) -> Path:
@@ -91,7 +92,7 @@ class FakeVM(VirtualMachine):
         if self._destroying or self.guest is not None:
             raise VMStartFailed(f"fake VM {self.config.vm_id} cannot be started again")
         try:
-            await asyncio.to_thread(self._make_root)
+            await self._in_thread(self._make_root)
         except (OSError, tarfile.TarError) as exc:
             raise VMStartFailed(f"restoring fake VM {self.config.vm_id} failed: {exc}") from exc
         self._host_end, guest_end = socket.socketpair()
@@ -124,11 +125,19 @@ class FakeVM(VirtualMachine):
     async def save_state(self, path: Path) -> None:
         """Pause the guest and write its files to ``path`` (a tar)."""
         self._running_guest().pause()
-        await asyncio.to_thread(self._write_state, path)
+        await self._in_thread(self._write_state, path)
 
     def _write_state(self, path: Path) -> None:
         with tarfile.open(path, "w") as tar:
             tar.add(self.root, arcname=".")
+
+    async def _in_thread(self, work: Callable[..., None], *args: object) -> None:
+        """Run file work in a thread that ``destroy`` waits for: a thread is not cancelled
+        with the task awaiting it, and must not write into the directory being removed."""
+        task = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        self._file_work.add(task)
+        task.add_done_callback(self._file_work.discard)
+        await asyncio.shield(task)
 
     def _running_guest(self) -> FakeGuest:
         if self.guest is None or self._destroying:
@@ -149,6 +158,8 @@ class FakeVM(VirtualMachine):
                 self.guest.close()
             if self._host_end is not None and not self._channel_taken:
                 self._host_end.close()
+            if self._file_work:
+                await asyncio.wait(self._file_work)
             await asyncio.to_thread(shutil.rmtree, self.config.workdir, True)
         finally:
             self.destroyed.set()
