@@ -137,6 +137,8 @@ class FakeVM(VirtualMachine):
         task = asyncio.ensure_future(asyncio.to_thread(work, *args))
         self._file_work.add(task)
         task.add_done_callback(self._file_work.discard)
+        # Its failure is raised here, or, if the caller has gone, dropped with the VM.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
         await asyncio.shield(task)
 
     def _running_guest(self) -> FakeGuest:
