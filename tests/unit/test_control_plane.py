@@ -1,0 +1,169 @@
+"""The control plane for real on the fake VMM driver: Service, WarmPool, MemoryBudget, journal.
+
+No /dev/kvm, QEMU or images: every VM is a ``FakeVM`` whose guest speaks the real agent
+protocol, so pools, budgets, runs and the journal behave as with QEMU, in milliseconds.
+Sandboxes are in ``test_control_plane_sandboxes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from fission.core import snapshots
+from fission.core.languages import resolve_language
+from fission.core.limits import Limits
+from fission.core.machines import GUEST_OVERHEAD_MB
+from fission.core.pool import MemoryBudget, WarmPool
+from fission.core.service import CLONE_MB, Service
+from fission.core.spec import RunSpec
+from fission.errors import Busy
+from fission.vmm.base import Machine
+from fission.vmm.fake import FakeDriver, FakeVM
+from tests.unit.conftest import ServiceStarter, eventually
+
+PYTHON = resolve_language("python")
+
+
+def ready(service: Service, language: str = "python") -> int:
+    return int(service.pools[language].status()["ready"])
+
+
+# -- one-shot runs ------------------------------------------------------------------------------
+
+
+async def test_a_run_gets_a_clone_of_its_own_and_gives_it_back(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    result = await service.run(RunSpec(PYTHON, "import sys\nprint('hi'); sys.exit(3)"))
+    assert (result.stdout, result.exit_code, result.timed_out) == (b"hi\n", 3, False)
+    (vm,) = fake_driver.vms
+    assert (vm.config.vcpus, vm.config.memory_mb) == (1, CLONE_MB)  # the template's shape
+    await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
+    assert not vm.config.workdir.exists() and service.journal.entries() == []
+
+
+async def test_a_run_that_does_not_fit_the_template_boots_cold_in_the_budget(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    limits = Limits(memory_mb=snapshots.TEMPLATE_CAPACITY_MB + 512)
+    lease = await service.acquire(RunSpec(PYTHON, "", limits))
+    machine = lease.machine
+    assert machine.vm.config.memory_mb == limits.memory_mb + GUEST_OVERHEAD_MB
+    assert service.budget.used_mb == limits.memory_mb + GUEST_OVERHEAD_MB
+    assert [entry["workdir"] for entry in service.journal.entries()] == [
+        str(machine.vm.config.workdir)
+    ]
+    await lease.release()
+    assert service.budget.used_mb == 0 and service.journal.entries() == []
+
+
+async def test_a_run_past_its_timeout_is_cut_off(service: Service) -> None:
+    code = "import time\nprint('started', flush=True)\ntime.sleep(30)"
+    spec = RunSpec(PYTHON, code, Limits(timeout=0.5))
+    result = await service.run(spec)
+    assert result.timed_out and result.exit_code == 124 and result.stdout == b"started\n"
+
+
+async def test_output_and_stdin_go_through(service: Service) -> None:
+    spec = RunSpec(PYTHON, "import sys\nprint(sys.stdin.read()[::-1])", stdin=b"olleh")
+    chunks: list[tuple[str, bytes]] = []
+    result = await service.run(spec, lambda stream, data: chunks.append((stream, data)))
+    assert result.stdout == b"hello\n"
+    assert {stream for stream, _ in chunks} == {"stdout"}  # streamed as it came
+    assert b"".join(data for _, data in chunks) == b"hello\n"
+
+
+async def test_the_budget_refuses_a_run_it_has_no_room_for(start_service: ServiceStarter) -> None:
+    service = await start_service(memory_budget_mb=CLONE_MB - 1)
+    with pytest.raises(Busy, match="--memory-budget"):
+        await service.run(RunSpec(PYTHON, "print(1)"))
+    assert service.budget.used_mb == 0
+
+
+# -- warm pools -------------------------------------------------------------------------------
+
+
+async def test_a_pool_fills_serves_and_refills(
+    start_service: ServiceStarter, fake_driver: FakeDriver
+) -> None:
+    service = await start_service(pools={"python": 2})
+    await eventually(lambda: ready(service) == 2, "the pool to fill")
+    warmed = [vm.guest.execs for vm in fake_driver.live if vm.guest is not None]
+    assert all(execs[0]["script"] == PYTHON.warm_up for execs in warmed)  # each clone warmed
+    result = await service.run(RunSpec(PYTHON, "print('from the pool')"))
+    assert result.stdout == b"from the pool\n"
+    await eventually(lambda: ready(service) == 2, "the pool to refill")
+    status = service.pools["python"].status()
+    assert (status["served"], status["created"], status["failed"]) == (1, 3, 0)
+    assert service.budget.used_mb == 2 * CLONE_MB
+    assert len(fake_driver.live) == 2 and len(service.journal.entries()) == 2
+
+
+async def test_a_pool_stops_at_the_budget_and_answers_busy(
+    start_service: ServiceStarter, fake_driver: FakeDriver
+) -> None:
+    service = await start_service(
+        pools={"python": 3}, memory_budget_mb=2 * CLONE_MB, acquire_timeout=0.2
+    )
+    await eventually(lambda: ready(service) == 2, "the pool to fill what the budget allows")
+    await asyncio.sleep(0.1)
+    assert service.pools["python"].status()["starting"] == 0 and len(fake_driver.live) == 2
+    held = [await service.acquire(RunSpec(PYTHON, "")) for _ in range(2)]
+    with pytest.raises(Busy, match="--pool python=N"):
+        await service.acquire(RunSpec(PYTHON, ""))
+    assert service.pools["python"].status()["busy"] == 1
+    for lease in held:
+        await lease.release()
+    await eventually(lambda: ready(service) == 2, "the pool to refill once memory is back")
+    assert service.budget.used_mb == 2 * CLONE_MB
+
+
+async def test_a_pool_of_a_failing_factory_reports_it_and_keeps_no_memory(
+    fake_driver: FakeDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fission.core.pool.RETRY_DELAY", 0.01)
+    attempts = 0
+
+    async def broken() -> Machine:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("the warm-up failed")
+
+    budget = MemoryBudget(4 * CLONE_MB)
+    pool = WarmPool("python", 2, budget, CLONE_MB, broken)
+    pool.start()
+    try:
+        await eventually(lambda: attempts >= 4, "the pool to retry")
+        status = pool.status()
+        assert status["ready"] == 0 and status["failed"] >= 4
+        assert status["last_error"] == "the warm-up failed"
+    finally:
+        await pool.close()
+    assert budget.used_mb == 0
+
+
+async def test_close_destroys_the_pooled_vms(
+    start_service: ServiceStarter, fake_driver: FakeDriver
+) -> None:
+    service = await start_service(pools={"python": 2})
+    await eventually(lambda: ready(service) == 2, "the pool to fill")
+    workdirs = [vm.config.workdir for vm in fake_driver.live]
+    await service.close()
+    assert fake_driver.live == [] and not any(path.exists() for path in workdirs)
+    assert service.budget.used_mb == 0
+
+
+async def test_a_restarted_service_reconciles_what_the_last_one_left(
+    start_service: ServiceStarter, fake_driver: FakeDriver, tmp_path: Path
+) -> None:
+    first = await start_service()
+    machine = (await first.acquire(RunSpec(PYTHON, ""))).machine
+    assert isinstance(machine.vm, FakeVM) and machine.vm.config.workdir.is_dir()
+    # A crash: nothing is released. The next daemon on the same state dir cleans up.
+    second = await start_service(state_dir=first.config.state_dir)
+    assert second.reconciled == {"killed": 0, "removed": 1, "cgroups": 0}
+    assert not machine.vm.config.workdir.exists() and second.journal.entries() == []
+    await machine.destroy()
