@@ -167,3 +167,79 @@ async def test_a_restarted_service_reconciles_what_the_last_one_left(
     assert second.reconciled == {"killed": 0, "removed": 1, "cgroups": 0}
     assert not machine.vm.config.workdir.exists() and second.journal.entries() == []
     await machine.destroy()
+
+
+# -- the Service API: uploads and downloads, and the REST door in front of it ------------------
+
+
+async def test_uploads_go_in_before_the_program_and_downloads_come_back(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    from fission.core.transfers import Upload
+
+    # The fake guest maps /home/sandbox into its private root, which the program sees as $HOME.
+    code = "import os, shutil; os.chdir(os.environ['HOME']); shutil.copy('in.bin', 'out.bin')"
+    payload = bytes(range(256)) * 1000
+    result = await service.run(
+        RunSpec(PYTHON, code + "; print('copied')"),
+        uploads=[Upload("/home/sandbox/in.bin", payload)],
+        downloads=["/home/sandbox/out.bin"],
+    )
+    assert (result.exit_code, result.stdout) == (0, b"copied\n"), result.stderr
+    assert result.files == {"/home/sandbox/out.bin": payload}
+    await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
+
+
+async def test_bad_transfers_are_refused_before_any_vm_starts(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    from fission.core.transfers import Upload
+    from fission.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="not a path"):
+        await service.run(RunSpec(PYTHON, "print(1)"), uploads=[Upload("", b"x")])
+    with pytest.raises(InvalidInput, match="not a path"):
+        await service.run(RunSpec(PYTHON, "print(1)"), downloads=["/a\0b"])
+    assert fake_driver.vms == []
+
+
+async def test_a_missing_download_fails_the_run_and_frees_its_vm(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    from fission.errors import FissionError
+
+    with pytest.raises(FissionError):
+        await service.run(RunSpec(PYTHON, "print(1)"), downloads=["/data/never-written"])
+    await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
+    assert fake_driver.live == []
+
+
+async def test_the_rest_door_carries_uploads_and_downloads(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    import base64
+    import json
+
+    import httpx
+
+    from fission.server.app import create_app
+
+    app = create_app(service)  # the lifespan is not run: the service is already started
+    code = "import os; os.chdir(os.environ['HOME']); print(open('in.txt').read().upper())"
+    body = {
+        "code": code + "; open('o.txt', 'w').write('ok')",
+        "uploads": [{"path": "in.txt", "data_b64": base64.b64encode(b"hello").decode()}],
+        "downloads": ["o.txt"],
+    }
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fission") as client:
+        response = await client.post("/v1/run", json=body)
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        bad = await client.post(
+            "/v1/run", json={"code": "1", "uploads": [{"path": "/x", "data_b64": "%%%"}]}
+        )
+    assert response.status_code == 200
+    assert [line["type"] for line in lines] == ["output", "file", "result"]
+    assert lines[0]["data"] == "HELLO\n" and base64.b64decode(lines[1]["data_b64"]) == b"ok"
+    assert bad.status_code == 400 and "base64" in bad.json()["error"]["message"]
+    await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
