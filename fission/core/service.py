@@ -71,6 +71,10 @@ class ServiceConfig:
     # Without an audit log, still record egress decisions in the default one (embedded runs,
     # so `fission audit` shows what a local run's network policy allowed and refused).
     audit_egress_locally: bool = False
+    # Put this process's VM directories under the state dir (``vms/``), where a restart's
+    # reconcile finds them all. A daemon or an MCP server owns its process and does; embedded
+    # runs share the caller's process (maybe several at once) and leave the runtime dir alone.
+    vms_in_state_dir: bool = True
     # The VMM driver every VM of this service comes from (tests pass the fake one).
     driver: Driver = field(default_factory=default_driver, compare=False)
 
@@ -104,7 +108,8 @@ class Service:
         self.reconciled = self.journal.reconcile(self.driver)
         if any(self.reconciled.values()):
             log.warning("removed what a previous daemon left: %s", self.reconciled)
-        use_runtime_dir(self.journal.vms_dir)
+        if self.config.vms_in_state_dir:
+            use_runtime_dir(self.journal.vms_dir)
         for name, size in self.config.pools.items():
             language = resolve_language(name)
             if size <= 0 or language.name in self.pools:
@@ -398,6 +403,7 @@ def embedded_config(state_dir: Path) -> ServiceConfig:
         memory_budget_mb=default_budget_mb(),
         audit_db=None,
         audit_egress_locally=True,
+        vms_in_state_dir=False,
     )
 
 
