@@ -627,6 +627,8 @@ def main() -> None:
             sections = [run_phase(name, bench) for name in chosen]
         finally:
             bench.stop_daemon()
+    if Path(tmp).exists():
+        print(f"bench: could not remove all of {tmp}: remove it by hand", file=sys.stderr)
     load_after = os.getloadavg()
     facts = [
         host_line(bench.accel),
