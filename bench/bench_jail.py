@@ -1,6 +1,6 @@
 """Cost of the VMM jail on a clone's start: FISSION_JAIL=on vs off, interleaved.
 
-Times ``start_machine`` of a clone of the Python snapshot (QEMU start, restore, the agent's
+Times ``Driver.start`` of a clone of the Python snapshot (QEMU start, restore, the agent's
 HELLO) and its destroy, alternating jailed and unjailed starts so host noise hits both alike,
 plus the jail's own set-up (uid slot, cgroups, lent files) without QEMU. Needs root and bwrap.
 Prints a table and appends it to docs/benchmarks.md unless ``--no-write``.
@@ -17,25 +17,30 @@ import time
 
 from benchlib import Row, append_section, host_line, markdown_table, print_table
 
-from fission.core.machines import detect_host, start_machine
-from fission.core.orchestrator import clone_config, ensure_snapshot
+from fission.core.snapshots import warm_template
 from fission.images.store import image_set
 from fission.vmm import jail_plan, jailer
+from fission.vmm.base import default_driver
 from fission.vmm.qemu import TCG_TB_SIZE_MB
+from fission.vmm.qemu_driver import clone_config, detect_host
+from fission.vmm.qemu_snapshots import build_snapshot
 
 
 async def measure(runs: int) -> tuple[list[Row], str]:
     """Rows of samples (ms) and the accelerator."""
     images = image_set("python")
     host = await detect_host(images)
-    snapshot = await ensure_snapshot(images, host)
+    driver = default_driver()
+    snapshot = await build_snapshot(
+        driver, images, host.accel, host.version, warm_template("python")
+    )
     start: dict[str, list[float]] = {"on": [], "off": []}
     destroy: dict[str, list[float]] = {"on": [], "off": []}
     for index in range(runs + 1):  # the first round warms caches and is dropped
         for mode in ("on", "off") if index % 2 else ("off", "on"):
             os.environ["FISSION_JAIL"] = mode
             began = time.perf_counter()
-            machine = await start_machine(clone_config(images, snapshot), host)
+            machine = await driver.start(clone_config(images, snapshot))
             started = time.perf_counter()
             await machine.destroy()
             if index:
@@ -47,7 +52,7 @@ async def measure(runs: int) -> tuple[list[Row], str]:
         config = clone_config(images, snapshot)
         config.workdir.mkdir(parents=True)
         began = time.perf_counter()
-        box = jailer.Jail.for_vm(config, host.qemu, host.accel, TCG_TB_SIZE_MB)
+        box = jailer.Jail.for_vm(config, host.vmm, host.accel, TCG_TB_SIZE_MB)
         set_up.append((time.perf_counter() - began) * 1000)
         box.release()
         shutil.rmtree(config.workdir)

@@ -39,11 +39,10 @@ from rich.table import Table
 
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import detect_host
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy
-from fission.images.store import image_set
 from fission.sdk._backend import DaemonBackend
+from fission.vmm.base import default_driver
 
 READY_DEADLINE = 240.0
 SETTLE_SECONDS = 30.0
@@ -286,7 +285,7 @@ def main() -> None:
         pools[language] = int(size)
     if args.seconds <= 0 or args.clients < 1:
         parser.error("--seconds must be positive and --clients at least 1")
-    accel = asyncio.run(detect_host(image_set("python"))).accel
+    accel = asyncio.run(default_driver().host()).accel
     out = load(args, pools)
     tally = out.tally
     columns, rows = count_table(tally)

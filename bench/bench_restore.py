@@ -15,14 +15,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fission.core import snapshots
 from fission.core.execution import execute
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import detect_host, exec_request, start_machine
-from fission.core.orchestrator import clone_config
+from fission.core.machines import exec_request
+from fission.core.snapshots import warm_template
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
+from fission.vmm import qemu_snapshots as snapshots
+from fission.vmm.base import default_driver
+from fission.vmm.qemu_driver import clone_config, detect_host
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -37,12 +39,12 @@ def summary(samples: list[float]) -> str:
 async def measure(snapshot: snapshots.Snapshot, runs: int) -> tuple[list[float], list[float]]:
     """Restore ``runs`` clones: (restore-to-ready ms, restore-plus-first-exec ms)."""
     images = image_set(snapshot.language)
-    host = await detect_host(images)
+    driver = default_driver()
     spec = RunSpec(resolve_language(snapshot.language), "print(42)", Limits())
     ready, first = [], []
     for _ in range(runs):
         started = time.perf_counter()
-        machine = await start_machine(clone_config(images, snapshot), host)
+        machine = await driver.start(clone_config(images, snapshot))
         try:
             ready.append((time.perf_counter() - started) * 1000)
             request = exec_request(spec)
@@ -61,7 +63,9 @@ async def main(runs: int, write: bool) -> None:
     host = await detect_host(images)
     kinds: dict[str, tuple[snapshots.Snapshot, float]] = {}
     for full in (False, True):
-        snap = await snapshots.build_snapshot(images, host.qemu, host.version, host.accel, full)
+        snap = await snapshots.build_snapshot(
+            default_driver(), images, host.accel, host.version, warm_template("python"), full
+        )
         state = snap.state.stat().st_size / 2**20
         name = "full state file" if full else "template (RAM mapped copy-on-write)"
         kinds[name] = (snap, state)

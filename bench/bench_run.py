@@ -28,10 +28,11 @@ from benchlib import (
 from fission.core.execution import execute
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import detect_host, exec_request
-from fission.core.orchestrator import boot, ensure_snapshot
+from fission.core.machines import exec_request
+from fission.core.orchestrator import boot
+from fission.core.snapshots import ensure_template
 from fission.core.spec import RunSpec
-from fission.images.store import image_set
+from fission.vmm.base import default_driver
 
 CODE = "print(42)"
 
@@ -44,7 +45,7 @@ async def time_boots(spec: RunSpec, warm: bool, runs: int) -> tuple[list[float],
         vm, agent = await boot(spec, warm=warm)
         try:
             samples.append((time.perf_counter() - started) * 1000)
-            accel = vm.accel
+            accel = vm.capabilities().accel
         finally:
             await agent.close()
             await vm.destroy()
@@ -71,9 +72,9 @@ async def time_execs(spec: RunSpec, warm: bool, execs: int) -> list[float]:
 async def measure(runs: int, execs: int) -> tuple[list[Row], str, str]:
     """Every measurement as rows of ms samples, plus the accelerator and the QEMU version."""
     spec = RunSpec(resolve_language("python"), CODE, Limits())
-    images = image_set("python")
-    host = await detect_host(images)
-    await ensure_snapshot(images, host)  # built once if missing, so no run below pays for it
+    host = await default_driver().host()
+    # built once if missing, so no run below pays for it
+    await ensure_template(default_driver(), "python")
     cli = [fission_cli(), "run", "--no-daemon", "--lang", "python", CODE]
     rows: list[Row] = [("cli: fission run, spawn to exit", await time_command(cli, runs))]
     warm_boots, accel = await time_boots(spec, True, runs)

@@ -41,10 +41,9 @@ from benchlib import (
 
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import detect_host
 from fission.core.spec import RunSpec
-from fission.images.store import image_set
 from fission.sdk._backend import DaemonBackend
+from fission.vmm.base import default_driver
 
 CODE = "print(42)"
 READY_DEADLINE = 180.0
@@ -243,7 +242,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 2 or args.pool < 1 or args.clients < 1:
         parser.error("--runs must be at least 2, --pool and --clients at least 1")
-    accel = asyncio.run(detect_host(image_set("python"))).accel
+    accel = asyncio.run(default_driver().host()).accel
     with tempfile.TemporaryDirectory(prefix="fission-bench-") as tmp:
         daemon, socket = start_daemon(Path(tmp), args.pool)
         try:

@@ -102,7 +102,15 @@ class Channel:
             if self._reading is None:
                 self._reading = asyncio.ensure_future(self._read_one())
                 self._reading.add_done_callback(_retrieve)
-            await asyncio.shield(self._reading)
+            try:
+                await asyncio.shield(self._reading)
+            except asyncio.CancelledError:
+                # ``aclose`` cancelled the read under this waiter: the channel closed, the
+                # waiter was not cancelled, so it gets the channel's error (the VM is gone).
+                task = asyncio.current_task()
+                if self.failure is None or task is None or task.cancelling():
+                    raise
+                raise self.failure from None
         frame = queue.popleft()
         self._room.set()
         return frame
@@ -136,7 +144,8 @@ class Channel:
             queue.append(frame)
 
     async def aclose(self) -> None:
-        """Stop reading and close the transport."""
+        """Stop reading and close the transport; requests still waiting get a VMError."""
+        self.fail(VMError("the agent channel was closed (the VM is being destroyed)"))
         if self._reading is not None:
             self._reading.cancel()
         self._writer.close()

@@ -3,8 +3,9 @@
 Each live VM has a file ``<state>/journal/<vm_id>.json`` naming its VMM pid, that process's
 start time (so a recycled pid is never killed by mistake) and its directory. ``reconcile``
 kills every recorded process that is still the same process, removes every VM directory under
-``<state>/vms``, removes the jail cgroups (``fission/vm-*``) of the recorded VMs and any other
-that a crashed fission left empty, and empties the journal.
+``<state>/vms``, has the driver remove what else its VMs left (QEMU: the jail cgroups
+``fission/vm-*`` of the recorded VMs and any other that a crashed fission left empty), and
+empties the journal.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from fission.vmm import jailer
-from fission.vmm.qemu import QemuVM
+from fission.vmm.base import Driver, VirtualMachine, default_driver
 
 
 def process_start_time(pid: int) -> int | None:
@@ -42,7 +42,7 @@ class Journal:
         for directory in (self.directory, self.vms_dir, self.sandboxes_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def record(self, vm: QemuVM) -> None:
+    def record(self, vm: VirtualMachine) -> None:
         """Remember a started VM."""
         pid = vm.pid
         entry = {
@@ -55,7 +55,7 @@ class Journal:
         tmp.write_text(json.dumps(entry))
         os.replace(tmp, path)
 
-    def forget(self, vm: QemuVM) -> None:
+    def forget(self, vm: VirtualMachine) -> None:
         """Drop a destroyed VM's record."""
         (self.directory / f"{vm.config.vm_id}.json").unlink(missing_ok=True)
 
@@ -69,7 +69,7 @@ class Journal:
                 continue
         return found
 
-    def reconcile(self) -> dict[str, int]:
+    def reconcile(self, driver: Driver | None = None) -> dict[str, int]:
         """Kill what a dead daemon left running and remove its files; return what was done."""
         killed = 0
         for entry in self.entries():
@@ -85,10 +85,19 @@ class Journal:
         # daemon died has a directory and a cgroup (with a process in it) but no entry yet.
         vm_ids = [path.stem for path in self.directory.glob("*.json")]
         vm_ids += [path.name.removeprefix("vm-") for path in self.vms_dir.glob("vm-*")]
-        cgroups = jailer.remove_stale_cgroups(vm_ids)
+        cgroups = (driver or default_driver()).release_stale(vm_ids)
+        # VMs of an embedded service live in the shared runtime dir: their journalled workdirs.
+        outside = [
+            Path(entry["workdir"])
+            for entry in self.entries()
+            if isinstance(entry.get("workdir"), str)
+            and Path(entry["workdir"]).name.startswith("vm-")
+            and Path(entry["workdir"]).parent != self.vms_dir
+        ]
         for path in list(self.directory.iterdir()):
             path.unlink(missing_ok=True)
-        for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir()]:
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
+        for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir(), *outside]:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
         return {"killed": killed, "removed": removed, "cgroups": cgroups}

@@ -34,7 +34,7 @@ from fission.core.audit_events import audit_event
 from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
-from fission.core.machines import GUEST_OVERHEAD_MB, Host, Machine, exec_request
+from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget
 from fission.core.sandbox_spec import (
     SandboxRecord,
@@ -47,7 +47,7 @@ from fission.core.sandbox_spec import (
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy, FissionError, InvalidInput, SandboxNotFound, SandboxNotRunning
 from fission.net.egress import Egress, attach, proxy_env
-from fission.vmm.base import VMConfig
+from fission.vmm.base import Driver, VMConfig, default_driver
 
 log = logging.getLogger("fission.sandboxes")
 EXPIRY_INTERVAL = 0.5
@@ -100,7 +100,6 @@ class ManagedSandbox:
     slot: Slot | None = None
     machine: Machine | None = None
     config: VMConfig | None = None
-    host: Host | None = None
     egress: Egress | None = None
     gate: Gate = field(default_factory=lambda: Gate())
 
@@ -132,7 +131,9 @@ class SandboxManager:
         journal: Journal,
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
+        driver: Driver | None = None,
     ) -> None:
+        self.driver = driver or default_driver()
         self.budget = budget
         self.journal = journal
         self.audit = audit
@@ -195,8 +196,8 @@ class SandboxManager:
         box = ManagedSandbox(record, directory, reserved, slot)
         try:
             directory.mkdir(mode=0o700)
-            machine, config, host = await sandbox_vm.start_sandbox_vm(
-                self._run_spec(spec), directory
+            machine, config = await sandbox_vm.start_sandbox_vm(
+                self.driver, self._run_spec(spec), directory
             )
             try:
                 box.egress = await self._attach(box, machine)
@@ -210,7 +211,7 @@ class SandboxManager:
             shutil.rmtree(directory, ignore_errors=True)
             await self._audit(owner, "sandbox.create", spec, outcome_of_error(exc), started)
             raise
-        box.machine, box.config, box.host = machine, config, host
+        box.machine, box.config = machine, config
         self.journal.record(machine.vm)
         record.expires_at = self._clock() + spec.ttl
         self._sandboxes[record.id] = box
@@ -455,11 +456,11 @@ class SandboxManager:
         async with box.gate.change():
             if box.record.state == SandboxState.RUNNING:
                 return box.record
-            if box.config is None or box.host is None:
+            if box.config is None:
                 raise self._gone(box)
             self._reserve(box.reserved_mb)
             try:
-                machine, config = await sandbox_vm.resume_vm(box.config, box.host, box.directory)
+                machine, config = await sandbox_vm.resume_vm(self.driver, box.config, box.directory)
                 try:
                     box.egress = await self._attach(box, machine)
                 except BaseException:

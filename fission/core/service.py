@@ -51,6 +51,7 @@ from fission.core.state_dirs import lock_state_dir, sweep_stale
 from fission.core.transfers import Upload, check_transfers, pull, push
 from fission.errors import Busy
 from fission.net.egress import attach
+from fission.vmm.base import Driver, default_driver
 
 log = logging.getLogger("fission.service")
 CLONE_MB = snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
@@ -70,6 +71,12 @@ class ServiceConfig:
     # Without an audit log, still record egress decisions in the default one (embedded runs,
     # so `fission audit` shows what a local run's network policy allowed and refused).
     audit_egress_locally: bool = False
+    # Put this process's VM directories under the state dir (``vms/``), where a restart's
+    # reconcile finds them all. A daemon or an MCP server owns its process and does; embedded
+    # runs share the caller's process (maybe several at once) and leave the runtime dir alone.
+    vms_in_state_dir: bool = True
+    # The VMM driver every VM of this service comes from (tests pass the fake one).
+    driver: Driver = field(default_factory=default_driver, compare=False)
 
 
 @dataclass
@@ -86,21 +93,23 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
+        self.driver = config.driver
         self.budget = MemoryBudget(config.memory_budget_mb)
         self.journal = Journal(config.state_dir)
         self.pools: dict[str, WarmPool] = {}
         self.reconciled: dict[str, int] = {}
         self._disposals: set[asyncio.Task[None]] = set()
         self.audit = AuditLog(config.audit_db) if config.audit_db is not None else None
-        self.sandboxes = SandboxManager(self.budget, self.journal, self.audit)
+        self.sandboxes = SandboxManager(self.budget, self.journal, self.audit, driver=self.driver)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Clean up after a dead predecessor, then start filling the pools."""
-        self.reconciled = self.journal.reconcile()
+        self.reconciled = self.journal.reconcile(self.driver)
         if any(self.reconciled.values()):
             log.warning("removed what a previous daemon left: %s", self.reconciled)
-        use_runtime_dir(self.journal.vms_dir)
+        if self.config.vms_in_state_dir:
+            use_runtime_dir(self.journal.vms_dir)
         for name, size in self.config.pools.items():
             language = resolve_language(name)
             if size <= 0 or language.name in self.pools:
@@ -136,7 +145,7 @@ class Service:
     # -- machines ----------------------------------------------------------------------------------
     def _clone_factory(self, name: str) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:
-            machine = await orchestrator.warm_clone(resolve_language(name))
+            machine = await orchestrator.warm_clone(resolve_language(name), self.driver)
             self.journal.record(machine.vm)
             return machine
 
@@ -151,7 +160,7 @@ class Service:
         if pool is not None and snapshots.fits(spec.limits):
             machine = await pool.acquire(self.config.acquire_timeout)
             return Lease(machine, lambda: pool.release(machine))
-        return await self._own_machine(spec, lambda: orchestrator.boot(spec))
+        return await self._own_machine(spec, lambda: orchestrator.boot(spec, driver=self.driver))
 
     async def _own_machine(self, spec: RunSpec, start: Callable[[], Awaitable[Machine]]) -> Lease:
         """A machine started by ``start`` inside the memory budget, journaled while it lives."""
@@ -286,7 +295,7 @@ class Service:
             limits=limits,
         )
         image = language.image
-        key = await derived.derived_key(image, *plan.key_parts)
+        key = await derived.derived_key(image, *plan.key_parts, driver=self.driver)
         started = time.monotonic()
         directory = derived.find(plan.name, key)
         cached = directory is not None
@@ -296,13 +305,17 @@ class Service:
                 result = await self._run_on(machine, plan.setup, on_output, who, action="install")
                 return result.exit_code == 0, result
 
-            directory, setup_result = await derived.build(plan.name, key, image, set_up)
+            directory, setup_result = await derived.build(
+                plan.name, key, image, set_up, driver=self.driver
+            )
             if directory is None:  # the package manager failed: its result is the answer
                 elapsed = (time.monotonic() - started) * 1000
                 return InstallResult(setup_result, False, elapsed, installed=False)
         setup_ms = (time.monotonic() - started) * 1000
         built = directory
-        lease = await self._own_machine(plan.command, lambda: derived.restore(built, image))
+        lease = await self._own_machine(
+            plan.command, lambda: derived.restore(built, image, driver=self.driver)
+        )
         result = await self.run(plan.command, on_output, who=who, lease=lease, action="install")
         return InstallResult(result, cached, setup_ms)
 
@@ -390,6 +403,7 @@ def embedded_config(state_dir: Path) -> ServiceConfig:
         memory_budget_mb=default_budget_mb(),
         audit_db=None,
         audit_egress_locally=True,
+        vms_in_state_dir=False,
     )
 
 

@@ -1,86 +1,49 @@
-"""Warm snapshots: one booted, warmed VM per language, saved once and restored per run.
+"""Warm clones: which runs a clone of a language's warm template can serve, and how it is warmed.
 
-The recipe is QEMU's "VM templating" (also used by Kata Containers). The template VM is booted
-with its RAM in a file (``memory-backend-file,share=on``) and its writable disk in a file of its
-own; once the guest agent has warmed up (for Python: numpy and pandas imported in the fork
-server, a confined child forked and waiting) the VM is paused and only its device state is
-migrated to ``state`` (``x-ignore-shared``: a few dozen KB). A clone maps ``memory`` privately
-(``share=off``: copy-on-write, so clones share every page they do not write), attaches the
-template's disk under a throwaway overlay (``snapshot=on``) and loads ``state``. Nothing is read
-in full, so a restore costs tens of milliseconds. ``full=True`` builds the classic alternative
-(RAM inside the state file, read in full at every restore), kept for the benchmark.
-
-Each clone must be indistinguishable from a fresh boot to the code inside it: at restore the
-host sends the wall clock and a fresh seed (the agent mixes it in and reseeds the kernel's
-CRNG), and the fork-server child reseeds Python's and numpy's generators before user code runs.
-
-Snapshots live under ``cache_dir()/snapshots/<language>-<key>`` where the key hashes every input
-(images, agent, QEMU version, accelerator, VM shape), so a change rebuilds them.
+Every language's image has a warm template: a VM booted once, warmed (for Python: numpy and
+pandas imported in the guest's fork server, a confined child forked and waiting) and saved;
+a clone restores it in tens of milliseconds instead of booting. How a template is built and
+stored is the driver's business (for QEMU: its driver's ``qemu_snapshots``); core says what warms
+it (``warm_template``) and which runs a clone fits (``fits``): those whose limits fit the
+template's shape (``TEMPLATE_*``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from fission.agent.client import AgentClient
-from fission.cache_keys import cache_key
-from fission.config import cache_dir, runtime_dir
 from fission.core.languages import Language, resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import (
-    GUEST_OVERHEAD_MB,
-    Host,
-    detect_host,
-    exec_request,
-    new_vm_id,
-    start_machine,
-)
+from fission.core.machines import exec_request
 from fission.core.spec import RunSpec
 from fission.errors import ImageBuildFailed
-from fission.images.scratch import scratch_disk
-from fission.images.store import ImageSet, image_set
-from fission.vmm.accel import tcg_kernel_args
-from fission.vmm.base import VMConfig
-from fission.vmm.qemu import BASE_KERNEL_ARGS
+from fission.vmm.base import (
+    GUEST_OVERHEAD_MB,
+    TEMPLATE_CAPACITY_MB,
+    TEMPLATE_DISK_MB,
+    TEMPLATE_VCPUS,
+    Driver,
+    VMRequest,
+    WarmTemplate,
+    default_driver,
+)
 
-TEMPLATE_FORMAT = "1"
-TEMPLATE_VCPUS = 1
-# The largest --memory a clone can serve; the guest RAM is this plus the guest overhead.
-TEMPLATE_CAPACITY_MB = 1024
-TEMPLATE_DISK_MB = 512
+__all__ = [
+    "PREPARE_TIMEOUT",
+    "TEMPLATE_CAPACITY_MB",
+    "TEMPLATE_DISK_MB",
+    "TEMPLATE_VCPUS",
+    "build_warm_snapshot",
+    "ensure_template",
+    "fits",
+    "vm_request",
+    "warm_template",
+    "warm_up",
+]
+
 PREPARE_TIMEOUT = 300.0
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A saved, warmed VM of one language, ready to be cloned."""
-
-    language: str
-    directory: Path
-    accel: str
-    kernel_args: tuple[str, ...]
-    full: bool = False
-
-    @property
-    def memory(self) -> Path:
-        """The template's RAM (absent for a full snapshot)."""
-        return self.directory / "memory"
-
-    @property
-    def state(self) -> Path:
-        """The saved device state (and RAM, for a full snapshot)."""
-        return self.directory / "state"
-
-    @property
-    def scratch(self) -> Path:
-        """The template's writable disk as it was when saved."""
-        return self.directory / "scratch.ext4"
 
 
 def fits(limits: Limits) -> bool:
@@ -92,123 +55,6 @@ def fits(limits: Limits) -> bool:
     )
 
 
-def snapshots_dir() -> Path:
-    """Directory holding every snapshot."""
-    path = cache_dir() / "snapshots"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def template_kernel_args(language: Language, accel: str) -> tuple[str, ...]:
-    """Kernel arguments of a template: the accelerator's, plus the fork server's preloads."""
-    args = tcg_kernel_args() if accel == "tcg" else ()
-    if language.mode == "python":
-        args += ("fission.zygote=" + (",".join(language.preload) or "none"),)
-    return args
-
-
-def snapshot_key(images: ImageSet, accel: str, qemu_version: str, full: bool) -> str:
-    """Cache key of a snapshot: every input that changes what the saved VM holds."""
-    language = resolve_language(images.language)
-    return cache_key(
-        TEMPLATE_FORMAT,
-        str(images.kernel),
-        str(images.initramfs),
-        str(images.rootfs),
-        accel,
-        qemu_version,
-        str(TEMPLATE_VCPUS),
-        str(TEMPLATE_CAPACITY_MB),
-        str(TEMPLATE_DISK_MB),
-        " ".join((*BASE_KERNEL_ARGS, *template_kernel_args(language, accel))),
-        "full" if full else "template",
-    )
-
-
-def snapshot_path(images: ImageSet, accel: str, qemu_version: str, full: bool = False) -> Path:
-    """Where the snapshot for these inputs lives (whether or not it exists)."""
-    suffix = "-full" if full else ""
-    key = snapshot_key(images, accel, qemu_version, full)
-    return snapshots_dir() / f"{images.language}{suffix}-{key}"
-
-
-def find_snapshot(
-    images: ImageSet, accel: str, qemu_version: str, full: bool = False
-) -> Snapshot | None:
-    """The current snapshot for these inputs, or None if it is missing or stale."""
-    directory = snapshot_path(images, accel, qemu_version, full)
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return Snapshot(images.language, directory, accel, tuple(meta["kernel_args"]), full)
-
-
-def sparse_copy(source: Path, target: Path) -> None:
-    """Copy a disk image keeping its holes (the scratch disk is mostly empty)."""
-    proc = subprocess.run(
-        ["cp", "--sparse=always", str(source), str(target)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise ImageBuildFailed(f"copying {source} failed: {proc.stderr.strip()}")
-    target.chmod(0o644)
-
-
-def finish_snapshot(staging: Path, final: Path, kernel_args: tuple[str, ...]) -> None:
-    """Seal a built snapshot and move it into place; older ones of the language go away."""
-    (staging / "scratch.ext4").chmod(0o444)
-    (staging / "meta.json").write_text(json.dumps({"kernel_args": list(kernel_args)}))
-    try:
-        staging.rename(final)
-    except OSError:  # another process finished the same snapshot first
-        shutil.rmtree(staging, ignore_errors=True)
-    prefix = final.name.rsplit("-", 1)[0] + "-"
-    for old in final.parent.iterdir():
-        if old != final and old.name.startswith(prefix) and old.name[len(prefix) :].isalnum():
-            shutil.rmtree(old, ignore_errors=True)
-
-
-async def build_snapshot_into(
-    staging: Path, images: ImageSet, qemu: str, accel: str, full: bool
-) -> tuple[str, ...]:
-    """Boot a template VM into ``staging``, warm it and save it; return its kernel args."""
-    language = resolve_language(images.language)
-    kernel_args = template_kernel_args(language, accel)
-    scratch = staging / "scratch.ext4"
-    await asyncio.to_thread(sparse_copy, scratch_disk(TEMPLATE_DISK_MB), scratch)
-    vm_id = new_vm_id()
-    config = VMConfig(
-        vm_id=vm_id,
-        kernel=images.kernel,
-        initramfs=images.initramfs,
-        rootfs=images.rootfs,
-        scratch=scratch,
-        vcpus=TEMPLATE_VCPUS,
-        memory_mb=TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB,
-        workdir=runtime_dir() / f"vm-{vm_id}",
-        kernel_args=kernel_args,
-        memory_file=None if full else staging / "memory",
-        memory_shared=not full,
-        scratch_writable=True,
-    )
-    machine = await start_machine(config, Host(qemu, "", accel))
-    try:
-        await warm_up(machine.agent, language)
-        await machine.agent.prepare_snapshot(PREPARE_TIMEOUT)
-        await machine.vm.save_state(staging / "state")
-    except Exception as exc:
-        raise ImageBuildFailed(
-            f"building the {language.name} snapshot failed: {exc}\n{machine.vm.diagnostics()}"
-        ) from exc
-    finally:
-        await machine.destroy()
-    return kernel_args
-
-
 async def warm_up(agent: AgentClient, language: Language) -> None:
     """Run the language's warm-up program once, discarding its output."""
     spec = RunSpec(language, language.warm_up, Limits(timeout=120))
@@ -218,38 +64,38 @@ async def warm_up(agent: AgentClient, language: Language) -> None:
         raise ImageBuildFailed(f"the {language.name} warm-up exited with {outcome.exit_code}")
 
 
-async def build_snapshot(
-    images: ImageSet, qemu: str, qemu_version: str, accel: str, full: bool = False
-) -> Snapshot:
-    """Build the snapshot for these inputs unless it exists; return it."""
-    existing = find_snapshot(images, accel, qemu_version, full)
-    if existing is not None:
-        return existing
-    final = snapshot_path(images, accel, qemu_version, full)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        kernel_args = await build_snapshot_into(staging, images, qemu, accel, full)
-        finish_snapshot(staging, final, kernel_args)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    snapshot = find_snapshot(images, accel, qemu_version, full)
-    if snapshot is None:
-        raise ImageBuildFailed(f"the {images.language} snapshot vanished after it was built")
-    return snapshot
+def warm_template(image: str) -> WarmTemplate:
+    """How ``image``'s template is warmed: its language's warm-up, then the agent made ready.
+
+    For Python the guest's fork server preloads the language's modules (``fission.zygote``).
+    """
+    language = resolve_language(image)
+    kernel_args: tuple[str, ...] = ()
+    if language.mode == "python":
+        kernel_args = ("fission.zygote=" + (",".join(language.preload) or "none"),)
+
+    async def warm(agent: AgentClient) -> None:
+        await warm_up(agent, language)
+        await agent.prepare_snapshot(PREPARE_TIMEOUT)
+
+    return WarmTemplate(kernel_args, warm)
 
 
-async def build_warm_snapshot(language: str) -> Snapshot:
+def vm_request(spec: RunSpec, *, warm: bool = True, disk_dir: Path | None = None) -> VMRequest:
+    """The VM to ask the driver for ``spec``: a clone of the warm template when it fits (and
+    ``warm``), else a cold boot shaped by the limits; with a disk of its own in ``disk_dir``."""
+    image, limits = spec.language.image, spec.limits
+    if warm and fits(limits):
+        return VMRequest.clone(image, warm_template(image), disk_dir)
+    memory = limits.memory_mb + GUEST_OVERHEAD_MB
+    return VMRequest(image, limits.cpus, memory, limits.disk_mb, disk_dir=disk_dir)
+
+
+async def ensure_template(driver: Driver, image: str) -> None:
+    """Build ``image``'s warm template now unless the driver has it (``fission images build``)."""
+    await driver.configure(VMRequest.clone(image, warm_template(image)))
+
+
+async def build_warm_snapshot(language: str, driver: Driver | None = None) -> None:
     """The language's warm snapshot on this host, built unless current (``images build``)."""
-    images = image_set(language)
-    host = await detect_host(images)
-    return await build_snapshot(images, host.qemu, host.version, host.accel)
-
-
-def remove_stale_staging(max_age_s: float = 3600.0) -> None:
-    """Remove half-built snapshot directories left by a crashed build."""
-    import time
-
-    for entry in snapshots_dir().iterdir():
-        if entry.name.startswith(".") and time.time() - entry.stat().st_mtime > max_age_s:
-            shutil.rmtree(entry, ignore_errors=True)
+    await ensure_template(driver or default_driver(), language)

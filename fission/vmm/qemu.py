@@ -248,6 +248,14 @@ class QemuVM(VirtualMachine):
         """QEMU supports snapshots (used from the warm-start work on)."""
         return Capabilities(name="qemu", accel=self.accel, snapshots=True)
 
+    async def pause(self) -> None:
+        """Stop the vCPUs (QMP ``stop``): an idle guest then costs no CPU."""
+        await self.qmp("stop")
+
+    async def resume(self) -> None:
+        """Let the vCPUs run again (QMP ``cont``, about a millisecond)."""
+        await self.qmp("cont")
+
     async def start(self) -> None:
         """Spawn QEMU; return once its sockets listen (the guest then boots on its own)."""
         self.config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from fission.agent.client import OutputSink
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
 from fission.core.service import embedded_service
@@ -20,5 +21,10 @@ async def run_code(language: str, code: str, *, env: dict[str, str] | None = Non
             events.append((time.monotonic(), stream, data))
 
     spec = RunSpec(resolve_language(language), code, Limits(**limits), env or {}, stdin)  # type: ignore[arg-type]
+    return await run_spec(spec, sink)
+
+
+async def run_spec(spec: RunSpec, on_output: OutputSink | None = None) -> RunResult:
+    """Run ``spec`` embedded (a private Service in this process), as `fission run --no-daemon`."""
     async with embedded_service() as service:
-        return await service.run(spec, sink)
+        return await service.run(spec, on_output)

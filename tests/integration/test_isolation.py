@@ -10,11 +10,11 @@ import pytest
 
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.orchestrator import boot, run
+from fission.core.orchestrator import boot
 from fission.core.spec import RunSpec
 from fission.errors import BootTimeout
 from fission.images.store import image_set
-from tests.integration.helpers import run_code
+from tests.integration.helpers import run_code, run_spec
 
 pytestmark = pytest.mark.vm
 
@@ -77,7 +77,7 @@ async def test_a_failed_boot_leaves_nothing_behind(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("FISSION_BOOT_TIMEOUT", "1")
     with pytest.raises(BootTimeout, match="FISSION_BOOT_TIMEOUT"):
         # A disk size the snapshot does not have: a cold boot, which cannot finish in 1 s.
-        await run(RunSpec(resolve_language("python"), "print(1)", Limits(disk_mb=64)))
+        await run_spec(RunSpec(resolve_language("python"), "print(1)", Limits(disk_mb=64)))
     # the autouse no_leftovers fixture then checks for processes and files
 
 

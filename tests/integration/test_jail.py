@@ -25,13 +25,15 @@ from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import Machine, detect_host, exec_request, start_machine
-from fission.core.orchestrator import boot, clone_config
+from fission.core.machines import Machine, exec_request
+from fission.core.orchestrator import boot
 from fission.core.spec import RunSpec
 from fission.images.store import image_set
-from fission.vmm import cgroups, jail_plan, jailer
+from fission.vmm import cgroups, jail_plan, jailer, qemu_snapshots
+from fission.vmm.base import VirtualMachine, default_driver
 from fission.vmm.binary import qemu_binary
 from fission.vmm.qemu import QemuVM
+from fission.vmm.qemu_driver import clone_config, detect_host
 from tests.integration.conftest import fission_cli
 
 pytestmark = [
@@ -48,12 +50,14 @@ def status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
-def the_jail(vm: QemuVM) -> jailer.Jail:
+def the_jail(vm: VirtualMachine) -> jailer.Jail:
+    assert isinstance(vm, QemuVM)
     assert vm.jail is not None, "FISSION_JAIL=auto as root with bwrap must jail every VM"
     return vm.jail
 
 
-def vmm_pid(vm: QemuVM) -> int:
+def vmm_pid(vm: VirtualMachine) -> int:
+    assert isinstance(vm, QemuVM)
     pid = vm.vmm_pid
     assert pid is not None and pid != vm.pid, "QEMU runs under bubblewrap, not as its child"
     return pid
@@ -208,13 +212,17 @@ async def test_a_template_is_built_jailed_and_cloned(tmp_path: Path) -> None:
     host = await detect_host(images)
     staging = tmp_path / "snap"
     staging.mkdir(mode=0o700)
-    args = await snapshots.build_snapshot_into(staging, images, host.qemu, host.accel, False)
+    driver = default_driver()
+    warm = snapshots.warm_template("bash")
+    args = await qemu_snapshots.build_snapshot_into(
+        driver, staging, images, host.accel, warm, False
+    )
     for name in ("memory", "scratch.ext4", "state"):
         st = (staging / name).stat()
         assert (st.st_uid, st.st_gid) == (0, 0), f"{name} was not given back by the template's uid"
-    snapshots.finish_snapshot(staging, tmp_path / "bash-test", args)
-    snap = snapshots.Snapshot("bash", tmp_path / "bash-test", host.accel, args)
-    machine = await start_machine(clone_config(images, snap), host)
+    qemu_snapshots.finish_snapshot(staging, tmp_path / "bash-test", args)
+    snap = qemu_snapshots.Snapshot("bash", tmp_path / "bash-test", host.accel, args)
+    machine = await driver.start(clone_config(images, snap))
     try:
         assert await exec_bash(machine, "echo cloned") == b"cloned\n"
     finally:
@@ -229,7 +237,8 @@ async def test_a_sandbox_pauses_and_resumes_jailed(tmp_path: Path) -> None:
     directory = tmp_path / "box"
     directory.mkdir(mode=0o700)
     spec = RunSpec(resolve_language("bash"), "true")
-    machine, config, host = await sandbox_vm.start_sandbox_vm(spec, directory)
+    driver = default_driver()
+    machine, config = await sandbox_vm.start_sandbox_vm(driver, spec, directory)
     disk = directory / sandbox_vm.DISK_NAME
     try:
         box = the_jail(machine.vm)
@@ -239,7 +248,7 @@ async def test_a_sandbox_pauses_and_resumes_jailed(tmp_path: Path) -> None:
         await exec_bash(machine, "echo kept > /home/sandbox/f; sync")
         await sandbox_vm.pause_vm(machine, directory)
         assert disk.stat().st_uid == 0 and box.released
-        machine, config = await sandbox_vm.resume_vm(config, host, directory)
+        machine, config = await sandbox_vm.resume_vm(driver, config, directory)
         assert disk.stat().st_uid == the_jail(machine.vm).plan.uid
         out = await exec_bash(machine, "cat /home/sandbox/f")
         assert out == b"kept\n"

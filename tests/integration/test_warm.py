@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from fission.core.languages import resolve_language
-from fission.core.orchestrator import run
 from fission.core.spec import RunSpec
 from fission.errors import Busy
 from fission.sdk._backend import DaemonBackend
 from tests.integration.conftest import FISSION, fission_cli
+from tests.integration.helpers import run_spec
 
 pytestmark = pytest.mark.vm
 
@@ -137,8 +137,8 @@ def test_clones_have_their_own_randomness_clock_and_files(daemon: Daemon) -> Non
 
 async def test_embedded_clones_differ_too() -> None:
     spec = RunSpec(resolve_language("python"), PROBE)
-    first = json.loads((await run(spec)).stdout)
-    second = json.loads((await run(spec)).stdout)
+    first = json.loads((await run_spec(spec)).stdout)
+    second = json.loads((await run_spec(spec)).stdout)
     for key in ("urandom", "random", "numpy"):
         assert first[key] != second[key], key
     assert first["marker"] is False and second["marker"] is False

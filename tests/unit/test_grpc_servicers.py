@@ -1,8 +1,11 @@
-"""The gRPC servicers in process, over a fake core: auth, statuses, streams, files (no VM)."""
+"""The gRPC servicers in process, over a real Service on the fake VMM driver (no QEMU).
+
+Auth, statuses, streams and files go through the real SandboxManager and agent protocol; the
+calls the servicers make into the core are recorded by wrapping the real methods (``record_calls``).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -13,94 +16,29 @@ from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from fastapi import FastAPI
 
 from fission.api import fission_pb2 as pb
 from fission.api import fission_pb2_grpc as pb_grpc
 from fission.auth.keys import KeyLimits, KeyStore
-from fission.core.sandbox_spec import SandboxRecord, SandboxSpec
-from fission.core.service import Lease
-from fission.core.spec import RunResult
-from fission.errors import InvalidInput, SandboxNotFound
+from fission.core.languages import resolve_language
+from fission.core.sandbox_spec import SandboxSpec
+from fission.core.service import Service
+from fission.errors import InvalidInput
 from fission.server.auth import Gatekeeper
+from fission.server.grpc_messages import chunks_of
 from fission.server.grpc_server import attach_grpc, serving
+from fission.vmm.fake import FakeDriver, FakeVM
+from tests.unit.conftest import Calls, ServiceStarter, eventually, record_calls
 
 MiB = 1024 * 1024
-RESULT = RunResult(3, b"", b"", False, False, False, 0, 5.0, 0.0, 6.0)
-
-
-class FakeManager:
-    """Stands in for SandboxManager: records calls, answers from fixed data."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.written: list[bytes] = []
-
-    async def create(self, spec: SandboxSpec, owner: str | None, limit: int | None) -> Any:
-        self.calls.append(("create", spec.language.name, owner, limit))
-        return SandboxRecord("sbx_00000000000000aa", spec, owner, 1.0, 301.0)
-
-    def get(self, sandbox_id: str, owner: str | None = None) -> Any:
-        raise SandboxNotFound(f"no sandbox {sandbox_id!r}: it was deleted")
-
-    def list_sandboxes(self, *args: Any) -> Any:
-        raise RuntimeError("a bug in the core")
-
-    async def exec_command(self, sandbox_id: str, command: Any, **kwargs: Any) -> RunResult:
-        sink = kwargs.pop("on_output")
-        self.calls.append(("exec", sandbox_id, command, kwargs))
-        sink("stdout", b"out")
-        sink("stderr", b"err")
-        return RESULT
-
-    async def write_file(self, sandbox_id: str, path: str, data: Any, owner: Any) -> Any:
-        async for chunk in data:
-            self.written.append(chunk)
-        return {"name": path.rsplit("/", 1)[-1], "path": path, "size": sum(map(len, self.written))}
-
-    async def read_file(self, sandbox_id: str, path: str, owner: Any) -> AsyncIterator[bytes]:
-        if path == "missing":
-            raise InvalidInput("no such file")
-        yield b"a" * (2 * MiB + MiB // 2)
-        yield b"b" * 10
-
-
-class FakeService:
-    """Stands in for Service: one-shot runs that print, then hang until cancelled."""
-
-    def __init__(self) -> None:
-        self.sandboxes = FakeManager()
-        self.released = asyncio.Event()
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def status(self) -> dict[str, Any]:
-        return {"pools": [], "memory_budget_mb": 1024, "memory_reserved_mb": 0,
-                "reconciled": {}, "sandboxes": 0}
-
-    async def acquire(self, spec: Any) -> Any:
-        async def release() -> None:
-            self.released.set()
-
-        return Lease(object(), release)  # type: ignore[arg-type]
-
-    async def run(self, spec: Any, sink: Any, *, who: str, lease: Lease) -> RunResult:
-        try:
-            sink("stdout", b"tick")
-            await asyncio.sleep(3600)
-            return RESULT
-        finally:
-            self.dispose(lease)
-
-    def dispose(self, lease: Lease) -> None:
-        if not lease.disposed:
-            lease.disposed = True
-            task = asyncio.create_task(lease.release())
-            self.tasks.add(task)
+BUDGET_MB = 4096
 
 
 @dataclass
 class Harness:
-    service: FakeService
+    service: Service
     fission: pb_grpc.FissionStub
     sandboxes: pb_grpc.SandboxesStub
     key: str
@@ -108,27 +46,38 @@ class Harness:
     slow_key: str
 
 
+@pytest_asyncio.fixture(loop_scope="function")
+async def service(start_service: ServiceStarter) -> Service:
+    return await start_service(memory_budget_mb=BUDGET_MB)
+
+
 @asynccontextmanager
-async def harness() -> AsyncIterator[Harness]:
-    """A gRPC server over a fake service on a Unix socket, with keys required."""
+async def harness(service: Service) -> AsyncIterator[Harness]:
+    """A gRPC server over ``service`` on a Unix socket, with keys required."""
     directory = Path(tempfile.mkdtemp(prefix="fg-", dir="/tmp"))
     db = directory / "keys.sqlite3"
     with KeyStore(db) as store:
-        record, key = store.create("main", KeyLimits(max_concurrent_sandboxes=3))
+        main, key = store.create("main", KeyLimits(max_concurrent_sandboxes=3))
         _, slow_key = store.create("slow", KeyLimits(rate_per_minute=1))
     gate = Gatekeeper(db)
-    service = FakeService()
     address = f"unix:{directory}/g.sock"
     try:
         async with (
-            serving(service, address, gate),  # type: ignore[arg-type]
+            serving(service, address, gate),
             grpc.aio.insecure_channel(address) as channel,
         ):
             yield Harness(service, pb_grpc.FissionStub(channel), pb_grpc.SandboxesStub(channel),
-                          key, record.id, slow_key)
+                          key, main.id, slow_key)
     finally:
         gate.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def bash_sandbox(h: Harness, fake_driver: FakeDriver) -> tuple[str, FakeVM]:
+    """A running bash sandbox of the main key, and its fake VM."""
+    created = await h.service.sandboxes.create(SandboxSpec(resolve_language("bash")), h.key_id)
+    (vm,) = fake_driver.live
+    return created.id, vm
 
 
 def md(key: str) -> tuple[tuple[str, str], ...]:
@@ -139,19 +88,21 @@ def code_of(error: grpc.aio.AioRpcError) -> str:
     return dict(error.trailing_metadata())["fission-error-code"]
 
 
-async def test_keys_are_checked_and_health_needs_none() -> None:
-    async with harness() as h:
+async def test_keys_are_checked_and_health_needs_none(service: Service) -> None:
+    async with harness(service) as h:
         assert (await h.fission.Health(pb.HealthRequest())).ok
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await h.fission.Pools(pb.PoolsRequest())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(info.value) == "unauthorized" and "fission keys create" in info.value.details()
         pools = await h.fission.Pools(pb.PoolsRequest(), metadata=(("x-api-key", h.key),))
-        assert pools.memory_budget_mb == 1024
+        assert pools.memory_budget_mb == BUDGET_MB
 
 
-async def test_a_key_over_its_rate_is_resource_exhausted_with_retry_after() -> None:
-    async with harness() as h:
+async def test_a_key_over_its_rate_is_resource_exhausted_with_retry_after(
+    service: Service,
+) -> None:
+    async with harness(service) as h:
         await h.fission.Pools(pb.PoolsRequest(), metadata=md(h.slow_key))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await h.fission.Pools(pb.PoolsRequest(), metadata=md(h.slow_key))
@@ -161,51 +112,76 @@ async def test_a_key_over_its_rate_is_resource_exhausted_with_retry_after() -> N
         assert int(metadata["retry-after"]) >= 1
 
 
-async def test_errors_become_statuses() -> None:
-    async with harness() as h:
+async def test_errors_become_statuses(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the core")
+
+    monkeypatch.setattr(service.sandboxes, "list_sandboxes", broken)
+    async with harness(service) as h:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await h.sandboxes.Get(pb.GetSandboxRequest(sandbox_id="sbx_x"), metadata=md(h.key))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert code_of(info.value) == "sandbox_not_found"
-        assert info.value.details() == "no sandbox 'sbx_x': it was deleted"
+        assert info.value.details() == (
+            "no sandbox 'sbx_x': it was deleted, expired, or never existed"
+        )
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await h.sandboxes.List(pb.ListSandboxesRequest(), metadata=md(h.key))
         assert info.value.code() == grpc.StatusCode.INTERNAL
         assert code_of(info.value) == "internal" and "bug" not in info.value.details()
 
 
-async def test_create_passes_the_keys_identity_and_quota() -> None:
-    async with harness() as h:
+async def test_create_passes_the_keys_identity_and_quota(service: Service) -> None:
+    calls: Calls = []
+    record_calls(service.sandboxes, "create", calls,
+           lambda spec, owner, limit: ("create", spec.language.name, owner, limit))
+    async with harness(service) as h:
         created = await h.sandboxes.Create(pb.CreateSandboxRequest(language="sh"),
                                            metadata=md(h.key))
-        assert created.id == "sbx_00000000000000aa" and created.language == "bash"
-        assert h.service.sandboxes.calls == [("create", "bash", h.key_id, 3)]
+        assert created.id.startswith("sbx_") and created.language == "bash"
+        assert calls == [("create", "bash", h.key_id, 3)]
+        assert service.sandboxes.get(created.id, owner=h.key_id).spec.language.name == "bash"
 
 
-async def test_exec_streams_output_then_the_result() -> None:
-    async with harness() as h:
-        request = pb.ExecRequest(sandbox_id="sbx_1", argv=pb.Argv(args=["cat"]), env={"A": "1"},
-                                 cwd="/tmp", stdin=b"in")
+async def test_exec_streams_output_then_the_result(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    calls: Calls = []
+    record_calls(service.sandboxes, "exec_command", calls,
+           lambda sandbox_id, command, on_output, **kwargs: ("exec", sandbox_id, command, kwargs))
+    async with harness(service) as h:
+        sandbox_id, vm = await bash_sandbox(h, fake_driver)
+        # stdout, then (once it is surely sent) stderr, then exit 3
+        argv = ["sh", "-c", 'cat; sleep 0.2; printf err >&2; exit 3']
+        request = pb.ExecRequest(sandbox_id=sandbox_id, argv=pb.Argv(args=argv), env={"A": "1"},
+                                 cwd="/tmp", stdin=b"out")
         events = [e async for e in h.sandboxes.Exec(request, metadata=md(h.key))]
         assert [(e.output.stream, e.output.data) for e in events[:2]] == [
             (pb.STREAM_STDOUT, b"out"), (pb.STREAM_STDERR, b"err")]
         assert events[2].result.exit_code == 3 and len(events) == 3
-        (_, sandbox_id, command, kwargs), = h.service.sandboxes.calls
-        assert (sandbox_id, command) == ("sbx_1", ["cat"])
+        (_, called_id, command, kwargs), = calls
+        assert (called_id, command) == (sandbox_id, argv)
         assert kwargs == {"owner": h.key_id, "timeout": None, "env": {"A": "1"}, "cwd": "/tmp",
-                          "stdin": b"in"}
+                          "stdin": b"out"}
+        assert vm.guest is not None
+        (sent,) = vm.guest.execs  # what reached the guest agent
+        assert (sent["argv"], sent["env"]["A"], sent["cwd"]) == (argv, "1", "/tmp")
 
 
-async def test_write_file_takes_a_header_then_data() -> None:
-    async with harness() as h:
+async def test_write_file_takes_a_header_then_data(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    async with harness(service) as h:
+        sandbox_id, vm = await bash_sandbox(h, fake_driver)
+
         async def upload() -> AsyncIterator[pb.WriteFileRequest]:
-            yield pb.WriteFileRequest(header=pb.WriteFileHeader(sandbox_id="sbx_1", path="d/f"))
+            yield pb.WriteFileRequest(header=pb.WriteFileHeader(sandbox_id=sandbox_id, path="d/f"))
             for part in (b"ab", b"", b"c" * MiB):
                 yield pb.WriteFileRequest(data=part)
 
         info = await h.sandboxes.WriteFile(upload(), metadata=md(h.key))
         assert (info.name, info.path, info.size) == ("f", "d/f", MiB + 2)
-        assert b"".join(h.service.sandboxes.written) == b"ab" + b"c" * MiB
+        assert (vm.home / "d" / "f").read_bytes() == b"ab" + b"c" * MiB
 
         async def headless() -> AsyncIterator[pb.WriteFileRequest]:
             yield pb.WriteFileRequest(data=b"x")
@@ -219,27 +195,44 @@ async def test_write_file_takes_a_header_then_data() -> None:
             assert info_.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_read_file_sends_chunks_of_at_most_1_mib() -> None:
-    async with harness() as h:
-        request = pb.ReadFileRequest(sandbox_id="sbx_1", path="f")
-        sizes = [len(c.data) async for c in h.sandboxes.ReadFile(request, metadata=md(h.key))]
-        assert sizes == [MiB, MiB, MiB // 2, 10]
+def test_chunks_are_cut_to_at_most_1_mib() -> None:
+    pieces = [piece for chunk in (b"a" * (2 * MiB + MiB // 2), b"b" * 10)
+              for piece in chunks_of(chunk)]
+    assert [len(piece) for piece in pieces] == [MiB, MiB, MiB // 2, 10]
+
+
+async def test_read_file_sends_chunks_of_at_most_1_mib(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    async with harness(service) as h:
+        sandbox_id, vm = await bash_sandbox(h, fake_driver)
+        content = b"a" * (2 * MiB + MiB // 2) + b"b" * 10
+        (vm.home / "f").write_bytes(content)
+        (vm.home / "a-directory").mkdir()
+        request = pb.ReadFileRequest(sandbox_id=sandbox_id, path="f")
+        chunks = [c.data async for c in h.sandboxes.ReadFile(request, metadata=md(h.key))]
+        assert max(map(len, chunks)) <= MiB and b"".join(chunks) == content
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            request = pb.ReadFileRequest(sandbox_id="sbx_1", path="missing")
+            request = pb.ReadFileRequest(sandbox_id=sandbox_id, path="a-directory")
             _ = [c async for c in h.sandboxes.ReadFile(request, metadata=md(h.key))]
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_a_cancelled_run_gives_its_machine_back() -> None:
-    async with harness() as h:
-        call = h.fission.Run(pb.RunRequest(code="x"), metadata=md(h.key))
+async def test_a_cancelled_run_gives_its_machine_back(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    code = "import sys, time\nsys.stdout.write('tick')\nsys.stdout.flush()\ntime.sleep(3600)"
+    async with harness(service) as h:
+        call = h.fission.Run(pb.RunRequest(code=code), metadata=md(h.key))
         first = await call.read()
         assert first.output.data == b"tick"
+        assert service.budget.used_mb > 0 and len(fake_driver.live) == 1
         call.cancel()
-        await asyncio.wait_for(h.service.released.wait(), timeout=10)
+        await fake_driver.wait_all_destroyed(10)
+        await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
 
 
-async def test_attach_grpc_serves_inside_the_apps_lifespan() -> None:
+async def test_attach_grpc_serves_inside_the_apps_lifespan(service: Service) -> None:
     started: list[str] = []
 
     @asynccontextmanager
@@ -251,17 +244,16 @@ async def test_attach_grpc_serves_inside_the_apps_lifespan() -> None:
     directory = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))
     socket = directory / "sub" / "g.sock"
     app = FastAPI(lifespan=lifespan)
-    service = FakeService()
-    attach_grpc(app, service, f"unix:{socket}", None)  # type: ignore[arg-type]
+    attach_grpc(app, service, f"unix:{socket}", None)
     try:
         async with app.router.lifespan_context(app):
             assert started == ["service"] and socket.exists()
             async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
                 pools = await pb_grpc.FissionStub(channel).Pools(pb.PoolsRequest())  # no key
-                assert pools.memory_budget_mb == 1024
+                assert pools.memory_budget_mb == BUDGET_MB
         assert started == ["service", "closed"] and not socket.exists()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     with pytest.raises(InvalidInput, match="key"):
-        attach_grpc(app, service, "127.0.0.1:1", None)  # type: ignore[arg-type]
+        attach_grpc(app, service, "127.0.0.1:1", None)
 

@@ -1,21 +1,22 @@
-"""The MCP adapter without VMs: tools, schemas, descriptions, error translation, file transfers.
+"""The MCP adapter without QEMU: tools, schemas, descriptions, error translation, file transfers.
 
-The server runs in-process (the SDK's own ``Client`` over memory) around a fake Service whose
-sandbox manager keeps files in a dict, so every tool's conversion is checked without QEMU.
+The server runs in-process (the SDK's own ``Client`` over memory) around a real Service on the
+fake VMM driver (``ObservedService``, which also notes that it started and closed and what it
+ran), so every tool is checked down to the guest agent's protocol without a VM.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import anyio
 import pytest
@@ -23,7 +24,6 @@ from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
 import fission.mcp
-from fission.core.sandbox_spec import SandboxRecord, SandboxSpec, SandboxState
 from fission.core.service import Service, ServiceConfig
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import (
@@ -38,6 +38,8 @@ from fission.mcp.errors import tool_error
 from fission.mcp.files import MAX_INLINE_BYTES, HostFiles, decode_content, encode_content
 from fission.mcp.runtime import STATE_PREFIX, running_service, sweep_stale
 from fission.mcp.tools import shell_program
+from fission.vmm.fake import FakeDriver, FakeVM
+from tests.unit.conftest import Calls, eventually, record_calls
 
 SANDBOX_TOOLS = {
     "sandbox_create",
@@ -53,129 +55,64 @@ SANDBOX_TOOLS = {
 }
 TOOLS = {"run_code", "run_command"} | SANDBOX_TOOLS
 HOST_TOOLS = {"sandbox_upload", "sandbox_download"}
+RUN_SECONDS = 0.01234  # every run takes this long by the fake driver's clock
 
 
-def result(stdout: bytes = b"", exit_code: int = 0, **flags: bool) -> RunResult:
-    return RunResult(
-        exit_code=exit_code,
-        stdout=stdout,
-        stderr=b"",
-        timed_out=flags.get("timed_out", False),
-        oom=flags.get("oom", False),
-        truncated=flags.get("truncated", False),
-        signal=0,
-        duration_ms=12.34,
-        boot_ms=0.0,
-        total_ms=20.0,
-    )
+def ticking_clock() -> Any:
+    """A clock that advances RUN_SECONDS each time it is read, so durations are exact."""
+    ticks = itertools.count()
+    return lambda: next(ticks) * RUN_SECONDS
 
 
-@dataclass
-class FakeEntry:
-    name: str
-    type: str
-    size: int
+class ObservedService(Service):
+    """The real Service on its own fake driver, noting its start, close and one-shot runs."""
 
-
-@dataclass
-class FakeSandboxes:
-    """The parts of SandboxManager the tools call; files live in a dict."""
-
-    records: dict[str, SandboxRecord] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-    reads_closed: int = 0
-    chunk: int = 256 * 1024
-
-    def _record(self, sandbox_id: str) -> SandboxRecord:
-        if sandbox_id not in self.records:
-            raise SandboxNotFound(
-                f"no sandbox {sandbox_id!r}: it was deleted, expired, or never existed"
-            )
-        return self.records[sandbox_id]
-
-    async def create(self, spec: SandboxSpec) -> SandboxRecord:
-        now = time.time()
-        record = SandboxRecord(f"sbx_{len(self.records):016x}", spec, None, now, now + spec.ttl)
-        self.records[record.id] = record
-        return record
-
-    def list_sandboxes(self, limit: int = 50) -> tuple[list[SandboxRecord], str | None]:
-        return list(self.records.values())[:limit], None
-
-    async def run_code(self, sandbox_id: str, code: str, **options: Any) -> RunResult:
-        self._record(sandbox_id)
-        self.calls.append(("run_code", options))
-        return result(f"ran {code}\n".encode())
-
-    async def exec_command(self, sandbox_id: str, command: str, **options: Any) -> RunResult:
-        if self._record(sandbox_id).state == SandboxState.PAUSED:
-            raise SandboxNotRunning(f"sandbox {sandbox_id} is paused: resume it first")
-        self.calls.append(("exec", command))
-        return result(b"", exit_code=3)
-
-    async def write_file(
-        self, sandbox_id: str, path: str, data: bytes | AsyncIterator[bytes]
-    ) -> None:
-        self._record(sandbox_id)
-        if isinstance(data, bytes):
-            self.files[path] = data
-        else:
-            self.files[path] = b"".join([chunk async for chunk in data])
-
-    async def read_file(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
-        self._record(sandbox_id)
-        data = self.files[path]
-        try:
-            for start in range(0, len(data), self.chunk):
-                yield data[start : start + self.chunk]
-        finally:
-            self.reads_closed += 1
-
-    async def list_files(self, sandbox_id: str, path: str) -> list[FakeEntry]:
-        self._record(sandbox_id)
-        return [FakeEntry(name, "file", len(data)) for name, data in sorted(self.files.items())]
-
-    async def pause(self, sandbox_id: str) -> SandboxRecord:
-        record = self._record(sandbox_id)
-        record.state = SandboxState.PAUSED
-        return record
-
-    async def resume(self, sandbox_id: str) -> SandboxRecord:
-        record = self._record(sandbox_id)
-        record.state = SandboxState.RUNNING
-        return record
-
-    async def delete(self, sandbox_id: str) -> None:
-        self._record(sandbox_id)
-        del self.records[sandbox_id]
-
-
-class FakeService:
-    """A Service without VMs: one-shot runs echo their program."""
-
-    made: list[FakeService] = []
+    made: ClassVar[list[ObservedService]] = []
 
     def __init__(self, config: ServiceConfig) -> None:
-        self.config = config
-        self.sandboxes = FakeSandboxes()
+        self.fake = FakeDriver(clock=ticking_clock())
+        super().__init__(dataclasses.replace(config, driver=self.fake))
         self.runs: list[RunSpec] = []
+        self.sandbox_calls: Calls = []
+        record_calls(
+            self.sandboxes,
+            "run_code",
+            self.sandbox_calls,
+            lambda sandbox_id, code, **options: ("run_code", options),
+        )
         self.started = self.closed = False
-        FakeService.made.append(self)
+        ObservedService.made.append(self)
 
     async def start(self) -> None:
+        await super().start()
         self.started = True
 
     async def close(self) -> None:
+        await super().close()
         self.closed = True
 
-    async def run(self, spec: RunSpec) -> RunResult:
+    async def run(self, spec: RunSpec, *args: Any, **kwargs: Any) -> RunResult:
         self.runs.append(spec)
-        return result(b"hello\n")
+        return await super().run(spec, *args, **kwargs)
+
+    def vm(self) -> FakeVM:
+        """The one VM running now (a sandbox's)."""
+        (vm,) = self.fake.live
+        return vm
 
 
 def fake_factory(config: ServiceConfig) -> Service:
-    return cast(Service, FakeService(config))
+    return ObservedService(config)
+
+
+@pytest.fixture(autouse=True)
+def no_vm_left(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No QEMU can be used by mistake, and no fake VM outlives its test."""
+    monkeypatch.setenv("FISSION_QEMU", str(tmp_path / "no-qemu-here"))
+    ObservedService.made.clear()
+    yield
+    for service in ObservedService.made:
+        assert service.fake.live == [], "a fake VM outlived the MCP server"
 
 
 @pytest.fixture
@@ -321,7 +258,6 @@ async def test_bad_arguments_are_tool_errors(
 
 
 async def test_run_code_and_run_command(runtime: Path) -> None:
-    FakeService.made.clear()
     async with Client(build_server(McpOptions(), fake_factory)) as client:
         outcome = await call(client, "run_code", code="print('hello')", timeout=5)
         assert not outcome.is_error
@@ -335,7 +271,7 @@ async def test_run_code_and_run_command(runtime: Path) -> None:
             "duration_ms": 12.3,
         }
         await call(client, "run_command", command="uname -r", language="python")
-        service = FakeService.made[-1]
+        service = ObservedService.made[-1]
         assert service.started and service.config.pools == {}
     assert service.closed
     first, second = service.runs
@@ -349,18 +285,24 @@ async def test_run_code_and_run_command(runtime: Path) -> None:
 
 
 async def test_a_sandbox_through_its_tools(runtime: Path) -> None:
-    FakeService.made.clear()
     async with Client(build_server(McpOptions(), fake_factory)) as client:
+        # Python: the tool's default code context is for Python only (the agent refuses it
+        # for other languages).
         created = await call(
-            client, "sandbox_create", language="bash", ttl=60, memory_mb=512, metadata={"job": "7"}
+            client,
+            "sandbox_create",
+            language="python",
+            ttl=60,
+            memory_mb=512,
+            metadata={"job": "7"},
         )
         info = data(created)
         assert info["id"].startswith("sbx_") and info["state"] == "running"
-        assert info["language"] == "bash" and info["memory_mb"] == 512
+        assert info["language"] == "python" and info["memory_mb"] == 512
         assert info["metadata"] == {"job": "7"} and 55 < info["expires_in_seconds"] <= 60
         assert info["expires_at"].endswith("+00:00")
         sandbox = info["id"]
-        ran = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="x = 1")
+        ran = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="print('ran x = 1')")
         assert data(ran)["stdout"] == "ran x = 1\n"
         await call(
             client,
@@ -370,7 +312,7 @@ async def test_a_sandbox_through_its_tools(runtime: Path) -> None:
             context=None,
             fresh_context=True,
         )
-        done = await call(client, "sandbox_exec", sandbox_id=sandbox, command="false")
+        done = await call(client, "sandbox_exec", sandbox_id=sandbox, command="exit 3")
         assert data(done)["exit_code"] == 3
         paused = await call(client, "sandbox_pause", sandbox_id=sandbox)
         assert data(paused)["expires_at"] is None
@@ -382,20 +324,31 @@ async def test_a_sandbox_through_its_tools(runtime: Path) -> None:
         assert deleted.structured_content == {"id": sandbox, "deleted": True}
         again = await call(client, "sandbox_delete", sandbox_id=sandbox)
         assert again.is_error and "sandbox_not_found" in text_of(again)
-    sandboxes = FakeService.made[-1].sandboxes
-    assert sandboxes.calls[0] == (
+    service = ObservedService.made[-1]
+    assert service.sandbox_calls[0] == (
         "run_code",
         {"timeout": 30.0, "context": "default", "fresh_context": False},
     )
-    assert sandboxes.calls[1] == (
+    assert service.sandbox_calls[1] == (
         "run_code",
         {"timeout": 30.0, "context": None, "fresh_context": True},
     )
-    assert sandboxes.records == {}
+    assert service.sandboxes.count() == 0
+
+
+async def test_run_code_in_a_bash_sandbox_runs_afresh_by_default(runtime: Path) -> None:
+    # Code contexts are Python interpreters: the tool's default context must not break other
+    # languages (the agent refuses a context for them), while an explicit one is still refused.
+    async with Client(build_server(McpOptions(), fake_factory)) as client:
+        sandbox = data(await call(client, "sandbox_create", language="bash", ttl=60))["id"]
+        ran = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="echo $((6 * 7))")
+        assert not ran.is_error and data(ran)["stdout"] == "42\n"
+        named = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="true", context="nb")
+        assert named.is_error and "context" in text_of(named)
+        await call(client, "sandbox_delete", sandbox_id=sandbox)
 
 
 async def test_files_inline(runtime: Path) -> None:
-    FakeService.made.clear()
     async with Client(build_server(McpOptions(), fake_factory)) as client:
         sandbox = data(await call(client, "sandbox_create"))["id"]
         wrote = await call(
@@ -436,26 +389,30 @@ async def test_files_inline(runtime: Path) -> None:
         assert bad.is_error and "invalid_input: content is not valid base64" in text_of(bad)
         listed = await call(client, "sandbox_list_files", sandbox_id=sandbox)
         entries = data(listed)["entries"]
-        assert entries == [
-            {"name": "a.txt", "type": "file", "size": 7},
-            {"name": "b.bin", "type": "file", "size": 256},
+        # The agent client's FileInfo, as JSON: the entry's type is its "kind".
+        assert [(e["name"], e["kind"], e["size"], e["path"]) for e in entries] == [
+            ("a.txt", "file", 7, "a.txt"),
+            ("b.bin", "file", 256, "b.bin"),
         ]
 
 
 async def test_large_reads_are_truncated_and_stop_early(runtime: Path) -> None:
-    FakeService.made.clear()
     async with Client(build_server(McpOptions(), fake_factory)) as client:
         sandbox = data(await call(client, "sandbox_create"))["id"]
-        sandboxes = FakeService.made[-1].sandboxes
+        vm = ObservedService.made[-1].vm()
         # A multi-byte character straddles the cap: it is dropped, not mangled.
-        sandboxes.files["big.txt"] = (
+        (vm.home / "big.txt").write_bytes(
             b"a" * (MAX_INLINE_BYTES - 1) + "\u00e9".encode() + b"b" * 4 * MAX_INLINE_BYTES
         )
         outcome = await call(client, "sandbox_read_file", sandbox_id=sandbox, path="big.txt")
+        guest = vm.guest
+        assert guest is not None
+        # The tool stopped reading early: the guest is told to drop the rest of the transfer.
+        await eventually(lambda: len(guest.kills) == 1, "the abandoned read to be killed")
     content = data(outcome)
     assert content["truncated"] is True and content["size"] == MAX_INLINE_BYTES
     assert content["content"] == "a" * (MAX_INLINE_BYTES - 1)
-    assert sandboxes.reads_closed == 1
+    assert len(guest.kills) == 1  # killed once, and only that read
 
 
 def test_inline_content_codec() -> None:
@@ -490,7 +447,6 @@ def test_host_paths_stay_in_the_shared_directory(shared: Path, tmp_path: Path) -
 
 
 async def test_upload_and_download(runtime: Path, shared: Path) -> None:
-    FakeService.made.clear()
     payload = os.urandom(3 * 1024 * 1024 + 5)
     (shared / "in.bin").write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
@@ -505,7 +461,7 @@ async def test_upload_and_download(runtime: Path, shared: Path) -> None:
             "size": len(payload),
             "sha256": digest,
         }
-        assert FakeService.made[-1].sandboxes.files["data/in.bin"] == payload
+        assert (ObservedService.made[-1].vm().home / "data" / "in.bin").read_bytes() == payload
         down = await call(
             client, "sandbox_download", sandbox_id=sandbox, path="data/in.bin", host_path="out.bin"
         )
@@ -553,20 +509,18 @@ def test_options() -> None:
 
 
 async def test_state_dir_lives_as_long_as_the_service(runtime: Path) -> None:
-    FakeService.made.clear()
     async with running_service(McpOptions(pools={"python": 1}), fake_factory) as service:
-        state = FakeService.made[-1].config.state_dir
+        state = ObservedService.made[-1].config.state_dir
         assert state == runtime / f"{STATE_PREFIX}{os.getpid()}" and state.is_dir()
-        assert cast(FakeService, service).config.pools == {"python": 1}
-    assert not state.exists() and FakeService.made[-1].closed
+        assert cast(ObservedService, service).config.pools == {"python": 1}
+    assert not state.exists() and ObservedService.made[-1].closed
 
 
 async def test_the_service_is_closed_when_the_server_is_cancelled(runtime: Path) -> None:
-    FakeService.made.clear()
     with anyio.move_on_after(0.2):
         async with running_service(McpOptions(), fake_factory):
             await anyio.sleep(30)
-    assert FakeService.made[-1].closed
+    assert ObservedService.made[-1].closed
 
 
 def test_sweep_removes_only_dead_servers_dirs(runtime: Path) -> None:

@@ -30,7 +30,7 @@ from fission.errors import Busy, InvalidInput, LimitOutOfRange, UnknownLanguage
 from fission.guest import zygote
 from fission.images.store import ImageSet
 from fission.server.daemon import build_config
-from fission.vmm import jailer
+from fission.vmm import jailer, qemu_snapshots
 
 
 def test_snapshot_fits_only_the_template_shape() -> None:
@@ -47,25 +47,32 @@ def images(tmp_path: Path, rootfs: str = "rootfs.ext4") -> ImageSet:
 
 
 def test_snapshot_key_changes_with_every_input(tmp_path: Path) -> None:
-    base = snapshots.snapshot_key(images(tmp_path), "tcg", "7.2", False)
-    assert base == snapshots.snapshot_key(images(tmp_path), "tcg", "7.2", False)
+    key = qemu_snapshots.snapshot_key
+    base = key(images(tmp_path), "tcg", "7.2", (), False)
+    assert base == key(images(tmp_path), "tcg", "7.2", (), False)
     others = {
-        snapshots.snapshot_key(images(tmp_path, "other.ext4"), "tcg", "7.2", False),
-        snapshots.snapshot_key(images(tmp_path), "kvm", "7.2", False),
-        snapshots.snapshot_key(images(tmp_path), "tcg", "8.0", False),
-        snapshots.snapshot_key(images(tmp_path), "tcg", "7.2", True),
+        key(images(tmp_path, "other.ext4"), "tcg", "7.2", (), False),
+        key(images(tmp_path), "kvm", "7.2", (), False),
+        key(images(tmp_path), "tcg", "8.0", (), False),
+        key(images(tmp_path), "tcg", "7.2", (), True),
+        key(images(tmp_path), "tcg", "7.2", ("fission.zygote=numpy",), False),
     }
-    assert base not in others and len(others) == 4
+    assert base not in others and len(others) == 5
+
+
+def test_a_python_template_preloads_its_modules_in_the_fork_server() -> None:
+    assert snapshots.warm_template("python").kernel_args == ("fission.zygote=numpy,pandas",)
+    assert snapshots.warm_template("bash").kernel_args == ()
 
 
 def test_find_snapshot_needs_its_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_CACHE_DIR", str(tmp_path))
-    found = snapshots.find_snapshot(images(tmp_path), "tcg", "7.2")
+    found = qemu_snapshots.find_snapshot(images(tmp_path), "tcg", "7.2")
     assert found is None
-    directory = snapshots.snapshot_path(images(tmp_path), "tcg", "7.2")
+    directory = qemu_snapshots.snapshot_path(images(tmp_path), "tcg", "7.2")
     directory.mkdir(parents=True)
     (directory / "meta.json").write_text(json.dumps({"kernel_args": ["a=1"]}))
-    found = snapshots.find_snapshot(images(tmp_path), "tcg", "7.2")
+    found = qemu_snapshots.find_snapshot(images(tmp_path), "tcg", "7.2")
     assert found is not None and found.kernel_args == ("a=1",)
     assert found.memory.parent == directory
 
