@@ -42,6 +42,7 @@ if __package__:
     from .runs import (
         CGROUP_ROOT,
         DEFAULT_PATH,
+        DRAIN_SECONDS,
         RUN_DIR,
         SANDBOX_HOME,
         WARM_WAIT,
@@ -62,6 +63,7 @@ else:  # run as a script inside the guest, with its modules beside it
     from runs import (  # type: ignore[no-redef]
         CGROUP_ROOT,
         DEFAULT_PATH,
+        DRAIN_SECONDS,
         RUN_DIR,
         SANDBOX_HOME,
         WARM_WAIT,
@@ -72,7 +74,15 @@ else:  # run as a script inside the guest, with its modules beside it
     )
     from zygote import ZygoteHandle  # type: ignore[no-redef]
 
-__all__ = ["DEFAULT_PATH", "SANDBOX_HOME", "Agent", "build_env", "main"]
+__all__ = [
+    "DEFAULT_PATH",
+    "DRAIN_SECONDS",
+    "SANDBOX_HOME",
+    "Agent",
+    "Execution",
+    "build_env",
+    "main",
+]
 
 AGENT_VERSION = "1"
 PORT_NAME = "org.fission.agent"
