@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import re
 import secrets
 import time
@@ -44,7 +43,7 @@ TraceSteps = tuple[tuple[str, float], ...]
 STDIN_CHUNK = 64 * 1024
 STREAM_NAMES = {FrameType.STDOUT: "stdout", FrameType.STDERR: "stderr"}
 MAX_TRACE_STEPS = 32
-MAX_TRACE_MS = 86_400_000.0  # a day: no step of a run is later than that
+MAX_TRACE_MS = 86_400_000.0  # a day in ms: no run (nor any step of one) takes longer
 TRACE_STEP = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
 
@@ -109,7 +108,8 @@ def parse_trace(value: object) -> TraceSteps:
         name, ms = item
         if not isinstance(name, str) or not TRACE_STEP.match(name):
             return ()
-        if type(ms) not in (int, float) or not math.isfinite(ms) or abs(ms) > MAX_TRACE_MS:
+        # Compared, not converted: NaN and infinities fail it, a huge int cannot overflow.
+        if type(ms) not in (int, float) or not abs(ms) <= MAX_TRACE_MS:
             return ()
         steps.append((name, float(ms)))
     return tuple(steps)
@@ -129,7 +129,8 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
         raise AgentProtocolError(f"EXIT frame has a bad signal {sig!r}")
     if not all(type(flag) is bool for flag in flags):
         raise AgentProtocolError("EXIT frame flags must be booleans")
-    if type(duration) not in (int, float) or not math.isfinite(duration) or duration < 0:
+    # Compared, not converted: a huge int from the guest would overflow float().
+    if type(duration) not in (int, float) or not 0 <= duration <= MAX_TRACE_MS:
         raise AgentProtocolError(f"EXIT frame has a bad duration_ms {duration!r}")
     extras = [message.get(name, False) for name in ("context_reset", "warm")]
     if not all(type(flag) is bool for flag in extras):

@@ -153,6 +153,10 @@ class Agent:
                 timeout = 0.0  # a file is being read: send its next chunk right away
             for key, mask in self.selector.select(timeout):
                 kind, execution = key.data
+                # An event of this batch may be stale: handling an earlier one can close
+                # its fd (a run's status drains and closes its output pipes), even reuse it.
+                if self.selector.get_map().get(key.fd) is not key:
+                    continue
                 if kind == "tunnel":
                     self.on_tunnel(execution, mask)
                 elif kind == "channel":
@@ -438,7 +442,10 @@ def main() -> None:
     port = find_port()
     channel_fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
     log(f"ready on {port}")
-    Agent(channel_fd).run()
+    try:
+        Agent(channel_fd).run()
+    finally:
+        os.close(channel_fd)  # else a restart finds the port busy
 
 
 if __name__ == "__main__":

@@ -130,3 +130,37 @@ async def test_contexts_are_for_python_only(machine: Machine) -> None:
     with pytest.raises(InvalidInput, match="context id"):
         await run(machine, "print(1)", context="no spaces")
     assert (await run(machine, "print('still serving')")).stdout == b"still serving\n"
+
+
+async def test_each_run_gets_random_streams_of_its_own(machine: Machine) -> None:
+    # Warm children are forked ahead of time from one fork server; each reseeds once forked
+    # (after the VM's INIT), the one saved in the snapshot again at its run.
+    full = "import os, random, numpy\nprint(os.urandom(8).hex(), random.random(), numpy.random.rand())"
+    lean = "import os, random\nprint(os.urandom(8).hex(), random.random())"
+    runs = [await run(machine, full) for _ in range(3)] + [await run(machine, lean) for _ in range(3)]
+    assert all(r.outcome.exit_code == 0 and r.outcome.warm for r in runs)
+    columns = list(zip(*(r.stdout.split() for r in runs[:3]), strict=True))
+    columns += list(zip(*(r.stdout.split() for r in runs[3:]), strict=True))
+    for values in columns:
+        assert len(set(values)) == len(values), values
+
+
+async def test_commands_run_in_a_warm_child_inside_the_same_box(machine: Machine) -> None:
+    probe = (
+        "id -u; id -G; grep NoNewPrivs /proc/self/status | tr -d ' \\t'; "
+        "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); echo $cg; "
+        "cat $cg/memory.max $cg/pids.max $cg/memory.swap.max $cg/memory.oom.group"
+    )
+    ran = [
+        await run(machine, "", argv=["/bin/sh", "-c", probe], mode="exec", script=None)
+        for _ in range(2)
+    ]
+    for r in ran:
+        uid, groups, nnp, _, memory, pids, swap, group_kill = r.stdout.decode().split()
+        assert (uid, groups, nnp) == ("1000", "1000", "NoNewPrivs:1")
+        assert int(memory) == Limits().memory_mb * 1024 * 1024 and int(pids) == Limits().pids
+        assert (swap, group_kill) == ("0", "1")
+    assert ran[0].stdout.split()[3] != ran[1].stdout.split()[3]  # a cgroup per run
+    missing = await run(machine, "", argv=["/no/such/program"], mode="exec", script=None)
+    assert missing.outcome.exit_code == 127
+    assert missing.stderr.startswith(b"fission: cannot start program: FileNotFoundError")

@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from fission.agent.client import STDIN_CHUNK, AgentClient, ExecOutcome, ExecRequest, parse_exit
+from fission.agent.client import (
+    MAX_TRACE_STEPS,
+    STDIN_CHUNK,
+    AgentClient,
+    ExecOutcome,
+    ExecRequest,
+    parse_exit,
+    parse_trace,
+)
 from fission.errors import AgentProtocolError, VMError
 from fission.guest import protocol
 from fission.guest.protocol import Frame, FrameType
@@ -101,6 +109,7 @@ def test_parse_exit_accepts_boundary_values(change: dict[str, Any]) -> None:
         {"output_truncated": []},
         {"duration_ms": -1},
         {"duration_ms": -0.001},
+        {"duration_ms": 10**400},
         {"duration_ms": "1"},
         {"duration_ms": True},
         {"duration_ms": None},
@@ -125,6 +134,84 @@ def test_parse_exit_refuses_non_finite_durations(payload: bytes) -> None:
     message = protocol.decode_json(raw[:-1] + b"," + payload + b"}")
     with pytest.raises(AgentProtocolError):
         parse_exit(message)
+
+
+# parse_trace: the guest's per-step times are untrusted numbers ---------------------------------
+
+GOOD_TRACE = [["parsed", 0.4], ["prep_forked", -812.5], ["handed_over", 3], ["exit_sent", 9.25]]
+
+
+def test_a_well_formed_trace_reaches_the_outcome() -> None:
+    outcome = parse_exit(GOOD_EXIT | {"trace": GOOD_TRACE})
+    assert outcome.trace == (
+        ("parsed", 0.4),
+        ("prep_forked", -812.5),
+        ("handed_over", 3.0),
+        ("exit_sent", 9.25),
+    )
+    assert all(type(ms) is float for _, ms in outcome.trace)
+
+
+def test_an_exit_without_a_trace_has_none() -> None:
+    assert parse_exit(dict(GOOD_EXIT)).trace == ()
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        "parsed",
+        {"parsed": 1.0},
+        [["parsed"]],
+        [["parsed", 1.0, 2.0]],
+        [("parsed", 1.0)],
+        [[1, 1.0]],
+        [["Parsed", 1.0]],
+        [["_parsed", 1.0]],
+        [["pars-ed", 1.0]],
+        [["p" * 33, 1.0]],
+        [["", 1.0]],
+        [["pärsed", 1.0]],
+        [["parsed", "1.0"]],
+        [["parsed", True]],
+        [["parsed", None]],
+        [["parsed", 86_400_001]],
+        [["parsed", -86_400_001]],
+        [["parsed", 10**400]],
+        [["ok", 1.0]] * (MAX_TRACE_STEPS + 1),
+        [["parsed", 1.0], "junk"],
+    ],
+)
+def test_a_bad_trace_is_dropped_and_the_run_still_counts(trace: object) -> None:
+    outcome = parse_exit(GOOD_EXIT | {"trace": trace})
+    assert outcome.trace == ()
+    assert outcome == ExecOutcome(3, 0, False, False, False, 1.5)
+
+
+@pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_trace_times_are_dropped(token: bytes) -> None:
+    # json.loads accepts these non-JSON tokens, so a hostile guest can send them.
+    raw = protocol.dump_json(GOOD_EXIT)
+    message = protocol.decode_json(raw[:-1] + b',"trace":[["parsed",' + token + b"]]}")
+    assert parse_exit(message).trace == ()
+
+
+def test_parse_trace_bounds() -> None:
+    assert parse_trace([["a", 0]] * MAX_TRACE_STEPS) == (("a", 0.0),) * MAX_TRACE_STEPS
+    assert parse_trace([["a" * 32, 86_400_000], ["b0_1", -86_400_000.0]]) == (
+        ("a" * 32, 86_400_000.0),
+        ("b0_1", -86_400_000.0),
+    )
+    assert parse_trace([]) == ()
+    assert parse_trace(None) == ()
+
+
+def test_trace_and_last_run_are_off_unless_asked_and_go_to_the_guest() -> None:
+    from dataclasses import asdict, replace
+
+    plain = request()
+    assert plain.trace is False and plain.last_run is False
+    sent = asdict(replace(plain, trace=True, last_run=True))
+    assert sent["trace"] is True and sent["last_run"] is True
 
 
 # AgentClient against a fake guest --------------------------------------------------------------
@@ -487,3 +574,13 @@ async def test_prepare_snapshot_and_kill() -> None:
         await guest.send(protocol.encode_json(FrameType.PONG, 0, {}))
         with pytest.raises(AgentProtocolError, match="expected READY"):
             await client.prepare_snapshot(5)
+
+
+async def test_exec_marks_when_the_request_went_out_and_the_exit_came_back() -> None:
+    async with connected() as (client, guest):
+        await guest.send(protocol.encode_json(FrameType.EXIT, 1, GOOD_EXIT | {"trace": GOOD_TRACE}))
+        marks: dict[str, float] = {}
+        before = time.monotonic()
+        outcome = await client.exec(request(), lambda s, d: None, marks=marks)
+        assert before <= marks["exec_sent"] <= marks["exit_read"] <= time.monotonic()
+        assert outcome.trace[0] == ("parsed", 0.4)

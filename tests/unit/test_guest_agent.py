@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import selectors
+import socket
+import stat
 import sys
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, build_env
+from fission.guest.confine import write_file
+from fission.guest.runs import CHILD_STEPS, MAX_TRACE_STEPS, Execution, child_steps, write_script
+from fission.guest.warm import ForkServers, stdlib_only
+from fission.guest.zygote import WarmChild, ZygoteHandle
 from fission.images.store import AGENT_FILES
 
 AGENT_DIR = Path(__file__).resolve().parents[2] / "fission" / "guest"
@@ -124,3 +135,184 @@ def test_build_env_does_not_change_the_request() -> None:
     requested = {"A": "1"}
     build_env(requested)
     assert requested == {"A": "1"}
+
+
+# The warm path: traces, the choice of a warm child, reseeding, hand-over ---------------------
+
+
+def execution(request: dict[str, Any], read_at: float = 0.0) -> Execution:
+    """An Execution parsed from ``request``, with no agent behind it (nothing is started)."""
+    return Execution(None, 7, {"argv": ["python3"]} | request, read_at)
+
+
+def test_steps_are_traced_only_when_asked() -> None:
+    assert execution({}).trace is None
+    traced = execution({"trace": True}, read_at=time.monotonic() - 0.002)
+    assert traced.trace is not None
+    [(name, ms)] = traced.trace
+    assert name == "parsed" and 2.0 <= ms < 1000.0
+    traced.mark("child_woke", traced.trace_base - 0.5)  # prepared before the request came
+    assert traced.trace[-1] == ["child_woke", -500.0]
+
+
+def test_a_trace_never_grows_past_what_the_host_accepts() -> None:
+    traced = execution({"trace": "yes"})
+    assert traced.trace is None  # only a true boolean asks for one
+    traced = execution({"trace": True})
+    for _ in range(2 * MAX_TRACE_STEPS):
+        traced.mark("step")
+    assert traced.trace is not None and len(traced.trace) == MAX_TRACE_STEPS
+
+
+def test_a_run_is_the_vms_last_only_when_it_says_so() -> None:
+    assert execution({}).warm_next is True
+    assert execution({"last_run": False}).warm_next is True
+    assert execution({"last_run": True}).warm_next is False
+    assert execution({"last_run": 1}).warm_next is True
+
+
+def test_a_childs_report_gives_named_times() -> None:
+    report = b"0 " + b" ".join(b"%d.5" % i for i in range(len(CHILD_STEPS)))
+    assert child_steps(report) == [(name, i + 0.5) for i, name in enumerate(CHILD_STEPS)]
+    assert child_steps(b"3") == []
+    assert child_steps(b"0 1.0 2.0") == [(CHILD_STEPS[0], 1.0), (CHILD_STEPS[1], 2.0)]
+    extra = b"0" + b" 1.0" * (len(CHILD_STEPS) + 5)
+    assert len(child_steps(extra)) == len(CHILD_STEPS)
+
+
+@pytest.mark.parametrize("report", [b"0 nan", b"0 inf 1.0", b"0 -inf", b"0 1.0 x", b"0 1e999"])
+def test_a_hostile_report_gives_no_times(report: bytes) -> None:
+    # User code runs in the child and can write anything on its status pipe.
+    assert child_steps(report) == []
+
+
+@pytest.mark.parametrize(
+    ("script", "lean"),
+    [
+        ("print(42)", True),
+        ("import os, sys\nfrom json import dumps\nimport os.path as p\n", True),
+        ("def f():\n    import collections.abc\n", True),
+        ("# import numpy\nx = 'import numpy'\n", True),
+        ("from . import sibling\n", True),
+        ("import numpy as np\n", False),
+        ("import os, pandas\n", False),
+        ("from sklearn.linear_model import LinearRegression\n", False),
+        ("if True:\n\timport requests\n", False),
+    ],
+)
+def test_scripts_that_import_only_the_standard_library_take_a_lean_child(
+    script: str, lean: bool
+) -> None:
+    assert stdlib_only(script) is lean
+
+
+class FakeServer:
+    """Stands for a ZygoteHandle: children ready now, children that a wait would bring."""
+
+    def __init__(self, name: str, ready: int = 0, coming: int = 0) -> None:
+        self.name, self.ready, self.coming = name, ready, coming
+        self.waited: list[float] = []
+
+    def take_warm(self, wait: float = 0.0) -> str | None:
+        if self.ready:
+            self.ready -= 1
+            return self.name
+        if wait > 0:
+            self.waited.append(wait)
+            if self.coming:
+                self.coming -= 1
+                return self.name
+        return None
+
+
+def servers(full: FakeServer | None, lean: FakeServer | None) -> ForkServers:
+    forks = ForkServers(selectors.DefaultSelector(), None)  # starts nothing
+    forks.full, forks.lean = cast(Any, full), cast(Any, lean)
+    return forks
+
+
+def test_a_stdlib_script_takes_whichever_child_is_ready_lean_first() -> None:
+    full, lean = FakeServer("full", ready=1), FakeServer("lean", ready=1)
+    forks = servers(full, lean)
+    assert forks.take_python("print(1)", 2.0) == "lean"
+    assert forks.take_python("print(1)", 2.0) == "full"  # ready at once beats waiting
+    assert full.waited == lean.waited == []
+    lean.coming = 1
+    assert forks.take_python("print(1)", 2.0) == "lean"  # then the lean one is waited for
+
+
+def test_a_script_needing_the_preloads_waits_for_a_full_child() -> None:
+    full, lean = FakeServer("full", coming=1), FakeServer("lean", ready=1)
+    forks = servers(full, lean)
+    assert forks.take_python("import numpy", 2.0) == "full"
+    assert full.waited == [2.0] and lean.ready == 1
+    assert servers(None, FakeServer("lean", ready=1)).take_python("import numpy", 2.0) == "lean"
+
+
+def test_commands_take_lean_children_and_contexts_full_ones() -> None:
+    forks = servers(FakeServer("full", ready=1), FakeServer("lean", ready=1))
+    assert forks.take_exec(1.0) == "lean" and forks.take_context(1.0) == "full"
+    assert servers(FakeServer("full", ready=1), None).take_exec(1.0) is None
+
+
+def handle_without_a_process() -> ZygoteHandle:
+    handle = ZygoteHandle.__new__(ZygoteHandle)
+    handle.warm, handle.exits = [], []
+    handle.fork_requested, handle.reseed_next = False, False
+    return handle
+
+
+def test_an_init_makes_every_waiting_or_coming_child_reseed() -> None:
+    handle = handle_without_a_process()
+    a, b = socket.socketpair()
+    waiting = WarmChild(10, "/sys/fs/cgroup/warm-1-1", a, False, handle)
+    handle.warm = [waiting]
+    handle.fork_requested = True  # a child is being forked as the VM is restored
+    handle.mark_reseed()
+    assert waiting.reseed is True and handle.reseed_next is True
+    handle.fork_requested, handle.reseed_next = False, False
+    handle.mark_reseed()
+    assert handle.reseed_next is False  # nothing on its way: later children are fresh
+    a.close()
+    b.close()
+
+
+def test_a_hand_over_says_reseed_only_to_a_child_from_before_the_init() -> None:
+    for reseed in (False, True):
+        ours, childs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child = WarmChild(os.getpid(), "/nowhere", ours, reseed, handle_without_a_process())
+        r, w = os.pipe()
+        assert child.hand_over({"path": "/run/fission/1/main.py"}, [r, w]) is True
+        message, fds, _, _ = socket.recv_fds(childs, 4096, 4)
+        assert json.loads(message).get("reseed", False) is reseed and len(fds) == 2
+        for fd in (r, w, *fds):
+            os.close(fd)
+        childs.close()
+
+
+def test_a_hand_over_to_a_child_that_died_says_so() -> None:
+    ours, childs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    childs.close()
+    child = WarmChild(os.getpid(), "/nowhere", ours, False, handle_without_a_process())
+    r, w = os.pipe()
+    assert child.hand_over({"argv": ["true"]}, [r, w]) is False
+    os.close(r)
+    os.close(w)
+
+
+def test_a_script_is_written_once_readable_by_the_sandbox_user(tmp_path: Path) -> None:
+    path = str(tmp_path / "main.py")
+    write_script(path, "print('é')\n" * 1000)
+    assert Path(path).read_text(encoding="utf-8") == "print('é')\n" * 1000
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    with pytest.raises(FileExistsError):
+        write_script(path, "again")
+
+
+def test_write_file_writes_in_place(tmp_path: Path) -> None:
+    target = tmp_path / "memory.max"
+    target.write_text("max\n")
+    write_file(str(target), "268435456")
+    assert target.read_text() == "268435456"
+    with pytest.raises(FileNotFoundError):  # a cgroup file is never created
+        write_file(str(tmp_path / "absent"), "1")
