@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -367,8 +368,12 @@ async def private_service(
     close_deadline: float = 30.0,
     *,
     make: Callable[[ServiceConfig], Service] | None = None,
+    several: bool = False,
 ) -> AsyncIterator[Service]:
     """A started Service whose state dir belongs to this process alone (``<prefix><pid>``).
+
+    With ``several`` the process may run more than one at once (embedded runs gathered in one
+    event loop, or in threads): each dir is ``<prefix><pid>-<random>``.
 
     The dir is locked while the service lives and removed when it stops; what a process killed
     before it could clean up left behind (its VMs, their files and cgroups) is swept by the next
@@ -377,7 +382,8 @@ async def private_service(
     """
     root = runtime_dir()
     sweep_stale(root, prefix)
-    state_dir = root / f"{prefix}{os.getpid()}"
+    suffix = f"-{secrets.token_hex(4)}" if several else ""
+    state_dir = root / f"{prefix}{os.getpid()}{suffix}"
     lock = lock_state_dir(state_dir)
     try:
         service = (make or Service)(config(state_dir))
@@ -409,4 +415,4 @@ def embedded_config(state_dir: Path) -> ServiceConfig:
 
 def embedded_service() -> contextlib.AbstractAsyncContextManager[Service]:
     """A Service in this process for the runs of one CLI command or SDK call."""
-    return private_service(EMBEDDED_PREFIX, embedded_config)
+    return private_service(EMBEDDED_PREFIX, embedded_config, several=True)

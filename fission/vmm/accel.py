@@ -59,9 +59,10 @@ def tcg_kernel_args() -> tuple[str, ...]:
 
     Under TCG the guest's TSC calibration against the PIT fails at random (emulation jitter),
     and the kernel then hangs; telling it the TSC frequency skips the calibration. The same
-    jitter makes the clocksource watchdog drop the TSC in a busy template, leaving clones on
-    4 ms jiffies (coarse timers, a syscall per clock read); TCG's TSC follows the host's
-    monotonic clock, so it is trusted (``tsc=reliable``).
+    jitter makes the clocksource watchdog drop the TSC in a template booted on a busy host,
+    leaving every clone of it on jiffies, where the agent's timers misfire (a run's timeout
+    then fires only at the host's deadline). TCG's TSC follows the host's monotonic clock, so
+    it is trusted (``tsc=reliable``).
 
     ``norandmaps`` turns user-space address randomisation off in TCG guests: TCG finds its
     translated code by virtual address, so a randomised program retranslates its loader and
