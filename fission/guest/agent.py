@@ -86,6 +86,7 @@ __all__ = [
 
 AGENT_VERSION = "1"
 PORT_NAME = "org.fission.agent"
+STDERR = protocol.FrameType.STDERR
 RNDRESEEDCRNG = 0x5207  # ioctl: reseed the kernel's CRNG from its input pool now
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 2, 4, 8, 32  # mount(2) flags
 DATA_DIR = "/data"
@@ -151,7 +152,7 @@ class Agent:
                 timeout = 0.01 if timeout is None else min(timeout, 0.01)
             if self.files.downloads:
                 timeout = 0.0  # a file is being read: send its next chunk right away
-            for key, mask in self.selector.select(timeout):
+            for key, mask in sorted(self.selector.select(timeout), key=stderr_first):
                 kind, execution = key.data
                 # An event of this batch may be stale: handling an earlier one can close
                 # its fd (a run's status drains and closes its output pipes), even reuse it.
@@ -385,6 +386,16 @@ class Agent:
                 if exc.errno == errno.EBUSY:
                     remaining.append(cgroup)
         self.stale_cgroups = remaining
+
+
+def stderr_first(event: tuple[selectors.SelectorKey, int]) -> int:
+    """Sort key: a run's stderr before anything else of one batch of events.
+
+    When both streams of a run have output waiting, which came first is lost; stderr (short,
+    and what explains a failure) goes first, so bulk stdout cannot crowd it out of the cap.
+    """
+    kind, execution = event[0].data
+    return 0 if kind == "out" and execution.out_fds.get(event[0].fd) is STDERR else 1
 
 
 def read_text(path: str) -> str:

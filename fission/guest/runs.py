@@ -44,10 +44,12 @@ SANDBOX_HOME = "/home/sandbox"
 CGROUP_ROOT = "/sys/fs/cgroup"
 RUN_DIR = "/run/fission"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STDERR = protocol.FrameType.STDERR  # read before stdout when both wait (see agent.stderr_first)
 DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
 WARM_WAIT = 2.0  # how long a Python run waits for a fork-server child already being forked
 MAX_TRACE_STEPS = 24  # the host accepts no more (``fission.agent.client``)
 STATUS_WAIT = 0.02  # once a run's output ended, how long to wait for its exit status at once
+KILLED_POLL = 0.1  # a run killed at its deadline: how often to look for its end meanwhile
 # What a fork-server child reports after its exit code when tracing (monotonic seconds); the
 # first three happened before the run (negative offsets) unless the run had to wait for them.
 CHILD_STEPS = (
@@ -409,7 +411,7 @@ class Execution:
                 for step, at in child_steps(data):
                     self.mark(step, at)
             self.set_status(int(code) << 8, "status_read")  # as a wait status: exited with code
-            for fd in list(self.out_fds):
+            for fd in sorted(self.out_fds, key=lambda fd: self.out_fds[fd] != STDERR):
                 while fd in self.out_fds and self.on_output(fd):
                     pass
             if self.out_fds and self._only_main_left():
@@ -525,7 +527,8 @@ class Execution:
     def next_wakeup(self) -> float:
         """The monotonic time at which tick() must next run."""
         if self.status is None:
-            return self.deadline
+            # Killed at its deadline: the end comes as an event (a poll only in case).
+            return self.deadline if not self.timed_out else time.monotonic() + KILLED_POLL
         return self.drain_deadline or time.monotonic()
 
     def finish(self) -> None:

@@ -6,9 +6,10 @@ freezes its heap (``gc.freeze()``, so children dirty fewer shared pages) and for
 children* ahead of time. A warm child puts itself in a fresh cgroup, confines itself exactly as
 an exec'd program would be (``confine.confine_process``: sandbox user, no_new_privs, no fds but
 its hand-off socket), reseeds every random generator it holds (it shares the zygote's), runs a
-warm-up snippet, tells the agent it is waiting, and blocks. The zygote and the children it
-prepares run at idle priority, so preparing the next child never slows a run in progress; the
-agent lifts a child to the normal policy when it hands it a run.
+warm-up snippet, tells the agent it is waiting, and blocks. The zygote forks at idle priority
+and the child prepares at it, so preparing the next child never slows a run in progress; the
+agent lifts a child to the normal policy when it hands it a run. The zygote itself otherwise
+runs at the normal one: it reports the exits of runs, which must never wait for an idle CPU.
 
 A run is one message on the child's socket (script path, env, cwd) carrying the run's three
 streams and a status pipe: the child attaches them and runs the script as ``__main__``. A
@@ -247,11 +248,15 @@ class Zygote:
         cgroup = os.path.join(CGROUP_ROOT, f"warm-{os.getpid()}-{self.forked}")
         confine.new_cgroup(cgroup)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The fork's kernel work, and the child's preparation after it (it inherits the
+        # policy), wait for an idle CPU; the zygote itself must not: it reports exits.
+        confine.lower_priority()
         pid = os.fork()
         if pid == 0:
             parent_end.close()
             self.sock.close()
             warm_child(child_end, cgroup)
+        confine.wake(0)
         child_end.close()
         send(self.sock, {"warm": pid, "cgroup": cgroup}, [parent_end.fileno()])
         parent_end.close()
@@ -292,7 +297,6 @@ class Zygote:
 
 def main() -> None:
     """Entry point: ``zygote.py FD MODULE,MODULE,...``."""
-    confine.lower_priority()  # preparing children must never slow a run down
     sock = socket.socket(fileno=int(sys.argv[1]))
     for name in filter(None, sys.argv[2].split(",") if len(sys.argv) > 2 else []):
         try:
@@ -426,23 +430,19 @@ class ZygoteHandle:
 
         With ``wait``, a child is asked for unless one is on its way, and waited for up to
         ``wait`` seconds: forking one takes tens of milliseconds, starting a fresh ``python3``
-        hundreds. The zygote runs at the normal priority meanwhile, so a busy run beside this
-        one cannot starve it.
+        hundreds. A fork under way is lifted to the normal priority, so a busy run beside this
+        one cannot starve it (the zygote drops to idle priority again at its next fork).
         """
         deadline = time.monotonic() + wait
         if wait > 0 and self.ready and not self.warm:
             self.request_warm()
-        boosted = False
+        if self.alive and self.ready and not self.warm and self.fork_requested and wait > 0:
+            confine.wake(self.pid)
         while self.alive and self.ready and not self.warm and self.fork_requested:
             left = deadline - time.monotonic()
-            if not boosted:
-                confine.wake(self.pid)
-                boosted = True
             if left <= 0 or not select.select([self.sock], [], [], left)[0]:
                 break
             self.receive()
-        if boosted:
-            confine.lower_priority(self.pid)
         return self.warm.pop(0) if self.ready and self.warm else None
 
     def request_warm(self) -> None:

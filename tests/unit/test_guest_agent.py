@@ -1,4 +1,5 @@
-"""The guest agent's pure parts: stdlib-only imports, Python 3.9 syntax, the program's env."""
+"""The guest agent's pure parts: stdlib-only imports, Python 3.9 syntax, the program's env,
+and the warm path (traces, the choice of a warm child, reseeding, hand-over)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any, cast
 
 import pytest
 
-from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, build_env
+from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, build_env, stderr_first
 from fission.guest.confine import write_file
+from fission.guest.protocol import FrameType
 from fission.guest.runs import CHILD_STEPS, MAX_TRACE_STEPS, Execution, child_steps, write_script
 from fission.guest.warm import ForkServers, stdlib_only
 from fission.guest.zygote import WarmChild, ZygoteHandle
@@ -316,3 +318,14 @@ def test_write_file_writes_in_place(tmp_path: Path) -> None:
     assert target.read_text() == "268435456"
     with pytest.raises(FileNotFoundError):  # a cgroup file is never created
         write_file(str(tmp_path / "absent"), "1")
+
+
+def test_a_runs_stderr_is_read_first_when_both_streams_wait() -> None:
+    run = execution({})
+    run.out_fds = {11: FrameType.STDOUT, 12: FrameType.STDERR}
+
+    def event(fd: int, kind: str, owner: object) -> tuple[selectors.SelectorKey, int]:
+        return selectors.SelectorKey(fd, fd, selectors.EVENT_READ, (kind, owner)), 1
+
+    events = [event(3, "channel", None), event(11, "out", run), event(12, "out", run)]
+    assert [key.fd for key, _ in sorted(events, key=stderr_first)] == [12, 3, 11]
