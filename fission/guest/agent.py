@@ -38,19 +38,9 @@ from typing import Any
 
 if __package__:
     from . import confine, context, files, protocol, tunnel, warm
+    from .confine import DEFAULT_PATH, SANDBOX_HOME, build_env
     from .protocol import INVALID_INPUT, AgentError
-    from .runs import (
-        CGROUP_ROOT,
-        DEFAULT_PATH,
-        DRAIN_SECONDS,
-        RUN_DIR,
-        SANDBOX_HOME,
-        WARM_WAIT,
-        Execution,
-        build_env,
-        log,
-        remove_tree,
-    )
+    from .runs import CGROUP_ROOT, DRAIN_SECONDS, RUN_DIR, WARM_WAIT, Execution, log, remove_tree
     from .zygote import ZygoteHandle
 else:  # run as a script inside the guest, with its modules beside it
     import confine  # type: ignore[no-redef]
@@ -59,16 +49,14 @@ else:  # run as a script inside the guest, with its modules beside it
     import protocol  # type: ignore[no-redef]
     import tunnel  # type: ignore[no-redef]
     import warm  # type: ignore[no-redef]
+    from confine import DEFAULT_PATH, SANDBOX_HOME, build_env  # type: ignore[no-redef]
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
     from runs import (  # type: ignore[no-redef]
         CGROUP_ROOT,
-        DEFAULT_PATH,
         DRAIN_SECONDS,
         RUN_DIR,
-        SANDBOX_HOME,
         WARM_WAIT,
         Execution,
-        build_env,
         log,
         remove_tree,
     )

@@ -9,7 +9,8 @@ It is split in two so the fork server can do the expensive part ahead of time, i
 that then waits for its run already confined: ``confine_process`` (everything that needs root)
 and ``attach_stdio`` (the run's own streams). ``fresh_stdio``, ``reseed`` and ``exit_code_of``
 are what a pre-started Python interpreter (a fork-server child, a code context) does per run.
-Every cgroup a run lands in is made by ``new_cgroup``; processes prepared ahead of time wait at
+Every cgroup a run lands in is made by ``new_cgroup`` (``oom_kills`` reads what it saw), every
+program's environment by ``build_env``; processes prepared ahead of time wait at
 idle priority (``lower_priority``) until the agent ``wake``s them with a run.
 """
 
@@ -23,6 +24,8 @@ import resource
 import signal
 import sys
 
+SANDBOX_HOME = "/home/sandbox"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 PR_SET_NO_NEW_PRIVS = 38
@@ -141,3 +144,41 @@ def exit_code_of(exc: SystemExit) -> int:
         return code & 0xFF
     print(code, file=sys.stderr)
     return 1
+
+
+def oom_kills(cgroup: str) -> int:
+    """How many OOM kills the cgroup has seen so far."""
+    events = read_cgroup_events(cgroup)
+    return events.get("oom_kill", 0) + events.get("oom_group_kill", 0)
+
+
+def read_cgroup_events(cgroup: str, name: str = "memory.events") -> dict[str, int]:
+    """Parse a cgroup ``key value`` file into a dict."""
+    events: dict[str, int] = {}
+    try:
+        with open(os.path.join(cgroup, name)) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                events[key] = int(value or 0)
+    except (OSError, ValueError):
+        pass
+    return events
+
+
+def build_env(requested: dict[str, str]) -> dict[str, str]:
+    """The program's whole environment: safe defaults overlaid with what the request names."""
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": SANDBOX_HOME,
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+    }
+    for key, value in requested.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key:
+            raise ValueError(f"bad environment entry {key!r}")
+        if "\0" in key or "\0" in value:
+            raise ValueError(f"environment entry {key!r} holds a NUL byte")
+        env[key] = value
+    return env

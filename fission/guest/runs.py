@@ -29,39 +29,31 @@ from typing import Any
 
 if __package__:
     from . import confine, context, protocol
-    from .confine import write_file
+    from .confine import SANDBOX_HOME, build_env, oom_kills, write_file
     from .protocol import INVALID_INPUT, AgentError
-    from .zygote import START_FAILED
+    from .zygote import START_FAILED, child_steps
 else:  # run as a script inside the guest, with its modules beside it
     import confine  # type: ignore[no-redef]
     import context  # type: ignore[no-redef]
     import protocol  # type: ignore[no-redef]
-    from confine import write_file  # type: ignore[no-redef]
+    from confine import (  # type: ignore[no-redef]
+        SANDBOX_HOME,
+        build_env,
+        oom_kills,
+        write_file,
+    )
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
-    from zygote import START_FAILED  # type: ignore[no-redef]
+    from zygote import START_FAILED, child_steps  # type: ignore[no-redef]
 
-SANDBOX_HOME = "/home/sandbox"
 CGROUP_ROOT = "/sys/fs/cgroup"
 RUN_DIR = "/run/fission"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STDERR = protocol.FrameType.STDERR  # read before stdout when both wait (see agent.stderr_first)
 DRAIN_SECONDS = 1.0  # after the main process ends, how long to collect buffered output
 WARM_WAIT = 2.0  # how long a Python run waits for a fork-server child already being forked
 MAX_TRACE_STEPS = 24  # the host accepts no more (``fission.agent.client``)
 STATUS_WAIT = 0.02  # once a run's output ended, how long to wait for its exit status at once
+DRAIN_READS = 16  # reads of a pipe at a status: a whole pipe (at most 1 MiB) in OUTPUT_CHUNKs
 KILLED_POLL = 0.1  # a run killed at its deadline: how often to look for its end meanwhile
-# What a fork-server child reports after its exit code when tracing (monotonic seconds); the
-# first three happened before the run (negative offsets) unless the run had to wait for them.
-CHILD_STEPS = (
-    "prep_forked",
-    "prep_confined",
-    "prep_warmed",
-    "child_woke",
-    "child_ready",
-    "program_start",
-    "program_done",
-    "program_end",
-)
 
 
 def log(message: str) -> None:
@@ -71,44 +63,6 @@ def log(message: str) -> None:
             kmsg.write(f"fission-agent: {message}\n")
     except OSError:
         sys.stderr.write(f"fission-agent: {message}\n")
-
-
-def oom_kills(cgroup: str) -> int:
-    """How many OOM kills the cgroup has seen so far."""
-    events = read_cgroup_events(cgroup)
-    return events.get("oom_kill", 0) + events.get("oom_group_kill", 0)
-
-
-def read_cgroup_events(cgroup: str, name: str = "memory.events") -> dict[str, int]:
-    """Parse a cgroup ``key value`` file into a dict."""
-    events: dict[str, int] = {}
-    try:
-        with open(os.path.join(cgroup, name)) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                events[key] = int(value or 0)
-    except (OSError, ValueError):
-        pass
-    return events
-
-
-def build_env(requested: dict[str, str]) -> dict[str, str]:
-    """The program's whole environment: safe defaults overlaid with what the request names."""
-    env = {
-        "PATH": DEFAULT_PATH,
-        "HOME": SANDBOX_HOME,
-        "USER": "sandbox",
-        "LOGNAME": "sandbox",
-        "LANG": "C.UTF-8",
-        "TMPDIR": "/tmp",
-    }
-    for key, value in requested.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key or "=" in key:
-            raise ValueError(f"bad environment entry {key!r}")
-        if "\0" in key or "\0" in value:
-            raise ValueError(f"environment entry {key!r} holds a NUL byte")
-        env[key] = value
-    return env
 
 
 def write_script(path: str, text: str) -> None:
@@ -126,23 +80,6 @@ def write_script(path: str, text: str) -> None:
 def remove_tree(path: str) -> None:
     """Remove a directory tree the agent made, ignoring what is already gone."""
     shutil.rmtree(path, ignore_errors=True)
-
-
-def child_steps(report: bytes) -> list[tuple[str, float]]:
-    """The named monotonic times after the exit code in a fork-server child's report.
-
-    The report comes from a process that ran user code: anything but finite numbers gives none.
-    """
-    steps = []
-    for name, word in zip(CHILD_STEPS, report.split()[1:]):  # noqa: B905 - Python 3.9
-        try:
-            value = float(word)
-        except ValueError:
-            return []
-        if value != value or value in (float("inf"), float("-inf")):
-            return []
-        steps.append((name, value))
-    return steps
 
 
 class Execution:
@@ -271,6 +208,7 @@ class Execution:
             else:
                 if warm is not None:  # it died before its run: start this one afresh
                     self.close_status()
+                    self.agent.remove_cgroup_later(self.cgroup)
                     self.cgroup = os.path.join(CGROUP_ROOT, f"run-{self.request_id}")
                     self.server = None
                     self.warm = False
@@ -412,8 +350,10 @@ class Execution:
                     self.mark(step, at)
             self.set_status(int(code) << 8, "status_read")  # as a wait status: exited with code
             for fd in sorted(self.out_fds, key=lambda fd: self.out_fds[fd] != STDERR):
-                while fd in self.out_fds and self.on_output(fd):
-                    pass
+                # Bounded: a process the run left behind may write on as fast as it reads.
+                for _ in range(DRAIN_READS):
+                    if fd not in self.out_fds or not self.on_output(fd):
+                        break
             if self.out_fds and self._only_main_left():
                 for fd in list(self.out_fds):
                     self.agent.selector.unregister(fd)

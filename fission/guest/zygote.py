@@ -59,6 +59,18 @@ MAX_MESSAGE = 64 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
 WAITING = b"W"
 START_FAILED = b"fission: cannot start program: "
+# What a fork-server child reports after its exit code when tracing (monotonic seconds); the
+# first three happened before the run (negative offsets) unless the run had to wait for them.
+CHILD_STEPS = (
+    "prep_forked",
+    "prep_confined",
+    "prep_warmed",
+    "child_woke",
+    "child_ready",
+    "program_start",
+    "program_done",
+    "program_end",
+)
 WARM_UP = "values = [str(i) * 2 for i in range(64)]\nprint(','.join(values).split(',')[-1])\n"
 # What a run's environment usually holds: the rehearsal sets it so its pages are the child's.
 REHEARSAL_ENV = {
@@ -225,6 +237,23 @@ def warm_child(conn: socket.socket, cgroup: str) -> None:
     except BaseException:
         os._exit(127)
     os._exit(127)
+
+
+def child_steps(report: bytes) -> list[tuple[str, float]]:
+    """The named monotonic times after the exit code in a fork-server child's report.
+
+    The report comes from a process that ran user code: anything but finite numbers gives none.
+    """
+    steps = []
+    for name, word in zip(CHILD_STEPS, report.split()[1:]):  # noqa: B905 - Python 3.9
+        try:
+            value = float(word)
+        except ValueError:
+            return []
+        if value != value or value in (float("inf"), float("-inf")):
+            return []
+        steps.append((name, value))
+    return steps
 
 
 # -- the zygote process ----------------------------------------------------------------------

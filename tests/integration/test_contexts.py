@@ -135,9 +135,13 @@ async def test_contexts_are_for_python_only(machine: Machine) -> None:
 async def test_each_run_gets_random_streams_of_its_own(machine: Machine) -> None:
     # Warm children are forked ahead of time from one fork server; each reseeds once forked
     # (after the VM's INIT), the one saved in the snapshot again at its run.
-    full = "import os, random, numpy\nprint(os.urandom(8).hex(), random.random(), numpy.random.rand())"
+    full = (
+        "import os, random, numpy\nprint(os.urandom(8).hex(), random.random(), numpy.random.rand())"
+    )
     lean = "import os, random\nprint(os.urandom(8).hex(), random.random())"
-    runs = [await run(machine, full) for _ in range(3)] + [await run(machine, lean) for _ in range(3)]
+    runs = [await run(machine, full) for _ in range(3)] + [
+        await run(machine, lean) for _ in range(3)
+    ]
     assert all(r.outcome.exit_code == 0 and r.outcome.warm for r in runs)
     columns = list(zip(*(r.stdout.split() for r in runs[:3]), strict=True))
     columns += list(zip(*(r.stdout.split() for r in runs[3:]), strict=True))

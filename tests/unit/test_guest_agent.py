@@ -19,9 +19,9 @@ import pytest
 from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, build_env, stderr_first
 from fission.guest.confine import write_file
 from fission.guest.protocol import FrameType
-from fission.guest.runs import CHILD_STEPS, MAX_TRACE_STEPS, Execution, child_steps, write_script
+from fission.guest.runs import MAX_TRACE_STEPS, Execution, write_script
 from fission.guest.warm import ForkServers, stdlib_only
-from fission.guest.zygote import WarmChild, ZygoteHandle
+from fission.guest.zygote import CHILD_STEPS, WarmChild, ZygoteHandle, child_steps
 from fission.images.store import AGENT_FILES
 
 AGENT_DIR = Path(__file__).resolve().parents[2] / "fission" / "guest"
