@@ -84,6 +84,8 @@ class ForkServers:
         if not stdlib_only(script):
             handle = self.full or self.lean
             return handle.take_warm(wait) if handle is not None else None
+        if self.lean is not None:
+            self.lean.rehearse = True  # lean children are for Python runs again
         servers = [handle for handle in (self.lean, self.full) if handle is not None]
         for handle in servers:
             child = handle.take_warm(0.0)
@@ -96,8 +98,15 @@ class ForkServers:
         return None
 
     def take_exec(self, wait: float) -> WarmChild | None:
-        """A warm lean child to exec a program in, or None (then the agent forks one)."""
-        return self.lean.take_warm(wait) if self.lean is not None else None
+        """A warm lean child to exec a program in, or None (then the agent forks one).
+
+        The lean server's next children skip the rehearsal of a Python run (until a Python run
+        takes one of them): in a run of commands each child is ready sooner.
+        """
+        if self.lean is None:
+            return None
+        self.lean.rehearse = False
+        return self.lean.take_warm(wait)
 
     def take_context(self, wait: float) -> WarmChild | None:
         """A warm child to become a code context's kernel (the full one: notebooks import)."""

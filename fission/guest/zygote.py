@@ -22,10 +22,11 @@ A ``{"context": true}`` message instead makes the child a code context's kernel
 
 The zygote talks to the agent over a SOCK_SEQPACKET socket, JSON with SCM_RIGHTS fds:
 zygote -> agent ``{"ready": true}``; ``{"warm": pid, "cgroup": path}`` + the child's socket;
-``{"exited": pid, "status": wait status}``. agent -> zygote ``{"fork": true}`` (one more warm
-child). The agent hands runs to warm children directly, without waking the zygote. It asks for
-the next child when a run takes one, unless the run is the VM's last (``last_run``: a one-shot
-VM forks nothing it will not use), and before a snapshot.
+``{"exited": pid, "status": wait status}``. agent -> zygote ``{"fork": true, "rehearse":
+bool}`` (one more warm child; rehearsed for a Python run, or not: for a program to exec). The
+agent hands runs to warm children directly, without waking the zygote. It asks for the next
+child when a run takes one, unless the run is the VM's last (``last_run``: a one-shot VM
+forks nothing it will not use), and before a snapshot.
 """
 
 from __future__ import annotations
@@ -206,14 +207,18 @@ def receive_run(conn: socket.socket) -> tuple[bytes, list[int]]:
     return b"", []
 
 
-def warm_child(conn: socket.socket, cgroup: str) -> None:
-    """In a pre-forked child: confine, warm up, wait for one run and run it; never returns."""
+def warm_child(conn: socket.socket, cgroup: str, rehearsed: bool) -> None:
+    """In a pre-forked child: confine, warm up, wait for one run and run it; never returns.
+
+    A child meant for a program to exec skips the rehearsal of a Python run (``rehearsed``).
+    """
     try:
         forked = time.monotonic()
         confine.confine_process(os.path.join(cgroup, "cgroup.procs"), keep_fds=(conn.fileno(),))
         confined = time.monotonic()
         reseed()  # forked after the agent's INIT, this is fresh; else the hand-over says so
-        rehearse()
+        if rehearsed:
+            rehearse()
         prepared = (forked, confined, time.monotonic())
         # The agent may have handed the run over (and closed its end) already: the message
         # is queued all the same, only this notice cannot be delivered.
@@ -271,7 +276,7 @@ class Zygote:
         self.selector.register(sock, selectors.EVENT_READ, "agent")
         self.selector.register(wake_r, selectors.EVENT_READ, "wake")
 
-    def fork_warm(self) -> None:
+    def fork_warm(self, rehearsed: bool = True) -> None:
         """Fork one warm child in a cgroup of its own and give its socket to the agent."""
         self.forked += 1
         cgroup = os.path.join(CGROUP_ROOT, f"warm-{os.getpid()}-{self.forked}")
@@ -284,7 +289,7 @@ class Zygote:
         if pid == 0:
             parent_end.close()
             self.sock.close()
-            warm_child(child_end, cgroup)
+            warm_child(child_end, cgroup, rehearsed)
         confine.wake(0)
         child_end.close()
         send(self.sock, {"warm": pid, "cgroup": cgroup}, [parent_end.fileno()])
@@ -305,9 +310,10 @@ class Zygote:
                 data = self.sock.recv(MAX_MESSAGE)
                 if not data:
                     return
-                if json.loads(data).get("fork"):
+                message = json.loads(data)
+                if message.get("fork"):
                     self.reap()
-                    self.fork_warm()
+                    self.fork_warm(message.get("rehearse") is not False)
 
     def reap(self) -> None:
         """Report every exited child to the agent."""
@@ -411,6 +417,7 @@ class ZygoteHandle:
         self.alive = True
         self.fork_requested = True  # the zygote forks its first warm child by itself
         self.reseed_next = True  # a child forked before the first INIT must reseed again
+        self.rehearse = True  # the next child rehearses a Python run (else it is for an exec)
         self.warm: list[WarmChild] = []
         self.exits: list[tuple[int, int]] = []
 
@@ -479,7 +486,7 @@ class ZygoteHandle:
         if self.alive and not self.warm and not self.fork_requested:
             self.fork_requested = True
             try:
-                send(self.sock, {"fork": True})
+                send(self.sock, {"fork": True, "rehearse": self.rehearse})
             except OSError:
                 self.alive = False
 

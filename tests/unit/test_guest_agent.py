@@ -260,7 +260,7 @@ def test_commands_take_lean_children_and_contexts_full_ones() -> None:
 def handle_without_a_process() -> ZygoteHandle:
     handle = ZygoteHandle.__new__(ZygoteHandle)
     handle.warm, handle.exits = [], []
-    handle.fork_requested, handle.reseed_next = False, False
+    handle.fork_requested, handle.reseed_next, handle.rehearse = False, False, True
     return handle
 
 
@@ -329,3 +329,15 @@ def test_a_runs_stderr_is_read_first_when_both_streams_wait() -> None:
 
     events = [event(3, "channel", None), event(11, "out", run), event(12, "out", run)]
     assert [key.fd for key, _ in sorted(events, key=stderr_first)] == [12, 3, 11]
+
+
+def test_lean_children_skip_the_python_rehearsal_while_commands_take_them() -> None:
+    lean = handle_without_a_process()
+    lean.ready, lean.alive, lean.warm = True, True, []
+    forks = servers(None, None)
+    forks.lean = lean
+    lean.take_warm = lambda wait=0.0: None  # type: ignore[method-assign]
+    forks.take_exec(0.0)
+    assert lean.rehearse is False
+    forks.take_python("print(1)", 0.0)
+    assert lean.rehearse is True
