@@ -56,6 +56,7 @@ class ForkServers:
         self.selector = selector
         self.full: ZygoteHandle | None = None
         self.lean: ZygoteHandle | None = None
+        self.lean_lost = False  # a lean server died: not started again (runs fork afresh)
         if preloads:
             self.full = self._start(preloads)
         elif preloads is not None:
@@ -72,7 +73,7 @@ class ForkServers:
 
     def start_lean(self) -> None:
         """Start the lean server unless it runs (or has died: then programs are forked)."""
-        if self.lean is None:
+        if self.lean is None and not self.lean_lost:
             self.lean = self._start([])
 
     def take_python(self, script: str, wait: float) -> WarmChild | None:
@@ -123,7 +124,7 @@ class ForkServers:
         if handle is self.full:
             self.full = None
         if handle is self.lean:
-            self.lean = None
+            self.lean, self.lean_lost = None, True
         return False
 
     def take_exits(self) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ import stat
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -341,3 +342,18 @@ def test_lean_children_skip_the_python_rehearsal_while_commands_take_them() -> N
     assert lean.rehearse is False
     forks.take_python("print(1)", 0.0)
     assert lean.rehearse is True
+
+
+def test_a_lean_server_that_died_is_not_started_again() -> None:
+    lean = handle_without_a_process()
+    lean.alive = True
+    forks = servers(None, None)
+    forks.lean = lean
+    forks.selector = cast(Any, SimpleNamespace(unregister=lambda fd: None))
+    lean.fileno = lambda: 99  # type: ignore[method-assign]
+    lean.receive = lambda block=False: setattr(lean, "alive", False)  # type: ignore[method-assign]
+    lean.sock = cast(Any, SimpleNamespace(close=lambda: None))
+    assert forks.on_message(lean) is False
+    assert forks.lean is None and forks.lean_lost
+    forks.start_lean()  # would fork a new server: it must not
+    assert forks.lean is None
