@@ -237,6 +237,10 @@ class WarmPool:
         finally:
             self.budget.release(self.vm_mb)
 
+    def waiting_machines(self) -> list[Machine]:
+        """The machines ready in the pool, their vCPUs stopped (for diagnostics and tests)."""
+        return list(self._ready)
+
     def status(self) -> dict[str, Any]:
         """A JSON-ready picture of the pool."""
         restore = sorted(self.stats.restore_ms)
