@@ -243,12 +243,8 @@ async def bench_idle(vms: int, seconds: float) -> None:
         f"CPU per idle pooled VM ({vms} VMs, {seconds:g} s)",
         ["state", "median % of a core", "max %"],
         [
-            [
-                "vCPUs stopped (pooled now)",
-                f"{statistics.median(stopped):.3f}",
-                f"{max(stopped):.3f}",
-            ],
-            ["running idle (before)", f"{statistics.median(running):.3f}", f"{max(running):.3f}"],
+            ["vCPUs stopped (pooled now)", *share_cells(stopped)],
+            ["running idle (before)", *share_cells(running)],
         ],
     )
 
