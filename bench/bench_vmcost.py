@@ -47,6 +47,7 @@ from fission.core import idle, orchestrator
 from fission.core.execution import execute
 from fission.core.languages import resolve_language
 from fission.core.machines import exec_request
+from fission.core.pool import WarmPool
 from fission.core.sandbox_spec import SandboxSpec
 from fission.core.service import CLONE_MB, Service, ServiceConfig, private_service
 from fission.core.spec import RunSpec
@@ -454,7 +455,14 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=150, help="sandboxes to create at most")
     parser.add_argument("--keep-free-gib", type=float, default=4.0)
     parser.add_argument("--probes", type=int, default=10)
+    parser.add_argument(
+        "--always-warm",
+        action="store_true",
+        help="throughput: warm every clone, even for queued runs (the policy before)",
+    )
     args = parser.parse_args()
+    if args.always_warm:
+        WarmPool._queued = lambda self: False  # type: ignore[method-assign]
     use_runtime_dir(Path(tempfile.mkdtemp(prefix="bench-vmcost-", dir="/tmp")))
 
     async def run_all() -> None:
