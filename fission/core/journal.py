@@ -86,9 +86,18 @@ class Journal:
         vm_ids = [path.stem for path in self.directory.glob("*.json")]
         vm_ids += [path.name.removeprefix("vm-") for path in self.vms_dir.glob("vm-*")]
         cgroups = (driver or default_driver()).release_stale(vm_ids)
+        # VMs of an embedded service live in the shared runtime dir: their journalled workdirs.
+        outside = [
+            Path(entry["workdir"])
+            for entry in self.entries()
+            if isinstance(entry.get("workdir"), str)
+            and Path(entry["workdir"]).name.startswith("vm-")
+            and Path(entry["workdir"]).parent != self.vms_dir
+        ]
         for path in list(self.directory.iterdir()):
             path.unlink(missing_ok=True)
-        for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir()]:
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
+        for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir(), *outside]:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
         return {"killed": killed, "removed": removed, "cgroups": cgroups}

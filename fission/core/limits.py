@@ -66,6 +66,17 @@ class Limits:
         """The output cap (stdout and stderr together) in bytes."""
         return int(self.output_limit_mb * MB)
 
+    def to_json(self) -> dict[str, float]:
+        """The limits as JSON, under the names the API's request fields use."""
+        return {
+            "timeout": self.timeout,
+            "memory_mb": self.memory_mb,
+            "cpus": self.cpus,
+            "disk_mb": self.disk_mb,
+            "pids": self.pids,
+            "output_limit_mb": self.output_limit_mb,
+        }
+
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
     """Turn ``["K=V", ...]`` into a dict; a pair without ``=`` or a bad name is InvalidInput."""

@@ -106,14 +106,7 @@ class SandboxRecord:
             "metadata": dict(self.spec.metadata),
             "network": self.spec.network.value,
             "network_policy": self.spec.network.to_json(),
-            "limits": {
-                "timeout": limits.timeout,
-                "memory_mb": limits.memory_mb,
-                "cpus": limits.cpus,
-                "disk_mb": limits.disk_mb,
-                "pids": limits.pids,
-                "output_limit_mb": limits.output_limit_mb,
-            },
+            "limits": limits.to_json(),
         }
 
 

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -74,6 +75,10 @@ class ServiceConfig:
     audit_egress_locally: bool = False
     # Seconds a sandbox with nothing in flight runs before its vCPUs stop (None: never).
     sandbox_idle_stop: float | None = idle.SANDBOX_IDLE_STOP
+    # Put this process's VM directories under the state dir (``vms/``), where a restart's
+    # reconcile finds them all. A daemon or an MCP server owns its process and does; embedded
+    # runs share the caller's process (maybe several at once) and leave the runtime dir alone.
+    vms_in_state_dir: bool = True
     # The VMM driver every VM of this service comes from (tests pass the fake one).
     driver: Driver = field(default_factory=default_driver, compare=False)
 
@@ -113,7 +118,8 @@ class Service:
         self.reconciled = self.journal.reconcile(self.driver)
         if any(self.reconciled.values()):
             log.warning("removed what a previous daemon left: %s", self.reconciled)
-        use_runtime_dir(self.journal.vms_dir)
+        if self.config.vms_in_state_dir:
+            use_runtime_dir(self.journal.vms_dir)
         for name, size in self.config.pools.items():
             language = resolve_language(name)
             if size <= 0 or language.name in self.pools:
@@ -372,8 +378,12 @@ async def private_service(
     close_deadline: float = 30.0,
     *,
     make: Callable[[ServiceConfig], Service] | None = None,
+    several: bool = False,
 ) -> AsyncIterator[Service]:
     """A started Service whose state dir belongs to this process alone (``<prefix><pid>``).
+
+    With ``several`` the process may run more than one at once (embedded runs gathered in one
+    event loop, or in threads): each dir is ``<prefix><pid>-<random>``.
 
     The dir is locked while the service lives and removed when it stops; what a process killed
     before it could clean up left behind (its VMs, their files and cgroups) is swept by the next
@@ -382,7 +392,8 @@ async def private_service(
     """
     root = runtime_dir()
     sweep_stale(root, prefix)
-    state_dir = root / f"{prefix}{os.getpid()}"
+    suffix = f"-{secrets.token_hex(4)}" if several else ""
+    state_dir = root / f"{prefix}{os.getpid()}{suffix}"
     lock = lock_state_dir(state_dir)
     try:
         service = (make or Service)(config(state_dir))
@@ -408,9 +419,10 @@ def embedded_config(state_dir: Path) -> ServiceConfig:
         memory_budget_mb=default_budget_mb(),
         audit_db=None,
         audit_egress_locally=True,
+        vms_in_state_dir=False,
     )
 
 
 def embedded_service() -> contextlib.AbstractAsyncContextManager[Service]:
     """A Service in this process for the runs of one CLI command or SDK call."""
-    return private_service(EMBEDDED_PREFIX, embedded_config)
+    return private_service(EMBEDDED_PREFIX, embedded_config, several=True)

@@ -2,9 +2,9 @@
 
 A daemon holds ``daemon.pid`` in its state dir locked for its lifetime, so a second daemon on the
 same dir is refused. Processes with a private state dir (``fission mcp``, embedded runs) name it
-``<prefix><pid>`` under the runtime dir; one killed before it could clean up (SIGKILL) leaves it
-behind, and the next process with that prefix sweeps it: kills the VMs its journal names and
-removes it.
+``<prefix><pid>`` (``<prefix><pid>-<random>`` when one process runs several) under the runtime
+dir; one killed before it could clean up (SIGKILL) leaves it behind, and the next process with
+that prefix sweeps it: kills the VMs its journal names and removes it.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def sweep_stale(root: Path, prefix: str) -> list[Path]:
-    """Clean up the state dirs ``<prefix><pid>`` of dead processes under ``root``."""
+    """Clean up the state dirs ``<prefix><pid>[-<random>]`` of dead processes under ``root``."""
     removed = []
     for path in sorted(root.glob(f"{prefix}*")):
-        pid = path.name.removeprefix(prefix)
+        pid = path.name.removeprefix(prefix).split("-", 1)[0]
         # A live pid may be a process still starting (not yet holding its lock): leave it.
         if not pid.isdigit() or pid_alive(int(pid)) or not path.is_dir():
             continue

@@ -123,7 +123,8 @@ class FileList(BaseModel):
 
     path: str
     entries: list[dict[str, Any]] = Field(
-        description="One object per entry: its name, type, size and other facts."
+        description="One object per entry: its name, kind (file, dir, symlink, other), size, "
+        "mode and mtime."
     )
 
 

@@ -197,8 +197,9 @@ class FissionTools:
             str | None,
             Field(
                 description="Name of a persistent interpreter whose variables, imports and "
-                "functions survive between calls, like a notebook kernel; null runs the code "
-                "as a fresh program instead."
+                "functions survive between calls, like a notebook kernel (Python sandboxes; in "
+                "other languages the default runs each call as a fresh program); null runs the "
+                "code as a fresh program instead."
             ),
         ] = "default",
         fresh_context: Annotated[
@@ -214,6 +215,9 @@ class FissionTools:
         A timeout kills only this call's code. Fails with sandbox_not_running when the sandbox
         is paused (call sandbox_resume) and sandbox_not_found when it was deleted or expired.
         """
+        language = self.service.sandboxes.get(sandbox_id).spec.language
+        if context == "default" and language.mode != "python":
+            context = None  # code contexts are Python interpreters; other languages run afresh
         result = await self.service.sandboxes.run_code(
             sandbox_id,
             code,
@@ -286,7 +290,7 @@ class FissionTools:
             Field(min_length=1, description="Directory in the sandbox; . is /home/sandbox."),
         ] = ".",
     ) -> FileList:
-        """List a directory in a sandbox: each entry's name, type and size."""
+        """List a directory in a sandbox: each entry's name, kind (file, dir...) and size."""
         entries = await self.service.sandboxes.list_files(sandbox_id, path)
         return FileList(path=path, entries=[file_entry(entry) for entry in entries])
 

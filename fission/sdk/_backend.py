@@ -35,7 +35,6 @@ from fission.sdk import _requests as calls
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
 
 if TYPE_CHECKING:
-    from fission.core.limits import Limits
     from fission.core.service import Service
     from fission.sdk._http import SyncHTTP
 
@@ -127,18 +126,6 @@ def answers(http: SyncHTTP) -> bool:
     return True
 
 
-def limits_body(limits: Limits) -> dict[str, float]:
-    """A RunSpec's limits as request fields."""
-    return {
-        "timeout": limits.timeout,
-        "memory_mb": limits.memory_mb,
-        "cpus": limits.cpus,
-        "disk_mb": limits.disk_mb,
-        "pids": limits.pids,
-        "output_limit_mb": limits.output_limit_mb,
-    }
-
-
 class DaemonBackend:
     """Runs through the daemon's REST API."""
 
@@ -209,7 +196,7 @@ class DaemonBackend:
         call = calls.one_shot_run(
             spec.language.name,
             spec.code,
-            limits_body(spec.limits),
+            spec.limits.to_json(),
             spec.env,
             spec.stdin,
             network=spec.network.to_json(),

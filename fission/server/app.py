@@ -14,9 +14,9 @@ import math
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -34,7 +34,7 @@ from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthoriz
 from fission.server.auth import Gatekeeper, Who
 from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
 from fission.server.sandboxes_api import sandbox_router
-from fission.server.streaming import streaming_response, wants_sse
+from fission.server.streaming import WantsSse, streaming_response
 
 
 def create_app(
@@ -95,10 +95,7 @@ def create_app(
     async def run(
         body: RunRequest,
         who: Who,
-        accept: Annotated[str | None, Header()] = None,
-        stream_format: Annotated[
-            str | None, Query(alias="format", pattern="^(ndjson|sse)$")
-        ] = None,
+        sse: WantsSse,
     ) -> StreamingResponse:
         spec = body.to_spec()
         uploads, downloads = to_uploads(body.uploads), tuple(body.downloads)
@@ -116,18 +113,13 @@ def create_app(
             )
 
         # The cleanup disposes the lease if the run never started (a no-op otherwise).
-        return streaming_response(
-            work, wants_sse(accept, stream_format), lambda: service.dispose(lease)
-        )
+        return streaming_response(work, sse, lambda: service.dispose(lease))
 
     @app.post("/v1/install", summary="Install packages (cached per set), then run a command")
     async def install(
         body: InstallRequest,
         who: Who,
-        accept: Annotated[str | None, Header()] = None,
-        stream_format: Annotated[
-            str | None, Query(alias="format", pattern="^(ndjson|sse)$")
-        ] = None,
+        sse: WantsSse,
     ) -> StreamingResponse:
         language = resolve_language(body.language)
         limits = Limits(timeout=body.timeout)
@@ -144,16 +136,13 @@ def create_app(
                 who=who.owner or LOCAL,
             )
 
-        return streaming_response(work, wants_sse(accept, stream_format))
+        return streaming_response(work, sse)
 
     @app.post("/v1/repo", summary="Clone a repository (or use uploaded files), then run a command")
     async def repo(
         body: RepoRequest,
         who: Who,
-        accept: Annotated[str | None, Header()] = None,
-        stream_format: Annotated[
-            str | None, Query(alias="format", pattern="^(ndjson|sse)$")
-        ] = None,
+        sse: WantsSse,
     ) -> StreamingResponse:
         language = resolve_language(body.language)
         limits = Limits(timeout=body.timeout)
@@ -173,7 +162,7 @@ def create_app(
                 who=who.owner or LOCAL,
             )
 
-        return streaming_response(work, wants_sse(accept, stream_format))
+        return streaming_response(work, sse)
 
     app.include_router(sandbox_router(service.sandboxes))
     return app

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from fission.agent.client import OutputSink
@@ -28,9 +28,8 @@ from fission.server.models import (
     TtlBody,
     decode_stdin,
 )
-from fission.server.streaming import streaming_response, wants_sse
+from fission.server.streaming import WantsSse, streaming_response
 
-StreamFormat = Annotated[str | None, Query(alias="format", pattern="^(ndjson|sse)$")]
 FilePath = Annotated[str, Query(min_length=1, max_length=4096, description="Path in the sandbox.")]
 UPLOAD_DOC = {
     "requestBody": {
@@ -104,8 +103,7 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
         sandbox_id: str,
         body: RunCodeRequest,
         who: Who,
-        accept: Annotated[str | None, Header()] = None,
-        stream_format: StreamFormat = None,
+        sse: WantsSse,
     ) -> StreamingResponse:
         manager.check_running(sandbox_id, who.owner)  # a 404 or 409, not a stream
 
@@ -121,15 +119,14 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
                 on_output=sink,
             )
 
-        return streaming_response(work, wants_sse(accept, stream_format))
+        return streaming_response(work, sse)
 
     @router.post("/{sandbox_id}/exec", summary="Run a command (streamed)")
     async def exec_command(
         sandbox_id: str,
         body: ExecBody,
         who: Who,
-        accept: Annotated[str | None, Header()] = None,
-        stream_format: StreamFormat = None,
+        sse: WantsSse,
     ) -> StreamingResponse:
         manager.check_running(sandbox_id, who.owner)
         stdin = decode_stdin(body.stdin_b64)
@@ -146,7 +143,7 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
                 on_output=sink,
             )
 
-        return streaming_response(work, wants_sse(accept, stream_format))
+        return streaming_response(work, sse)
 
     @router.put("/{sandbox_id}/files", summary="Upload a file", openapi_extra=UPLOAD_DOC)
     async def upload(sandbox_id: str, path: FilePath, request: Request, who: Who) -> dict[str, Any]:

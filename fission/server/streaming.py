@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Depends, Header, Query
 from fastapi.responses import StreamingResponse
 
 from fission.agent.client import OutputSink
@@ -25,6 +26,17 @@ def wants_sse(accept: str | None, stream_format: str | None) -> bool:
     if stream_format is not None:
         return stream_format == "sse"
     return accept is not None and SSE in accept
+
+
+def sse_requested(
+    accept: Annotated[str | None, Header()] = None,
+    stream_format: Annotated[str | None, Query(alias="format", pattern="^(ndjson|sse)$")] = None,
+) -> bool:
+    """A route's dependency: does the client want server-sent events (else NDJSON)."""
+    return wants_sse(accept, stream_format)
+
+
+WantsSse = Annotated[bool, Depends(sse_requested)]
 
 
 def encode_line(line: dict[str, Any], sse: bool) -> bytes:

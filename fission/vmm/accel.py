@@ -58,13 +58,17 @@ def tcg_kernel_args() -> tuple[str, ...]:
     """Kernel arguments a TCG guest needs.
 
     Under TCG the guest's TSC calibration against the PIT fails at random (emulation jitter),
-    and the kernel then hangs; telling it the TSC frequency skips the calibration.
+    and the kernel then hangs; telling it the TSC frequency skips the calibration. The same
+    jitter makes the clocksource watchdog drop the TSC in a template booted on a busy host,
+    leaving every clone of it on jiffies, where the agent's timers misfire (a run's timeout
+    then fires only at the host's deadline). TCG's TSC follows the host's monotonic clock, so
+    it is trusted (``tsc=reliable``).
     """
     try:
         khz = tsc_khz(Path("/proc/cpuinfo").read_text())
     except OSError:
         khz = None
-    return (f"tsc_early_khz={khz}",) if khz else ()
+    return (f"tsc_early_khz={khz}", "tsc=reliable") if khz else ()
 
 
 def _cache_file() -> Path:

@@ -144,6 +144,25 @@ async def test_embedded_clones_differ_too() -> None:
     assert first["marker"] is False and second["marker"] is False
 
 
+async def test_clones_keep_a_precise_clock_and_their_timers_fire() -> None:
+    """A template booted on a busy host once lost its TSC to the clocksource watchdog; every
+    clone then ran on jiffies and a run's timeout fired only at the host's deadline."""
+    from fission.core.limits import Limits
+    from fission.vmm.base import default_driver
+
+    accel = (await default_driver().host()).accel
+    clocksource = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+    spec = RunSpec(resolve_language("python"), f"print(open({clocksource!r}).read().strip())")
+    result = await run_spec(spec)
+    if accel == "tcg":
+        assert result.stdout == b"tsc\n", result
+    sleeper = RunSpec(resolve_language("python"), "import time; time.sleep(30)", Limits(timeout=2))
+    started = time.monotonic()
+    slept = await run_spec(sleeper)
+    assert slept.timed_out and slept.duration_ms < 2000 + 1000, slept  # the guest's own timer
+    assert time.monotonic() - started < 2 + 2 + 5  # boot included
+
+
 def test_a_full_pool_answers_busy_naming_the_setting() -> None:
     d = Daemon("--pool", "python=1", "--memory-budget", "1200", "--acquire-timeout", "1")
     d.start({"python": 1})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,7 +240,80 @@ async def test_the_rest_door_carries_uploads_and_downloads(
             "/v1/run", json={"code": "1", "uploads": [{"path": "/x", "data_b64": "%%%"}]}
         )
     assert response.status_code == 200
-    assert [line["type"] for line in lines] == ["output", "file", "result"]
-    assert lines[0]["data"] == "HELLO\n" and base64.b64decode(lines[1]["data_b64"]) == b"ok"
+    kinds = [line["type"] for line in lines]
+    outputs = kinds.count("output")  # the output may come in more than one chunk
+    assert outputs >= 1 and kinds == ["output"] * outputs + ["file", "result"]
+    assert "".join(line["data"] for line in lines[:outputs]) == "HELLO\n"
+    assert base64.b64decode(lines[outputs]["data_b64"]) == b"ok"
     assert bad.status_code == 400 and "base64" in bad.json()["error"]["message"]
     await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
+
+
+# -- private services (embedded runs, MCP): their own state dir, nothing left behind -----------
+
+
+async def test_embedded_services_one_after_another_leave_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_driver: FakeDriver
+) -> None:
+    from dataclasses import replace
+
+    from fission.core.service import embedded_config, private_service
+
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("FISSION_RUNTIME_DIR", str(runtime))
+
+    def config(state_dir: Path) -> Any:
+        return replace(embedded_config(state_dir), driver=fake_driver)
+
+    for _ in range(3):  # each starts from the same runtime dir: no nesting, no leftovers
+        async with private_service("embedded-", config) as service:
+            assert service.config.state_dir.parent == runtime
+            result = await service.run(RunSpec(PYTHON, "print(7)"))
+            assert result.stdout == b"7\n"
+        assert sorted(p.name for p in runtime.iterdir()) == []
+    assert fake_driver.live == []
+
+
+async def test_a_dead_embedded_process_is_swept_with_its_vms_outside_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import subprocess
+
+    from fission.core.state_dirs import sweep_stale
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    state = runtime / f"embedded-{int(dead.stdout)}"
+    (state / "journal").mkdir(parents=True)
+    vm_dir = runtime / "vm-0123456789ab"  # an embedded VM's workdir, in the shared runtime dir
+    vm_dir.mkdir()
+    (vm_dir / "console.log").write_text("x")
+    entry = {"pid": None, "start_time": None, "workdir": str(vm_dir)}
+    (state / "journal" / "0123456789ab.json").write_text(json.dumps(entry))
+    unrelated = runtime / "vm-not-journalled"
+    unrelated.mkdir()
+    assert sweep_stale(runtime, "embedded-") == [state]
+    assert sorted(p.name for p in runtime.iterdir()) == ["vm-not-journalled"]
+
+
+async def test_embedded_services_at_once_in_one_process_have_their_own_dirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_driver: FakeDriver
+) -> None:
+    from dataclasses import replace
+
+    from fission.core.service import embedded_config, private_service
+
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("FISSION_RUNTIME_DIR", str(runtime))
+
+    def config(state_dir: Path) -> Any:
+        return replace(embedded_config(state_dir), driver=fake_driver)
+
+    async def one(n: int) -> bytes:
+        async with private_service("embedded-", config, several=True) as service:
+            return (await service.run(RunSpec(PYTHON, f"print({n})"))).stdout
+
+    assert await asyncio.gather(*(one(n) for n in range(4))) == [b"0\n", b"1\n", b"2\n", b"3\n"]
+    assert list(runtime.iterdir()) == [] and fake_driver.live == []

@@ -336,6 +336,18 @@ async def test_a_sandbox_through_its_tools(runtime: Path) -> None:
     assert service.sandboxes.count() == 0
 
 
+async def test_run_code_in_a_bash_sandbox_runs_afresh_by_default(runtime: Path) -> None:
+    # Code contexts are Python interpreters: the tool's default context must not break other
+    # languages (the agent refuses a context for them), while an explicit one is still refused.
+    async with Client(build_server(McpOptions(), fake_factory)) as client:
+        sandbox = data(await call(client, "sandbox_create", language="bash", ttl=60))["id"]
+        ran = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="echo $((6 * 7))")
+        assert not ran.is_error and data(ran)["stdout"] == "42\n"
+        named = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="true", context="nb")
+        assert named.is_error and "context" in text_of(named)
+        await call(client, "sandbox_delete", sandbox_id=sandbox)
+
+
 async def test_files_inline(runtime: Path) -> None:
     async with Client(build_server(McpOptions(), fake_factory)) as client:
         sandbox = data(await call(client, "sandbox_create"))["id"]
