@@ -1,9 +1,10 @@
 """What a VM costs: CPU per fresh clone, CPU and memory of an idle one, clones per second, density.
 
 Every VM runs in this process's own Service or pool (no daemon in between), jailed as usual when
-run as root. CPU is the VM's process tree (bubblewrap, its init and QEMU with all its threads),
-read from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds, so short phases are exact); the
-daemon's share is this process's own CPU time (``time.process_time``) over the same steps.
+run as root. CPU is the VM's process tree (bubblewrap, its init and QEMU with all its threads):
+for phases, from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds, so short phases are exact);
+for idle windows of seconds, utime + stime from ``/proc/<pid>/stat`` (which also counts threads
+that ended). The daemon's share is this process's own CPU time (``time.process_time``).
 Modes, each printing a markdown table:
 
 * ``cost``: CPU-s per fresh clone, one at a time (``--vms``, default 8): restore to the agent's
@@ -16,9 +17,9 @@ Modes, each printing a markdown table:
   to back for ``--seconds`` (30) against a pool of ``--pool`` (2), with latency percentiles; with
   ``--clients 1``, the unpaced back-to-back latency of one client;
 * ``sandboxes``: create sandboxes (each runs ``print(42)`` once) until ``--max`` (150), the memory
-  budget, or less than ``--keep-free-gib`` (4) of the host's memory is left; wait until they are
-  idle, report their CPU and memory, then check that runs in ``--probes`` (10) of them still
-  answer, and delete them all.
+  budget, or less than ``--keep-free-gib`` (4) of the host's memory is left; once they are all
+  stopped for idleness, their CPU, memory and a ``print(42)`` in ``--probes`` (10) of them; then
+  the same with all of them woken and kept running (as before); then delete them all.
 
     .venv/bin/python bench/bench_vmcost.py cost idle pss throughput
     .venv/bin/python bench/bench_vmcost.py throughput --clients 1 --seconds 30
@@ -49,6 +50,7 @@ from fission.core.languages import resolve_language
 from fission.core.machines import exec_request
 from fission.core.pool import WarmPool
 from fission.core.sandbox_spec import SandboxSpec
+from fission.core.sandboxes import SandboxManager
 from fission.core.service import CLONE_MB, Service, ServiceConfig, private_service
 from fission.core.spec import RunSpec
 from fission.vmm.base import Machine, default_driver
@@ -56,6 +58,7 @@ from fission.vmm.base import Machine, default_driver
 PYTHON = resolve_language("python")
 PRINT = RunSpec(PYTHON, "print(42)")
 MIB = 1024 * 1024
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- reading a VM's process tree ---------------------------------------------------------------
@@ -223,11 +226,25 @@ async def pooled(vms: int, warm: bool) -> AsyncIterator[list[Machine]]:
         await asyncio.gather(*(m.destroy() for m in machines), return_exceptions=True)
 
 
+def stat_cpu_seconds(machine: Machine) -> float:
+    """utime + stime of the VM's process tree from /proc/PID/stat: ticks, but threads that
+    ended are counted too (for windows of seconds, where schedstat would lose them)."""
+    total = 0
+    for pid in tree(machine.vm.pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / TICKS
+
+
 async def idle_share(machines: list[Machine], seconds: float) -> list[float]:
     """Each VM's CPU over ``seconds``, as % of one core."""
-    before = [cpu_seconds(m) for m in machines]
+    before = [stat_cpu_seconds(m) for m in machines]
     await asyncio.sleep(seconds)
-    after = [cpu_seconds(m) for m in machines]
+    after = [stat_cpu_seconds(m) for m in machines]
     return [100 * (b - a) / seconds for a, b in zip(before, after, strict=True)]
 
 
@@ -368,14 +385,30 @@ async def bench_throughput(clients: int, seconds: float, pool_size: int) -> None
 # -- sandboxes ------------------------------------------------------------------------------------
 
 
+async def probe(sandboxes: SandboxManager, ids: list[str], count: int) -> list[float]:
+    """ms of a print(42) in ``count`` of the sandboxes picked at random."""
+    answers = []
+    for sandbox_id in random.sample(ids, min(count, len(ids))):
+        began = time.perf_counter()
+        result = await sandboxes.run_code(sandbox_id, "print(42)")
+        answers.append((time.perf_counter() - began) * 1000)
+        if result.stdout != b"42\n":
+            raise SystemExit(f"bench: sandbox {sandbox_id} printed {result.stdout!r}")
+    return answers
+
+
 async def bench_sandboxes(maximum: int, keep_free_gib: float, probes: int) -> None:
-    """Idle sandboxes until ``maximum``, the budget or the host's memory; runs still answer?"""
+    """Idle sandboxes until ``maximum``, the budget or the host's memory; runs still answer?
+
+    Measured twice: with their vCPUs stopped for idleness (now), then all woken and kept
+    running (as before), to compare the CPU they burn doing nothing and the latency of a run.
+    """
 
     def config(state_dir: Path) -> ServiceConfig:
-        return ServiceConfig(
-            state_dir=state_dir, pools={}, memory_budget_mb=(maximum + 2) * CLONE_MB
-        )
+        budget = (maximum + 2) * CLONE_MB
+        return ServiceConfig(state_dir=state_dir, pools={}, memory_budget_mb=budget)
 
+    available_before = mem_available_gib()
     async with service(config) as started:
         sandboxes = started.sandboxes
         ids: list[str] = []
@@ -395,24 +428,27 @@ async def bench_sandboxes(maximum: int, keep_free_gib: float, probes: int) -> No
                 if result.stdout != b"42\n":
                     raise SystemExit(f"bench: sandbox {record.id} printed {result.stdout!r}")
             fill_seconds = time.monotonic() - created_at
-            machines = [sandboxes._box(i, None).machine for i in ids]
-            live = [m for m in machines if m is not None]
+            boxes = [sandboxes._box(i, None) for i in ids]
             await wait_for(
-                lambda: all(sandboxes._box(i, None).idle.stopped for i in ids),
+                lambda: all(box.idle.stopped for box in boxes),
                 "every sandbox to be stopped for idleness",
                 timeout=60.0,
             )
-            shares = await idle_share(live, 10.0)
+            live = [box.machine for box in boxes if box.machine is not None]
+            stopped_cpu = await idle_share(live, 10.0)
             sizes = [pss_mib(m) for m in live]
-            answers: list[float] = []
-            for sandbox_id in random.sample(ids, min(probes, len(ids))):
-                began = time.perf_counter()
-                result = await sandboxes.run_code(sandbox_id, "print(42)")
-                answers.append((time.perf_counter() - began) * 1000)
-                if result.stdout != b"42\n":
-                    raise SystemExit(f"bench: sandbox {sandbox_id} printed {result.stdout!r}")
+            available_full = mem_available_gib()
+            stopped_answers = await probe(sandboxes, ids, probes)
+            for box in boxes:  # as before: every sandbox keeps running while idle
+                box.idle.after = None
+                if box.machine is not None:
+                    await box.idle.wake(box.machine)
+            await asyncio.sleep(2.0)
+            running_cpu = await idle_share(live, 10.0)
+            running_answers = await probe(sandboxes, ids, probes)
         finally:
             await asyncio.gather(*(sandboxes.delete(i) for i in ids), return_exceptions=True)
+    pss = [whole for _, whole in sizes]
     table(
         f"Idle sandboxes on this host ({stop_reason})",
         ["measurement", "value"],
@@ -420,20 +456,29 @@ async def bench_sandboxes(maximum: int, keep_free_gib: float, probes: int) -> No
             ["sandboxes alive at once", str(len(ids))],
             ["create + first print(42), median ms", f"{statistics.median(create_ms):.0f}"],
             ["time to create them all, s", f"{fill_seconds:.1f}"],
-            ["CPU of all of them idle, % of a core", f"{sum(shares):.2f}"],
+            ["PSS per idle sandbox (QEMU + jail), median MiB", f"{statistics.median(pss):.1f}"],
+            ["PSS of all of them, GiB", f"{sum(pss) / 1024:.2f}"],
             [
-                "PSS per idle sandbox (QEMU + jail), median MiB",
-                f"{statistics.median(w for _, w in sizes):.1f}",
+                "host memory they took (MemAvailable drop), GiB",
+                f"{available_before - available_full:.2f}",
             ],
-            ["PSS of all of them, GiB", f"{sum(w for _, w in sizes) / 1024:.2f}"],
-            ["host memory still available, GiB", f"{mem_available_gib():.1f}"],
+            ["stopped (now): CPU of all of them, % of a core", f"{sum(stopped_cpu):.2f}"],
             [
-                f"print(42) in {len(answers)} of them, median ms",
-                f"{statistics.median(answers):.0f}",
+                "stopped (now): print(42) in a random one, median / max ms",
+                cells_ms(stopped_answers),
             ],
-            ["... slowest, ms", f"{max(answers):.0f}"],
+            ["running (before): CPU of all of them, % of a core", f"{sum(running_cpu):.2f}"],
+            [
+                "running (before): print(42) in a random one, median / max ms",
+                cells_ms(running_answers),
+            ],
         ],
     )
+
+
+def cells_ms(samples: list[float]) -> str:
+    """``median / max`` of milliseconds."""
+    return f"{statistics.median(samples):.0f} / {max(samples):.0f}"
 
 
 # -- main -----------------------------------------------------------------------------------------
