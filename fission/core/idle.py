@@ -1,7 +1,8 @@
 """Idle VMs cost no CPU: their vCPUs are stopped (QMP ``stop``) until something uses them again.
 
-Under TCG an idle guest still costs 1-3 % of a core (its timer ticks and housekeeping, each
-emulated), so a host holding many idle VMs would be busy doing nothing. Two kinds of VM wait:
+Under TCG an idle guest still costs 0.5-2 % of a core (its timer ticks and housekeeping, each
+emulated): 150 idle sandboxes kept most of a core busy doing nothing (bench/bench_vmcost.py).
+Two kinds of VM wait:
 
 * a pooled clone, stopped once it is warm (``park``) and woken when a run takes it (``wake``);
 * a sandbox's VM, stopped after ``SANDBOX_IDLE_STOP`` seconds with no run, command or file call
@@ -37,10 +38,11 @@ __all__ = [
 
 # Seconds a sandbox waits with nothing in flight before its vCPUs are stopped: long enough for
 # the next step of a script or an agent that runs calls back to back, short next to a person's
-# or a model's thinking time. Stopping and waking cost about a millisecond each.
+# or a model's thinking time. Stopping takes about 1 ms, waking (with the clock) 2-3 ms: a call
+# on a stopped sandbox took about 6 ms longer than on a running one.
 SANDBOX_IDLE_STOP = 2.0
 # A VM using more than this share of a core with no call in flight is doing background work of
-# its own (an idle guest uses 1-3 %): it is not stopped.
+# its own (an idle guest uses 0.5-2 %): it is not stopped.
 BUSY_CPU_SHARE = 0.15
 RESYNC_TIMEOUT = 10.0
 
