@@ -560,7 +560,12 @@ class SandboxManager:
         """Let a sandbox's VM run again if it was stopped for idleness (its clock set anew)."""
         machine = box.machine
         if machine is not None and box.idle.stopped:
-            await box.idle.wake(machine)
+            try:
+                await box.idle.wake(machine)
+            except FissionError as exc:
+                if self._is_gone(box):  # deleted meanwhile, as a run in flight would learn
+                    raise self._gone(box) from exc
+                raise
 
     def _box(self, sandbox_id: str, owner: str | None) -> ManagedSandbox:
         box = self._sandboxes.get(sandbox_id)

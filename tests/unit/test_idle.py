@@ -103,7 +103,7 @@ async def test_a_pooled_vm_that_died_while_stopped_is_replaced(
     service = await start_service(pools={"python": 2})
     pool = service.pools["python"]
     await eventually(lambda: pool.status()["ready"] == 2, "the pool to fill")
-    doomed = fake_driver.live[0]
+    doomed = pool.waiting_machines()[0].vm  # the next one a run would get
     await doomed.destroy()  # e.g. the VMM was killed behind the daemon's back
     result = await service.run(RunSpec(PYTHON, "print('still served')"))
     assert result.stdout == b"still served\n"
@@ -249,3 +249,29 @@ def test_a_vm_whose_cpu_is_unknown_is_due_after_the_quiet_period() -> None:
     vm.used = None
     assert idle.IdleState(after=1.0).due(vm, quiet=1.0)  # type: ignore[arg-type]
     assert not idle.IdleState(after=None).due(vm, quiet=100.0)  # type: ignore[arg-type]
+
+
+async def test_a_call_racing_the_delete_of_a_stopped_sandbox_says_not_found(
+    quick_idle: Service, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fission.errors import SandboxNotFound
+
+    sandboxes = quick_idle.sandboxes
+    record = await sandboxes.create(SANDBOX)
+    vm = fake_vm(fake_driver)
+    await eventually(lambda: vm.guest is not None and vm.guest.paused, "the idle sandbox to stop")
+    waking, deleted = asyncio.Event(), asyncio.Event()
+    real_wake = idle.wake
+
+    async def slow_wake(machine: Machine) -> None:
+        waking.set()
+        await deleted.wait()
+        await real_wake(machine)
+
+    monkeypatch.setattr(idle, "wake", slow_wake)
+    run = asyncio.create_task(sandboxes.run_code(record.id, "print(1)"))
+    await waking.wait()  # the call is in, waking the VM, when the sandbox is deleted
+    await sandboxes.delete(record.id)
+    deleted.set()
+    with pytest.raises(SandboxNotFound):
+        await run
