@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -508,7 +509,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.always_warm:
         WarmPool._queued = lambda self: False  # type: ignore[method-assign]
-    use_runtime_dir(Path(tempfile.mkdtemp(prefix="bench-vmcost-", dir="/tmp")))
+    runtime = Path(tempfile.mkdtemp(prefix="bench-vmcost-", dir="/tmp"))
+    use_runtime_dir(runtime)
 
     async def run_all() -> None:
         host = await default_driver().host()
@@ -523,7 +525,10 @@ def main() -> None:
         for mode in args.modes:
             await modes[mode]()
 
-    asyncio.run(run_all())
+    try:
+        asyncio.run(run_all())
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 if __name__ == "__main__":
