@@ -48,11 +48,13 @@ from fission.sdk._connection import (
     Unreachable,
     resolve_connection,
 )
+from fission.sdk._models import OutputEvent
 
 if TYPE_CHECKING:
     from fission.core.limits import Limits
     from fission.core.service import Service
     from fission.sdk._http import SyncHTTP
+    from fission.sdk._user_daemon import UserDaemon
 
 PROBE_TIMEOUT = 2.0  # seconds a local daemon has to answer before the run goes embedded
 OutputSink = Callable[[str, bytes], None]
@@ -256,14 +258,16 @@ class DaemonBackend:
         self, call: calls.Call, on_output: OutputSink | None
     ) -> tuple[RunResult, calls.RunAssembler]:
         assembler = calls.RunAssembler()
+        # Read to the end of the answer (the result is its last line), so that the connection
+        # goes back to the pool for the next call instead of being closed half-read.
         with closing(self._http.lines(call)) as lines:
             for raw in lines:
                 event = assembler.feed(raw)
-                if isinstance(event, RunResult):
-                    return event, assembler
-                if event is not None and on_output is not None:
+                if isinstance(event, OutputEvent) and on_output is not None:
                     on_output(event.stream, event.data)
-        raise calls.missing_result()
+        if assembler.result is None:
+            raise calls.missing_result()
+        return assembler.result, assembler
 
     def run(
         self,
@@ -346,7 +350,11 @@ class EmbeddedBackend:
 
     def __init__(self, *, cancel_on_sigterm: bool = False, start_daemon: bool = False) -> None:
         self._cancel_on_sigterm = cancel_on_sigterm
-        self._start_daemon = start_daemon
+        self._user_daemon: UserDaemon | None = None
+        if start_daemon:
+            from fission.sdk._user_daemon import UserDaemon
+
+            self._user_daemon = UserDaemon()  # now: the run changes this process's environment
 
     def close(self) -> None:
         """Nothing to release: each call's Service is gone when it returns."""
@@ -369,11 +377,9 @@ class EmbeddedBackend:
                         loop.remove_signal_handler(signal.SIGTERM)
 
         outcome = asyncio.run(main())
-        if self._start_daemon:  # after the run, so it does not compete with it for the CPU
-            self._start_daemon = False
-            from fission.sdk._user_daemon import start_user_daemon
-
-            start_user_daemon()
+        if self._user_daemon is not None:  # after the run, so it does not compete for the CPU
+            self._user_daemon.start()
+            self._user_daemon = None
         return outcome
 
     def run(

@@ -7,7 +7,7 @@ daemon is a detached process (its own session, working directory ``/``, stdin fr
 ``/dev/null``, output appended to ``daemon.log`` in its state dir) and exits by itself after
 ``IDLE_EXIT`` seconds with no request and no sandbox, destroying its VMs.
 
-Not started when ``FISSION_AUTOSTART=0`` (tests set it), with ``--no-daemon``, when the
+It is not started when ``FISSION_AUTOSTART=0`` (tests set it), with ``--no-daemon``, when the
 command named a daemon (``FISSION_URL``), when ``fission[server]`` is not installed, or when
 another daemon holds the state dir's lock (one is starting: two CLIs that race both look, and
 the lock lets only one daemon run; the other exits at once, saying so in the log).
@@ -54,23 +54,34 @@ def daemon_argv() -> list[str]:
     return [sys.executable, "-m", "fission", "serve", "--idle-exit", f"{IDLE_EXIT:g}"]
 
 
-def start_user_daemon() -> int | None:
-    """Start this user's daemon in the background if it may and can be; its pid, else None."""
-    if not autostart_enabled():
-        return None
-    if any(importlib.util.find_spec(name) is None for name in SERVER_MODULES):
-        return None  # `fission serve` needs fission[server]: stay embedded, quietly
-    state_dir = daemon_state_dir()
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if state_dir_locked(state_dir):
-        return None
-    with (state_dir / LOG_NAME).open("ab") as log:
-        process = subprocess.Popen(
-            daemon_argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd="/",
-            start_new_session=True,  # its own session: no terminal's Ctrl-C or hang-up reaches it
-        )
-    return process.pid
+class UserDaemon:
+    """This user's daemon as the command found things, to start once its run is done.
+
+    The environment is taken when the command starts: an embedded run points this process's
+    ``FISSION_RUNTIME_DIR`` at its own private directory, and a daemon must not inherit that.
+    """
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.state_dir = daemon_state_dir()
+
+    def start(self) -> int | None:
+        """Start the daemon in the background if it may and can be; its pid, else None."""
+        if not autostart_enabled():
+            return None
+        if any(importlib.util.find_spec(name) is None for name in SERVER_MODULES):
+            return None  # `fission serve` needs fission[server]: stay embedded, quietly
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if state_dir_locked(self.state_dir):
+            return None
+        with (self.state_dir / LOG_NAME).open("ab") as log:
+            process = subprocess.Popen(
+                daemon_argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd="/",
+                env=self.env,
+                start_new_session=True,  # no terminal's Ctrl-C or hang-up reaches it
+            )
+        return process.pid
