@@ -361,7 +361,7 @@ def test_one_shot_runs(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     assert b"".join(chunks) == result.stdout
     # No url: the local socket (FISSION_SOCKET) answers, so the daemon runs it, not this process.
     monkeypatch.setenv("FISSION_SOCKET", str(daemon.socket))
-    monkeypatch.setattr("fission.sdk._oneshot.run_embedded", None)
+    monkeypatch.setattr("fission.sdk._backend.EmbeddedBackend.run", None)
     assert fission.run("print(6 * 7)", timeout=10).stdout == b"42\n"
 
 
