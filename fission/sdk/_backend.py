@@ -150,8 +150,6 @@ def kept_daemon(conn: Connection) -> DaemonBackend:
         if daemon is None:
             from fission.sdk._http import SyncHTTP
 
-            if not _kept:
-                atexit.register(close_kept)
             daemon = _kept[key] = DaemonBackend(SyncHTTP(conn))
     return daemon
 
@@ -163,6 +161,9 @@ def close_kept() -> None:
         _kept.clear()
     for backend in backends:
         backend.close()
+
+
+atexit.register(close_kept)
 
 
 def run_once(
