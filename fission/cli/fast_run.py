@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 REQUEST_TIMEOUT = 60.0  # seconds, as the SDK's default request_timeout (the full command's)
+MAX_WAIT = 86400.0  # seconds: above any run's timeout
 RUN_PATH = "/v1/run"
 # Options that take a value -> their field; flags -> theirs. Anything else goes to the full CLI.
 VALUE_OPTIONS = {
@@ -377,7 +378,8 @@ def fast_run(argv: list[str]) -> None:
         return
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(REQUEST_TIMEOUT + options["timeout"])
+        # A timeout out of range is the daemon's to refuse; the socket needs a number it takes.
+        sock.settimeout(REQUEST_TIMEOUT + min(max(options["timeout"], 0.0), MAX_WAIT))
         try:
             sock.connect(where)
         except OSError:
@@ -413,6 +415,6 @@ def serve(sock: _socket.socket, where: str, options: dict[str, Any], body: bytes
             printer.feed(line)
     except TimeoutError:
         abort(timed_out(where, options["timeout"]))
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, IndexError) as exc:  # not HTTP as the daemon speaks it
         abort(lost(where, str(exc) or type(exc).__name__))
     abort(FissionError("the daemon ended the stream without a result (did it stop?)"))

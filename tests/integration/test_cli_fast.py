@@ -37,7 +37,8 @@ TIMINGS = ("duration_ms", "boot_ms", "total_ms")
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    d = Daemon("--pool", "python=1", "--pool", "bash=1")
+    # Each case runs twice back to back; on a busy 2-core host a refill can take over 10 s.
+    d = Daemon("--pool", "python=1", "--pool", "bash=1", "--acquire-timeout", "120")
     d.start()
     try:
         yield d

@@ -284,6 +284,21 @@ def test_an_error_line_ends_the_run_with_its_code(
     assert (out, err) == (b"partial\n", b"fission: error: gone\n")
 
 
+@pytest.mark.parametrize("timeout", ["-100", "99999999999999999999"])
+def test_a_timeout_out_of_range_is_left_to_the_daemon(timeout: str, socket_path: Path) -> None:
+    with fake_daemon(socket_path, lambda _: refusal(LimitOutOfRange("--timeout"))) as daemon:
+        assert exit_code(["--timeout", timeout, "x"]) is None
+    assert daemon.requests[0].json()["timeout"] == float(timeout)
+
+
+def test_an_answer_that_is_not_http_is_a_lost_connection(
+    socket_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    with fake_daemon(socket_path, lambda _: Answer(b"garbage\r\n\r\n", close=True)):
+        assert exit_code(["x"]) == 125
+    assert b"fission: error: lost the connection to the daemon" in capsysbinary.readouterr().err
+
+
 def test_a_stream_without_a_result_is_an_error(
     socket_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
