@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 from typer.testing import CliRunner
@@ -162,14 +162,19 @@ def test_what_it_sends_is_the_run_the_full_command_makes(
     }
 
 
+TYPER_INT, TYPER_FLOAT = TypeAdapter(int), TypeAdapter(float)  # how typer reads these options
+
+
+@settings(deadline=None)  # a busy machine is not a failure
 @given(st.from_regex(r"-?[0-9]{1,7}", fullmatch=True))
 def test_whole_numbers_read_as_typer_reads_them(text: str) -> None:
-    assert whole_number(text) == TypeAdapter(int).validate_python(text)
+    assert whole_number(text) == TYPER_INT.validate_python(text)
 
 
+@settings(deadline=None)
 @given(st.from_regex(r"-?[0-9]{1,5}(\.[0-9]{1,5})?", fullmatch=True))
 def test_decimal_numbers_read_as_typer_reads_them(text: str) -> None:
-    assert decimal_number(text) == TypeAdapter(float).validate_python(text)
+    assert decimal_number(text) == TYPER_FLOAT.validate_python(text)
 
 
 def test_a_program_file_is_read_as_the_full_command_reads_it(tmp_path: Path) -> None:
