@@ -32,10 +32,13 @@ from pathlib import Path
 from benchlib import (
     Row,
     append_section,
+    descendants,
     fission_cli,
     host_line,
+    is_qemu,
     markdown_table,
     print_table,
+    process_table,
     time_command,
 )
 
@@ -149,19 +152,17 @@ def throughput(socket: Path, clients: int, seconds: float) -> tuple[float, list[
 
 
 def vmm_pss_mib(daemon_pid: int) -> list[dict[str, float]]:
-    """PSS in MiB of each QEMU process the daemon runs (its direct children), by kind of memory.
+    """PSS in MiB of each QEMU process the daemon runs (anywhere under it: QEMU is a grandchild
+    under the jail's bwrap), by kind of memory.
 
     ``total`` is the whole process; ``guest_ram`` the mapping of the snapshot's memory file
     (pages shared with the other clones count a share each); ``tcg_code`` the anonymous
     executable mapping where TCG keeps translated guest code (absent under KVM).
     """
-    children: list[int] = []
-    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
-        children += [int(pid) for pid in (task / "children").read_text().split()]
     found = []
-    for pid in children:
+    for pid in sorted(descendants(daemon_pid, process_table())):
         try:
-            if not Path(f"/proc/{pid}/exe").resolve().name.startswith("qemu"):
+            if not is_qemu(pid):
                 continue
             found.append(pss_by_kind(Path(f"/proc/{pid}/smaps").read_text()))
         except (FileNotFoundError, ProcessLookupError):

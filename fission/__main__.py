@@ -1,8 +1,11 @@
 """The ``fission`` command (and ``python -m fission``): the CLI, or which extra to install.
 
-``pip install fission`` is the SDK alone; the command needs ``fission[cli]`` (typer, rich) and
-``fission serve`` / ``fission mcp`` need ``fission[server]``. A missing one is named with the
-``pip install`` that brings it instead of a traceback.
+``fission run`` against a running daemon takes a fast path (``fission.cli.fast_run``: the
+standard library only) and ``fission version`` answers at once; every other command, and any
+``run`` the fast path is not sure of, goes to the full CLI (typer). ``pip install fission`` is
+the SDK alone; the full CLI needs ``fission[cli]`` (typer, rich) and ``fission serve`` /
+``fission mcp`` need ``fission[server]``. A missing one is named with the ``pip install`` that
+brings it instead of a traceback.
 """
 
 from __future__ import annotations
@@ -33,10 +36,20 @@ def missing_extra_message(module: str) -> str | None:
 
 def main() -> None:
     """Console-script entry point."""
-    try:
-        from fission.cli import main as cli_main
+    args = sys.argv[1:]
+    if args[:1] == ["run"]:
+        from fission.cli.fast_run import fast_run
 
-        cli_main()
+        fast_run(args[1:])  # exits when it served the run; returns when the full CLI should
+    elif args == ["version"]:
+        from fission import __version__
+
+        sys.stdout.write(f"{__version__}\n")
+        return
+    try:
+        import fission.cli
+
+        fission.cli.main()
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc.name or "")
         if message is None:

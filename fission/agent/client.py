@@ -148,6 +148,12 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
     )
 
 
+def init_frame() -> bytes:
+    """INIT: the host's wall clock now and a fresh random seed for the guest's kernel."""
+    init = {"time_ns": time.time_ns(), "seed": secrets.token_hex(64)}
+    return protocol.encode_json(FrameType.INIT, 0, init)
+
+
 def check_context(context_id: str | None) -> None:
     """Refuse a malformed context id before it reaches the guest."""
     if context_id is not None:
@@ -170,8 +176,7 @@ class AgentClient(FileOperations):
 
     async def handshake(self, timeout: float) -> dict[str, Any]:
         """Send INIT (wall clock and a fresh random seed) and wait for the agent's HELLO."""
-        init = {"time_ns": time.time_ns(), "seed": secrets.token_hex(64)}
-        await self._send(protocol.encode_json(FrameType.INIT, 0, init))
+        await self._send(init_frame())
         async with asyncio.timeout(timeout):
             frame = await self._channel.read_frame()
         if frame.type != FrameType.HELLO:
@@ -264,6 +269,22 @@ class AgentClient(FileOperations):
         if type(dropped) is not bool:
             raise AgentProtocolError(f"the guest answered a context drop with {answer!r:.80}")
         return dropped
+
+    async def resync(self, timeout: float) -> None:
+        """Send INIT again once the handshake is done: the guest's wall clock stood still while
+        its vCPUs were stopped (QMP ``stop``), and it gets a fresh seed too. Timeout in s."""
+        self._channel.open(0)
+        try:
+            await self._send(init_frame())
+            async with asyncio.timeout(timeout):
+                frame = await self._channel.next(0)
+            if frame.type != FrameType.HELLO:
+                raise AgentProtocolError(f"expected HELLO from the guest, got {frame.type.name}")
+        except AgentProtocolError as exc:
+            self._channel.fail(exc)
+            raise
+        finally:
+            self._channel.close(0)
 
     async def prepare_snapshot(self, timeout: float) -> bool:
         """Ask the agent to get ready for a snapshot; True if its fork server is warm."""

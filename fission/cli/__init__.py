@@ -1,38 +1,27 @@
-"""The ``fission`` command line: a thin adapter over the orchestrator and the image builder."""
+"""The ``fission`` command line: a thin adapter over the orchestrator and the image builder.
+
+The typer application is ``fission.cli.commands`` and loads only when a command needs it:
+``fission run`` against a running daemon is served by ``fission.cli.fast_run`` without it (see
+docs/cli.md, "Start-up"), so importing this package costs nothing.
+"""
 
 from __future__ import annotations
 
-import typer
-
-from fission.cli import audit, doctor, images, install, keys, mcp, run, serve
-
-app = typer.Typer(
-    name="fission",
-    help="Run untrusted code inside throwaway microVMs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.command("run", context_settings={"allow_interspersed_args": True})(run.run_command)
-app.command("install")(install.install_command)
-app.command("repo")(install.repo_command)
-app.add_typer(images.app, name="images")
-app.command("serve")(serve.serve_command)
-app.add_typer(serve.pool_app, name="pool")
-app.add_typer(keys.app, name="keys")
-app.command("audit")(audit.audit_command)
-app.command("mcp")(mcp.mcp_command)
-app.command("doctor")(doctor.doctor_command)
-
-
-@app.command("version")
-def version_command() -> None:
-    """Print fission's version."""
-    from fission import __version__
-
-    typer.echo(__version__)
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up; type checkers see True
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the full command line (typer) on ``sys.argv``."""
+    from fission.cli.commands import app
+
     app()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # `from fission.cli import app`, as before the app had a module of its own
+        from fission.cli.commands import app
+
+        return app
+    raise AttributeError(f"module 'fission.cli' has no attribute {name!r}")

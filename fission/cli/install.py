@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fission.cli.errors import abort
-from fission.cli.run import LiveOutput, report
+from fission.cli.output import LiveOutput
+from fission.cli.run import report
 from fission.errors import FissionError
 from fission.sdk._backend import open_backend
 
@@ -48,7 +49,9 @@ def install_command(
     on_output = None if as_json else LiveOutput()
     try:
         limits = Limits(timeout=timeout)
-        with closing(open_backend(embedded=no_daemon, cancel_on_sigterm=True)) as backend:
+        with closing(
+            open_backend(embedded=no_daemon, cancel_on_sigterm=True, start_daemon=True)
+        ) as backend:
             outcome = backend.install(
                 lang,
                 [p.strip() for p in packages.split(",") if p.strip()],
@@ -91,7 +94,9 @@ def repo_command(
         files: tuple[Upload, ...] = ()
         if "://" not in source and local.is_dir():  # a local directory: read here, copied in
             url, files = None, directory_uploads(local, WORKDIR)
-        with closing(open_backend(embedded=no_daemon, cancel_on_sigterm=True)) as backend:
+        with closing(
+            open_backend(embedded=no_daemon, cancel_on_sigterm=True, start_daemon=True)
+        ) as backend:
             result = backend.repo(
                 lang,
                 url,

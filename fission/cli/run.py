@@ -11,7 +11,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from fission.cli.errors import abort
+from fission.cli.errors import abort, interrupted
+from fission.cli.output import LiveOutput, end_notes, finish
 from fission.core.limits import Limits
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput
@@ -44,23 +45,6 @@ def network_policy(network: bool, allow_host: list[str] | None) -> NetworkPolicy
     if allow_host and not network:
         raise InvalidInput("--allow-host needs --network")
     return NetworkPolicy.allowing(allow_host or []) if network else NetworkPolicy.none()
-
-
-class LiveOutput:
-    """Writes output chunks to this process's stdout and stderr as they arrive."""
-
-    def __init__(self) -> None:
-        self.closed: set[str] = set()
-
-    def __call__(self, stream: str, data: bytes) -> None:
-        if stream in self.closed:
-            return
-        target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-        try:
-            target.write(data)
-            target.flush()
-        except BrokenPipeError:
-            self.closed.add(stream)
 
 
 def run_command(
@@ -139,30 +123,26 @@ def run_command(
         uploads = tuple(parse_upload(u) for u in upload or [])
         downloads = tuple(parse_download(d) for d in download or [])
         on_output = None if as_json else LiveOutput()
-        with closing(open_backend(embedded=no_daemon, cancel_on_sigterm=True)) as backend:
+        with closing(
+            open_backend(embedded=no_daemon, cancel_on_sigterm=True, start_daemon=True)
+        ) as backend:
             result = backend.run(spec, on_output, uploads, [d.remote for d in downloads])
         save_downloads(downloads, result.files)
     except FissionError as exc:
         abort(exc)
     except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.stderr.write("fission: interrupted; the VM was destroyed\n")
-        raise SystemExit(130) from None
+        interrupted()
     report(result, spec.limits, as_json)
 
 
 def report(result: RunResult, limits: Limits, as_json: bool) -> NoReturn:
     """Print the result's JSON (``--json``) or notes on how it ended; exit with its code."""
-    if as_json:
-        sys.stdout.write(json.dumps(result.to_json()) + "\n")
-    else:
-        notes = []
-        if result.timed_out:
-            notes.append(f"timed out after {limits.timeout:g} s (--timeout)")
-        if result.oom:
-            notes.append(f"killed: out of memory (--memory {limits.memory_mb} MB)")
-        if result.truncated:
-            notes.append(f"output truncated at {limits.output_limit_mb:g} MB (--output-limit)")
-        for note in notes:
-            sys.stderr.write(f"fission: {note}\n")
-    sys.stdout.flush()
-    raise SystemExit(result.exit_code)
+    notes = end_notes(
+        timed_out=result.timed_out,
+        oom=result.oom,
+        truncated=result.truncated,
+        timeout=limits.timeout,
+        memory_mb=limits.memory_mb,
+        output_limit_mb=limits.output_limit_mb,
+    )
+    finish(result.exit_code, json.dumps(result.to_json()) if as_json else None, notes)

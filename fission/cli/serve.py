@@ -41,6 +41,10 @@ def serve_command(
     grpc_socket: Annotated[
         Path | None, typer.Option(help="Serve the gRPC API on this Unix socket instead.")
     ] = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(help="Exit after SECONDS with no request and no sandbox (VMs destroyed)."),
+    ] = None,
 ) -> None:
     """Run the fission daemon: warm pools of VMs behind an HTTP API (and gRPC when asked)."""
     from fission.server.daemon import build_config, serve
@@ -59,10 +63,13 @@ def serve_command(
             grpc_host=grpc_host,
             grpc_port=grpc_port,
             grpc_socket=grpc_socket,
+            idle_exit=idle_exit,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
         if daemon_config.grpc_address is not None:
             where = f"{where} (gRPC on {daemon_config.grpc_address})"
+        if daemon_config.idle_exit is not None:
+            where = f"{where}, exiting after {daemon_config.idle_exit:g} s idle"
         typer.echo(f"fission daemon listening on {where}", err=True)
         serve(daemon_config)
     except FissionError as exc:

@@ -12,6 +12,8 @@ run in flight ends with ``SandboxNotFound``. A run that outlives its own deadlin
 timeout.
 Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
 the ttl. Sandboxes do not survive a daemon restart: reconcile removes what a dead one left.
+A running sandbox with nothing in flight for ``idle_stop_after`` seconds has its vCPUs stopped
+(``idle``: no CPU while idle); its next call wakes it first and sets its clock.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 from fission.agent.client import AgentClient, ExecRequest, OutputSink
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
-from fission.core import sandbox_vm, snapshots
+from fission.core import idle, sandbox_vm, snapshots
 from fission.core.audit_events import audit_event
 from fission.core.execution import execute
 from fission.core.journal import Journal
@@ -62,6 +64,9 @@ class Gate:
         self._condition = asyncio.Condition()
         self._operations = 0
         self._changing = False
+        self.quiet_since = time.monotonic()  # when the last operation ended
+        # Runs when an operation has entered, before it uses the VM (wakes a stopped one).
+        self.on_use: Callable[[], Awaitable[None]] | None = None
 
     @contextlib.asynccontextmanager
     async def operation(self) -> AsyncIterator[None]:
@@ -70,11 +75,20 @@ class Gate:
             await self._condition.wait_for(lambda: not self._changing)
             self._operations += 1
         try:
+            if self.on_use is not None:
+                await self.on_use()
             yield
         finally:
             async with self._condition:
                 self._operations -= 1
+                self.quiet_since = time.monotonic()
                 self._condition.notify_all()
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds since the last operation ended; 0 while one runs or the state changes."""
+        if self._operations or self._changing:
+            return 0.0
+        return now - self.quiet_since
 
     @contextlib.asynccontextmanager
     async def change(self) -> AsyncIterator[None]:
@@ -102,6 +116,7 @@ class ManagedSandbox:
     config: VMConfig | None = None
     egress: Egress | None = None
     gate: Gate = field(default_factory=lambda: Gate())
+    idle: idle.IdleState = field(default_factory=lambda: idle.IdleState(None))
 
     @property
     def agent(self) -> AgentClient:
@@ -132,8 +147,10 @@ class SandboxManager:
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
         driver: Driver | None = None,
+        idle_stop_after: float | None = idle.SANDBOX_IDLE_STOP,
     ) -> None:
         self.driver = driver or default_driver()
+        self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
         self.budget = budget
         self.journal = journal
         self.audit = audit
@@ -175,6 +192,17 @@ class SandboxManager:
                 if record.state == SandboxState.RUNNING and record.expires_at <= now:
                     log.info("sandbox %s expired", record.id)
                     await self._destroy(box, "expired")
+                elif box.machine is not None and record.state == SandboxState.RUNNING:
+                    streams = len(box.egress.tunnel.streams) if box.egress is not None else 0
+                    quiet = 0.0 if streams else box.gate.quiet_for(time.monotonic())
+                    if box.idle.due(box.machine.vm, quiet):
+                        self._background(self._stop_idle(box))
+
+    async def _stop_idle(self, box: ManagedSandbox) -> None:
+        """Stop an idle sandbox's vCPUs unless a call came in meanwhile."""
+        async with box.gate.change():
+            if box.machine is not None and box.record.state == SandboxState.RUNNING:
+                await box.idle.stop(box.machine, time.monotonic() - box.gate.quiet_since)
 
     # -- create, read, list -------------------------------------------------------------------
     async def create(
@@ -194,6 +222,8 @@ class SandboxManager:
         record = SandboxRecord(new_sandbox_id(), spec, owner, now, now + spec.ttl)
         directory = self.journal.sandboxes_dir / record.id
         box = ManagedSandbox(record, directory, reserved, slot)
+        box.idle = idle.IdleState(self.idle_stop_after)
+        box.gate.on_use = lambda: self._wake(box)
         try:
             directory.mkdir(mode=0o700)
             machine, config = await sandbox_vm.start_sandbox_vm(
@@ -421,6 +451,7 @@ class SandboxManager:
             machine = box.machine
             if machine is None:
                 raise self._gone(box)
+            await self._wake(box)  # the agent syncs the guest's disks before the save
             box.machine = None
             self.journal.forget(machine.vm)
             await self._detach(box)
@@ -479,6 +510,7 @@ class SandboxManager:
                 raise
             self.journal.record(machine.vm)
             box.machine, box.config = machine, config
+            box.idle = idle.IdleState(self.idle_stop_after)
             box.record.state = SandboxState.RUNNING
             box.record.expires_at = self._clock() + box.record.spec.ttl
         await self._audit(
@@ -524,6 +556,17 @@ class SandboxManager:
         )
 
     # -- helpers -------------------------------------------------------------------------------
+    async def _wake(self, box: ManagedSandbox) -> None:
+        """Let a sandbox's VM run again if it was stopped for idleness (its clock set anew)."""
+        machine = box.machine
+        if machine is not None and box.idle.stopped:
+            try:
+                await box.idle.wake(machine)
+            except FissionError as exc:
+                if self._is_gone(box):  # deleted meanwhile, as a run in flight would learn
+                    raise self._gone(box) from exc
+                raise
+
     def _box(self, sandbox_id: str, owner: str | None) -> ManagedSandbox:
         box = self._sandboxes.get(sandbox_id)
         if box is None or (owner is not None and box.record.owner != owner):

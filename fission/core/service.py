@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -36,7 +37,7 @@ from fission.auth.audit_log import (
     outcome_of_result,
 )
 from fission.config import runtime_dir, use_runtime_dir
-from fission.core import derived, orchestrator, snapshots
+from fission.core import derived, idle, orchestrator, snapshots
 from fission.core.audit_events import audit_egress, audit_event, audit_local_egress
 from fission.core.execution import execute
 from fission.core.journal import Journal
@@ -72,6 +73,8 @@ class ServiceConfig:
     # Without an audit log, still record egress decisions in the default one (embedded runs,
     # so `fission audit` shows what a local run's network policy allowed and refused).
     audit_egress_locally: bool = False
+    # Seconds a sandbox with nothing in flight runs before its vCPUs stop (None: never).
+    sandbox_idle_stop: float | None = idle.SANDBOX_IDLE_STOP
     # Put this process's VM directories under the state dir (``vms/``), where a restart's
     # reconcile finds them all. A daemon or an MCP server owns its process and does; embedded
     # runs share the caller's process (maybe several at once) and leave the runtime dir alone.
@@ -101,7 +104,13 @@ class Service:
         self.reconciled: dict[str, int] = {}
         self._disposals: set[asyncio.Task[None]] = set()
         self.audit = AuditLog(config.audit_db) if config.audit_db is not None else None
-        self.sandboxes = SandboxManager(self.budget, self.journal, self.audit, driver=self.driver)
+        self.sandboxes = SandboxManager(
+            self.budget,
+            self.journal,
+            self.audit,
+            driver=self.driver,
+            idle_stop_after=config.sandbox_idle_stop,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -120,8 +129,9 @@ class Service:
                 size,
                 self.budget,
                 CLONE_MB,
-                factory=self._clone_factory(language.name),
+                factory=self._clone_factory(language),
                 on_retire=self._forget,
+                warm=functools.partial(orchestrator.warm_up, language=language),
             )
             self.pools[language.name] = pool
             pool.start()
@@ -144,9 +154,9 @@ class Service:
         }
 
     # -- machines ----------------------------------------------------------------------------------
-    def _clone_factory(self, name: str) -> Callable[[], Awaitable[Machine]]:
+    def _clone_factory(self, language: Language) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:
-            machine = await orchestrator.warm_clone(resolve_language(name), self.driver)
+            machine = await orchestrator.clone(language, self.driver)
             self.journal.record(machine.vm)
             return machine
 

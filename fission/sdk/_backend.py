@@ -14,14 +14,24 @@ so a command behaves the same with or without a daemon:
 
 The choice: an explicit ``url`` (argument or ``FISSION_URL``) always means the daemon; otherwise
 the local socket is probed (``PROBE_TIMEOUT``) and, when nothing answers, the run is embedded.
-``embedded=True`` (``--no-daemon``) skips the probe.
+``embedded=True`` (``--no-daemon``) skips the probe. The CLI passes ``start_daemon``: when no
+daemon answers on the default socket, a user daemon is started after the embedded run, for the
+next command (``fission.sdk._user_daemon``).
+
+``run_once`` is ``fission.run``'s route, made for calls in a loop: one ``DaemonBackend`` (one
+HTTP connection pool) is kept per resolved connection and process, closed at exit, and there is
+no probe: the run is sent to the local socket and goes embedded only when no daemon accepts the
+connection (``Unreachable``: nothing was sent, so nothing runs twice) or there is no socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -32,11 +42,18 @@ from fission.core.spec import RunResult, RunSpec
 from fission.core.transfers import Upload
 from fission.errors import FissionError
 from fission.sdk import _requests as calls
-from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
+from fission.sdk._connection import (
+    DEFAULT_REQUEST_TIMEOUT,
+    Connection,
+    Unreachable,
+    resolve_connection,
+)
+from fission.sdk._models import OutputEvent
 
 if TYPE_CHECKING:
     from fission.core.service import Service
     from fission.sdk._http import SyncHTTP
+    from fission.sdk._user_daemon import UserDaemon
 
 PROBE_TIMEOUT = 2.0  # seconds a local daemon has to answer before the run goes embedded
 OutputSink = Callable[[str, bytes], None]
@@ -99,8 +116,13 @@ def open_backend(
     *,
     embedded: bool = False,
     cancel_on_sigterm: bool = False,
+    start_daemon: bool = False,
 ) -> Backend:
-    """The daemon's backend when one is named or answers, else an embedded one."""
+    """The daemon's backend when one is named or answers, else an embedded one.
+
+    With ``start_daemon`` and no daemon at the default socket, the embedded backend starts a
+    user daemon once its run has succeeded (``fission.sdk._user_daemon``).
+    """
     if not embedded:
         conn = resolve_connection(url, api_key, request_timeout)
         # No socket and no url: no daemon, and no need to load the HTTP client at all.
@@ -111,7 +133,55 @@ def open_backend(
             if conn.explicit or answers(http):
                 return DaemonBackend(http)
             http.close()
+        return EmbeddedBackend(cancel_on_sigterm=cancel_on_sigterm, start_daemon=start_daemon)
     return EmbeddedBackend(cancel_on_sigterm=cancel_on_sigterm)
+
+
+_kept: dict[tuple[int, Connection], DaemonBackend] = {}
+_kept_lock = threading.Lock()
+
+
+def kept_daemon(conn: Connection) -> DaemonBackend:
+    """This process's DaemonBackend for ``conn``, made on first use and closed at exit."""
+    key = (os.getpid(), conn)  # a forked child makes its own: connections are not shared
+    with _kept_lock:
+        daemon = _kept.get(key)
+        if daemon is None:
+            from fission.sdk._http import SyncHTTP
+
+            daemon = _kept[key] = DaemonBackend(SyncHTTP(conn))
+    return daemon
+
+
+def close_kept() -> None:
+    """Close every kept DaemonBackend (at exit)."""
+    with _kept_lock:
+        backends = list(_kept.values())
+        _kept.clear()
+    for backend in backends:
+        backend.close()
+
+
+atexit.register(close_kept)
+
+
+def run_once(
+    spec: RunSpec,
+    on_output: OutputSink | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+) -> RunResult:
+    """Run ``spec`` on the daemon through a kept connection, else embedded (``fission.run``)."""
+    conn = resolve_connection(url, api_key, request_timeout)
+    if not conn.explicit and conn.socket is not None and not conn.socket.exists():
+        return EmbeddedBackend().run(spec, on_output)
+    try:
+        return kept_daemon(conn).run(spec, on_output)
+    except Unreachable:
+        if conn.explicit:
+            raise  # a named daemon is never replaced by an embedded run
+    return EmbeddedBackend().run(spec, on_output)
 
 
 def answers(http: SyncHTTP) -> bool:
@@ -176,14 +246,16 @@ class DaemonBackend:
         self, call: calls.Call, on_output: OutputSink | None
     ) -> tuple[RunResult, calls.RunAssembler]:
         assembler = calls.RunAssembler()
+        # Read to the end of the answer (the result is its last line), so that the connection
+        # goes back to the pool for the next call instead of being closed half-read.
         with closing(self._http.lines(call)) as lines:
             for raw in lines:
                 event = assembler.feed(raw)
-                if isinstance(event, RunResult):
-                    return event, assembler
-                if event is not None and on_output is not None:
+                if isinstance(event, OutputEvent) and on_output is not None:
                     on_output(event.stream, event.data)
-        raise calls.missing_result()
+        if assembler.result is None:
+            raise calls.missing_result()
+        return assembler.result, assembler
 
     def run(
         self,
@@ -264,8 +336,13 @@ class EmbeddedBackend:
 
     where = "embedded"
 
-    def __init__(self, *, cancel_on_sigterm: bool = False) -> None:
+    def __init__(self, *, cancel_on_sigterm: bool = False, start_daemon: bool = False) -> None:
         self._cancel_on_sigterm = cancel_on_sigterm
+        self._user_daemon: UserDaemon | None = None
+        if start_daemon:
+            from fission.sdk._user_daemon import UserDaemon
+
+            self._user_daemon = UserDaemon()  # now: the run changes this process's environment
 
     def close(self) -> None:
         """Nothing to release: each call's Service is gone when it returns."""
@@ -287,7 +364,11 @@ class EmbeddedBackend:
                     with contextlib.suppress(Exception):
                         loop.remove_signal_handler(signal.SIGTERM)
 
-        return asyncio.run(main())
+        outcome = asyncio.run(main())
+        if self._user_daemon is not None:  # after the run, so it does not compete for the CPU
+            self._user_daemon.start()
+            self._user_daemon = None
+        return outcome
 
     def run(
         self,

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fission import __version__
-from fission.errors import InvalidInput
+from fission.errors import InvalidInput, NotReady
 
 DEFAULT_REQUEST_TIMEOUT = 60.0
 UDS_BASE_URL = "http://fission"
+
+
+class Unreachable(NotReady):
+    """No daemon accepted the connection: nothing was sent, so the call may go elsewhere."""
 
 
 @dataclass(frozen=True)

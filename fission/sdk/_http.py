@@ -2,7 +2,7 @@
 
 httpx's own errors become fission's in one place, ``converted``::
 
-    httpx.ConnectError, ConnectTimeout  ->  NotReady (no daemon answers at <where>)
+    httpx.ConnectError, ConnectTimeout  ->  Unreachable, a NotReady (no daemon answers at <where>)
     httpx.TimeoutException              ->  RequestTimeout naming request_timeout (and timeout)
     any other httpx.HTTPError           ->  FissionError (lost the connection)
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from fission.errors import FissionError, NotReady, RequestTimeout
-from fission.sdk._connection import Connection
+from fission.errors import FissionError, RequestTimeout
+from fission.sdk._connection import Connection, Unreachable
 from fission.sdk._requests import CHUNK_SIZE, Call, error_from_response, parse_json
 
 
@@ -32,8 +32,8 @@ def converted(conn: Connection, call: Call) -> Iterator[None]:
     """Turn httpx errors raised inside the block into fission errors."""
     try:
         yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise NotReady(conn.unreachable()) from exc
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # raised before anything is sent
+        raise Unreachable(conn.unreachable()) from exc
     except httpx.TimeoutException as exc:
         raise RequestTimeout(timeout_message(conn, call)) from exc
     except httpx.HTTPError as exc:

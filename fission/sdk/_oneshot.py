@@ -1,12 +1,19 @@
-"""``fission.run``: one program in a fresh microVM, through the daemon or embedded."""
+"""``fission.run``: one program in a fresh microVM, through the daemon or embedded.
+
+Made for calls in a loop: the daemon's connection is kept between calls and nothing is probed
+or imported per call (``fission.sdk._backend.run_once``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import closing
 
+from fission.core.languages import resolve_language
+from fission.core.limits import Limits
+from fission.core.spec import RunSpec
+from fission.net.policy import NetworkPolicy
 from fission.sdk import _requests as calls
-from fission.sdk._backend import open_backend
+from fission.sdk._backend import run_once
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT
 from fission.sdk._models import OutputCallback, OutputEvent, RunResult
 
@@ -37,11 +44,6 @@ def run(
     daemon at ``url`` (else ``FISSION_URL``, else the local socket); with no url and no local
     daemon, runs embedded in this process.
     """
-    from fission.core.languages import resolve_language
-    from fission.core.limits import Limits
-    from fission.core.spec import RunSpec
-    from fission.net.policy import NetworkPolicy
-
     spec = RunSpec(
         resolve_language(language),
         code,
@@ -56,5 +58,4 @@ def run(
         if callback is not None:
             callback(chunk)
 
-    with closing(open_backend(url, api_key, request_timeout)) as backend:
-        return backend.run(spec, sink)
+    return run_once(spec, sink, url, api_key, request_timeout)

@@ -2,24 +2,38 @@
 
 Listens on a Unix socket in the user's runtime dir by default (TCP only when asked). uvicorn
 turns SIGTERM and SIGINT into a graceful shutdown, whose last step (the app's lifespan)
-destroys every VM the daemon owns. A second daemon on the same state dir is refused.
+destroys every VM the daemon owns. A second daemon on the same state dir is refused. With
+``--idle-exit SECONDS`` the daemon shuts down the same way once it has gone that long with no
+request (health probes aside) and no sandbox: the user daemon that ``fission run`` starts on
+demand (``fission.sdk._user_daemon``) runs so.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import tomllib
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fission.auth.db import default_db_path
-from fission.config import daemon_socket, runtime_dir
+from fission.config import daemon_socket, daemon_state_dir
 from fission.core.languages import resolve_language
 from fission.core.service import ServiceConfig
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.core.state_dirs import lock_state_dir
 from fission.errors import InvalidInput, NotReady
+
+log = logging.getLogger("fission.daemon")
+# Longer than the SDK's keep-alive (httpx: 5 s), so a client never sends on a kept connection
+# the daemon is closing at that moment (the request would be lost without an answer).
+KEEP_ALIVE = 15
+HEALTH_PATH = "/v1/health"
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,7 @@ class DaemonConfig:
     # gRPC (fission.server.grpc_server): "HOST:PORT" or "unix:PATH"; None serves no gRPC
     grpc_address: str | None = None
     grpc_keys_db: Path | None = None  # set for a TCP gRPC listener
+    idle_exit: float | None = None  # seconds without requests or sandboxes before exiting
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -62,6 +77,7 @@ def build_config(
     grpc_host: str | None = None,
     grpc_port: int | None = None,
     grpc_socket: Path | None = None,
+    idle_exit: float | None = None,
 ) -> DaemonConfig:
     """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
     file = load_config_file(config_file) if config_file else {}
@@ -75,7 +91,7 @@ def build_config(
         raise InvalidInput(f"--memory-budget {budget} MB is too small: give at least 256")
     if not 0 < timeout <= 600:
         raise InvalidInput(f"--acquire-timeout {timeout} is out of range: use 0 to 600 seconds")
-    state = state_dir or Path(file.get("state_dir", runtime_dir() / "daemon"))
+    state = state_dir or (Path(file["state_dir"]) if "state_dir" in file else daemon_state_dir())
     listen_socket = socket or (Path(file["socket"]) if "socket" in file else None)
     host = host or file.get("host")
     port = port or file.get("port")
@@ -90,6 +106,9 @@ def build_config(
         file_socket = Path(file["grpc_socket"]) if "grpc_socket" in file else None
         grpc_listen = (file.get("grpc_host"), file.get("grpc_port"), file_socket)
     grpc = grpc_address(*grpc_listen)
+    idle = idle_exit if idle_exit is not None else file.get("idle_exit")
+    if idle is not None:
+        check_idle_exit(idle, grpc)
     return DaemonConfig(
         service=service,
         socket=listen_socket,
@@ -98,7 +117,19 @@ def build_config(
         keys_db=database if host is not None else None,
         grpc_address=grpc,
         grpc_keys_db=database if grpc is not None and not grpc.startswith("unix:") else None,
+        idle_exit=float(idle) if idle is not None else None,
     )
+
+
+def check_idle_exit(idle: Any, grpc: str | None) -> None:
+    """Refuse an ``--idle-exit`` that is not a positive number, or one beside gRPC."""
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 < idle < 1e9:
+        raise InvalidInput(
+            f"--idle-exit {idle!r} is out of range: give a positive number of seconds"
+        )
+    if grpc is not None:
+        # The idle clock sees HTTP requests; a gRPC call in progress would be cut off.
+        raise InvalidInput("--idle-exit counts HTTP requests only: it cannot be used with gRPC")
 
 
 def grpc_address(host: str | None, port: int | None, socket: Path | None) -> str | None:
@@ -117,10 +148,88 @@ def grpc_address(host: str | None, port: int | None, socket: Path | None) -> str
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def serve(config: DaemonConfig) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
+class IdleWatch:
+    """ASGI wrapper that knows how long the daemon has been idle: no request, no sandbox.
+
+    A request counts from its start to the end of its answer (a streamed run to its last
+    line); health probes do not count, so a monitor polling ``/v1/health`` does not keep an
+    unused daemon alive. While any sandbox exists (running or paused) the daemon is in use.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        idle_exit: float,
+        sandboxes: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.idle_exit = idle_exit
+        self.sandboxes = sandboxes
+        self.clock = clock
+        self.in_flight = 0
+        self.last_active = clock()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") == HEALTH_PATH:
+            await self.app(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.last_active = self.clock()
+
+    def expired(self) -> bool:
+        """True once the daemon has been idle for ``idle_exit`` seconds."""
+        now = self.clock()
+        if self.in_flight or self.sandboxes():
+            self.last_active = now
+            return False
+        return now - self.last_active >= self.idle_exit
+
+
+def listen_config(config: DaemonConfig, app: ASGIApp) -> Any:
+    """uvicorn's Config for ``app`` on the daemon's socket or TCP address."""
     import uvicorn
 
+    where: dict[str, Any] = {"host": config.host or "127.0.0.1", "port": config.port or 0}
+    if config.socket is not None:
+        config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config.socket.unlink(missing_ok=True)  # a dead daemon's socket; we hold the lock
+        where = {"uds": str(config.socket)}
+    return uvicorn.Config(
+        app,
+        log_level=config.log_level,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE,
+        **where,
+    )
+
+
+def server_for(server_config: Any, watch: IdleWatch | None) -> Any:
+    """A uvicorn Server that also shuts down gracefully once ``watch`` says it is idle."""
+    import uvicorn
+
+    if watch is None:
+        return uvicorn.Server(server_config)
+    idle: IdleWatch = watch
+
+    class IdleExitServer(uvicorn.Server):
+        async def on_tick(self, counter: int) -> bool:
+            if await super().on_tick(counter):
+                return True
+            if counter % 10 or not idle.expired():  # ticks are 0.1 s apart: look once a second
+                return False
+            log.warning("fission daemon: idle for %g s with no sandbox: exiting", idle.idle_exit)
+            return True
+
+    return IdleExitServer(server_config)
+
+
+def serve(config: DaemonConfig) -> None:
+    """Run the daemon until SIGTERM or SIGINT (or ``idle_exit`` seconds of idleness)."""
     from fission.core.service import Service
     from fission.server.app import create_app
 
@@ -137,21 +246,10 @@ def serve(config: DaemonConfig) -> None:
             except ModuleNotFoundError as exc:  # grpcio or protobuf missing: the server extra
                 raise NotReady(f"gRPC needs {exc.name}: pip install 'fission[server]'") from exc
             attach_grpc(app, service, config.grpc_address, config.grpc_keys_db)
-        if config.socket is not None:
-            config.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            config.socket.unlink(missing_ok=True)  # a dead daemon's socket; we hold the lock
-            server_config = uvicorn.Config(
-                app, uds=str(config.socket), log_level=config.log_level, access_log=False
-            )
-        else:
-            server_config = uvicorn.Config(
-                app,
-                host=config.host or "127.0.0.1",
-                port=config.port or 0,
-                log_level=config.log_level,
-                access_log=False,
-            )
-        uvicorn.Server(server_config).run()
+        watch = None
+        if config.idle_exit is not None:
+            watch = IdleWatch(app, config.idle_exit, service.sandboxes.count)
+        server_for(listen_config(config, watch or app), watch).run()
     finally:
         if config.socket is not None:
             config.socket.unlink(missing_ok=True)

@@ -177,6 +177,11 @@ class VirtualMachine(abc.ABC):
     def pid(self) -> int | None:
         """The VMM process id, or None once it is gone (or when there is no process)."""
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the VMM has used so far (user and system), or None when the driver cannot
+        tell; idle VMs are stopped only while this stays low."""
+        return None
+
 
 class Machine(NamedTuple):
     """A running VM and the client of its agent."""

@@ -89,6 +89,7 @@ class FakeGuest:
         self.files = RootedFiles(self._send, root)
         self.runs: dict[int, Run] = {}
         self.execs: list[dict[str, Any]] = []  # every EXEC request received, for tests
+        self.inits: list[dict[str, Any]] = []  # every INIT received (the wall clock and a seed)
         self.kills: list[int] = []  # the request ids of every KILL received
         self.cancelled_transfers = 0  # file transfers a KILL cut short
         self.log: list[str] = []
@@ -143,7 +144,7 @@ class FakeGuest:
     def _handle(self, frame: protocol.Frame) -> None:
         kind, rid = frame.type, frame.request_id
         if kind == FrameType.INIT:
-            protocol.decode_json(frame.payload)  # the wall clock and seed: a host needs neither
+            self.inits.append(protocol.decode_json(frame.payload))  # a host needs neither
             hello = {"protocol": protocol.PROTOCOL_VERSION, "agent": "fake", "kernel": "fake"}
             self._send_json(FrameType.HELLO, rid, hello)
         elif kind == FrameType.PING:
@@ -199,6 +200,11 @@ class FakeGuest:
             await asyncio.sleep(0)
 
     # -- pause, resume, stop ----------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        """Whether the guest is frozen (``pause`` without ``resume``)."""
+        return not self._awake.is_set()
+
     def pause(self) -> None:
         """Stop reading frames and freeze every program."""
         self._awake.clear()

@@ -32,7 +32,7 @@ from fission.images.store import image_set
 from fission.vmm import cgroups, jail_plan, jailer, qemu_snapshots
 from fission.vmm.base import VirtualMachine, default_driver
 from fission.vmm.binary import qemu_binary
-from fission.vmm.qemu import QemuVM
+from fission.vmm.qemu import TCG_TB_SIZE_MB, QemuVM
 from fission.vmm.qemu_driver import clone_config, detect_host
 from tests.integration.conftest import fission_cli
 
@@ -183,7 +183,7 @@ async def test_qemu_sits_in_a_cgroup_sized_from_the_vm(clone: Machine) -> None:
         members = cgroups.pids(directory)
         assert pid in members and clone.vm.pid in members  # bwrap too: joined before exec
     guest = clone.vm.config.memory_mb
-    expected = (guest + jail_plan.QEMU_BASE_MB + 128) * jail_plan.MIB
+    expected = (guest + jail_plan.QEMU_BASE_MB + TCG_TB_SIZE_MB) * jail_plan.MIB
     assert box.plan.limits.memory_bytes == expected
     assert int(cgroup_value(dirs, "memory.max", "memory.limit_in_bytes")) == expected
     assert int(cgroup_value(dirs, "pids.max")) == jail_plan.PIDS_BASE + 1

@@ -355,6 +355,30 @@ async def test_handshake_when_the_guest_closes_is_a_vm_error() -> None:
     assert not isinstance(caught.value, AgentProtocolError)
 
 
+async def test_resync_sends_the_clock_and_a_fresh_seed_again() -> None:
+    async with connected() as (client, guest):
+        await guest.send(protocol.encode_json(FrameType.HELLO, 0, HELLO))
+        await client.handshake(5)
+        first = protocol.decode_json((await guest.receive()).payload)
+        await guest.send(protocol.encode_json(FrameType.HELLO, 0, HELLO))
+        before = time.time_ns()
+        await client.resync(5)
+        again = await guest.receive()
+    assert (again.type, again.request_id) == (FrameType.INIT, 0)
+    message = protocol.decode_json(again.payload)
+    assert before <= message["time_ns"] < before + 5 * 10**9
+    assert message["seed"] != first["seed"]
+
+
+async def test_resync_refuses_anything_but_hello() -> None:
+    async with connected() as (client, guest):
+        await guest.send(protocol.encode_json(FrameType.HELLO, 0, HELLO))
+        await client.handshake(5)
+        await guest.send(protocol.encode_json(FrameType.READY, 0, {}))
+        with pytest.raises(AgentProtocolError, match="expected HELLO"):
+            await client.resync(5)
+
+
 async def test_handshake_gives_up_after_its_timeout() -> None:
     async with connected() as (client, _guest):
         with pytest.raises(TimeoutError):

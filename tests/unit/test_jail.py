@@ -239,7 +239,7 @@ def test_pids_and_cpu_follow_the_vcpus() -> None:
 
 def test_a_vm_on_tmpfs_gets_its_disk_in_its_memory_limit() -> None:
     plan = plan_of(config(), place=Placement(disk_on_tmpfs=True, disk_bytes=512 * jail_plan.MIB))
-    assert plan.limits.memory_bytes == (352 + 64 + 128 + 512) * jail_plan.MIB
+    assert plan.limits.memory_bytes == (352 + 64 + TCG_TB_SIZE_MB + 512) * jail_plan.MIB
 
 
 def test_cgroup_settings_per_version() -> None:

@@ -177,6 +177,13 @@ def test_a_clone_maps_memory_privately_and_waits_for_its_state() -> None:
     assert drive(argv, "scratch")["snapshot"] == "on"
 
 
+@pytest.mark.parametrize("memory_file", [Path("/m/ram"), None])
+def test_a_restored_vm_does_not_load_a_kernel(memory_file: Path | None) -> None:
+    argv = qemu_argv("qemu", config(memory_file=memory_file, incoming=Path("/state")), "tcg")
+    assert not {"-kernel", "-initrd", "-append"} & set(argv)
+    assert one_value(argv, "-incoming") == "defer"
+
+
 def test_a_full_state_clone_keeps_ordinary_memory() -> None:
     argv = qemu_argv("qemu", config(incoming=Path("/state")), "tcg")
     assert one_value(argv, "-incoming") == "defer"
