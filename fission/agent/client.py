@@ -148,9 +148,13 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
     )
 
 
-def init_frame() -> bytes:
-    """INIT: the host's wall clock now and a fresh random seed for the guest's kernel."""
-    init = {"time_ns": time.time_ns(), "seed": secrets.token_hex(64)}
+def init_frame(restored: bool = True) -> bytes:
+    """INIT: the host's wall clock now and a fresh random seed for the guest's kernel.
+
+    ``restored``: the VM has just started, maybe from a saved state other clones share, so
+    processes prepared before must reseed; False for a VM that was only stopped (``resync``).
+    """
+    init = {"time_ns": time.time_ns(), "seed": secrets.token_hex(64), "restored": restored}
     return protocol.encode_json(FrameType.INIT, 0, init)
 
 
@@ -275,7 +279,7 @@ class AgentClient(FileOperations):
         its vCPUs were stopped (QMP ``stop``), and it gets a fresh seed too. Timeout in s."""
         self._channel.open(0)
         try:
-            await self._send(init_frame())
+            await self._send(init_frame(restored=False))
             async with asyncio.timeout(timeout):
                 frame = await self._channel.next(0)
             if frame.type != FrameType.HELLO:

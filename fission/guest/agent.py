@@ -317,8 +317,13 @@ class Agent:
         return warm
 
     def init(self, message: dict[str, Any]) -> None:
-        """Set the clock and seed the kernel's pool; warm children from before it will reseed."""
-        self.forks.mark_reseed()
+        """Set the clock and seed the kernel's pool; warm children from before it will reseed.
+
+        Unless the host says the VM was only stopped (``restored`` false): its state then
+        exists once, and a reseed would only slow the next run down.
+        """
+        if message.get("restored") is not False:
+            self.forks.mark_reseed()
         time_ns = message.get("time_ns")
         if isinstance(time_ns, int) and time_ns > 0:
             try:

@@ -39,7 +39,7 @@ MAX_HOST_PAYLOAD = 32 * 1024 * 1024
 class FrameType(enum.IntEnum):
     """What a frame means; the direction is given in each member's comment."""
 
-    INIT = 1  # host -> guest: {time_ns, seed}; the agent answers HELLO
+    INIT = 1  # host -> guest: {time_ns, seed, restored}; the agent answers HELLO
     HELLO = 2  # guest -> host: {protocol, agent, kernel}
     EXEC = 3  # host -> guest: an ExecRequest as JSON
     STDIN = 4  # host -> guest: raw bytes for the program's stdin; empty payload = EOF

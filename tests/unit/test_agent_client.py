@@ -608,3 +608,16 @@ async def test_exec_marks_when_the_request_went_out_and_the_exit_came_back() -> 
         outcome = await client.exec(request(), lambda s, d: None, marks=marks)
         assert before <= marks["exec_sent"] <= marks["exit_read"] <= time.monotonic()
         assert outcome.trace[0] == ("parsed", 0.4)
+
+
+async def test_only_a_fresh_start_makes_the_guest_reseed_its_prepared_processes() -> None:
+    async with connected() as (client, guest):
+        await guest.send(protocol.encode_json(FrameType.HELLO, 0, HELLO))
+        await client.handshake(5)
+        started = protocol.decode_json((await guest.receive()).payload)
+        await guest.send(protocol.encode_json(FrameType.HELLO, 0, HELLO))
+        await client.resync(5)
+        resumed = protocol.decode_json((await guest.receive()).payload)
+    assert started["restored"] is True  # maybe a clone of a state other clones share
+    assert resumed["restored"] is False  # the same VM, only stopped
+    assert started["seed"] != resumed["seed"]

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import pytest
 
-from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, build_env, stderr_first
+from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, Agent, build_env, stderr_first
 from fission.guest.confine import write_file
 from fission.guest.protocol import FrameType
 from fission.guest.runs import MAX_TRACE_STEPS, Execution, write_script
@@ -357,3 +357,16 @@ def test_a_lean_server_that_died_is_not_started_again() -> None:
     assert forks.lean is None and forks.lean_lost
     forks.start_lean()  # would fork a new server: it must not
     assert forks.lean is None
+
+
+@pytest.mark.parametrize(
+    ("message", "reseeds"), [({}, True), ({"restored": True}, True), ({"restored": False}, False)]
+)
+def test_an_init_marks_prepared_children_unless_the_vm_was_only_stopped(
+    message: dict[str, Any], reseeds: bool
+) -> None:
+    marked = []
+    agent = Agent.__new__(Agent)
+    agent.forks = cast(Any, SimpleNamespace(mark_reseed=lambda: marked.append(True)))
+    agent.init(message)  # no clock, no seed: only the marking
+    assert bool(marked) is reseeds
