@@ -156,6 +156,9 @@ async def test_clones_keep_a_precise_clock_and_their_timers_fire() -> None:
     result = await run_spec(spec)
     if accel == "tcg":
         assert result.stdout == b"tsc\n", result
+    # Address randomisation stays on (it costs TCG retranslations, but it is a layer).
+    aslr = RunSpec(resolve_language("bash"), "cat /proc/sys/kernel/randomize_va_space")
+    assert (await run_spec(aslr)).stdout == b"2\n"
     sleeper = RunSpec(resolve_language("python"), "import time; time.sleep(30)", Limits(timeout=2))
     started = time.monotonic()
     slept = await run_spec(sleeper)
