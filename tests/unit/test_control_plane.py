@@ -317,3 +317,37 @@ async def test_embedded_services_at_once_in_one_process_have_their_own_dirs(
 
     assert await asyncio.gather(*(one(n) for n in range(4))) == [b"0\n", b"1\n", b"2\n", b"3\n"]
     assert list(runtime.iterdir()) == [] and fake_driver.live == []
+
+
+async def test_every_route_that_runs_code_refuses_a_missing_or_forged_key(
+    service: Service, fake_driver: FakeDriver, tmp_path: Path
+) -> None:
+    import httpx
+
+    from fission.auth.keys import KeyStore
+    from fission.server.app import create_app
+
+    db = tmp_path / "keys.sqlite3"
+    with KeyStore(db) as store:
+        _, key = store.create("ci")
+    app = create_app(service, keys_db=db)  # a TCP listener's app: every route needs a key
+    bodies = {
+        "/v1/run": {"code": "print(1)"},
+        "/v1/install": {"packages": ["x"], "command": "true"},
+        "/v1/repo": {"url": None, "command": "true"},
+    }
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fission") as client:
+        for route, body in bodies.items():
+            missing = await client.post(route, json=body)
+            forged = await client.post(
+                route, json=body, headers={"Authorization": "Bearer fsn_" + "0" * 40}
+            )
+            assert (missing.status_code, forged.status_code) == (401, 401), route
+        allowed = await client.post(
+            "/v1/repo",
+            json={"command": "echo ok", "files": []},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    assert allowed.status_code == 200 and '"exit_code": 0' in allowed.text
+    await eventually(lambda: service.budget.used_mb == 0, "the run's memory to come back")
