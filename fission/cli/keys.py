@@ -1,4 +1,4 @@
-"""`fission keys create|list|revoke|limits`: manage the API keys TCP clients must present."""
+"""`fission keys create|list|revoke|limits|role`: manage the API keys TCP clients must present."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ RatePerMinuteOption = Annotated[
     int | None,
     typer.Option("--rate-per-minute", help="Requests the key may make a minute (default 600)."),
 ]
+RoleOption = Annotated[
+    str,
+    typer.Option(
+        "--role",
+        help="user: runs code and manages its own sandboxes; admin: also operates the service "
+        "(dashboard, metrics, keys).",
+    ),
+]
 
 
 def db_path(db: Path | None) -> Path:
@@ -64,8 +72,8 @@ def open_existing(db: Path | None) -> KeyStore:
 def describe(key: ApiKey) -> str:
     """``id (name)`` and the key's limits, for one-line messages."""
     return (
-        f"{key.id} ({key.name}): up to {key.limits.max_concurrent_sandboxes} sandboxes at once, "
-        f"{key.limits.rate_per_minute} requests a minute"
+        f"{key.id} ({key.name}, {key.role}): up to {key.limits.max_concurrent_sandboxes} "
+        f"sandboxes at once, {key.limits.rate_per_minute} requests a minute"
     )
 
 
@@ -123,6 +131,7 @@ def create_command(
     name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
     max_sandboxes: MaxSandboxesOption = None,
     rate_per_minute: RatePerMinuteOption = None,
+    role: RoleOption = "user",
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -131,11 +140,11 @@ def create_command(
 
     path = db_path(db)
     try:
-        with audited(path, "keys.create", {"name": name}) as detail:
+        with audited(path, "keys.create", {"name": name, "role": role}) as detail:
             limits = with_limits(KeyLimits(), max_sandboxes, rate_per_minute)
             detail["limits"] = dataclasses.asdict(limits)
             with KeyStore(path) as store:
-                record, plaintext = store.create(name, limits)
+                record, plaintext = store.create(name, limits, role)
             detail["key"] = record.id
     except FissionError as exc:
         abort(exc)
@@ -176,13 +185,22 @@ def list_command(
         typer.echo(f"No API keys in {path}: create one with `fission keys create NAME`.", err=True)
         return
     table = Table(title=f"API keys in {path}")
-    for column in ("id", "name", "status", "max sandboxes", "rate / min", "created (UTC)"):
+    for column in (
+        "id",
+        "name",
+        "role",
+        "status",
+        "max sandboxes",
+        "rate / min",
+        "created (UTC)",
+    ):
         table.add_column(column)
     for key in keys:
         status = "active" if key.revoked_at is None else f"revoked {key.revoked_at:%Y-%m-%d %H:%M}"
         table.add_row(
             key.id,
             key.name,
+            key.role,
             status,
             str(key.limits.max_concurrent_sandboxes),
             str(key.limits.rate_per_minute),
@@ -241,3 +259,21 @@ def limits_command(
     except FissionError as exc:
         abort(exc)
     typer.echo(f"API key {describe(key)}.")
+
+
+@app.command("role")
+def role_command(
+    id_or_name: Annotated[str, typer.Argument(help="The key's id or name.")],
+    role: Annotated[str | None, typer.Argument(help="The new role: user or admin.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Show a key's role, or change it (from its next request)."""
+    try:
+        with open_existing(db) as store:
+            key = store.get(id_or_name)
+            if role is not None:
+                with audited(store.path, "keys.role", {"key": key.id, "role": role}):
+                    key = store.set_role(key.id, role)
+    except FissionError as exc:
+        abort(exc)
+    typer.echo(f"API key {key.id} ({key.name}) has the role {key.role}.")
