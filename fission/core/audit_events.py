@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+from fission import log_context
 from fission.auth.audit_log import LOCAL, AuditLog
 from fission.core.limits import Limits
 from fission.core.spec import RunSpec
@@ -35,9 +36,15 @@ async def audit_event(
     duration_ms: float | None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Append one event to ``audit`` (if any) in a worker thread; a failure is only logged."""
+    """Append one event to ``audit`` (if any) in a worker thread; a failure is only logged.
+
+    The detail records the id of the request the event belongs to, when there is one.
+    """
     if audit is None:
         return
+    request_id = log_context.request_id.get()
+    if request_id is not None:
+        detail = {**(detail or {}), "request_id": request_id}
     try:
         await asyncio.to_thread(
             audit.record,

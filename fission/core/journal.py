@@ -39,12 +39,14 @@ class Journal:
         self.directory = state_dir / "journal"
         self.vms_dir = state_dir / "vms"
         self.sandboxes_dir = state_dir / "sandboxes"
+        self._pids: dict[str, int | None] = {}  # VMs recorded by this process: id -> VMM pid
         for directory in (self.directory, self.vms_dir, self.sandboxes_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def record(self, vm: VirtualMachine) -> None:
         """Remember a started VM."""
         pid = vm.pid
+        self._pids[vm.config.vm_id] = pid
         entry = {
             "pid": pid,
             "start_time": process_start_time(pid) if pid else None,
@@ -57,7 +59,16 @@ class Journal:
 
     def forget(self, vm: VirtualMachine) -> None:
         """Drop a destroyed VM's record."""
+        self._pids.pop(vm.config.vm_id, None)
         (self.directory / f"{vm.config.vm_id}.json").unlink(missing_ok=True)
+
+    def live_pids(self) -> list[int]:
+        """The VMM process ids of the VMs this process recorded and has not forgotten."""
+        return [pid for pid in list(self._pids.values()) if pid]
+
+    def live_count(self) -> int:
+        """How many VMs this process recorded and has not forgotten."""
+        return len(self._pids)
 
     def entries(self) -> list[dict[str, Any]]:
         """Every record (unreadable ones are skipped)."""

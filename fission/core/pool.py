@@ -35,6 +35,7 @@ from typing import Any
 
 from fission.core import idle
 from fission.core.machines import Machine
+from fission.core.telemetry import POOL_REFILL, Telemetry
 from fission.errors import Busy
 
 log = logging.getLogger("fission.pool")
@@ -87,6 +88,7 @@ class WarmPool:
         factory: Callable[[], Awaitable[Machine]],
         on_retire: Callable[[Machine], Awaitable[None]] | None = None,
         warm: Callable[[Machine], Awaitable[None]] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.language = language
         self.size = size
@@ -95,6 +97,7 @@ class WarmPool:
         self._factory = factory
         self._on_retire = on_retire
         self._warm = warm
+        self._telemetry = telemetry
         self._ready: deque[Machine] = deque()
         self._starting = 0
         self._in_use = 0
@@ -155,7 +158,10 @@ class WarmPool:
                 await asyncio.sleep(RETRY_DELAY)
                 return
             self.stats.created += 1
-            self.stats.restore_ms.append((time.monotonic() - started) * 1000)
+            elapsed = time.monotonic() - started
+            self.stats.restore_ms.append(elapsed * 1000)
+            if self._telemetry is not None:
+                self._telemetry.emit(POOL_REFILL, elapsed, language=self.language)
             if self._closed:
                 await self._retire(machine)
             else:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fission import log_context
 from fission.agent.client import AgentClient, ExecRequest, OutputSink
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
@@ -47,7 +48,23 @@ from fission.core.sandbox_spec import (
     page,
 )
 from fission.core.spec import RunResult, RunSpec
-from fission.errors import Busy, FissionError, InvalidInput, SandboxNotFound, SandboxNotRunning
+from fission.core.telemetry import (
+    EGRESS,
+    EXEC,
+    QUOTA_REFUSED,
+    SANDBOX_OP,
+    VM_START,
+    Telemetry,
+    outcome_kind,
+)
+from fission.errors import (
+    Busy,
+    FissionError,
+    InvalidInput,
+    QuotaExceeded,
+    SandboxNotFound,
+    SandboxNotRunning,
+)
 from fission.net.egress import Egress, attach, proxy_env
 from fission.vmm.base import Driver, VMConfig, default_driver
 
@@ -148,8 +165,10 @@ class SandboxManager:
         clock: Callable[[], float] = time.time,
         driver: Driver | None = None,
         idle_stop_after: float | None = idle.SANDBOX_IDLE_STOP,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.driver = driver or default_driver()
+        self.telemetry = telemetry or Telemetry()
         self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
         self.budget = budget
         self.journal = journal
@@ -210,7 +229,11 @@ class SandboxManager:
     ) -> SandboxRecord:
         """Start a sandbox for ``spec``; ``owner`` (an API key id) may hold ``max_sandboxes``."""
         started = time.monotonic()
-        slot = self.quotas.acquire(owner, max_sandboxes) if owner and max_sandboxes else None
+        try:
+            slot = self.quotas.acquire(owner, max_sandboxes) if owner and max_sandboxes else None
+        except QuotaExceeded:
+            self.telemetry.emit(QUOTA_REFUSED, limit="sandboxes")
+            raise
         reserved = vm_memory_mb(spec.limits)
         try:
             self._reserve(reserved)
@@ -220,14 +243,22 @@ class SandboxManager:
             raise
         now = self._clock()
         record = SandboxRecord(new_sandbox_id(), spec, owner, now, now + spec.ttl)
+        log_context.sandbox_id.set(record.id)
         directory = self.journal.sandboxes_dir / record.id
         box = ManagedSandbox(record, directory, reserved, slot)
         box.idle = idle.IdleState(self.idle_stop_after)
         box.gate.on_use = lambda: self._wake(box)
         try:
             directory.mkdir(mode=0o700)
+            booting = time.monotonic()
             machine, config = await sandbox_vm.start_sandbox_vm(
                 self.driver, self._run_spec(spec), directory
+            )
+            self.telemetry.emit(
+                VM_START,
+                time.monotonic() - booting,
+                language=spec.language.name,
+                source="sandbox",
             )
             try:
                 box.egress = await self._attach(box, machine)
@@ -277,6 +308,16 @@ class SandboxManager:
     def count(self) -> int:
         """How many sandboxes exist (running or paused)."""
         return len(self._sandboxes)
+
+    def census(self) -> dict[str, int]:
+        """How many sandboxes are running, idle (vCPUs stopped) and paused (for metrics)."""
+        counts = {"running": 0, "idle": 0, "paused": 0}
+        for box in list(self._sandboxes.values()):
+            if box.record.state == SandboxState.PAUSED:
+                counts["paused"] += 1
+            elif box.record.state == SandboxState.RUNNING:
+                counts["idle" if box.idle.stopped else "running"] += 1
+        return counts
 
     def set_ttl(self, sandbox_id: str, ttl: float, owner: str | None = None) -> SandboxRecord:
         """Keep a sandbox alive ``ttl`` more seconds from now."""
@@ -355,7 +396,14 @@ class SandboxManager:
         async with box.gate.operation():
             agent = box.agent
             try:
+                executing = time.monotonic()
                 execution = await execute(agent, request, on_output, stdin)
+                self.telemetry.emit(
+                    EXEC,
+                    time.monotonic() - executing,
+                    language=spec.language.name,
+                    kind="sandbox",
+                )
             except FissionError as exc:
                 await self._audit(box.record.owner, action, spec, outcome_of_error(exc), started)
                 if self._is_gone(box):
@@ -568,6 +616,7 @@ class SandboxManager:
                 raise
 
     def _box(self, sandbox_id: str, owner: str | None) -> ManagedSandbox:
+        log_context.sandbox_id.set(sandbox_id)  # the rest of this call's log lines name it
         box = self._sandboxes.get(sandbox_id)
         if box is None or (owner is not None and box.record.owner != owner):
             raise SandboxNotFound(
@@ -610,6 +659,7 @@ class SandboxManager:
         def on_event(event: dict[str, Any]) -> None:
             detail = {"sandbox": record.id} | event
             outcome = str(event.get("decision", "?"))
+            self.telemetry.emit(EGRESS, decision=outcome, source="sandbox")
             self._background(
                 self._audit(record.owner, "sandbox.egress", record.spec, outcome, None, detail)
             )
@@ -633,6 +683,9 @@ class SandboxManager:
         detail: dict[str, Any] | None = None,
     ) -> None:
         duration = None if started is None else (time.monotonic() - started) * 1000.0
+        if action != "sandbox.egress":
+            seconds = None if duration is None else duration / 1000.0
+            self.telemetry.emit(SANDBOX_OP, seconds, action=action, outcome=outcome_kind(outcome))
         await audit_event(
             self.audit,
             owner or LOCAL,

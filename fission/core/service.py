@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 
+from fission import log_context
 from fission.agent.client import OutputSink
 from fission.auth.audit_log import (
     LOCAL,
@@ -37,7 +38,7 @@ from fission.auth.audit_log import (
     outcome_of_result,
 )
 from fission.config import runtime_dir, use_runtime_dir
-from fission.core import derived, idle, orchestrator, snapshots
+from fission.core import derived, idle, orchestrator, snapshots, telemetry
 from fission.core.audit_events import audit_egress, audit_event, audit_local_egress
 from fission.core.execution import execute
 from fission.core.journal import Journal
@@ -50,6 +51,7 @@ from fission.core.sandboxes import SandboxManager
 from fission.core.service_options import default_budget_mb
 from fission.core.spec import RunResult, RunSpec
 from fission.core.state_dirs import lock_state_dir, sweep_stale
+from fission.core.telemetry import Telemetry, outcome_kind
 from fission.core.transfers import Upload, check_transfers, pull, push
 from fission.errors import Busy
 from fission.net.egress import attach
@@ -90,6 +92,7 @@ class Lease:
     machine: Machine
     release: Release
     disposed: bool = False
+    requested: float = 0.0  # time.monotonic() when the machine was asked for
 
 
 class Service:
@@ -104,12 +107,14 @@ class Service:
         self.reconciled: dict[str, int] = {}
         self._disposals: set[asyncio.Task[None]] = set()
         self.audit = AuditLog(config.audit_db) if config.audit_db is not None else None
+        self.telemetry = Telemetry()  # the daemon's metrics listen here (server.metrics)
         self.sandboxes = SandboxManager(
             self.budget,
             self.journal,
             self.audit,
             driver=self.driver,
             idle_stop_after=config.sandbox_idle_stop,
+            telemetry=self.telemetry,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -132,6 +137,7 @@ class Service:
                 factory=self._clone_factory(language),
                 on_retire=self._forget,
                 warm=functools.partial(orchestrator.warm_up, language=language),
+                telemetry=self.telemetry,
             )
             self.pools[language.name] = pool
             pool.start()
@@ -156,8 +162,15 @@ class Service:
     # -- machines ----------------------------------------------------------------------------------
     def _clone_factory(self, language: Language) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:
+            started = time.monotonic()
             machine = await orchestrator.clone(language, self.driver)
             self.journal.record(machine.vm)
+            self.telemetry.emit(
+                telemetry.VM_START,
+                time.monotonic() - started,
+                language=language.name,
+                source="pool",
+            )
             return machine
 
         return factory
@@ -167,11 +180,26 @@ class Service:
 
     async def acquire(self, spec: RunSpec) -> Lease:
         """A machine for ``spec``: from its pool when one fits, else started now (Busy if full)."""
-        pool = self.pools.get(spec.language.name)
-        if pool is not None and snapshots.fits(spec.limits):
-            machine = await pool.acquire(self.config.acquire_timeout)
-            return Lease(machine, lambda: pool.release(machine))
-        return await self._own_machine(spec, lambda: orchestrator.boot(spec, driver=self.driver))
+        requested = time.monotonic()
+        language = spec.language.name
+        pool = self.pools.get(language)
+        pooled = pool is not None and snapshots.fits(spec.limits)
+        try:
+            if pool is not None and pooled:
+                machine = await pool.acquire(self.config.acquire_timeout)
+                lease = Lease(machine, lambda: pool.release(machine), requested=requested)
+            else:
+                boot = functools.partial(orchestrator.boot, spec, driver=self.driver)
+                lease = await self._own_machine(spec, boot)
+                lease.requested = requested
+        except Busy:
+            self.telemetry.emit(telemetry.BUSY, language=language)
+            raise
+        source = "pool" if pooled else "fresh"
+        self.telemetry.emit(
+            telemetry.ACQUIRE, time.monotonic() - requested, language=language, source=source
+        )
+        return lease
 
     async def _own_machine(self, spec: RunSpec, start: Callable[[], Awaitable[Machine]]) -> Lease:
         """A machine started by ``start`` inside the memory budget, journaled while it lives."""
@@ -182,12 +210,19 @@ class Service:
                 f"the memory budget ({self.budget.total_mb} MB, {self.budget.used_mb} MB in use) "
                 f"has no room for a {needed} MB VM: raise --memory-budget or retry later"
             )
+        started = time.monotonic()
         try:
             machine = await start()
         except BaseException:
             self.budget.release(needed)
             raise
         self.journal.record(machine.vm)
+        self.telemetry.emit(
+            telemetry.VM_START,
+            time.monotonic() - started,
+            language=spec.language.name,
+            source="fresh",
+        )
 
         async def release() -> None:
             try:
@@ -238,10 +273,18 @@ class Service:
             if lease is not None:
                 self.dispose(lease)
             await self._audit(who, action, spec, outcome_of_error(exc), started)
+            self._ran(action, spec, outcome_of_error(exc), started)
             raise
         try:
             return await self._run_on(
-                lease.machine, spec, on_output, who, uploads, downloads, action
+                lease.machine,
+                spec,
+                on_output,
+                who,
+                uploads,
+                downloads,
+                action,
+                requested=lease.requested or started,
             )
         finally:
             self.dispose(lease)
@@ -255,14 +298,22 @@ class Service:
         uploads: Sequence[Upload] = (),
         downloads: Sequence[str] = (),
         action: str = "run",
+        *,
+        requested: float | None = None,
     ) -> RunResult:
-        """Run ``spec`` on ``machine`` with its egress proxy and transfers; audit how it ended."""
+        """Run ``spec`` on ``machine`` with its egress proxy and transfers; audit how it ended.
+
+        ``requested`` is when the machine was asked for (the run's total time counts from it).
+        """
         started = time.monotonic()
+        requested = requested or started
+        log_context.sandbox_id.set(machine.vm.config.vm_id)  # this task's log lines name the VM
         events: list[dict[str, Any]] = []
         egress = None
         try:
             egress = await attach(machine.agent, spec.network, events.append)
             await push(machine.agent, uploads)
+            executing = time.monotonic()
             execution = await execute(
                 machine.agent,
                 replace(exec_request(spec), last_run=True),  # one run per machine
@@ -270,18 +321,39 @@ class Service:
                 spec.stdin,
                 diagnostics=machine.vm.diagnostics,
             )
+            self.telemetry.emit(
+                telemetry.EXEC,
+                time.monotonic() - executing,
+                language=spec.language.name,
+                kind="run",
+            )
             result = execution.result
             if downloads and not execution.wedged:
                 result = replace(result, files=await pull(machine.agent, downloads))
         except BaseException as exc:
             await self._audit(who, action, spec, outcome_of_error(exc), started)
+            self._ran(action, spec, outcome_of_error(exc), requested)
             raise
         finally:
             if egress is not None:
                 await egress.aclose()
+            for event in events:
+                decision = str(event.get("decision", "?"))
+                self.telemetry.emit(telemetry.EGRESS, decision=decision, source="run")
             await self._audit_egress(who, spec, events, f"{action}.egress")
         await self._audit(who, action, spec, outcome_of_result(result), started)
+        self._ran(action, spec, outcome_of_result(result), requested)
         return result
+
+    def _ran(self, action: str, spec: RunSpec, outcome: str, since: float) -> None:
+        """Tell the telemetry a run ended, ``since`` being when it asked for a machine."""
+        self.telemetry.emit(
+            telemetry.RUN,
+            time.monotonic() - since,
+            language=spec.language.name,
+            action=action,
+            outcome=outcome_kind(outcome),
+        )
 
     # -- install and repo --------------------------------------------------------------------------
     async def install(
