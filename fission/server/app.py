@@ -6,6 +6,8 @@ so ``Busy`` is a plain 429. ``/v1/sandboxes`` holds persistent sandboxes (``sand
 ``GET /v1/pools`` shows the pools, ``GET /v1/health`` answers when the daemon is up (and needs
 no key). The OpenAPI document is at ``/openapi.json``, its pages at ``/docs``. Errors are
 ``{"error": {"code": slug, "message": text}}`` with the status of the error class.
+``GET /metrics`` is the Prometheus exposition (``server.metrics``; an admin key on TCP). Every
+answer carries an ``X-Request-Id`` (``server.request_ids``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fission import __version__
 from fission.agent.client import OutputSink
@@ -31,8 +33,10 @@ from fission.core.service import Service
 from fission.core.spec import RunResult
 from fission.core.transfers import check_transfers
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
-from fission.server.auth import Gatekeeper, Who
+from fission.server.auth import Admin, Gatekeeper, Who
+from fission.server.metrics import CONTENT_TYPE, ServiceMetrics
 from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
+from fission.server.request_ids import RequestContext
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.streaming import WantsSse, streaming_response
 
@@ -47,7 +51,8 @@ def create_app(
     shutdown (uvicorn re-raises SIGTERM once shut down, so code after ``Server.run`` may never
     run).
     """
-    gate = Gatekeeper(keys_db)
+    gate = Gatekeeper(keys_db, service.telemetry)
+    metrics = ServiceMetrics(service)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -62,6 +67,8 @@ def create_app(
 
     app = FastAPI(title="fission", version=__version__, lifespan=lifespan)
     app.state.gate = gate
+    app.state.metrics = metrics
+    app.add_middleware(RequestContext, metrics=metrics)
 
     @app.exception_handler(FissionError)
     async def fission_error(_: Request, exc: FissionError) -> JSONResponse:
@@ -86,6 +93,10 @@ def create_app(
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
+
+    @app.get("/metrics", summary="Prometheus metrics (an admin key on TCP)")
+    async def prometheus_metrics(_: Admin) -> Response:
+        return Response(await metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/pools")
     async def pools(_: Who) -> dict[str, Any]:

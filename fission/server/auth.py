@@ -15,9 +15,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from fission import log_context
+from fission.auth.audit_log import LOCAL
 from fission.auth.keys import ApiKey, KeyStore, key_from_authorization
 from fission.auth.quotas import RateLimiter
-from fission.errors import Forbidden
+from fission.core.telemetry import QUOTA_REFUSED, Telemetry
+from fission.errors import Forbidden, QuotaExceeded
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,30 @@ LOCAL_CALLER = Caller(None)
 
 
 class Gatekeeper:
-    """Checks API keys and request rates; with ``keys`` None every caller is local."""
+    """Checks API keys and request rates; with ``keys`` None every caller is local.
 
-    def __init__(self, keys_db: Path | None) -> None:
+    The admitted key's id goes into the request's log context; a rate refusal is counted in
+    ``telemetry`` (the service's, so that it shows in the metrics).
+    """
+
+    def __init__(self, keys_db: Path | None, telemetry: Telemetry | None = None) -> None:
         self.keys = KeyStore(keys_db) if keys_db is not None else None
         self.rates = RateLimiter()
+        self.telemetry = telemetry or Telemetry()
 
     async def admit(self, authorization: str | None, api_key: str | None = None) -> Caller:
         """The caller for these headers; Unauthorized or QuotaExceeded when refused."""
         if self.keys is None:
+            log_context.key_id.set(LOCAL)
             return LOCAL_CALLER
         plaintext = api_key or key_from_authorization(authorization)
         key = await asyncio.to_thread(self.keys.authenticate, plaintext)
-        self.rates.consume(key.id, key.limits.rate_per_minute)
+        log_context.key_id.set(key.id)
+        try:
+            self.rates.consume(key.id, key.limits.rate_per_minute)
+        except QuotaExceeded:
+            self.telemetry.emit(QUOTA_REFUSED, limit="rate")
+            raise
         return Caller(key)
 
     def close(self) -> None:

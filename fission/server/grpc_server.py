@@ -39,6 +39,7 @@ from fission.core.service import Service
 from fission.core.spec import RunResult
 from fission.errors import FissionError, InvalidInput, NotReady
 from fission.server.auth import Caller, Gatekeeper
+from fission.server.grpc_context import RequestContextInterceptor
 from fission.server.grpc_messages import (
     DEFAULT_PAGE_SIZE,
     MiB,
@@ -57,6 +58,7 @@ from fission.server.grpc_messages import (
     state_filter,
     status_of,
 )
+from fission.server.metrics import ServiceMetrics
 
 log = logging.getLogger("fission.grpc")
 
@@ -334,10 +336,18 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
 class GrpcServer:
     """A grpc.aio server with both services, listening on one address."""
 
-    def __init__(self, service: Service, address: str, gate: Gatekeeper) -> None:
+    def __init__(
+        self,
+        service: Service,
+        address: str,
+        gate: Gatekeeper,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.address = address
         self.port = 0
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=[RequestContextInterceptor(metrics)]
+        )
         pb_grpc.add_FissionServicer_to_server(FissionServicer(service, gate), self._server)
         pb_grpc.add_SandboxesServicer_to_server(
             SandboxesServicer(service.sandboxes, gate), self._server
@@ -361,13 +371,15 @@ class GrpcServer:
 
 
 @asynccontextmanager
-async def serving(service: Service, address: str, gate: Gatekeeper) -> AsyncIterator[GrpcServer]:
+async def serving(
+    service: Service, address: str, gate: Gatekeeper, metrics: ServiceMetrics | None = None
+) -> AsyncIterator[GrpcServer]:
     """A started GrpcServer for the duration of the block (a Unix socket is removed after)."""
     socket = Path(address.removeprefix("unix:")) if address.startswith("unix:") else None
     if socket is not None:
         socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         socket.unlink(missing_ok=True)  # a dead daemon's socket; the caller holds the state lock
-    server = GrpcServer(service, address, gate)
+    server = GrpcServer(service, address, gate, metrics)
     await server.start()
     try:
         yield server
@@ -398,9 +410,10 @@ def attach_grpc(app: FastAPI, service: Service, address: str, keys_db: Path | No
                 and rest_gate.keys is not None
                 else None
             )
-            gate = shared or Gatekeeper(keys_db)
+            gate = shared or Gatekeeper(keys_db, service.telemetry)
+            metrics = getattr(app.state, "metrics", None)
             try:
-                async with serving(service, address, gate):
+                async with serving(service, address, gate, metrics):
                     yield state
             finally:
                 if shared is None:
