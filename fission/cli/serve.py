@@ -45,6 +45,16 @@ def serve_command(
         float | None,
         typer.Option(help="Exit after SECONDS with no request and no sandbox (VMs destroyed)."),
     ] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="Log lines as text or json (default text).")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="critical, error, warning (default), info or debug.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Also serve /metrics on 127.0.0.1:PORT, without an API key."),
+    ] = None,
 ) -> None:
     """Run the fission daemon: warm pools of VMs behind an HTTP API (and gRPC when asked)."""
     from fission.server.daemon import build_config, serve
@@ -64,10 +74,15 @@ def serve_command(
             grpc_port=grpc_port,
             grpc_socket=grpc_socket,
             idle_exit=idle_exit,
+            log_format=log_format,
+            log_level=log_level,
+            metrics_port=metrics_port,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
         if daemon_config.grpc_address is not None:
             where = f"{where} (gRPC on {daemon_config.grpc_address})"
+        if daemon_config.metrics_port is not None:
+            where = f"{where}, metrics on 127.0.0.1:{daemon_config.metrics_port}"
         if daemon_config.idle_exit is not None:
             where = f"{where}, exiting after {daemon_config.idle_exit:g} s idle"
         typer.echo(f"fission daemon listening on {where}", err=True)

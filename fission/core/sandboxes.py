@@ -684,6 +684,7 @@ class SandboxManager:
     ) -> None:
         duration = None if started is None else (time.monotonic() - started) * 1000.0
         if action != "sandbox.egress":
+            log.info("%s ended: %s in %s ms", action, outcome, duration and round(duration, 1))
             seconds = None if duration is None else duration / 1000.0
             self.telemetry.emit(SANDBOX_OP, seconds, action=action, outcome=outcome_kind(outcome))
         await audit_event(

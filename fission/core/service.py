@@ -346,10 +346,12 @@ class Service:
         return result
 
     def _ran(self, action: str, spec: RunSpec, outcome: str, since: float) -> None:
-        """Tell the telemetry a run ended, ``since`` being when it asked for a machine."""
+        """Log and measure the end of a run, ``since`` being when it asked for a machine."""
+        elapsed = time.monotonic() - since
+        log.info("%s %s ended: %s in %.1f ms", spec.language.name, action, outcome, elapsed * 1000)
         self.telemetry.emit(
             telemetry.RUN,
-            time.monotonic() - since,
+            elapsed,
             language=spec.language.name,
             action=action,
             outcome=outcome_kind(outcome),

@@ -5,7 +5,9 @@ turns SIGTERM and SIGINT into a graceful shutdown, whose last step (the app's li
 destroys every VM the daemon owns. A second daemon on the same state dir is refused. With
 ``--idle-exit SECONDS`` the daemon shuts down the same way once it has gone that long with no
 request (health probes aside) and no sandbox: the user daemon that ``fission run`` starts on
-demand (``fission.sdk._user_daemon``) runs so.
+demand (``fission.sdk._user_daemon``) runs so. ``--log-format json`` writes one JSON object per
+log line (``server.logs``); ``--metrics-port N`` also serves ``/metrics`` on 127.0.0.1:N
+without a key (``server.metrics_port``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ from fission.core.service import ServiceConfig
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.core.state_dirs import lock_state_dir
 from fission.errors import InvalidInput, NotReady
+from fission.server.logs import check_log_format, logging_config
+from fission.server.metrics_port import MetricsPort, check_metrics_port, metrics_socket
 
 log = logging.getLogger("fission.daemon")
 # Longer than the SDK's keep-alive (httpx: 5 s), so a client never sends on a kept connection
 # the daemon is closing at that moment (the request would be lost without an answer).
 KEEP_ALIVE = 15
 HEALTH_PATH = "/v1/health"
+# Probes and scrapes do not keep an idle daemon alive.
+NOT_ACTIVITY = frozenset({HEALTH_PATH, "/metrics"})
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 
@@ -45,6 +52,8 @@ class DaemonConfig:
     host: str | None = None
     port: int | None = None
     log_level: str = "warning"
+    log_format: str = "text"  # or "json": one object per line (server.logs)
+    metrics_port: int | None = None  # also serve /metrics on 127.0.0.1:PORT, without a key
     keys_db: Path | None = None  # set for TCP listeners: every request needs an API key
     extra: dict[str, Any] = field(default_factory=dict)
     # gRPC (fission.server.grpc_server): "HOST:PORT" or "unix:PATH"; None serves no gRPC
@@ -78,9 +87,16 @@ def build_config(
     grpc_port: int | None = None,
     grpc_socket: Path | None = None,
     idle_exit: float | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+    metrics_port: int | None = None,
 ) -> DaemonConfig:
     """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
     file = load_config_file(config_file) if config_file else {}
+    log_format = check_log_format(log_format or file.get("log_format", "text"))
+    log_level = log_level or file.get("log_level", "warning")
+    if log_level not in LOG_LEVELS:
+        raise InvalidInput(f"--log-level {log_level!r} is unknown: use {', '.join(LOG_LEVELS)}")
     pool_sizes = {resolve_language(k).name: int(v) for k, v in file.get("pool", {}).items()}
     pool_sizes.update(parse_pool_flags(pools))
     if not pool_sizes:
@@ -109,6 +125,9 @@ def build_config(
     idle = idle_exit if idle_exit is not None else file.get("idle_exit")
     if idle is not None:
         check_idle_exit(idle, grpc)
+    metrics = metrics_port or file.get("metrics_port")
+    if metrics is not None:
+        metrics = check_metrics_port(metrics, port)
     return DaemonConfig(
         service=service,
         socket=listen_socket,
@@ -118,6 +137,9 @@ def build_config(
         grpc_address=grpc,
         grpc_keys_db=database if grpc is not None and not grpc.startswith("unix:") else None,
         idle_exit=float(idle) if idle is not None else None,
+        log_format=log_format,
+        log_level=log_level,
+        metrics_port=metrics,
     )
 
 
@@ -171,7 +193,7 @@ class IdleWatch:
         self.last_active = clock()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") == HEALTH_PATH:
+        if scope["type"] != "http" or scope.get("path") in NOT_ACTIVITY:
             await self.app(scope, receive, send)
             return
         self.in_flight += 1
@@ -202,6 +224,7 @@ def listen_config(config: DaemonConfig, app: ASGIApp) -> Any:
     return uvicorn.Config(
         app,
         log_level=config.log_level,
+        log_config=logging_config(config.log_format, config.log_level),
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE,
         **where,
@@ -249,7 +272,19 @@ def serve(config: DaemonConfig) -> None:
         watch = None
         if config.idle_exit is not None:
             watch = IdleWatch(app, config.idle_exit, service.sandboxes.count)
-        server_for(listen_config(config, watch or app), watch).run()
+        outer: ASGIApp = watch or app
+        if config.metrics_port is None:
+            server_for(listen_config(config, outer), watch).run()
+            return
+        metrics_listener = metrics_socket(config.metrics_port)
+        try:
+            outer = MetricsPort(outer, app.state.metrics, config.metrics_port)
+            server_config = listen_config(config, outer)
+            # One server, two listening sockets: the API's and the metrics port.
+            sockets = [server_config.bind_socket(), metrics_listener]
+            server_for(server_config, watch).run(sockets=sockets)
+        finally:
+            metrics_listener.close()
     finally:
         if config.socket is not None:
             config.socket.unlink(missing_ok=True)
