@@ -125,7 +125,7 @@ def build_config(
     idle = idle_exit if idle_exit is not None else file.get("idle_exit")
     if idle is not None:
         check_idle_exit(idle, grpc)
-    metrics = metrics_port or file.get("metrics_port")
+    metrics = metrics_port if metrics_port is not None else file.get("metrics_port")
     if metrics is not None:
         metrics = check_metrics_port(metrics, port)
     return DaemonConfig(

@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "docs" / "grafana" / "fission.json"
 METRICS_DOC = REPO / "docs" / "metrics.md"
 # What an outcome label may be: never a raw exit code or signal number.
-OUTCOME = re.compile(r"ok|timeout|oom|exit_nonzero|signal|error:[a-z_]+|deleted|expired|shutdown")
+OUTCOME = re.compile(
+    r"ok|timeout|oom|exit_nonzero|signal|error:[a-z_]+|deleted|expired|wedged|pause failed|shutdown"
+)
 
 
 @pytest.fixture
@@ -46,7 +48,9 @@ def metrics(service: Service) -> ServiceMetrics:
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def keyed(service: Service, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+async def keyed(
+    service: Service, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
     """A TCP listener's app (keys required) and the keys: user, admin, slow (1 request/min)."""
     db = tmp_path / "keys.sqlite3"
     with KeyStore(db) as store:
@@ -107,7 +111,10 @@ async def test_a_refused_run_counts_as_busy_and_as_a_failed_run(
         after.value("fission_runs_total", language="python", action="run", outcome="error:busy")
         == 1
     )
-    assert after.value("fission_acquire_duration_seconds_count", language="python", source="fresh") == 0
+    assert (
+        after.value("fission_acquire_duration_seconds_count", language="python", source="fresh")
+        == 0
+    )
 
 
 async def test_the_rest_api_counts_requests_by_route_template_and_status(
@@ -138,7 +145,9 @@ async def test_the_rest_api_counts_requests_by_route_template_and_status(
     assert after.value(count, **rest, route=template, status="200") == 1
     assert after.value(count, **rest, route=template, status="404") == 1
     assert after.value(count, **rest, route="unmatched", status="404") == 1
-    assert after.value("fission_api_request_duration_seconds_count", api="rest", route="/v1/run") == 1
+    assert (
+        after.value("fission_api_request_duration_seconds_count", api="rest", route="/v1/run") == 1
+    )
     assert sandbox_id not in after.label_values()  # ids never become labels
     # the run made through HTTP counts like any other
     assert after.value("fission_runs_total", language="python", action="run", outcome="ok") == 1
@@ -168,8 +177,13 @@ async def test_sandbox_calls_move_their_counters_and_gauges_without_ids_as_label
     assert after.value(ops, action="sandbox.exec", outcome="exit_nonzero") == 1
     assert after.value(ops, action="sandbox.delete", outcome="deleted") == 1
     assert after.value("fission_exec_duration_seconds_count", language="bash", kind="sandbox") == 2
-    assert after.value("fission_vm_start_duration_seconds_count", language="bash", source="sandbox") == 1
-    assert after.value("fission_sandbox_operation_duration_seconds_count", action="sandbox.run") == 1
+    assert (
+        after.value("fission_vm_start_duration_seconds_count", language="bash", source="sandbox")
+        == 1
+    )
+    assert (
+        after.value("fission_sandbox_operation_duration_seconds_count", action="sandbox.run") == 1
+    )
     assert after.value("fission_sandboxes", state="running") == 0
     assert after.value("fission_vms", state="active") == 0
     vm_ids = {vm.config.vm_id for vm in fake_driver.vms}
@@ -226,8 +240,13 @@ async def test_pool_depth_and_refill_time_per_language(start_service: ServiceSta
     await eventually(lambda: service.pools["python"].status()["created"] >= 3, "a refill")
     after = await scrape(metrics)
     assert after.value("fission_pool_refill_duration_seconds_count", language="python") >= 1
-    assert after.value("fission_acquire_duration_seconds_count", language="python", source="pool") == 1
-    assert after.value("fission_vm_start_duration_seconds_count", language="python", source="pool") >= 1
+    assert (
+        after.value("fission_acquire_duration_seconds_count", language="python", source="pool") == 1
+    )
+    assert (
+        after.value("fission_vm_start_duration_seconds_count", language="python", source="pool")
+        >= 1
+    )
 
 
 def test_pss_is_read_from_smaps_rollup_and_bounded(tmp_path: Path) -> None:
