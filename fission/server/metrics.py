@@ -26,7 +26,7 @@ from fission.core.service import Service
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Reading /proc/PID/smaps_rollup walks the process's page tables (about 1 ms for a VM): a
-# scrape reads at most this many, in a worker thread.
+# scrape reads at most this many processes, in a worker thread.
 PSS_SAMPLE_LIMIT = 256
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -44,13 +44,39 @@ def read_pss_bytes(pid: int, proc: Path = Path("/proc")) -> int | None:
     return None
 
 
-def sample_pss(pids: list[int]) -> tuple[int, int]:
-    """The summed PSS of ``pids`` (at most ``PSS_SAMPLE_LIMIT``) and how many were read."""
-    total, read = 0, 0
-    for pid in pids[:PSS_SAMPLE_LIMIT]:
-        pss = read_pss_bytes(pid)
-        if pss is not None:
-            total, read = total + pss, read + 1
+def process_tree(pid: int, limit: int, proc: Path = Path("/proc")) -> list[int]:
+    """``pid`` and its descendants, at most ``limit`` (a jailed VMM is bwrap, then QEMU)."""
+    found: list[int] = []
+    waiting = [pid]
+    while waiting and len(found) < limit:
+        current = waiting.pop()
+        found.append(current)
+        try:
+            tasks = list((proc / str(current) / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                waiting.extend(int(child) for child in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def sample_pss(pids: list[int], proc: Path = Path("/proc")) -> tuple[int, int]:
+    """The summed PSS of the process trees of ``pids`` and how many trees were read.
+
+    At most ``PSS_SAMPLE_LIMIT`` processes are read in all.
+    """
+    total, read, budget = 0, 0, PSS_SAMPLE_LIMIT
+    for pid in pids:
+        if budget <= 0:
+            break
+        tree = process_tree(pid, budget, proc)
+        budget -= len(tree)
+        sizes = [pss for member in tree if (pss := read_pss_bytes(member, proc)) is not None]
+        if sizes:
+            total, read = total + sum(sizes), read + 1
     return total, read
 
 
@@ -105,11 +131,11 @@ class StateCollector(Collector):
         pss, sampled = self.pss
         yield GaugeMetricFamily(
             "fission_vm_pss_bytes",
-            "Summed proportional set size of the VMM processes sampled at this scrape.",
+            "Summed proportional set size of the VMs' processes (VMM and its jail) at this scrape.",
             value=pss,
         )
         yield GaugeMetricFamily(
-            "fission_vm_pss_sampled", "How many VMM processes the PSS was read from.", value=sampled
+            "fission_vm_pss_sampled", "How many VMs the PSS was read from.", value=sampled
         )
 
 
