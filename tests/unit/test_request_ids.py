@@ -34,6 +34,7 @@ from fission.server.daemon import build_config
 from fission.server.grpc_server import serving
 from fission.server.logs import JsonFormatter, check_log_format, logging_config
 from fission.server.metrics import ServiceMetrics
+from fission.vmm.fake import FakeDriver
 from tests.unit.conftest import ServiceStarter
 from tests.unit.metrics_helpers import scrape
 
@@ -138,7 +139,10 @@ async def test_log_lines_of_a_sandbox_call_carry_request_sandbox_and_key_ids(
 
 
 async def test_a_runs_log_line_and_audit_events_carry_its_request_id(
-    api: tuple[httpx.AsyncClient, str], audited: Service, json_lines: io.StringIO
+    api: tuple[httpx.AsyncClient, str],
+    audited: Service,
+    json_lines: io.StringIO,
+    fake_driver: FakeDriver,
 ) -> None:
     client, key_id = api
     answer = await client.post(
@@ -147,7 +151,8 @@ async def test_a_runs_log_line_and_audit_events_carry_its_request_id(
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "req-run"
     (line,) = [line for line in parsed(json_lines) if line["message"].startswith("python run")]
     assert (line["request_id"], line["key_id"]) == ("req-run", key_id)
-    assert line["sandbox_id"].startswith("vm-") or line["sandbox_id"]  # the run's VM
+    (vm,) = fake_driver.vms
+    assert line["sandbox_id"] == vm.config.vm_id  # a one-shot run is named by its VM
     assert audited.audit is not None
     (event,) = audited.audit.query(action="run")
     assert event.detail is not None and event.detail["request_id"] == "req-run"
