@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from fission import __version__
 from fission.agent.client import OutputSink
@@ -94,9 +94,13 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
 
-    @app.get("/metrics", summary="Prometheus metrics (an admin key on TCP)")
-    async def prometheus_metrics(_: Admin) -> Response:
-        return Response(await metrics.exposition(), media_type=CONTENT_TYPE)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (an admin key on TCP)",
+        response_class=PlainTextResponse,
+    )
+    async def prometheus_metrics(_: Admin) -> PlainTextResponse:
+        return PlainTextResponse(await metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/pools")
     async def pools(_: Who) -> dict[str, Any]:
