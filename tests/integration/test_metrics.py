@@ -26,40 +26,48 @@ OK = {"language": "python", "action": "run", "outcome": "ok"}
 
 
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[TcpDaemon]:
-    metrics_port = free_port()
+def metrics_url() -> str:
+    """Where the daemon's key-less metrics port answers."""
+    return f"http://127.0.0.1:{free_port()}/metrics"
+
+
+@pytest.fixture(scope="module")
+def daemon(metrics_url: str) -> Iterator[TcpDaemon]:
+    metrics_port = metrics_url.split(":")[2].split("/")[0]
     d = TcpDaemon(
         "--pool",
         "python=1",
         "--metrics-port",
-        str(metrics_port),
+        metrics_port,
         "--log-format",
         "json",
         "--log-level",
         "info",
     )
-    d.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
     d.start()
     yield d
     d.stop()
     assert qemu_pids(d.state) == [], "the daemon left a VM behind"
 
 
-def scrape_port(daemon: TcpDaemon) -> Scrape:
-    response = httpx.get(daemon.metrics_url, timeout=30)  # type: ignore[attr-defined]
+def scrape_port(url: str) -> Scrape:
+    """The metrics port's exposition, parsed."""
+    response = httpx.get(url, timeout=30)
     assert response.status_code == 200, response.text
     return parse(response.text)
 
 
-def test_metrics_move_under_a_small_load_and_logs_are_json(daemon: TcpDaemon) -> None:
+def test_metrics_move_under_a_small_load_and_logs_are_json(
+    daemon: TcpDaemon, metrics_url: str
+) -> None:
     admin, user = daemon.create_key("ops", "--role", "admin"), daemon.create_key("ci")
     with daemon.client(user) as api:
         assert api.get("/metrics").status_code == 403  # a user key may run, not scrape
         deadline = time.monotonic() + 120
-        while scrape_port(daemon).value("fission_pool_ready", language="python") < 1:
+        while scrape_port(metrics_url).value("fission_pool_ready", language="python") < 1:
             assert time.monotonic() < deadline, "the pool did not fill"
             time.sleep(0.2)
-        before = scrape_port(daemon)
+        before = scrape_port(metrics_url)
 
         def run(n: int) -> str:
             answer = api.post(
@@ -79,7 +87,7 @@ def test_metrics_move_under_a_small_load_and_logs_are_json(daemon: TcpDaemon) ->
     with daemon.client(admin) as ops:
         keyed = ops.get("/metrics")
     assert keyed.status_code == 200
-    for after in (parse(keyed.text), scrape_port(daemon)):
+    for after in (parse(keyed.text), scrape_port(metrics_url)):
         moved = after.value("fission_runs_total", **OK) - before.value("fission_runs_total", **OK)
         assert moved == RUNS
         for histogram in (
@@ -111,12 +119,12 @@ def test_metrics_move_under_a_small_load_and_logs_are_json(daemon: TcpDaemon) ->
         )
         assert after.value("fission_memory_budget_bytes") > 0
     deadline = time.monotonic() + 120
-    while (refilled := scrape_port(daemon)).value("fission_pool_ready", language="python") < 1:
+    while (refilled := scrape_port(metrics_url)).value("fission_pool_ready", language="python") < 1:
         assert time.monotonic() < deadline, "the pool did not refill"
         time.sleep(0.2)
     assert refilled.value("fission_vm_pss_sampled") >= 1  # the pool's VM at least
     assert refilled.value("fission_vm_pss_bytes") > 16 * 1024 * 1024  # a guest's RAM, not bwrap's
-    other = httpx.get(daemon.metrics_url.replace("/metrics", "/v1/pools"), timeout=30)  # type: ignore[attr-defined]
+    other = httpx.get(metrics_url.replace("/metrics", "/v1/pools"), timeout=30)
     assert other.status_code == 404  # the metrics port serves nothing else
     log_lines = [line for line in daemon.log().splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in log_lines]
