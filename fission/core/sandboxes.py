@@ -31,13 +31,14 @@ from typing import Any
 from fission.agent.client import AgentClient, ExecRequest, OutputSink
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
-from fission.core import idle, sandbox_vm, snapshots
+from fission.core import idle, integrity, sandbox_vm, snapshots
 from fission.core.audit_events import audit_event
 from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget
+from fission.core.sandbox_snapshots import SandboxSnapshots
 from fission.core.sandbox_spec import (
     SandboxRecord,
     SandboxSpec,
@@ -46,12 +47,14 @@ from fission.core.sandbox_spec import (
     new_sandbox_id,
     page,
 )
+from fission.core.snapshot_store import SnapshotStore
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import Busy, FissionError, InvalidInput, SandboxNotFound, SandboxNotRunning
 from fission.net.egress import Egress, attach, proxy_env
-from fission.vmm.base import Driver, VMConfig, default_driver
+from fission.vmm.base import DISK_NAME, STATE_NAME, Driver, VMConfig, default_driver
 
 log = logging.getLogger("fission.sandboxes")
+StartVM = Callable[[Path], Awaitable[tuple[Machine, VMConfig]]]
 EXPIRY_INTERVAL = 0.5
 FILE_OP_TIMEOUT = 120.0
 SHELL = "/bin/sh"
@@ -148,6 +151,7 @@ class SandboxManager:
         clock: Callable[[], float] = time.time,
         driver: Driver | None = None,
         idle_stop_after: float | None = idle.SANDBOX_IDLE_STOP,
+        snapshot_budget_mb: int | None = None,
     ) -> None:
         self.driver = driver or default_driver()
         self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
@@ -159,6 +163,8 @@ class SandboxManager:
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._expiry: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        store = SnapshotStore(journal.sandboxes_dir.parent / "snapshots", snapshot_budget_mb)
+        self.snapshots = SandboxSnapshots(self, store)  # snapshot, fork, rewind
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task the manager keeps (and ``close`` waits for)."""
@@ -209,6 +215,21 @@ class SandboxManager:
         self, spec: SandboxSpec, owner: str | None = None, max_sandboxes: int | None = None
     ) -> SandboxRecord:
         """Start a sandbox for ``spec``; ``owner`` (an API key id) may hold ``max_sandboxes``."""
+
+        def start(directory: Path) -> Awaitable[tuple[Machine, VMConfig]]:
+            return sandbox_vm.start_sandbox_vm(self.driver, self._run_spec(spec), directory)
+
+        return await self._create(spec, owner, max_sandboxes, start)
+
+    async def _create(
+        self,
+        spec: SandboxSpec,
+        owner: str | None,
+        max_sandboxes: int | None,
+        start_vm: StartVM,
+        detail: dict[str, Any] | None = None,
+    ) -> SandboxRecord:
+        """Every new sandbox, however its VM starts (``start_vm`` given its directory)."""
         started = time.monotonic()
         slot = self.quotas.acquire(owner, max_sandboxes) if owner and max_sandboxes else None
         reserved = vm_memory_mb(spec.limits)
@@ -226,9 +247,7 @@ class SandboxManager:
         box.gate.on_use = lambda: self._wake(box)
         try:
             directory.mkdir(mode=0o700)
-            machine, config = await sandbox_vm.start_sandbox_vm(
-                self.driver, self._run_spec(spec), directory
-            )
+            machine, config = await start_vm(directory)
             try:
                 box.egress = await self._attach(box, machine)
             except BaseException:
@@ -239,13 +258,15 @@ class SandboxManager:
             if slot is not None:
                 slot.release()
             shutil.rmtree(directory, ignore_errors=True)
-            await self._audit(owner, "sandbox.create", spec, outcome_of_error(exc), started)
+            outcome = outcome_of_error(exc)
+            await self._audit(owner, "sandbox.create", spec, outcome, started, detail)
             raise
         box.machine, box.config = machine, config
         self.journal.record(machine.vm)
         record.expires_at = self._clock() + spec.ttl
         self._sandboxes[record.id] = box
-        await self._audit(owner, "sandbox.create", spec, "ok", started, {"sandbox": record.id})
+        detail = (detail or {}) | {"sandbox": record.id}
+        await self._audit(owner, "sandbox.create", spec, "ok", started, detail)
         return record
 
     def get(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
@@ -298,6 +319,8 @@ class SandboxManager:
         context: str | None = None,
         fresh_context: bool = False,
         on_output: OutputSink | None = None,
+        checkpoint: bool = False,
+        max_snapshot_mb: int | None = None,
     ) -> RunResult:
         """Run ``code`` in the sandbox's language; with ``context``, in a persistent kernel."""
         box = self._box(sandbox_id, owner)
@@ -305,7 +328,8 @@ class SandboxManager:
         request = exec_request(spec)
         if context is not None or fresh_context:
             request = replace(request, context=context or "default", fresh_context=fresh_context)
-        return await self._exec(box, "sandbox.run", spec, request, on_output, None)
+        result = await self._exec(box, "sandbox.run", spec, request, on_output, None)
+        return await self._checkpoint(box, result, checkpoint, max_snapshot_mb)
 
     async def exec_command(
         self,
@@ -318,6 +342,8 @@ class SandboxManager:
         cwd: str | None = None,
         stdin: bytes | None = None,
         on_output: OutputSink | None = None,
+        checkpoint: bool = False,
+        max_snapshot_mb: int | None = None,
     ) -> RunResult:
         """Run a shell command line (a string) or an argv (a list) in the sandbox."""
         if isinstance(command, str):
@@ -340,7 +366,17 @@ class SandboxManager:
             output_limit=limits.output_limit_bytes,
             cwd=cwd,
         )
-        return await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
+        result = await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
+        return await self._checkpoint(box, result, checkpoint, max_snapshot_mb)
+
+    async def _checkpoint(
+        self, box: ManagedSandbox, result: RunResult, wanted: bool, max_snapshot_mb: int | None
+    ) -> RunResult:
+        """With ``wanted``, the result with a checkpoint taken right after the step."""
+        if not wanted:
+            return result
+        checkpoint_id = await self.snapshots.checkpoint(box, max_snapshot_mb)
+        return replace(result, checkpoint_id=checkpoint_id)
 
     async def _exec(
         self,
@@ -457,6 +493,7 @@ class SandboxManager:
             await self._detach(box)
             try:
                 await sandbox_vm.pause_vm(machine, box.directory)
+                await asyncio.to_thread(integrity.seal, box.directory, (STATE_NAME, DISK_NAME))
             except BaseException as exc:
                 await self._audit(
                     box.record.owner,
@@ -491,6 +528,9 @@ class SandboxManager:
                 raise self._gone(box)
             self._reserve(box.reserved_mb)
             try:
+                # a changed or truncated file is refused before a VM starts: still paused
+                what = f"sandbox {box.record.id}'s saved state"
+                await asyncio.to_thread(integrity.verify, box.directory, None, what)
                 machine, config = await sandbox_vm.resume_vm(self.driver, box.config, box.directory)
                 try:
                     box.egress = await self._attach(box, machine)
@@ -546,6 +586,7 @@ class SandboxManager:
             if box.slot is not None:
                 box.slot.release()
             await asyncio.to_thread(shutil.rmtree, box.directory, True)
+            self.snapshots.sandbox_gone(box.record.id)
         await self._audit(
             box.record.owner,
             "sandbox.delete",

@@ -75,6 +75,8 @@ class ServiceConfig:
     audit_egress_locally: bool = False
     # Seconds a sandbox with nothing in flight runs before its vCPUs stop (None: never).
     sandbox_idle_stop: float | None = idle.SANDBOX_IDLE_STOP
+    # Disk the sandbox snapshots and checkpoints may take (None: no bound); LRU eviction.
+    snapshot_budget_mb: int | None = None
     # Put this process's VM directories under the state dir (``vms/``), where a restart's
     # reconcile finds them all. A daemon or an MCP server owns its process and does; embedded
     # runs share the caller's process (maybe several at once) and leave the runtime dir alone.
@@ -110,6 +112,7 @@ class Service:
             self.audit,
             driver=self.driver,
             idle_stop_after=config.sandbox_idle_stop,
+            snapshot_budget_mb=config.snapshot_budget_mb,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -241,6 +241,11 @@ class Driver(abc.ABC):
         """Remove what VMs of a crashed process left on the host besides their directories
         (e.g. cgroups); ``vm_ids`` were that process's. Returns how many things went."""
 
+    def layer_disk(self, base: Path, target: Path) -> None:
+        """Create ``target``, a disk of a VM's own whose unwritten blocks read from the saved
+        disk ``base`` (a snapshot's), so VMs started from one snapshot write independently."""
+        raise NotImplementedError(f"the {self.name} driver cannot start VMs from snapshots")
+
     def restored(self, config: VMConfig, directory: Path, *, keep_writes: bool) -> VMConfig:
         """A new VM shaped like ``config`` that resumes the state a pause saved in ``directory``,
         on the disk there: its writes kept (a sandbox) or thrown away with it (a cache)."""

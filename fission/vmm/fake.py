@@ -29,6 +29,7 @@ import asyncio
 import os
 import shutil
 import socket
+import struct
 import tarfile
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from fission.vmm.base import (
     vm_workdir,
 )
 from fission.vmm.fake_guest import FakeGuest
+from fission.vmm.jailer import QCOW2_MAGIC
 
 # A fake VM boots nothing: its kernel, initramfs and root disk are never opened.
 NO_IMAGE = Path(os.devnull)
@@ -215,6 +217,12 @@ class FakeDriver(Driver):
         vm = FakeVM(config, self.clock)
         self.vms.append(vm)
         return vm
+
+    def layer_disk(self, base: Path, target: Path) -> None:
+        """A placeholder disk whose header names ``base`` as its backing file, as qcow2 does."""
+        name = str(base).encode()
+        header = QCOW2_MAGIC + struct.pack(">IQI", 3, 20, len(name))
+        target.write_bytes(header + name)
 
     def release_stale(self, vm_ids: list[str]) -> int:
         """Nothing: a fake VM leaves nothing on the host but its directory."""

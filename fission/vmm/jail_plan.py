@@ -138,6 +138,9 @@ class Placement:
     disk_on_tmpfs: bool = False  # the VM's disk writes land in RAM (tmpfs)
     disk_bytes: int = 0  # the size of its writable disk
     backing: Path | None = None  # the raw file under a qcow2 overlay
+    # Further down the chain: a sandbox started from a snapshot has an overlay on the
+    # snapshot's qcow2 disk, itself an overlay on the template's raw disk.
+    deeper: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,14 +153,18 @@ class Exposure:
     template_ram: Path | None = None  # a template's RAM that this clone maps privately
 
 
-def exposure(config: VMConfig, backing: Path | None = None) -> Exposure:
-    """What the VM of ``config`` needs to see (``backing``: its qcow2 overlay's raw base)."""
+def exposure(
+    config: VMConfig, backing: Path | None = None, deeper: tuple[Path, ...] = ()
+) -> Exposure:
+    """What the VM of ``config`` needs to see (``backing``: its qcow2 overlay's base, and
+    ``deeper`` the bases of that base)."""
     read_only = [config.kernel, config.initramfs, config.rootfs]
     read_write = [config.workdir]
     create: list[Path] = []
     (read_write if config.scratch_writable else read_only).append(config.scratch)
     if backing is not None:
         read_only.append(backing)
+    read_only.extend(deeper)
     template_ram = None
     if config.memory_file is not None and config.memory_shared:
         create.append(config.memory_file)  # a template writes its RAM into this file
@@ -315,7 +322,7 @@ def plan_vm(
     return plan(
         config.vm_id,
         qemu,
-        exposure(config, place.backing),
+        exposure(config, place.backing, place.deeper),
         config.workdir,
         accel,
         config.memory_mb,

@@ -32,6 +32,7 @@ log = logging.getLogger("fission.jail")
 SLOT_DIR = Path("/run/fission/jail")
 ROOT_ENTRIES = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 QCOW2_MAGIC = b"QFI\xfb"
+MAX_CHAIN = 64  # backing files followed below a VM's disk (forks of forks of ...)
 RAM_STAMP_SUFFIX = ".jail-ctime"
 PROBE_MEMORY_MB = 128
 
@@ -113,6 +114,11 @@ def placement(config: VMConfig) -> Placement:
     """Where the VM of ``config`` keeps its files (device nodes allowed, disk in RAM or not)."""
     _, options = mount_of(config.workdir)
     backing = qcow2_backing(config.scratch) if config.scratch_format == "qcow2" else None
+    deeper: list[Path] = []
+    below = qcow2_backing(backing) if backing is not None else None
+    while below is not None and below not in deeper and len(deeper) < MAX_CHAIN:
+        deeper.append(below)
+        below = qcow2_backing(below)
     disk_writes = config.scratch if config.scratch_writable else config.workdir
     fstype, _ = mount_of(disk_writes)
     try:
@@ -124,6 +130,7 @@ def placement(config: VMConfig) -> Placement:
         disk_on_tmpfs=fstype == "tmpfs",
         disk_bytes=disk_bytes,
         backing=backing,
+        deeper=tuple(deeper),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 from fission.images.overlay import create_overlay
 from fission.images.scratch import scratch_disk
@@ -103,6 +104,10 @@ class QemuDriver(Driver):
                 config, scratch=disk, scratch_format="qcow2", scratch_writable=True
             )
         return config
+
+    def layer_disk(self, base: Path, target: Path) -> None:
+        """A qcow2 overlay ``target`` on a snapshot's qcow2 disk ``base``."""
+        create_overlay(base, target, base_format="qcow2")
 
     async def create(self, config: VMConfig) -> QemuVM:
         """A QEMU VM for ``config`` under this host's accelerator."""

@@ -1,0 +1,274 @@
+"""Snapshots, forks, checkpoints, rewind and integrity of sandboxes, on the fake VMM driver.
+
+A fake VM's saved state is a tar of its files, and its disk a placeholder whose header names
+its backing file like a qcow2 overlay's, so ownership, quotas, "in use", eviction and the
+integrity checks run for real here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fission.core import integrity
+from fission.core.languages import resolve_language
+from fission.core.sandbox_snapshots import MAX_FORK
+from fission.core.sandbox_spec import SandboxSpec, SandboxState
+from fission.core.service import CLONE_MB, Service
+from fission.errors import (
+    Busy,
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    QuotaExceeded,
+    SandboxNotFound,
+    SandboxNotRunning,
+    SnapshotNotFound,
+)
+from fission.vmm.base import DISK_NAME, STATE_NAME
+from fission.vmm.fake import FakeDriver
+from fission.vmm.jailer import qcow2_backing
+from tests.unit.conftest import ServiceStarter
+
+BASH = SandboxSpec(resolve_language("bash"))
+
+
+async def cat(service: Service, sandbox_id: str, path: str) -> bytes:
+    return (await service.sandboxes.exec_command(sandbox_id, f"cat {path}")).stdout
+
+
+async def test_a_snapshot_leaves_the_sandbox_running_and_lists(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH, owner="k1")
+    await sandboxes.exec_command(box.id, "echo one > f")
+    snap = await sandboxes.snapshots.snapshot(box.id, "k1", "first")
+    assert (snap.name, snap.kind, snap.sandbox_id, snap.owner) == (
+        "first",
+        "snapshot",
+        box.id,
+        "k1",
+    )
+    assert snap.size_bytes > 0 and snap.to_json()["language"] == "bash"
+    # the same VM goes on: its files, new writes
+    await sandboxes.exec_command(box.id, "echo two > f")
+    assert await cat(service, box.id, "f") == b"two\n"
+    assert [s.id for s in sandboxes.snapshots.list_snapshots("k1")] == [snap.id]
+    assert sandboxes.snapshots.list_snapshots("k2") == []
+    with pytest.raises(SnapshotNotFound):
+        sandboxes.snapshots.get(snap.id, "k2")
+    with pytest.raises(SandboxNotFound):  # another key's sandbox is not there for k2
+        await sandboxes.snapshots.snapshot(box.id, "k2")
+    directory = sandboxes.snapshots.store.directory(snap.id)
+    assert {p.name for p in directory.iterdir()} >= {STATE_NAME, DISK_NAME, "manifest.json"}
+
+
+async def test_snapshots_survive_a_restart_of_the_service(
+    start_service: ServiceStarter, tmp_path: Path
+) -> None:
+    first = await start_service(state_dir=tmp_path / "state")
+    box = await first.sandboxes.create(BASH)
+    snap = await first.sandboxes.snapshots.snapshot(box.id, name="kept")
+    await first.close()
+    second = await start_service(state_dir=tmp_path / "state")
+    found = second.sandboxes.snapshots.get(snap.id)
+    assert (found.name, found.spec.language.name) == ("kept", "bash")
+    clone = await second.sandboxes.snapshots.create_from(snap.id)
+    assert clone.state == SandboxState.RUNNING
+
+
+async def test_create_from_a_snapshot_starts_from_its_files(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH, owner="k1")
+    await sandboxes.exec_command(box.id, "echo saved > f")
+    snap = await sandboxes.snapshots.snapshot(box.id, "k1")
+    await sandboxes.exec_command(box.id, "echo later > f")
+    clone = await sandboxes.snapshots.create_from(snap.id, "k1", ttl=60, metadata={"a": "b"})
+    assert clone.owner == "k1" and clone.spec.ttl == 60 and clone.spec.metadata == {"a": "b"}
+    assert await cat(service, clone.id, "f") == b"saved\n"
+    assert service.budget.used_mb == 2 * CLONE_MB
+    disk = service.journal.sandboxes_dir / clone.id / DISK_NAME
+    assert qcow2_backing(disk) == sandboxes.snapshots.store.directory(snap.id) / DISK_NAME
+    with pytest.raises(SnapshotNotFound):
+        await sandboxes.snapshots.create_from(snap.id, "k2")
+    with pytest.raises(SnapshotNotFound):
+        await sandboxes.snapshots.create_from("snap_nothere", "k1")
+
+
+async def test_fork_makes_n_independent_sandboxes(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH, owner="k1")
+    await sandboxes.exec_command(box.id, "echo parent > f")
+    snap, clones = await sandboxes.snapshots.fork(box.id, 3, "k1")
+    assert len({c.id for c in clones}) == 3 and snap.kind == "fork"
+    for index, clone in enumerate(clones):
+        assert await cat(service, clone.id, "f") == b"parent\n"
+        await sandboxes.exec_command(clone.id, f"echo {index} > f")
+    assert [await cat(service, c.id, "f") for c in clones] == [b"0\n", b"1\n", b"2\n"]
+    assert await cat(service, box.id, "f") == b"parent\n"
+    # the fork's snapshot backs the clones' disks: it cannot go while they live
+    with pytest.raises(Conflict):
+        await sandboxes.snapshots.delete(snap.id, "k1")
+    for clone in clones:
+        await sandboxes.delete(clone.id)
+    with pytest.raises(SnapshotNotFound):  # dropped with its last clone
+        sandboxes.snapshots.get(snap.id)
+
+
+@pytest.mark.parametrize("n", [0, -1, MAX_FORK + 1, True, 2.5])
+async def test_fork_refuses_n_out_of_range(service: Service, n: object) -> None:
+    box = await service.sandboxes.create(BASH)
+    with pytest.raises(InvalidInput, match="fork n="):
+        await service.sandboxes.snapshots.fork(box.id, n)  # type: ignore[arg-type]
+
+
+async def test_fork_of_a_paused_or_deleted_sandbox_is_refused(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH)
+    await sandboxes.pause(box.id)
+    with pytest.raises(SandboxNotRunning, match="resume it first"):
+        await sandboxes.snapshots.fork(box.id, 2)
+    await sandboxes.delete(box.id)
+    with pytest.raises(SandboxNotFound):
+        await sandboxes.snapshots.fork(box.id, 2)
+    assert sandboxes.snapshots.list_snapshots() == []
+
+
+async def test_a_fork_over_the_sandbox_quota_keeps_nothing(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH, owner="k1", max_sandboxes=3)
+    with pytest.raises(QuotaExceeded):
+        await sandboxes.snapshots.fork(box.id, 3, "k1", max_sandboxes=3)
+    assert sandboxes.count() == 1 and sandboxes.snapshots.list_snapshots() == []
+    assert service.budget.used_mb == CLONE_MB
+
+
+async def test_the_snapshot_quota_of_a_key(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH, owner="k1")
+    await sandboxes.exec_command(box.id, "head -c 300000 /dev/zero > big")
+    with pytest.raises(QuotaExceeded, match="snapshot quota"):
+        await sandboxes.snapshots.snapshot(box.id, "k1", max_snapshot_mb=0)
+    first = await sandboxes.snapshots.snapshot(box.id, "k1", max_snapshot_mb=1)
+    with pytest.raises(QuotaExceeded, match="delete snapshots"):
+        for _ in range(8):
+            await sandboxes.snapshots.snapshot(box.id, "k1", max_snapshot_mb=1)
+    assert sandboxes.snapshots.store.used_bytes("k1") <= 1024 * 1024
+    assert first.id in {s.id for s in sandboxes.snapshots.list_snapshots("k1")}
+
+
+async def test_the_snapshot_budget_evicts_the_least_recently_used(
+    start_service: ServiceStarter,
+) -> None:
+    service = await start_service(snapshot_budget_mb=1)
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH)
+    await sandboxes.exec_command(box.id, "head -c 200000 /dev/urandom > big")
+    made = [await sandboxes.snapshots.snapshot(box.id, name=str(i)) for i in range(6)]
+    kept = [s.id for s in sandboxes.snapshots.list_snapshots()]
+    assert kept and len(kept) < 6 and kept == [s.id for s in made[-len(kept) :]]
+    assert sandboxes.snapshots.store.over_budget() == 0
+    # a used one is fresh again: touch the oldest survivor, take one more, it stays
+    await sandboxes.delete((await sandboxes.snapshots.create_from(kept[0])).id)
+    await sandboxes.snapshots.snapshot(box.id)
+    assert kept[0] in {s.id for s in sandboxes.snapshots.list_snapshots()}
+
+
+async def test_a_budget_too_small_for_one_snapshot_refuses_it(
+    start_service: ServiceStarter,
+) -> None:
+    service = await start_service(snapshot_budget_mb=0)
+    box = await service.sandboxes.create(BASH)
+    with pytest.raises(Busy, match="--snapshot-budget"):
+        await service.sandboxes.snapshots.snapshot(box.id)
+    assert service.sandboxes.snapshots.list_snapshots() == []
+    assert (await service.sandboxes.exec_command(box.id, "echo ok")).stdout == b"ok\n"
+
+
+async def test_checkpoint_and_rewind(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH, owner="k1")
+    one = await sandboxes.exec_command(box.id, "echo one > f", owner="k1", checkpoint=True)
+    assert one.checkpoint_id and one.to_json()["checkpoint_id"] == one.checkpoint_id
+    two = await sandboxes.exec_command(box.id, "echo two > f", checkpoint=True)
+    assert two.checkpoint_id not in (None, one.checkpoint_id)
+    plain = await sandboxes.exec_command(box.id, "true")
+    assert plain.checkpoint_id is None and "checkpoint_id" not in plain.to_json()
+    rewound = await sandboxes.snapshots.rewind(box.id, one.checkpoint_id, "k1")
+    assert rewound.id == box.id and rewound.state == SandboxState.RUNNING
+    assert await cat(service, box.id, "f") == b"one\n"
+    kinds = [(s.id, s.kind) for s in sandboxes.snapshots.list_snapshots(sandbox_id=box.id)]
+    assert kinds == [(one.checkpoint_id, "checkpoint"), (two.checkpoint_id, "checkpoint")]
+    await sandboxes.snapshots.rewind(box.id, two.checkpoint_id)
+    assert await cat(service, box.id, "f") == b"two\n"
+    assert service.budget.used_mb == CLONE_MB
+    other = await sandboxes.create(BASH, owner="k1")
+    with pytest.raises(InvalidInput, match="was taken from"):
+        await sandboxes.snapshots.rewind(other.id, one.checkpoint_id, "k1")
+    with pytest.raises(SandboxNotFound):  # another key's sandbox, as for any other call
+        await sandboxes.snapshots.rewind(box.id, one.checkpoint_id, "k2")
+    await sandboxes.delete(box.id)  # its checkpoints go with it
+    assert sandboxes.snapshots.list_snapshots(sandbox_id=box.id) == []
+
+
+async def test_rewind_resumes_a_paused_sandbox(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH)
+    cp = (await sandboxes.exec_command(box.id, "echo a > f", checkpoint=True)).checkpoint_id
+    assert cp is not None
+    await sandboxes.exec_command(box.id, "echo b > f")
+    await sandboxes.pause(box.id)
+    assert service.budget.used_mb == 0
+    await sandboxes.snapshots.rewind(box.id, cp)
+    assert service.budget.used_mb == CLONE_MB
+    assert await cat(service, box.id, "f") == b"a\n"
+
+
+async def test_checkpoints_per_sandbox_are_bounded(service: Service) -> None:
+    sandboxes = service.sandboxes
+    sandboxes.snapshots.max_checkpoints = 3
+    box = await sandboxes.create(BASH)
+    ids = []
+    for i in range(5):
+        result = await sandboxes.exec_command(box.id, f"echo {i} > f", checkpoint=True)
+        ids.append(result.checkpoint_id)
+    assert [s.id for s in sandboxes.snapshots.list_snapshots(sandbox_id=box.id)] == ids[-3:]
+
+
+async def test_a_corrupted_snapshot_is_refused_and_kept(service: Service) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH)
+    snap = await sandboxes.snapshots.snapshot(box.id)
+    state = sandboxes.snapshots.store.directory(snap.id) / STATE_NAME
+    state.chmod(0o644)
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="no longer matches"):
+        await sandboxes.snapshots.create_from(snap.id)
+    state.write_bytes(bytes(data[:100]))
+    with pytest.raises(IntegrityError, match="truncated"):
+        await sandboxes.snapshots.rewind(box.id, snap.id)
+    assert sandboxes.snapshots.get(snap.id) and sandboxes.count() == 1
+    assert (await sandboxes.exec_command(box.id, "echo alive")).stdout == b"alive\n"
+
+
+async def test_a_corrupted_paused_state_is_refused_and_the_sandbox_stays_paused(
+    service: Service,
+) -> None:
+    sandboxes = service.sandboxes
+    box = await sandboxes.create(BASH)
+    await sandboxes.exec_command(box.id, "echo kept > f")
+    await sandboxes.pause(box.id)
+    directory = service.journal.sandboxes_dir / box.id
+    assert integrity.RECORD_NAME in {p.name for p in directory.iterdir()}
+    good = (directory / STATE_NAME).read_bytes()
+    (directory / STATE_NAME).write_bytes(good[:-10])
+    with pytest.raises(IntegrityError, match="truncated"):
+        await sandboxes.resume(box.id)
+    assert sandboxes.get(box.id).state == SandboxState.PAUSED and service.budget.used_mb == 0
+    (directory / STATE_NAME).write_bytes(good)  # put back: it resumes as before
+    await sandboxes.resume(box.id)
+    assert await cat(service, box.id, "f") == b"kept\n"
