@@ -28,6 +28,8 @@ DEFAULT_MAX_SANDBOXES = 10
 DEFAULT_RATE_PER_MINUTE = 600
 MAX_SANDBOXES_CAP = 10_000
 RATE_PER_MINUTE_CAP = 1_000_000
+DEFAULT_MAX_SNAPSHOT_MB = 4096  # disk a key's sandbox snapshots and checkpoints may take
+MAX_SNAPSHOT_MB_CAP = 10_000_000
 
 _ID_BYTES = 6  # 12 hex digits: ids only need to be unique, the secret carries the entropy
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -42,12 +44,15 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at TEXT NOT NULL,
     revoked_at TEXT,
     max_concurrent_sandboxes INTEGER NOT NULL,
-    rate_per_minute INTEGER NOT NULL
+    rate_per_minute INTEGER NOT NULL,
+    max_snapshot_mb INTEGER NOT NULL DEFAULT 4096
 );
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys (name)
     WHERE revoked_at IS NULL;
 """
-_COLUMNS = "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute"
+_COLUMNS = (
+    "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute, max_snapshot_mb"
+)
 
 
 def _check_limit(option: str, value: object, high: int, unit: str) -> None:
@@ -60,10 +65,12 @@ def _check_limit(option: str, value: object, high: int, unit: str) -> None:
 
 @dataclass(frozen=True)
 class KeyLimits:
-    """What one API key may use: sandboxes alive at once and requests per minute."""
+    """What one API key may use: sandboxes alive at once, requests per minute, and the disk
+    its sandbox snapshots and checkpoints may take (MB)."""
 
     max_concurrent_sandboxes: int = DEFAULT_MAX_SANDBOXES
     rate_per_minute: int = DEFAULT_RATE_PER_MINUTE
+    max_snapshot_mb: int = DEFAULT_MAX_SNAPSHOT_MB
 
     def __post_init__(self) -> None:
         _check_limit(
@@ -72,6 +79,7 @@ class KeyLimits:
         _check_limit(
             "--rate-per-minute", self.rate_per_minute, RATE_PER_MINUTE_CAP, "requests per minute"
         )
+        _check_limit("--max-snapshot-mb", self.max_snapshot_mb, MAX_SNAPSHOT_MB_CAP, "MB")
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class ApiKey:
             "active": self.active,
             "max_concurrent_sandboxes": self.limits.max_concurrent_sandboxes,
             "rate_per_minute": self.limits.rate_per_minute,
+            "max_snapshot_mb": self.limits.max_snapshot_mb,
         }
 
 
@@ -140,13 +149,13 @@ def _check_name(name: str) -> None:
 
 def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     """An ApiKey from a row of ``_COLUMNS``."""
-    key_id, name, created_at, revoked_at, max_sandboxes, rate = row
+    key_id, name, created_at, revoked_at, max_sandboxes, rate, snapshot_mb = row
     return ApiKey(
         id=key_id,
         name=name,
         created_at=from_iso(created_at),
         revoked_at=from_iso(revoked_at) if revoked_at else None,
-        limits=KeyLimits(max_concurrent_sandboxes=max_sandboxes, rate_per_minute=rate),
+        limits=KeyLimits(max_sandboxes, rate, snapshot_mb),
     )
 
 
@@ -158,6 +167,13 @@ class KeyStore:
         self._now = now
         self._db = Database(self.path)
         self._db.ensure_schema(_SCHEMA)
+        with self._db.write() as conn:  # a database made before snapshot quotas existed
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+            if "max_snapshot_mb" not in columns:
+                conn.execute(
+                    "ALTER TABLE api_keys ADD COLUMN max_snapshot_mb INTEGER NOT NULL "
+                    f"DEFAULT {DEFAULT_MAX_SNAPSHOT_MB}"
+                )
 
     def create(self, name: str, limits: KeyLimits | None = None) -> tuple[ApiKey, str]:
         """Make a key; returns its record and the plaintext key, which is never shown again."""
@@ -178,7 +194,8 @@ class KeyStore:
             record = ApiKey(key_id, name, self._now(), None, limits)
             conn.execute(
                 "INSERT INTO api_keys (id, name, secret_sha256, created_at, revoked_at,"
-                " max_concurrent_sandboxes, rate_per_minute) VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                " max_concurrent_sandboxes, rate_per_minute, max_snapshot_mb)"
+                " VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
                 (
                     key_id,
                     name,
@@ -186,6 +203,7 @@ class KeyStore:
                     to_iso(record.created_at),
                     limits.max_concurrent_sandboxes,
                     limits.rate_per_minute,
+                    limits.max_snapshot_mb,
                 ),
             )
         return record, f"{KEY_PREFIX}_{key_id}_{secret}"
@@ -234,9 +252,14 @@ class KeyStore:
             raise InvalidInput(f"API key {key.id} ({key.name}) is revoked: create a new one")
         with self._db.write() as conn:
             conn.execute(
-                "UPDATE api_keys SET max_concurrent_sandboxes = ?, rate_per_minute = ?"
-                " WHERE id = ?",
-                (limits.max_concurrent_sandboxes, limits.rate_per_minute, key.id),
+                "UPDATE api_keys SET max_concurrent_sandboxes = ?, rate_per_minute = ?,"
+                " max_snapshot_mb = ? WHERE id = ?",
+                (
+                    limits.max_concurrent_sandboxes,
+                    limits.rate_per_minute,
+                    limits.max_snapshot_mb,
+                    key.id,
+                ),
             )
         return self.get(key.id)
 
