@@ -25,8 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fission.auth.audit_log import outcome_of_error
-from fission.core import idle, integrity
+from fission.auth.audit_log import LOCAL, outcome_of_error
+from fission.core import idle, integrity, snapshot_gc
 from fission.core.sandbox_spec import SandboxRecord, SandboxState, check_metadata
 from fission.core.sandbox_vm import PAUSE_TIMEOUT
 from fission.core.snapshot_store import SnapshotRecord, SnapshotStore, check_name
@@ -65,6 +65,7 @@ class SandboxSnapshots:
         self.manager = manager
         self.store = store
         self.max_checkpoints = max_checkpoints
+        self.derived_root: Path | None = None  # derived snapshots under the same budget
 
     # -- reading and deleting -------------------------------------------------------------------
     def get(self, snapshot_id: str, owner: str | None = None) -> SnapshotRecord:
@@ -89,6 +90,25 @@ class SandboxSnapshots:
         record = self.store.get(snapshot_id, owner)
         await asyncio.to_thread(self.store.delete, record.id, owner, self.in_use())
         await self._audit(record, "snapshot.delete", "ok", None)
+
+    async def gc(
+        self, dry_run: bool = False, budget_mb: int | None = None, protect: set[str] | None = None
+    ) -> dict[str, Any]:
+        """Reclaim snapshot space (see ``snapshot_gc``); a report of what went or would go."""
+        in_use = self.in_use() | (protect or set())
+        report = await asyncio.to_thread(
+            snapshot_gc.reclaim,
+            self.store,
+            in_use,
+            self.derived_root,
+            dry_run=dry_run,
+            budget_mb=budget_mb,
+        )
+        audit = self.manager.audit
+        if report["removed"] and not dry_run and audit is not None:
+            detail = {"removed": [e["id"] for e in report["removed"]]}
+            await asyncio.to_thread(audit.record, LOCAL, "snapshot.gc", outcome="ok", detail=detail)
+        return report
 
     def sandbox_gone(self, sandbox_id: str) -> None:
         """Drop what a deleted sandbox's snapshots no longer serve: its checkpoints and fork
@@ -170,19 +190,20 @@ class SandboxSnapshots:
                 "quota: delete snapshots (or checkpoints), or ask for a larger --max-snapshot-mb"
             )
 
+    def _over_budget(self) -> bool:
+        budget = self.store.budget_mb
+        used = snapshot_gc.total_bytes(self.store, self.derived_root)
+        return budget is not None and used > budget * MB
+
     async def _fit_budget(self, new: SnapshotRecord) -> None:
-        """Evict unused snapshots, least recently used first, until all fit the budget; Busy
-        (and the new one dropped by the caller) when even that is not enough."""
-        if not self.store.over_budget():
+        """Evict unused snapshots (derived ones too), least recently used first, until all fit
+        the budget; Busy (and the new one dropped by the caller) when even that is not enough."""
+        if not await asyncio.to_thread(self._over_budget):
             return
-        used = self.in_use() | {new.id}
-        for victim in self.store.evictable(used):
-            if not self.store.over_budget():
-                break
-            log.info("snapshot budget: evicting %s (%s)", victim.id, victim.kind)
-            await asyncio.to_thread(self.store.remove, victim.id)
-            await self._audit(victim, "snapshot.evict", "budget", None)
-        if self.store.over_budget():
+        report = await self.gc(protect={new.id})
+        for victim in report["removed"]:
+            log.info("snapshot budget: evicted %s (%s)", victim["id"], victim["kind"])
+        if await asyncio.to_thread(self._over_budget):
             raise Busy(
                 f"the snapshot budget ({self.store.budget_mb} MB) has no room for a "
                 f"{new.size_bytes / MB:.1f} MB snapshot and nothing unused is left to evict: "

@@ -114,6 +114,8 @@ class Service:
             idle_stop_after=config.sandbox_idle_stop,
             snapshot_budget_mb=config.snapshot_budget_mb,
         )
+        # `fission install`'s derived snapshots live under the same snapshot budget
+        self.sandboxes.snapshots.derived_root = derived.derived_dir()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:

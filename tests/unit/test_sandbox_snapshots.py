@@ -272,3 +272,45 @@ async def test_a_corrupted_paused_state_is_refused_and_the_sandbox_stays_paused(
     (directory / STATE_NAME).write_bytes(good)  # put back: it resumes as before
     await sandboxes.resume(box.id)
     assert await cat(service, box.id, "f") == b"kept\n"
+
+
+async def test_gc_reports_and_reclaims_leftovers_and_keeps_what_is_in_use(
+    service: Service,
+) -> None:
+    sandboxes = service.sandboxes
+    snaps = sandboxes.snapshots
+    box = await sandboxes.create(BASH)
+    kept = await snaps.snapshot(box.id, name="kept")
+    _fork, (clone,) = await snaps.fork(box.id, 1)
+    leftover = snaps.store.root / "snap_unfinished"
+    leftover.mkdir()
+    (leftover / STATE_NAME).write_bytes(b"x" * 5000)
+    assert snaps.derived_root is not None
+    stale = snaps.derived_root / "pip-stale"
+    stale.mkdir(parents=True)
+    (stale / "meta.json").write_text('{"image": "python", "base": "/no/such/template"}')
+    dry = await snaps.gc(dry_run=True)
+    assert {e["id"] for e in dry["removed"]} == {"snap_unfinished", "pip-stale"}
+    assert leftover.exists() and dry["used_bytes"] >= dry["reclaimed_bytes"] > 0
+    assert _fork.id in dry["in_use"]  # the clone's disk is built on it
+    # a budget of nothing: everything unused goes, the fork snapshot under the clone stays
+    done = await snaps.gc(budget_mb=0)
+    assert not leftover.exists() and not stale.exists()
+    assert {s.id for s in snaps.list_snapshots()} == {_fork.id}
+    assert kept.id in {e["id"] for e in done["removed"]}
+    await sandboxes.delete(clone.id)
+
+
+async def test_derived_snapshots_count_against_the_budget(start_service: ServiceStarter) -> None:
+    service = await start_service(snapshot_budget_mb=1)
+    snaps = service.sandboxes.snapshots
+    assert snaps.derived_root is not None
+    template = snaps.derived_root.parent / "template"
+    template.mkdir(exist_ok=True)
+    old = snaps.derived_root / "pip-old"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(f'{{"image": "python", "base": "{template}"}}')
+    (old / DISK_NAME).write_bytes(b"d" * 2_000_000)
+    box = await service.sandboxes.create(BASH)
+    snap = await snaps.snapshot(box.id)  # over the budget with the derived one: it goes
+    assert not old.exists() and snaps.get(snap.id)
