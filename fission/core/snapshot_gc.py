@@ -45,7 +45,8 @@ def derived_entries(root: Path | None) -> tuple[list[Entry], list[Entry]]:
     """The derived snapshots under ``root``: (restorable ones, stale ones)."""
     if root is None or not root.is_dir():
         return [], []
-    good, stale = [], []
+    good: list[Entry] = []
+    stale: list[Entry] = []
     for directory in sorted(root.iterdir()):
         meta = directory / "meta.json"
         try:
