@@ -34,6 +34,7 @@ from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthoriz
 from fission.server.auth import Gatekeeper, Who
 from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
 from fission.server.sandboxes_api import sandbox_router
+from fission.server.snapshots_api import snapshot_router
 from fission.server.streaming import WantsSse, streaming_response
 
 
@@ -165,4 +166,5 @@ def create_app(
         return streaming_response(work, sse)
 
     app.include_router(sandbox_router(service.sandboxes))
+    app.include_router(snapshot_router(service.sandboxes))
     return app
