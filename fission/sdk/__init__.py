@@ -54,6 +54,7 @@ from fission.sdk._models import (
     OutputEvent,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
     StreamEvent,
 )
 from fission.sdk._oneshot import run
@@ -92,6 +93,7 @@ __all__ = [
     "SandboxInfo",
     "SandboxNotFound",
     "SandboxNotRunning",
+    "SnapshotInfo",
     "SnapshotNotFound",
     "StreamEvent",
     "Unauthorized",
