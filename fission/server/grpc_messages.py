@@ -18,6 +18,7 @@ import grpc
 from fission.api import fission_pb2 as pb
 from fission.core.languages import resolve_language
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec, SandboxState
+from fission.core.snapshot_store import SnapshotRecord
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput, QuotaExceeded
 from fission.net.policy import NetworkPolicy
@@ -170,6 +171,22 @@ def sandbox_message(record: SandboxRecord) -> pb.Sandbox:
     )
 
 
+def snapshot_message(record: SnapshotRecord) -> pb.SnapshotInfo:
+    """A snapshot record, mirroring its REST JSON."""
+    body = record.to_json()
+    return pb.SnapshotInfo(
+        id=body["id"],
+        name=body["name"],
+        kind=body["kind"],
+        sandbox_id=body["sandbox_id"],
+        language=body["language"],
+        limits=pb.Limits(**body["limits"]),
+        size_bytes=body["size_bytes"],
+        created_at=body["created_at"],
+        last_used_at=body["last_used_at"],
+    )
+
+
 def output_event(stream: str, data: bytes) -> pb.RunEvent:
     """One chunk of output."""
     return pb.RunEvent(output=pb.Output(stream=STREAM_TO_PB[stream], data=data))
@@ -187,6 +204,7 @@ def result_event(result: RunResult) -> pb.RunEvent:
             duration_ms=result.duration_ms,
             boot_ms=result.boot_ms,
             total_ms=result.total_ms,
+            checkpoint_id=result.checkpoint_id,
         )
     )
 
