@@ -8,7 +8,7 @@ parameters' ``Field`` descriptions end up in the input schema.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -87,7 +87,7 @@ HostPath = Annotated[
 ]
 
 
-def checkpoint_args(checkpoint: bool) -> dict[str, bool]:
+def checkpoint_args(checkpoint: bool) -> dict[str, Any]:
     """The keyword that asks the core for a checkpoint after a step (none unless asked)."""
     return {"checkpoint": True} if checkpoint else {}
 
