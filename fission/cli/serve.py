@@ -45,6 +45,13 @@ def serve_command(
         float | None,
         typer.Option(help="Exit after SECONDS with no request and no sandbox (VMs destroyed)."),
     ] = None,
+    snapshot_budget: Annotated[
+        int | None,
+        typer.Option(
+            help="MB of disk the sandbox snapshots, checkpoints and install snapshots may take; "
+            "the least recently used unused ones are evicted (default: no bound)."
+        ),
+    ] = None,
 ) -> None:
     """Run the fission daemon: warm pools of VMs behind an HTTP API (and gRPC when asked)."""
     from fission.server.daemon import build_config, serve
@@ -64,6 +71,7 @@ def serve_command(
             grpc_port=grpc_port,
             grpc_socket=grpc_socket,
             idle_exit=idle_exit,
+            snapshot_budget_mb=snapshot_budget,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
         if daemon_config.grpc_address is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from fission.core import derived
 from fission.core.snapshot_store import MB, SnapshotStore, disk_usage
+from fission.vmm.base import DISK_NAME
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,13 @@ def total_bytes(store: SnapshotStore, derived_root: Path | None) -> int:
     """Bytes every saved VM under the budget takes (sandbox snapshots and derived ones)."""
     good, _stale = derived_entries(derived_root)
     return store.used_bytes() + sum(e.size_bytes for e in good)
+
+
+def reclaim_state_dir(
+    state_dir: Path, derived_root: Path | None, *, dry_run: bool, budget_mb: int | None
+) -> dict[str, Any]:
+    """``reclaim`` on a stopped daemon's state dir (the caller holds its lock)."""
+    store = SnapshotStore(state_dir / "snapshots", budget_mb)
+    boxes = [p for p in (state_dir / "sandboxes").glob("*") if p.is_dir()]
+    in_use = store.in_use([box / DISK_NAME for box in boxes], [box.name for box in boxes])
+    return reclaim(store, in_use, derived_root, dry_run=dry_run, budget_mb=budget_mb)

@@ -78,6 +78,7 @@ def build_config(
     grpc_port: int | None = None,
     grpc_socket: Path | None = None,
     idle_exit: float | None = None,
+    snapshot_budget_mb: int | None = None,
 ) -> DaemonConfig:
     """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
     file = load_config_file(config_file) if config_file else {}
@@ -100,7 +101,14 @@ def build_config(
     if host is None and listen_socket is None:
         listen_socket = daemon_socket()
     database = db or (Path(file["db"]) if "db" in file else default_db_path())
-    service = ServiceConfig(state, pool_sizes, budget, timeout, audit_db=database)
+    snapshots_mb = snapshot_budget_mb
+    if snapshots_mb is None and "snapshot_budget_mb" in file:
+        snapshots_mb = int(file["snapshot_budget_mb"])
+    if snapshots_mb is not None and snapshots_mb < 1:
+        raise InvalidInput(f"--snapshot-budget {snapshots_mb} must be at least 1 MB")
+    service = ServiceConfig(
+        state, pool_sizes, budget, timeout, audit_db=database, snapshot_budget_mb=snapshots_mb
+    )
     grpc_listen = (grpc_host, grpc_port, grpc_socket)
     if not any(grpc_listen):  # gRPC flags replace the file's gRPC settings as a whole
         file_socket = Path(file["grpc_socket"]) if "grpc_socket" in file else None

@@ -314,3 +314,30 @@ async def test_derived_snapshots_count_against_the_budget(start_service: Service
     box = await service.sandboxes.create(BASH)
     snap = await snaps.snapshot(box.id)  # over the budget with the derived one: it goes
     assert not old.exists() and snaps.get(snap.id)
+
+
+async def test_fission_gc_on_a_stopped_daemons_state_dir(
+    start_service: ServiceStarter, tmp_path: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from fission.cli import app
+
+    state = tmp_path / "state"
+    service = await start_service(state_dir=state)
+    box = await service.sandboxes.create(BASH)
+    snap = await service.sandboxes.snapshots.snapshot(box.id, name="old")
+    await service.close()
+    (state / "snapshots" / "snap_halfway").mkdir()
+    runner = CliRunner()
+    looked = runner.invoke(app, ["gc", "--state-dir", str(state), "--dry-run", "--json"])
+    assert looked.exit_code == 0, looked.output
+    report = json.loads(looked.stdout)
+    assert [e["id"] for e in report["removed"]] == ["snap_halfway"] and report["dry_run"]
+    assert (state / "snapshots" / "snap_halfway").exists()
+    done = runner.invoke(app, ["gc", "--state-dir", str(state), "--budget", "0"])
+    assert done.exit_code == 0, done.output
+    assert "removed snapshot " + snap.id in done.stdout and "removed leftover" in done.stdout
+    assert not (state / "snapshots" / snap.id).exists()
