@@ -73,6 +73,11 @@ class VMConfig:
     scratch_format: str = "raw"
     # The warm template a clone comes from (its directory), for caches built on top of it.
     template: Path | None = None
+    # Restoring a whole migration stream saved from a clone: RAM is anonymous memory under the
+    # template's backend id (``ram``) instead of the template's file mapped privately. The
+    # stream overwrites every page anyway; anonymous RAM leaves its zero pages untouched and
+    # maps no file, which halves a restored VM's PSS (550 -> 275 MiB measured).
+    memory_anonymous: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,9 @@ class Driver(abc.ABC):
             config,
             vm_id=vm_id,
             workdir=config.workdir.parent / f"vm-{vm_id}",
+            memory_file=None,
+            memory_shared=False,
+            memory_anonymous=config.memory_file is not None or config.memory_anonymous,
             scratch=directory / DISK_NAME,
             scratch_format="qcow2",
             scratch_writable=keep_writes,

@@ -96,6 +96,8 @@ def snapshot_args(config: VMConfig, readonly_ram: bool = False) -> list[str]:
     RAM file read-only and still writes its private copy (QEMU 8.2 and later).
     """
     args: list[str] = []
+    if config.memory_anonymous:
+        args += ["-object", f"memory-backend-ram,id=ram,size={config.memory_mb}M"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
         readonly = ",readonly=on,rom=off" if readonly_ram and not config.memory_shared else ""
@@ -131,7 +133,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str, readonly_ram: bool = Fals
     """The full QEMU command line for ``config`` under ``accel`` (``kvm`` or ``tcg``)."""
     paths = QemuPaths(config.workdir)
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
-    if config.memory_file is not None:
+    if config.memory_file is not None or config.memory_anonymous:
         machine += ",memory-backend=ram"
     scratch_mode = "" if config.scratch_writable else ",snapshot=on"
     if accel == "kvm":
@@ -341,8 +343,11 @@ class QemuVM(VirtualMachine):
         return running and refused(exc)
 
     async def _ignore_shared_memory(self) -> None:
-        """RAM in a file is not part of the migration stream (templates and their clones)."""
-        if self.config.memory_file is not None:
+        """RAM in a file is not part of the migration stream (templates and their clones).
+
+        A VM restoring a clone's stream sets it too: both ends must agree on the format.
+        """
+        if self.config.memory_file is not None or self.config.memory_anonymous:
             capability = {"capability": "x-ignore-shared", "state": True}
             await self.qmp("migrate-set-capabilities", capabilities=[capability])
 
