@@ -18,6 +18,7 @@ through ``SandboxManager._create``, so quotas, the memory budget and the audit l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import time
@@ -162,10 +163,12 @@ class SandboxSnapshots:
             name,
         )
         try:
-            await save_running(machine, box.directory, directory)
-            await asyncio.to_thread(self.store.add, record)
-            self._check_quota(record.owner, max_snapshot_mb, record.size_bytes, record.id)
-            await self._fit_budget(record)
+            # pinned until returned: a sandbox deleted meanwhile must not drop it as unused
+            with self.store.pin(snapshot_id):
+                await save_running(machine, box.directory, directory)
+                await asyncio.to_thread(self.store.add, record)
+                self._check_quota(record.owner, max_snapshot_mb, record.size_bytes, record.id)
+                await self._fit_budget(record)
         except BaseException as exc:
             await asyncio.to_thread(self.store.remove, snapshot_id)
             await self._audit(record, f"sandbox.{kind}", outcome_of_error(exc), started)
@@ -303,9 +306,10 @@ class SandboxSnapshots:
         box = self.manager._box(sandbox_id, owner)
         self._check_quota(box.record.owner, max_snapshot_mb, 0)
         name = f"fork of {box.record.id}"
-        async with box.gate.change():
-            snapshot = await self._take(box, name, "fork", max_snapshot_mb)
-        with self.store.pin(snapshot.id):
+        with contextlib.ExitStack() as pinned:
+            async with box.gate.change():
+                snapshot = await self._take(box, name, "fork", max_snapshot_mb)
+                pinned.enter_context(self.store.pin(snapshot.id))  # no await since _take
             results = await asyncio.gather(
                 *(
                     self._start_from(snapshot, box.record.owner, max_sandboxes, None, None)

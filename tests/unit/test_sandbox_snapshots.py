@@ -26,7 +26,7 @@ from fission.errors import (
     SandboxNotRunning,
     SnapshotNotFound,
 )
-from fission.vmm.base import DISK_NAME, STATE_NAME
+from fission.vmm.base import DISK_NAME, STATE_NAME, VMConfig
 from fission.vmm.fake import FakeDriver
 from fission.vmm.jailer import qcow2_backing
 from tests.unit.conftest import ServiceStarter
@@ -341,3 +341,104 @@ async def test_fission_gc_on_a_stopped_daemons_state_dir(
     assert done.exit_code == 0, done.output
     assert "removed snapshot " + snap.id in done.stdout and "removed leftover" in done.stdout
     assert not (state / "snapshots" / snap.id).exists()
+
+
+def test_the_jail_exposes_a_sandboxs_whole_backing_chain(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fission.vmm import jailer
+    from fission.vmm.jail_plan import exposure
+
+    template = tmp_path / "scratch.ext4"
+    template.write_bytes(b"\0" * 4096)
+    snapshot_disk, clone_disk = tmp_path / "snap.qcow2", tmp_path / "clone.qcow2"
+    driver = FakeDriver()
+    driver.layer_disk(template, snapshot_disk)
+    driver.layer_disk(snapshot_disk, clone_disk)
+    config = FakeDriver().restored(
+        replace(_config(tmp_path), scratch=clone_disk), tmp_path, keep_writes=True
+    )
+    config = replace(config, scratch=clone_disk)
+    place = jailer.placement(config)
+    assert (place.backing, place.deeper) == (snapshot_disk, (template,))
+    seen = exposure(config, place.backing, place.deeper)
+    assert {snapshot_disk, template} <= set(seen.read_only) and clone_disk in seen.read_write
+
+
+def _config(tmp_path: Path) -> VMConfig:
+    return VMConfig(
+        vm_id="abc",
+        kernel=tmp_path / "k",
+        initramfs=tmp_path / "i",
+        rootfs=tmp_path / "r",
+        scratch=tmp_path / "s",
+        vcpus=1,
+        memory_mb=256,
+        workdir=tmp_path / "vm-abc",
+    )
+
+
+def test_serve_takes_a_snapshot_budget(tmp_path: Path) -> None:
+    from fission.server.daemon import build_config
+
+    common = {
+        "config_file": None,
+        "pools": [],
+        "memory_budget_mb": 1024,
+        "acquire_timeout": None,
+        "socket": tmp_path / "s.sock",
+        "host": None,
+        "port": None,
+        "state_dir": tmp_path,
+    }
+    assert build_config(**common).service.snapshot_budget_mb is None  # type: ignore[arg-type]
+    made = build_config(**common, snapshot_budget_mb=2048)  # type: ignore[arg-type]
+    assert made.service.snapshot_budget_mb == 2048
+    with pytest.raises(InvalidInput, match="--snapshot-budget"):
+        build_config(**common, snapshot_budget_mb=0)  # type: ignore[arg-type]
+    toml = tmp_path / "fission.toml"
+    toml.write_text("snapshot_budget_mb = 512\n")
+    from_file = build_config(**(common | {"config_file": toml}))  # type: ignore[arg-type]
+    assert from_file.service.snapshot_budget_mb == 512
+
+
+def test_keys_take_a_snapshot_quota(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fission.auth.keys import KeyStore
+    from fission.cli import app
+
+    db = tmp_path / "keys.sqlite3"
+    runner = CliRunner()
+    made = runner.invoke(app, ["keys", "create", "ci", "--max-snapshot-mb", "64", "--db", str(db)])
+    assert made.exit_code == 0, made.output
+    assert KeyStore(db).get("ci").limits.max_snapshot_mb == 64
+    changed = runner.invoke(
+        app, ["keys", "limits", "ci", "--max-snapshot-mb", "128", "--db", str(db)]
+    )
+    assert changed.exit_code == 0 and "128 MB of snapshots" in changed.stdout
+    bad = runner.invoke(app, ["keys", "limits", "ci", "--max-snapshot-mb", "0", "--db", str(db)])
+    assert bad.exit_code != 0 and "--max-snapshot-mb" in bad.output
+
+
+def test_a_key_database_from_before_snapshot_quotas_gets_the_default(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fission.auth.keys import DEFAULT_MAX_SNAPSHOT_MB, KeyStore
+
+    db = tmp_path / "old.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_sha256 TEXT "
+            "NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT, max_concurrent_sandboxes "
+            "INTEGER NOT NULL, rate_per_minute INTEGER NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO api_keys VALUES ('a1', 'old', 'x', '2026-01-01T00:00:00+00:00', NULL, 3, 60)"
+        )
+    with KeyStore(db) as store:
+        key = store.get("old")
+    assert (key.limits.max_concurrent_sandboxes, key.limits.max_snapshot_mb) == (
+        3,
+        DEFAULT_MAX_SNAPSHOT_MB,
+    )
