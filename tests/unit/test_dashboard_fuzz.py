@@ -7,8 +7,8 @@ example is a real request through the app, with its lifespan run by Starlette's 
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -76,9 +76,7 @@ def test_the_sandboxes_json_never_fails_on_bad_filters(dashboard, params) -> Non
 
 @FUZZ
 @given(
-    params=st.dictionaries(
-        st.sampled_from(["since", "key", "action", "outcome", "limit"]), texts
-    )
+    params=st.dictionaries(st.sampled_from(["since", "key", "action", "outcome", "limit"]), texts)
 )
 def test_the_audit_json_never_fails_on_bad_filters(dashboard, params) -> None:
     client, _, _ = dashboard

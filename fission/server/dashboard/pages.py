@@ -119,15 +119,29 @@ async def audit_events(
     dash: Dashboard, since: datetime | None, key: str | None, action: str | None, limit: int
 ) -> list[AuditEvent]:
     """Newest audit events (none when the daemon keeps no audit log)."""
-    audit = dash.service.audit
+    audit = await asyncio.to_thread(dash.audit_reader)
     if audit is None:
         return []
     return await asyncio.to_thread(audit.query, since=since, key=key, action=action, limit=limit)
 
 
 # -- what each page shows --------------------------------------------------------------------
-async def overview_data(dash: Dashboard) -> dict[str, Any]:
-    """Budget, VMs by state, pools, and run statistics of the last half hour."""
+async def overview_data(dash: Dashboard, shared: bool = False) -> dict[str, Any]:
+    """Budget, VMs by state, pools, and run statistics of the last half hour.
+
+    ``shared`` (the live streams): computed at most once per ``LIVE_INTERVAL`` however many
+    pages watch it.
+    """
+    cached = dash.overview_cache
+    if shared and cached is not None and time.monotonic() - cached[0] < LIVE_INTERVAL:
+        return dict(cached[1])
+    data = await compute_overview(dash)
+    dash.overview_cache = (time.monotonic(), data)
+    return data
+
+
+async def compute_overview(dash: Dashboard) -> dict[str, Any]:
+    """The overview's numbers, now."""
     now = datetime.now(UTC)
     status = dash.service.status()
     events = await audit_events(
@@ -374,7 +388,7 @@ async def live_overview(request: Request, session: CurrentSession) -> StreamingR
     dash = dashboard_of(request)
 
     async def render() -> str:
-        return dash.render("_overview.html", request, **await overview_data(dash))
+        return dash.render("_overview.html", request, **await overview_data(dash, shared=True))
 
     return live_response(request, session.id, render)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import weakref
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 from fission import __version__
 from fission.api.run_stream import error_body
+from fission.auth.audit_log import AuditLog
 from fission.auth.keys import ApiKey, KeyStore
 from fission.core.service import Service
 from fission.errors import (
@@ -80,6 +82,24 @@ class Dashboard:
     secure_cookies: bool | None = None
     sessions: SessionStore = field(default_factory=SessionStore)
     templates: jinja2.Environment = field(default_factory=lambda: make_templates())
+
+    _audit_reader: AuditLog | None = field(default=None, repr=False)
+    overview_cache: tuple[float, Any] | None = field(default=None, repr=False)
+
+    def audit_reader(self) -> AuditLog | None:
+        """The dashboard's own connection to the audit log (None when there is no log).
+
+        A run's audit write waits for the lock of the connection it uses; the dashboard reads
+        through another connection (SQLite WAL: readers never block the writer), so an open
+        page adds nothing to a run.
+        """
+        path = self.service.config.audit_db
+        if self.service.audit is None or path is None:
+            return None
+        if self._audit_reader is None:
+            self._audit_reader = AuditLog(path)
+            weakref.finalize(self, self._audit_reader.close)
+        return self._audit_reader
 
     @property
     def local(self) -> bool:
