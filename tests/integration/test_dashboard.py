@@ -184,6 +184,11 @@ def test_the_audit_log_filters(page: Any, daemon: TcpDaemon) -> None:
     page.click("#audit-filters button[type=submit]")
     page.wait_for_selector("#audit tbody tr[data-action='sandbox.create']")
     shot(page, "audit")
+    page.goto(f"{daemon.url}/ui/")
+    page.wait_for_selector("#error-rate")
+    assert re.match(r"[0-9.]+ / [0-9.]+ ms", page.inner_text("#latency"))  # the runs above
+    page.emulate_media(color_scheme="dark")
+    shot(page, "overview-busy-dark")
 
 
 def test_a_user_key_and_no_key_are_refused(browser: Any, daemon: TcpDaemon, user_key: str) -> None:

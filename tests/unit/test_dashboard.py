@@ -147,6 +147,8 @@ async def test_sandboxes_are_listed_filtered_shown_extended_and_deleted(served) 
     assert [row["id"] for row in listed["rows"]] == [ml.id]
     by_owner = (await client.get("/ui/api/sandboxes", params={"owner": "k1"})).json()
     assert by_owner["total"] == 1 and by_owner["rows"][0]["owner"] == "k1"
+    local = (await client.get("/ui/api/sandboxes", params={"owner": "local"})).json()
+    assert [row["id"] for row in local["rows"]] == [web.id]
     ordered = await client.get("/ui/api/sandboxes", params={"sort": "id", "order": "asc"})
     assert [r["id"] for r in ordered.json()["rows"]] == sorted([ml.id, web.id])
     paged = (await client.get("/ui/api/sandboxes", params={"size": 1, "page": 2})).json()

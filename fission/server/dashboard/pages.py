@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from fission.auth.audit_log import AuditEvent
+from fission.auth.audit_log import LOCAL, AuditEvent
 from fission.auth.keys import ApiKey, KeyStore
 from fission.core.sandbox_spec import MAX_PAGE_SIZE, SandboxRecord, SandboxState
 from fission.errors import FissionError, InvalidInput
@@ -106,13 +106,16 @@ def all_sandboxes(dash: Dashboard, query: SandboxQuery | None = None) -> list[Sa
     state = query.state_filter() if query else None
     metadata = query.metadata_filter() if query else {}
     owner = (query.owner or None) if query else None
+    local_only = owner == LOCAL  # the tables show a sandbox without an owner key as `local`
     found: list[SandboxRecord] = []
     cursor = None
     while True:
-        chunk, cursor = manager.list_sandboxes(owner, state, metadata, MAX_PAGE_SIZE, cursor)
+        chunk, cursor = manager.list_sandboxes(
+            None if local_only else owner, state, metadata, MAX_PAGE_SIZE, cursor
+        )
         found.extend(chunk)
         if cursor is None:
-            return found
+            return [r for r in found if r.owner is None] if local_only else found
 
 
 async def audit_events(
@@ -172,7 +175,7 @@ def sandboxes_data(dash: Dashboard, query: SandboxQuery) -> dict[str, Any]:
 
 def sandbox_row(record: SandboxRecord) -> dict[str, Any]:
     """A sandbox as the tables show it."""
-    return record.to_json() | {"owner": record.owner or "local"}
+    return record.to_json() | {"owner": record.owner or LOCAL}
 
 
 async def sandbox_data(dash: Dashboard, sandbox_id: str) -> dict[str, Any]:

@@ -48,7 +48,6 @@ from fission.server.dashboard.sessions import (
     check_csrf,
     check_origin,
 )
-from fission.server.dashboard.views import sparkline
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"
@@ -167,7 +166,6 @@ def make_templates() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.globals["spark"] = sparkline
     env.globals["query_with"] = query_with_page
     return env
 

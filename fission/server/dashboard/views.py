@@ -69,6 +69,7 @@ def run_stats(events: Iterable[AuditEvent], now: datetime) -> dict[str, Any]:
         "error_rate": round(errors / len(every), 4) if every else None,
         "p50_ms": _rounded(percentile(durations, 0.5)),
         "p99_ms": _rounded(percentile(durations, 0.99)),
+        "spark": latency_sparklines(minutes),
         "minutes": [
             {
                 "start": m.start.isoformat(),
@@ -79,6 +80,15 @@ def run_stats(events: Iterable[AuditEvent], now: datetime) -> dict[str, Any]:
             }
             for m in minutes
         ],
+    }
+
+
+def latency_sparklines(minutes: Sequence[MinuteStats]) -> dict[str, str]:
+    """p50 and p99 per minute as SVG polyline points on one scale (p99's highest at the top)."""
+    top = max((m.p99_ms or 0.0 for m in minutes), default=0.0) or None
+    return {
+        "p50": sparkline([m.p50_ms for m in minutes], top),
+        "p99": sparkline([m.p99_ms for m in minutes], top),
     }
 
 
@@ -98,12 +108,18 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def sparkline(values: Sequence[float | None], width: int = 240, height: int = 40) -> str:
-    """SVG polyline points for ``values`` (gaps count as 0), scaled to ``width`` x ``height``."""
+def sparkline(
+    values: Sequence[float | None], top: float | None = None, width: int = 240, height: int = 40
+) -> str:
+    """SVG polyline points for ``values`` (gaps count as 0) in ``width`` x ``height``.
+
+    ``top`` is the value at the top edge (default: the largest), so several lines can share
+    one scale.
+    """
     if not values:
         return ""
     numbers = [v or 0.0 for v in values]
-    top = max(numbers) or 1.0
+    top = top or max(numbers) or 1.0
     step = width / max(1, len(numbers) - 1)
     return " ".join(
         f"{i * step:.1f},{height - (v / top) * (height - 2) - 1:.1f}" for i, v in enumerate(numbers)
