@@ -314,12 +314,13 @@ def secure_cookies_from_env() -> bool | None:
 
 def create_dashboard(service: Service, gate: Gatekeeper) -> FastAPI:
     """The dashboard app over ``service``; mount it at ``/ui``."""
-    from fission.server.dashboard import actions, pages
+    from fission.server.dashboard import actions, live, pages
 
     app = FastAPI(title="fission dashboard", version=__version__, docs_url=None, redoc_url=None)
     app.state.dashboard = Dashboard(service, gate, secure_cookies_from_env())
     install_error_pages(app)
     app.include_router(pages.router)
+    app.include_router(live.router)
     app.include_router(actions.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SecurityHeaders)
