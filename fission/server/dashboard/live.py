@@ -31,7 +31,7 @@ from fission.server.dashboard.data import (
 from fission.server.dashboard.site import CurrentSession, Dashboard, dashboard_of
 
 router = APIRouter()
-LIVE_STREAM_SECONDS = 300.0  # then the browser reconnects (EventSource does it by itself)
+LIVE_STREAM_SECONDS = 10.0  # then the browser reconnects; a daemon stopping waits this long
 KEY_RECHECK_TICKS = 10  # a live stream re-checks its session's key every this many looks
 SandboxId = Annotated[str, Path(max_length=100)]
 
