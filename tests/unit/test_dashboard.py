@@ -183,8 +183,14 @@ async def test_a_run_streams_its_output_as_server_sent_events(served) -> None:
     assert response.headers["content-type"].startswith("text/event-stream")
     assert "event: output" in response.text and '"data": "one\\n"' in response.text
     assert "event: result" in response.text
-    empty = await client.post(url, json={"code": " "}, headers=ORIGIN | {"X-CSRF-Token": csrf})
-    assert empty.status_code == 400
+    empty = await client.post(
+        url,
+        json={"code": " "},
+        headers=ORIGIN | {"X-CSRF-Token": csrf, "Accept": "text/event-stream"},
+    )
+    assert (
+        empty.status_code == 400 and empty.json()["error"]["message"] == "there is no code to run"
+    )
     runs = await client.get(f"/ui/sandboxes/{record.id}")
     assert "sandbox.run" in runs.text
     await service.sandboxes.delete(record.id)

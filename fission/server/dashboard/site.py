@@ -234,12 +234,14 @@ ChangingSession = Annotated[Session, Depends(changing_session)]
 
 
 def wants_json(request: Request) -> bool:
-    """True for the JSON API and the live streams, whose clients are scripts."""
+    """True for the JSON API, the live streams and the run box, whose clients are scripts."""
     path = request.url.path
+    accept = request.headers.get("accept", "")
     return (
         "/api/" in path
         or "/live/" in path
-        or "application/json" in request.headers.get("accept", "")
+        or "application/json" in accept
+        or "text/event-stream" in accept  # the run box shows the error's message
     )
 
 
