@@ -23,6 +23,7 @@ EXTRA_OF: dict[str, str] = {
     "mcp_types": "server",
     "grpc": "server",
     "google": "server",
+    "jinja2": "server",
 }
 
 

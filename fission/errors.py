@@ -18,6 +18,7 @@ sandbox is a result, not an error. Each class carries a short ``code`` slug (for
     │   └── AgentProtocolError        agent_protocol_error (502)
     ├── Busy                          busy (429)
     ├── Unauthorized                  unauthorized (401)
+    ├── Forbidden                     forbidden (403)
     ├── QuotaExceeded                 quota_exceeded (429)
     ├── PathNotAllowed                path_not_allowed (400)
     ├── NotFound                      not_found (404)
@@ -128,6 +129,13 @@ class Unauthorized(FissionError):
     http_status = 401
 
 
+class Forbidden(FissionError):
+    """The caller is known but its role does not allow this (e.g. an admin-only route)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class QuotaExceeded(FissionError):
     """An API key is over one of its own limits (request rate or concurrent sandboxes).
 
@@ -217,6 +225,7 @@ ERRORS_BY_CODE: dict[str, type[FissionError]] = {
         AgentProtocolError,
         Busy,
         Unauthorized,
+        Forbidden,
         QuotaExceeded,
         PathNotAllowed,
         NotFound,

@@ -30,6 +30,11 @@ MAX_SANDBOXES_CAP = 10_000
 RATE_PER_MINUTE_CAP = 1_000_000
 DEFAULT_MAX_SNAPSHOT_MB = 4096  # disk a key's sandbox snapshots and checkpoints may take
 MAX_SNAPSHOT_MB_CAP = 10_000_000
+# What a key may do besides using sandboxes: ``admin`` also operates the service (the
+# dashboard, metrics, other keys); ``user`` runs code and manages its own sandboxes only.
+USER = "user"
+ADMIN = "admin"
+ROLES = (USER, ADMIN)
 
 _ID_BYTES = 6  # 12 hex digits: ids only need to be unique, the secret carries the entropy
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -45,13 +50,15 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at TEXT,
     max_concurrent_sandboxes INTEGER NOT NULL,
     rate_per_minute INTEGER NOT NULL,
+    role TEXT NOT NULL DEFAULT 'user',
     max_snapshot_mb INTEGER NOT NULL DEFAULT 4096
 );
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys (name)
     WHERE revoked_at IS NULL;
 """
 _COLUMNS = (
-    "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute, max_snapshot_mb"
+    "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute, role, "
+    "max_snapshot_mb"
 )
 
 
@@ -91,6 +98,12 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None = None
     limits: KeyLimits = field(default_factory=KeyLimits)
+    role: str = USER
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the key may operate the service (dashboard, metrics, keys)."""
+        return self.role == ADMIN
 
     @property
     def active(self) -> bool:
@@ -107,6 +120,7 @@ class ApiKey:
             "active": self.active,
             "max_concurrent_sandboxes": self.limits.max_concurrent_sandboxes,
             "rate_per_minute": self.limits.rate_per_minute,
+            "role": self.role,
             "max_snapshot_mb": self.limits.max_snapshot_mb,
         }
 
@@ -147,16 +161,43 @@ def _check_name(name: str) -> None:
         )
 
 
+def check_role(role: str) -> str:
+    """``role`` if it is one of ``ROLES``; InvalidInput naming the choices otherwise."""
+    if role not in ROLES:
+        raise InvalidInput(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    return role
+
+
 def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     """An ApiKey from a row of ``_COLUMNS``."""
-    key_id, name, created_at, revoked_at, max_sandboxes, rate, snapshot_mb = row
+    key_id, name, created_at, revoked_at, max_sandboxes, rate, role, snapshot_mb = row
     return ApiKey(
         id=key_id,
         name=name,
         created_at=from_iso(created_at),
         revoked_at=from_iso(revoked_at) if revoked_at else None,
         limits=KeyLimits(max_sandboxes, rate, snapshot_mb),
+        role=role,
     )
+
+
+def _add_role_column(db: Database) -> None:
+    """Give a key table made before roles existed its ``role`` column (every key a user)."""
+    with db.write() as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+        if "role" not in columns:
+            conn.execute("ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user'")
+
+
+def _add_snapshot_quota_column(db: Database) -> None:
+    """Give a key table made before snapshot quotas existed its ``max_snapshot_mb`` column."""
+    with db.write() as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+        if "max_snapshot_mb" not in columns:
+            conn.execute(
+                "ALTER TABLE api_keys ADD COLUMN max_snapshot_mb INTEGER NOT NULL "
+                f"DEFAULT {DEFAULT_MAX_SNAPSHOT_MB}"
+            )
 
 
 class KeyStore:
@@ -167,17 +208,15 @@ class KeyStore:
         self._now = now
         self._db = Database(self.path)
         self._db.ensure_schema(_SCHEMA)
-        with self._db.write() as conn:  # a database made before snapshot quotas existed
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
-            if "max_snapshot_mb" not in columns:
-                conn.execute(
-                    "ALTER TABLE api_keys ADD COLUMN max_snapshot_mb INTEGER NOT NULL "
-                    f"DEFAULT {DEFAULT_MAX_SNAPSHOT_MB}"
-                )
+        _add_role_column(self._db)
+        _add_snapshot_quota_column(self._db)
 
-    def create(self, name: str, limits: KeyLimits | None = None) -> tuple[ApiKey, str]:
+    def create(
+        self, name: str, limits: KeyLimits | None = None, role: str = USER
+    ) -> tuple[ApiKey, str]:
         """Make a key; returns its record and the plaintext key, which is never shown again."""
         _check_name(name)
+        check_role(role)
         limits = limits or KeyLimits()
         secret = secrets.token_urlsafe(32)
         with self._db.write() as conn:
@@ -191,11 +230,11 @@ class KeyStore:
             key_id = secrets.token_hex(_ID_BYTES)
             while conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone():
                 key_id = secrets.token_hex(_ID_BYTES)
-            record = ApiKey(key_id, name, self._now(), None, limits)
+            record = ApiKey(key_id, name, self._now(), None, limits, role)
             conn.execute(
                 "INSERT INTO api_keys (id, name, secret_sha256, created_at, revoked_at,"
-                " max_concurrent_sandboxes, rate_per_minute, max_snapshot_mb)"
-                " VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                " max_concurrent_sandboxes, rate_per_minute, role, max_snapshot_mb)"
+                " VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
                 (
                     key_id,
                     name,
@@ -203,6 +242,7 @@ class KeyStore:
                     to_iso(record.created_at),
                     limits.max_concurrent_sandboxes,
                     limits.rate_per_minute,
+                    role,
                     limits.max_snapshot_mb,
                 ),
             )
@@ -261,6 +301,16 @@ class KeyStore:
                     key.id,
                 ),
             )
+        return self.get(key.id)
+
+    def set_role(self, id_or_name: str, role: str) -> ApiKey:
+        """Change an active key's role; it applies from its next request."""
+        check_role(role)
+        key = self.get(id_or_name)
+        if not key.active:
+            raise InvalidInput(f"API key {key.id} ({key.name}) is revoked: create a new one")
+        with self._db.write() as conn:
+            conn.execute("UPDATE api_keys SET role = ? WHERE id = ?", (role, key.id))
         return self.get(key.id)
 
     def authenticate(self, plaintext: str | None) -> ApiKey:

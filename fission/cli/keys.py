@@ -1,4 +1,4 @@
-"""`fission keys create|list|revoke|limits`: manage the API keys TCP clients must present."""
+"""`fission keys create|list|revoke|limits|role`: manage the API keys TCP clients must present."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ MaxSnapshotMbOption = Annotated[
         help="Disk the key's snapshots and checkpoints may take (MB, default 4096).",
     ),
 ]
+RoleOption = Annotated[
+    str,
+    typer.Option(
+        "--role",
+        help="user: runs code and manages its own sandboxes; admin: also operates the service "
+        "(dashboard, metrics, keys).",
+    ),
+]
 
 
 def db_path(db: Path | None) -> Path:
@@ -71,8 +79,8 @@ def open_existing(db: Path | None) -> KeyStore:
 def describe(key: ApiKey) -> str:
     """``id (name)`` and the key's limits, for one-line messages."""
     return (
-        f"{key.id} ({key.name}): up to {key.limits.max_concurrent_sandboxes} sandboxes at once, "
-        f"{key.limits.rate_per_minute} requests a minute, "
+        f"{key.id} ({key.name}, {key.role}): up to {key.limits.max_concurrent_sandboxes} "
+        f"sandboxes at once, {key.limits.rate_per_minute} requests a minute, "
         f"{key.limits.max_snapshot_mb} MB of snapshots"
     )
 
@@ -137,6 +145,7 @@ def create_command(
     max_sandboxes: MaxSandboxesOption = None,
     rate_per_minute: RatePerMinuteOption = None,
     max_snapshot_mb: MaxSnapshotMbOption = None,
+    role: RoleOption = "user",
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -145,11 +154,11 @@ def create_command(
 
     path = db_path(db)
     try:
-        with audited(path, "keys.create", {"name": name}) as detail:
+        with audited(path, "keys.create", {"name": name, "role": role}) as detail:
             limits = with_limits(KeyLimits(), max_sandboxes, rate_per_minute, max_snapshot_mb)
             detail["limits"] = dataclasses.asdict(limits)
             with KeyStore(path) as store:
-                record, plaintext = store.create(name, limits)
+                record, plaintext = store.create(name, limits, role)
             detail["key"] = record.id
     except FissionError as exc:
         abort(exc)
@@ -190,22 +199,23 @@ def list_command(
         typer.echo(f"No API keys in {path}: create one with `fission keys create NAME`.", err=True)
         return
     table = Table(title=f"API keys in {path}")
-    columns = (
+    for column in (
         "id",
         "name",
+        "role",
         "status",
         "max sandboxes",
         "rate / min",
         "snapshots MB",
         "created (UTC)",
-    )
-    for column in columns:
+    ):
         table.add_column(column)
     for key in keys:
         status = "active" if key.revoked_at is None else f"revoked {key.revoked_at:%Y-%m-%d %H:%M}"
         table.add_row(
             key.id,
             key.name,
+            key.role,
             status,
             str(key.limits.max_concurrent_sandboxes),
             str(key.limits.rate_per_minute),
@@ -268,3 +278,21 @@ def limits_command(
     except FissionError as exc:
         abort(exc)
     typer.echo(f"API key {describe(key)}.")
+
+
+@app.command("role")
+def role_command(
+    id_or_name: Annotated[str, typer.Argument(help="The key's id or name.")],
+    role: Annotated[str | None, typer.Argument(help="The new role: user or admin.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Show a key's role, or change it (from its next request)."""
+    try:
+        with open_existing(db) as store:
+            key = store.get(id_or_name)
+            if role is not None:
+                with audited(store.path, "keys.role", {"key": key.id, "role": role}):
+                    key = store.set_role(key.id, role)
+    except FissionError as exc:
+        abort(exc)
+    typer.echo(f"API key {key.id} ({key.name}) has the role {key.role}.")

@@ -32,6 +32,7 @@ from fission.core.spec import RunResult
 from fission.core.transfers import check_transfers
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
 from fission.server.auth import Gatekeeper, Who
+from fission.server.dashboard import create_dashboard
 from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.snapshots_api import snapshot_router
@@ -167,4 +168,5 @@ def create_app(
 
     app.include_router(sandbox_router(service.sandboxes))
     app.include_router(snapshot_router(service.sandboxes))
+    app.mount("/ui", create_dashboard(service, gate))  # the operator's pages: docs/dashboard.md
     return app

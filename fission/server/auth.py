@@ -17,6 +17,7 @@ from fastapi import Depends, Header, Request
 
 from fission.auth.keys import ApiKey, KeyStore, key_from_authorization
 from fission.auth.quotas import RateLimiter
+from fission.errors import Forbidden
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class Caller:
     def owner(self) -> str | None:
         """The owner id of sandboxes this caller creates and may see (None: every sandbox)."""
         return self.key.id if self.key is not None else None
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the caller may operate the service: an admin key, or the local socket."""
+        return self.key is None or self.key.is_admin
 
     @property
     def max_sandboxes(self) -> int | None:
@@ -77,3 +83,16 @@ async def current_caller(
 
 
 Who = Annotated[Caller, Depends(current_caller)]
+
+
+async def admin_caller(caller: Who) -> Caller:
+    """FastAPI dependency: the caller, if it may operate the service; Forbidden otherwise."""
+    if not caller.is_admin:
+        raise Forbidden(
+            f"API key {caller.owner} has the role {caller.key.role if caller.key else '?'}: "
+            "this needs an admin key (`fission keys role KEY admin`)"
+        )
+    return caller
+
+
+Admin = Annotated[Caller, Depends(admin_caller)]

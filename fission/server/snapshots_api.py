@@ -1,7 +1,7 @@
 """HTTP routes of sandbox snapshots: take, fork, rewind, list, get, delete, gc.
 
 A thin adapter over ``SandboxManager.snapshots`` (``core/sandbox_snapshots``). Another key's
-sandbox or snapshot answers 404 like one that does not exist.
+sandbox or snapshot answers 404 like one that does not exist; ``/v1/gc`` is an admin route.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from fission.core.sandboxes import SandboxManager
-from fission.errors import Unauthorized
-from fission.server.auth import Who
+from fission.server.auth import Admin, Who
 from fission.server.models import ForkBody, GcBody, RewindBody, SnapshotBody
 
 
@@ -57,10 +56,9 @@ def snapshot_router(manager: SandboxManager) -> APIRouter:
         await snapshots.delete(snapshot_id, who.owner)
         return Response(status_code=204)
 
-    @router.post("/v1/gc", summary="Reclaim snapshot space (local socket only)")
-    async def gc(body: GcBody, who: Who) -> dict[str, Any]:
-        if who.key is not None:  # the whole daemon's storage: the operator's, not a key's
-            raise Unauthorized("gc is for the daemon's operator: use the local socket")
+    @router.post("/v1/gc", summary="Reclaim snapshot space (admin keys and the local socket)")
+    async def gc(body: GcBody, who: Admin) -> dict[str, Any]:
+        # the whole daemon's storage, everyone's snapshots: the operator's call, not a user's
         return await snapshots.gc(body.dry_run, body.budget_mb)
 
     return router

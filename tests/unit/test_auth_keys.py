@@ -81,6 +81,7 @@ def test_to_json(store: KeyStore) -> None:
         "active": True,
         "max_concurrent_sandboxes": 10,
         "rate_per_minute": 600,
+        "role": "user",
         "max_snapshot_mb": 4096,
     }
     assert body["created_at"].endswith("+00:00")
@@ -394,3 +395,52 @@ def test_unauthorized_crosses_the_wire() -> None:
     error = error_from_body(error_body(Unauthorized("no key")))
     assert type(error) is Unauthorized
     assert (error.message, error.http_status) == ("no key", 401)
+
+
+def test_keys_are_users_unless_made_admins(store: KeyStore) -> None:
+    user, user_key = store.create("ci")
+    admin, admin_key = store.create("ops", role="admin")
+    assert (user.role, user.is_admin) == ("user", False)
+    assert store.authenticate(admin_key).is_admin
+    assert not store.authenticate(user_key).is_admin
+    assert store.set_role("ci", "admin").is_admin
+    assert store.authenticate(user_key).is_admin  # from its next request on
+    assert not store.set_role(admin.id, "user").is_admin
+
+
+def test_an_unknown_role_is_refused_with_the_choices(store: KeyStore) -> None:
+    with pytest.raises(InvalidInput, match="use one of user, admin"):
+        store.create("ci", role="root")
+    store.create("ci")
+    with pytest.raises(InvalidInput, match="unknown role 'owner'"):
+        store.set_role("ci", "owner")
+    assert store.get("ci").role == "user"
+
+
+def test_a_revoked_key_cannot_be_given_a_role(store: KeyStore) -> None:
+    store.create("ci")
+    store.revoke("ci")
+    with pytest.raises(InvalidInput, match="revoked"):
+        store.set_role("ci", "admin")
+
+
+def test_a_database_from_before_roles_gets_the_column(db: Path) -> None:
+    """Keys made before roles existed stay valid, as users."""
+    import sqlite3
+
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL,"
+            " secret_sha256 TEXT NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT,"
+            " max_concurrent_sandboxes INTEGER NOT NULL, rate_per_minute INTEGER NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO api_keys VALUES ('0123456789ab', 'old', ?, ?, NULL, 2, 60)",
+            (hash_secret("0123456789ab", "s" * 43), "2026-01-01T00:00:00.000000+00:00"),
+        )
+    store = KeyStore(db)
+    key = store.authenticate("fsk_0123456789ab_" + "s" * 43)
+    assert (key.name, key.role, key.limits.max_concurrent_sandboxes) == ("old", "user", 2)
+    store.close()
+    KeyStore(db).close()  # a second open finds the column there and changes nothing

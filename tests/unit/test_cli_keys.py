@@ -299,3 +299,26 @@ def test_since_from() -> None:
     assert since_from(None, "1h", now) == datetime(2024, 5, 1, 11, tzinfo=UTC)
     with pytest.raises(InvalidInput, match="too long ago"):
         since_from(None, "999999w", now)
+
+
+def test_create_an_admin_and_change_roles(db: Path) -> None:
+    plaintext = create(db, "ops", "--role", "admin")
+    assert KeyStore(db).authenticate(plaintext).is_admin
+    create(db, "ci")
+    shown = cli("keys", "role", "ci", "--db", str(db))
+    assert shown.exit_code == 0 and "has the role user" in shown.stdout
+    changed = cli("keys", "role", "ci", "admin", "--db", str(db))
+    assert changed.exit_code == 0 and "has the role admin" in changed.stdout
+    listing = json.loads(cli("keys", "list", "--db", str(db), "--json").stdout)
+    assert {key["name"]: key["role"] for key in listing} == {"ops": "admin", "ci": "admin"}
+    actions = [event.action for event in AuditLog(db).query()]
+    assert "keys.role" in actions
+
+
+def test_a_bad_role_is_refused_and_changes_nothing(db: Path) -> None:
+    bad = cli("keys", "create", "ci", "--db", str(db), "--role", "root")
+    assert bad.exit_code != 0 and "use one of user, admin" in bad.stderr
+    create(db, "ci")
+    refused = cli("keys", "role", "ci", "owner", "--db", str(db))
+    assert refused.exit_code != 0 and "unknown role" in refused.stderr
+    assert KeyStore(db).get("ci").role == "user"

@@ -217,7 +217,9 @@ def test_run_events() -> None:
     out = gm.output_event("stderr", b"\xff oops")
     assert out.WhichOneof("event") == "output"
     assert (out.output.stream, out.output.data) == (pb.STREAM_STDERR, b"\xff oops")
-    result = RunResult(124, b"x", b"", True, False, True, 9, 10.5, 1.0, 12.0, checkpoint_id="snap_1")
+    result = RunResult(
+        124, b"x", b"", True, False, True, 9, 10.5, 1.0, 12.0, checkpoint_id="snap_1"
+    )
     message = gm.result_event(result).result
     body = result.to_json()
     del body["stdout"], body["stderr"]
