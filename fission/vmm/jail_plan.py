@@ -9,7 +9,8 @@ Like Firecracker's jailer, every QEMU process gets, on top of QEMU's own seccomp
   escaped its mount namespace still could not open another VM's directory (sockets, disk
   overlay, logs: each owned by that VM's uid, mode 0700) nor signal or trace its process;
 * new **mount, pid, ipc, uts, network and cgroup namespaces** (bubblewrap, a well-kept tool,
-  does the unsharing and the ``pivot_root``), with ``--die-with-parent`` and a new session;
+  does the unsharing and the ``pivot_root``), with ``--die-with-parent`` (except a sandbox's
+  detached VM, which outlives its daemon) and a new session;
 * a **minimal root**: a read-only tmpfs holding ``/usr`` (and the merged-/usr links), the
   loader cache, a fresh ``/dev`` (null, zero, urandom, ...; ``/dev/kvm`` only under KVM) and
   ``/proc``, plus only this VM's files, at the same paths as on the host so the QEMU command
@@ -327,8 +328,11 @@ def plan_vm(
     )
 
 
-def jail_argv(plan: JailPlan, facts: HostFacts, argv: list[str]) -> list[str]:
-    """``argv`` (a QEMU command line) wrapped in bubblewrap and setpriv per ``plan``."""
+def jail_argv(
+    plan: JailPlan, facts: HostFacts, argv: list[str], die_with_parent: bool = True
+) -> list[str]:
+    """``argv`` (a QEMU command line) wrapped in bubblewrap and setpriv per ``plan``; without
+    ``die_with_parent`` (a detached sandbox VM) it outlives the process that started it."""
     if not facts.bwrap or not facts.setpriv:
         raise NotReady("the jail needs bwrap and setpriv: " + "; ".join(facts.problems()))
     args = [
@@ -340,7 +344,7 @@ def jail_argv(plan: JailPlan, facts: HostFacts, argv: list[str]) -> list[str]:
         "--unshare-cgroup-try",
         "--hostname",
         HOSTNAME,
-        "--die-with-parent",
+        *(["--die-with-parent"] if die_with_parent else []),
         "--new-session",
         "--clearenv",
     ]

@@ -20,6 +20,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fission.errors import Busy, VMStartFailed
 from fission.vmm import cgroups, jail_plan
@@ -273,9 +274,21 @@ class Jail:
                 f"VMM runs as an unprivileged uid: chmod o+r {path}, or FISSION_JAIL=off"
             )
 
-    def wrap(self, argv: list[str]) -> list[str]:
+    def wrap(self, argv: list[str], die_with_parent: bool = True) -> list[str]:
         """The jailed command line for QEMU's ``argv``."""
-        return jail_plan.jail_argv(self.plan, self.facts, argv)
+        return jail_plan.jail_argv(self.plan, self.facts, argv, die_with_parent)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a later process needs to release this jail (``AdoptedJail``), as JSON."""
+        return {
+            "vm_id": self.plan.vm_id,
+            "uid": self.plan.uid,
+            "cgroup_dirs": [str(d) for d in self.cgroup_dirs],
+            "lent": [
+                [str(path), before.st_mode, before.st_uid, before.st_gid]
+                for path, before in self.lent
+            ],
+        }
 
     def join_cgroups(self) -> None:
         """In the child before exec: enter the VM's cgroups (so no instant runs outside them)."""
@@ -336,6 +349,50 @@ class Jail:
         except WaitTimeout:
             return False
         return True
+
+
+@dataclass
+class AdoptedJail:
+    """The jail of a detached VMM another process started; ``release`` undoes it.
+
+    Its uid slot's lock is held by the VMM itself (it inherited the descriptor), so the slot
+    frees itself when the VMM is gone; nothing here holds it.
+    """
+
+    vm_id: str
+    uid: int
+    cgroup_dirs: list[Path]
+    lent: list[tuple[Path, os.stat_result]]
+    released: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdoptedJail:
+        """The jail ``Jail.to_json`` described."""
+        lent = [
+            (Path(path), os.stat_result((mode, 0, 0, 0, uid, gid, 0, 0, 0, 0)))
+            for path, mode, uid, gid in data.get("lent", [])
+        ]
+        dirs = [Path(d) for d in data.get("cgroup_dirs", [])]
+        return cls(str(data["vm_id"]), int(data["uid"]), dirs, lent)
+
+    def vmm_pid(self) -> int | None:
+        """The QEMU process: the one in its cgroup running as this VM's uid."""
+        for pid in cgroups.pids(self.cgroup_dirs[0]) if self.cgroup_dirs else []:
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}").st_uid == self.uid:
+                    return pid
+        return None
+
+    def release(self) -> None:
+        """Kill what is left in its cgroups, remove them, give back lent files (once)."""
+        if self.released:
+            return
+        self.released = True
+        gone = all([cgroups.remove(directory) for directory in self.cgroup_dirs])
+        for path, before in reversed(self.lent):
+            give_back(path, before)
+        if not gone:
+            log.warning("VM %s left processes behind in its cgroups", self.vm_id)
 
 
 def give_back(path: Path, before: os.stat_result) -> None:
