@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fission.core.sandbox_spec import SandboxRecord, SandboxState, spec_from_json, spec_to_json
+from fission.vmm.base import VirtualMachine, VMConfig, config_from_json, config_to_json
+
 CATALOG_NAME = "catalog.db"
 BUSY_TIMEOUT_MS = 5000
 SCHEMA = """
@@ -139,3 +142,50 @@ class Catalog:
         """Close the database (safe twice)."""
         with self._lock:
             self._db.close()
+
+
+def entry_for(
+    record: SandboxRecord,
+    directory: Path,
+    reserved_mb: int,
+    config: VMConfig | None,
+    vm: VirtualMachine | None,
+) -> CatalogEntry:
+    """The catalog row of a sandbox; with ``vm`` (it runs), how to re-attach to that VM."""
+    attachment = vm.attachment() if vm is not None else None
+    return CatalogEntry(
+        id=record.id,
+        owner=record.owner,
+        spec=spec_to_json(record.spec),
+        state=record.state.value,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        directory=str(directory),
+        reserved_mb=reserved_mb,
+        metadata=dict(record.spec.metadata),
+        vm_id=config.vm_id if config is not None else None,
+        workdir=str(config.workdir) if config is not None else None,
+        vmm_pid=attachment.get("pid") if attachment else None,
+        vmm_start_time=attachment.get("start_time") if attachment else None,
+        vm_config=config_to_json(config) if config is not None else None,
+        attachment=attachment,
+        lost_reason=record.lost_reason,
+    )
+
+
+def record_of(entry: CatalogEntry) -> SandboxRecord:
+    """The sandbox record a catalog row describes (InvalidInput if its spec no longer fits)."""
+    return SandboxRecord(
+        id=entry.id,
+        spec=spec_from_json(entry.spec),
+        owner=entry.owner,
+        created_at=entry.created_at,
+        expires_at=entry.expires_at,
+        state=SandboxState(entry.state),
+        lost_reason=entry.lost_reason,
+    )
+
+
+def config_of(entry: CatalogEntry) -> VMConfig | None:
+    """The VM config a catalog row keeps, if any."""
+    return config_from_json(entry.vm_config) if entry.vm_config is not None else None
