@@ -41,6 +41,7 @@ class SandboxCore:
         metadata: Mapping[str, str] | None = None,
         network: str | Mapping[str, Any] = "none",
         allow_hosts: Sequence[str] | None = None,
+        on_timeout: str = "delete",
         url: str | None = None,
         api_key: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -51,7 +52,8 @@ class SandboxCore:
         seconds per run or command. ``memory_mb``, ``cpus``, ``disk_mb``: its VM's size.
         ``env``: variables every run sees. ``metadata``: labels to find it by (``list``).
         ``network``: ``"none"`` (no network) or a policy object; ``allow_hosts``: ``HOST[:PORT]``
-        entries the sandbox may reach through the host's egress proxy. ``url``: the daemon,
+        entries the sandbox may reach through the host's egress proxy. ``on_timeout``: what the
+        end of its ttl does, ``"delete"`` it or ``"pause"`` it. ``url``: the daemon,
         ``http://HOST:PORT`` or ``unix:/PATH`` (default: ``FISSION_URL``, else the local socket).
         ``api_key``: sent as a bearer token (default: ``FISSION_API_KEY``).
         ``request_timeout``: seconds one HTTP call may wait.
@@ -68,6 +70,7 @@ class SandboxCore:
             metadata=metadata,
             network=network,
             allow_hosts=allow_hosts,
+            on_timeout=on_timeout,
         )
 
     def _attach(self, conn: Connection, sandbox_id: str | None) -> None:

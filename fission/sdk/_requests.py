@@ -172,6 +172,7 @@ def create_sandbox(
     metadata: Mapping[str, str] | None,
     network: str | Mapping[str, Any],
     allow_hosts: Sequence[str] | None = None,
+    on_timeout: str = "delete",
 ) -> Call:
     """Create a sandbox."""
     body = {
@@ -185,6 +186,8 @@ def create_sandbox(
         "metadata": dict(metadata or {}),
         "network": network_body(network, allow_hosts),
     }
+    if on_timeout != "delete":  # the daemon's default; older daemons know no other
+        body["on_timeout"] = on_timeout
     return Call("POST", "/v1/sandboxes", json=body)
 
 
@@ -376,6 +379,8 @@ def parse_sandbox(body: Any) -> SandboxInfo:
             disk_mb=int(limits.get("disk_mb", 512)),
             metadata={str(k): str(v) for k, v in (body.get("metadata") or {}).items()},
             network=str(body.get("network", "none")),
+            on_timeout=str(body.get("on_timeout", "delete")),
+            lost_reason=str(body.get("lost_reason") or ""),
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise FissionError(f"the daemon sent a sandbox the SDK cannot read: {exc!r}") from exc
