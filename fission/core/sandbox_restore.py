@@ -18,7 +18,7 @@ from fission.core.catalog import CatalogEntry, config_of, record_of
 from fission.core.sandbox_spec import SandboxState
 from fission.core.sandboxes import ManagedSandbox, SandboxManager
 from fission.errors import FissionError
-from fission.vmm.base import DISK_NAME, STATE_NAME
+from fission.vmm.base import DISK_NAME, STATE_NAME, VMEnded
 
 log = logging.getLogger("fission.sandboxes")
 # A quota slot taken back for a restored sandbox counts whatever the key's limit is now.
@@ -66,11 +66,13 @@ async def _reattach(
     None when it runs."""
     if box.config is None or entry.attachment is None:
         return "the catalog does not say how to reach its VM"
+    pid = entry.vmm_pid if entry.vmm_pid is not None else "?"
     try:
         machine = await manager.driver.attach(box.config, entry.attachment)
+    except VMEnded:
+        return f"its VM (pid {pid}) ended while no daemon managed it"
     except (FissionError, OSError) as exc:
-        pid = entry.vmm_pid if entry.vmm_pid is not None else "?"
-        return f"its VM (pid {pid}) ended while no daemon managed it ({exc})"
+        return f"its VM (pid {pid}) could not be re-attached (it was ended): {exc}"
     box.machine = machine
     if not manager.budget.reserve(box.reserved_mb):
         # Already running: refusing it would not give the memory back. Count it anyway.

@@ -104,6 +104,10 @@ def config_from_json(data: dict[str, Any]) -> VMConfig:
     return VMConfig(**values)
 
 
+class VMEnded(VMError):
+    """The VM to re-attach to has ended (its process is gone)."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a driver can do on this host."""
@@ -292,7 +296,7 @@ class Driver(abc.ABC):
         agent: AgentClient | None = None
         try:
             if not vm.running():
-                raise VMError(f"its VM (pid {attachment.get('pid')}) ended")
+                raise VMEnded(f"VM {config.vm_id} (pid {attachment.get('pid')}) has ended")
             deadline = boot_timeout()
             try:
                 async with asyncio.timeout(deadline):

@@ -375,6 +375,15 @@ class AdoptedJail:
         dirs = [Path(d) for d in data.get("cgroup_dirs", [])]
         return cls(str(data["vm_id"]), int(data["uid"]), dirs, lent)
 
+    def to_json(self) -> dict[str, Any]:
+        """The same facts ``Jail.to_json`` gave, for the next process to re-attach."""
+        return {
+            "vm_id": self.vm_id,
+            "uid": self.uid,
+            "cgroup_dirs": [str(d) for d in self.cgroup_dirs],
+            "lent": [[str(p), b.st_mode, b.st_uid, b.st_gid] for p, b in self.lent],
+        }
+
     def vmm_pid(self) -> int | None:
         """The QEMU process: the one in its cgroup running as this VM's uid."""
         for pid in cgroups.pids(self.cgroup_dirs[0]) if self.cgroup_dirs else []:

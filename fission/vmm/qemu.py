@@ -282,7 +282,7 @@ class QemuVM(VirtualMachine):
             "pid": pid,
             "start_time": process_start_time(pid) if pid else None,
         }
-        if isinstance(self._jail, jailer.Jail):
+        if self._jail is not None:  # kept across restarts: destroy needs its cgroups
             facts["jail"] = self._jail.to_json()
         return facts
 
