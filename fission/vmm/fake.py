@@ -241,6 +241,8 @@ class FakeDriver(Driver):
         for vm in self.live:
             if vm.config.vm_id == config.vm_id and vm.running():
                 vm.reconnect()
+                if vm.guest is not None and vm.guest.paused:  # stopped for idleness
+                    vm.guest.resume()
                 return vm
         return await self.create(config)
 

@@ -137,15 +137,22 @@ class SlotLease:
 
     @classmethod
     def acquire(cls, directory: Path = SLOT_DIR, slots: int = jail_plan.JAIL_SLOTS) -> SlotLease:
-        """Take a free slot (starting at a random one); Busy when all are taken."""
+        """Take a free slot (starting at a random one); Busy when all are taken.
+
+        The lock is opened read-only: a detached VMM inherits it (it holds its slot after its
+        daemon exits) and must not be able to write the file. A VMM could still unlock it, so
+        a slot whose uid still runs a process is skipped as well."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         start = secrets.randbelow(slots)
         for index in range(slots):
             slot = (start + index) % slots
-            fd = os.open(directory / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(directory / f"{slot}.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
+                continue
+            if uid_runs(jail_plan.JAIL_ID_BASE + slot):
                 os.close(fd)
                 continue
             return cls(slot, fd)
@@ -156,6 +163,16 @@ class SlotLease:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+
+
+def uid_runs(uid: int) -> bool:
+    """Whether any process runs as ``uid`` (a scan of /proc)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    return True
+    return False
 
 
 def open_template_ram(memory: Path, readonly: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fission.sdk import Sandbox
-from fission.vmm import cgroups
+from fission.vmm import cgroups, jailer
 from tests.integration.conftest import FISSION, vmm_processes
 
 SANDBOXES = 5
@@ -98,6 +99,20 @@ def keeper_processes(state: Path) -> list[int]:
     return found
 
 
+def holds_slot_lock(vm_id: str | None) -> bool:
+    """Whether a process of VM ``vm_id`` (in its jail cgroup) holds a uid slot lock open."""
+    if not jailer.decision().enabled:
+        return True  # unjailed VMs have no uid slot
+    groups = [p for p in cgroups.vm_cgroups(cgroups.detect_layout()) if p.name == f"vm-{vm_id}"]
+    for pid in cgroups.pids(groups[0]) if groups else []:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(str(jailer.SLOT_DIR)) and target.endswith(".lock"):
+                    return True
+    return False
+
+
 def assert_nothing_left(daemon: DurableDaemon, vm_ids: set[str]) -> None:
     """No VMM process, VM or sandbox directory, jail cgroup or keeper of ``daemon`` remains."""
     deadline = time.monotonic() + 20
@@ -126,6 +141,7 @@ def daemon() -> Iterator[DurableDaemon]:
         with contextlib.suppress(Exception):  # a failed test may have left VMs: end them
             for pid in vmm_processes(daemon.state):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(daemon.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +174,9 @@ def test_a_sigkilled_daemon_takes_its_sandboxes_back(
 ) -> None:
     catalog = daemon.catalog()
     daemon.stop(signal.SIGKILL)
+    # Each running sandbox's VM still holds its jail's uid slot (the daemon's lock died with it).
+    running = [vm_id for state, _, vm_id in catalog.values() if state == "running"]
+    assert len(running) == 3 and all(holds_slot_lock(vm_id) for vm_id in running)
     _, pid, _ = catalog[boxes[KILLED]]
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # its VM ends while no daemon manages it

@@ -29,7 +29,8 @@ from fission.core.sandbox_spec import (
 )
 from fission.core.sandboxes import vm_memory_mb
 from fission.core.service import Service
-from fission.errors import InvalidInput, SandboxNotRunning
+from fission.errors import Busy, InvalidInput, SandboxNotRunning
+from fission.vmm import jailer
 from fission.vmm.base import VMConfig, config_from_json, config_to_json
 from fission.vmm.fake import FakeDriver
 from fission.vmm.processes import process_start_time
@@ -300,3 +301,29 @@ async def test_a_reattached_sandbox_keeps_running_new_requests(
         *(second.sandboxes.exec_command(record.id, f"echo {n}") for n in range(5))
     )
     assert sorted(r.stdout for r in results) == [f"{n}\n".encode() for n in range(5)]
+
+
+def test_a_slot_whose_uid_still_runs_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A detached VMM holds its slot's lock itself, but could unlock it: its uid is checked too.
+    busy = jailer.jail_plan.JAIL_ID_BASE
+    monkeypatch.setattr(jailer, "uid_runs", lambda uid: uid == busy)
+    lease = jailer.SlotLease.acquire(tmp_path, slots=2)
+    assert lease.slot == 1
+    with pytest.raises(Busy):
+        jailer.SlotLease.acquire(tmp_path, slots=2)
+    lease.release()
+
+
+async def test_an_idle_stopped_sandbox_is_woken_at_re_attach(
+    start_service: ServiceStarter, fake_driver: FakeDriver, tmp_path: Path
+) -> None:
+    first = await durable(start_service, tmp_path / "state")
+    record = await first.sandboxes.create(BASH)
+    (vm,) = fake_driver.live
+    await vm.pause()  # as an idle sandbox's vCPUs are stopped
+    await first.close()
+    second = await durable(start_service, tmp_path / "state", on_stop="delete")
+    ran = await second.sandboxes.exec_command(record.id, "echo awake")
+    assert ran.stdout == b"awake\n"
