@@ -87,29 +87,17 @@ def no_leftovers(runtime_dir: Path) -> Iterator[None]:
     """After each test: no VMM process, socket, disk overlay or VM directory of this session."""
     yield
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and (
-        vmm_processes(runtime_dir) or any(runtime_dir.iterdir())
-    ):
+    while time.monotonic() < deadline and (vmm_processes(runtime_dir) or any(runtime_dir.iterdir())):
         time.sleep(0.1)
     assert vmm_processes(runtime_dir) == [], "a VMM process outlived its run"
     assert sorted(p.name for p in runtime_dir.iterdir()) == [], "a VM left files behind"
 
 
-def fission_cli(
-    *args: str,
-    env: dict[str, str] | None = None,
-    stdin: bytes | None = None,
-    timeout: float = 180.0,
-) -> subprocess.CompletedProcess[bytes]:
+def fission_cli(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None,
+                timeout: float = 180.0) -> subprocess.CompletedProcess[bytes]:
     """Run the installed ``fission`` command with the session's environment plus ``env``."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run(
-        [FISSION, *args],
-        input=stdin,
-        capture_output=True,
-        env=full_env,
-        timeout=timeout,
-        check=False,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
+    return subprocess.run([FISSION, *args], input=stdin, capture_output=True, env=full_env,
+                          timeout=timeout, check=False,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)

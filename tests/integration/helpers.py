@@ -11,15 +11,9 @@ from fission.core.service import embedded_service
 from fission.core.spec import RunResult, RunSpec
 
 
-async def run_code(
-    language: str,
-    code: str,
-    *,
-    env: dict[str, str] | None = None,
-    stdin: bytes | None = None,
-    events: list[tuple[float, str, bytes]] | None = None,
-    **limits: float,
-) -> RunResult:
+async def run_code(language: str, code: str, *, env: dict[str, str] | None = None,
+                   stdin: bytes | None = None, events: list[tuple[float, str, bytes]] | None = None,
+                   **limits: float) -> RunResult:
     """Run ``code`` in a fresh VM; record (time, stream, chunk) in ``events`` if given."""
 
     def sink(stream: str, data: bytes) -> None:

@@ -38,37 +38,19 @@ class TcpDaemon:
         """A new API key (``fission keys create``), e.g. with ``--max-sandboxes 1``."""
         out = subprocess.run(
             [FISSION, "keys", "create", name, "--db", str(self.db), *options],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
+            capture_output=True, text=True, timeout=60, check=True,
         )
         return out.stdout.strip().splitlines()[0]
 
     def revoke_key(self, name: str) -> None:
         """Revoke a key by name."""
-        subprocess.run(
-            [FISSION, "keys", "revoke", name, "--db", str(self.db)],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
+        subprocess.run([FISSION, "keys", "revoke", name, "--db", str(self.db)],
+                       capture_output=True, timeout=60, check=True)
 
     def start(self) -> None:
         """Start and wait until it answers /v1/health."""
-        argv = [
-            FISSION,
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--state-dir",
-            str(self.state),
-            "--db",
-            str(self.db),
-            *self.args,
-        ]
+        argv = [FISSION, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--state-dir", str(self.state), "--db", str(self.db), *self.args]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + 120

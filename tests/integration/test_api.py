@@ -106,38 +106,26 @@ def test_sandbox_lifecycle(api: httpx.Client, daemon: TcpDaemon) -> None:
         assert api.get(f"/v1/sandboxes/{sid}").json()["id"] == sid
         listed = api.get("/v1/sandboxes", params={"metadata": "suite:api"}).json()
         assert [s["id"] for s in listed["sandboxes"]] == [sid]
-        assert (
-            api.get("/v1/sandboxes", params={"metadata": "suite:other"}).json()["sandboxes"] == []
-        )
+        assert api.get("/v1/sandboxes", params={"metadata": "suite:other"}).json()["sandboxes"] == []
 
-        out = lines(
-            api.post(
-                f"/v1/sandboxes/{sid}/exec",
-                json={"command": "for i in 1 2 3; do echo $i; done; echo kept > f.txt"},
-            )
-        )
+        out = lines(api.post(f"/v1/sandboxes/{sid}/exec",
+                             json={"command": "for i in 1 2 3; do echo $i; done; echo kept > f.txt"}))
         assert stdout_of(out) == "1\n2\n3\n" and out[-1]["exit_code"] == 0
         argv = lines(api.post(f"/v1/sandboxes/{sid}/exec", json={"command": ["cat", "f.txt"]}))
         assert stdout_of(argv) == "kept\n"
-        ran = lines(
-            api.post(
-                f"/v1/sandboxes/{sid}/run", json={"code": "print(open('f.txt').read().strip() * 2)"}
-            )
-        )
+        ran = lines(api.post(f"/v1/sandboxes/{sid}/run",
+                             json={"code": "print(open('f.txt').read().strip() * 2)"}))
         assert stdout_of(ran) == "keptkept\n"
 
         paused = api.post(f"/v1/sandboxes/{sid}/pause")
         assert paused.status_code == 200 and paused.json()["state"] == "paused"
         refused = api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "true"})
         assert refused.status_code == 409 and error_code(refused) == "sandbox_not_running"
-        assert (
-            api.get("/v1/sandboxes", params={"state": "paused"}).json()["sandboxes"][0]["id"] == sid
-        )
+        assert api.get("/v1/sandboxes", params={"state": "paused"}).json()["sandboxes"][0]["id"] == sid
         resumed = api.post(f"/v1/sandboxes/{sid}/resume")
         assert resumed.json()["state"] == "running"
-        after = lines(
-            api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "cat f.txt; date +%s"})
-        )
+        after = lines(api.post(f"/v1/sandboxes/{sid}/exec",
+                               json={"command": "cat f.txt; date +%s"}))
         kept, stamp = stdout_of(after).split()
         assert kept == "kept" and abs(int(stamp) - time.time()) < 30  # the clock was set
 
@@ -204,24 +192,14 @@ def test_bad_requests_name_what_was_wrong(api: httpx.Client) -> None:
 def test_openapi_document_lists_every_route(daemon: TcpDaemon) -> None:
     document = httpx.get(f"{daemon.url}/openapi.json", timeout=10).json()
     paths = set(document["paths"])
-    assert {
-        "/v1/run",
-        "/v1/sandboxes",
-        "/v1/sandboxes/{sandbox_id}/exec",
-        "/v1/sandboxes/{sandbox_id}/files",
-        "/v1/sandboxes/{sandbox_id}/pause",
-    } <= paths
+    assert {"/v1/run", "/v1/sandboxes", "/v1/sandboxes/{sandbox_id}/exec",
+            "/v1/sandboxes/{sandbox_id}/files", "/v1/sandboxes/{sandbox_id}/pause"} <= paths
 
 
 def test_the_audit_log_says_who_ran_what(daemon: TcpDaemon, api: httpx.Client, key: str) -> None:
     api.post("/v1/run", json={"code": "print(1)"}).read()
-    out = subprocess.run(
-        [FISSION, "audit", "--db", str(daemon.db), "--json", "--limit", "500"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    out = subprocess.run([FISSION, "audit", "--db", str(daemon.db), "--json", "--limit", "500"],
+                         capture_output=True, text=True, timeout=60, check=True)
     events = json.loads(out.stdout)
     key_id = key.split("_")[1]
     runs = [e for e in events if e["action"] == "run" and e["who"] == key_id]
@@ -241,15 +219,10 @@ def test_files_move_both_ways_with_their_checksum(api: httpx.Client) -> None:
         check = lines(api.post(f"/v1/sandboxes/{sid}/exec", json={"command": "sha256sum big.bin"}))
         assert stdout_of(check).split()[0] == hashlib.sha256(data).hexdigest()
         got = api.get(f"/v1/sandboxes/{sid}/files", params={"path": "big.bin"})
-        assert (
-            got.status_code == 200
-            and hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
-        )
+        assert got.status_code == 200 and hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
         names = [e["name"] for e in api.get(f"/v1/sandboxes/{sid}/files/list").json()["entries"]]
         assert "big.bin" in names
-        assert (
-            api.delete(f"/v1/sandboxes/{sid}/files", params={"path": "big.bin"}).status_code == 204
-        )
+        assert api.delete(f"/v1/sandboxes/{sid}/files", params={"path": "big.bin"}).status_code == 204
         missing = api.get(f"/v1/sandboxes/{sid}/files/stat", params={"path": "big.bin"})
         assert missing.status_code == 404 and error_code(missing) == "file_not_found"
     finally:
@@ -258,24 +231,13 @@ def test_files_move_both_ways_with_their_checksum(api: httpx.Client) -> None:
 
 @AGENT_FILES
 @pytest.mark.parametrize(
-    "path",
-    [
-        "../../etc/passwd",
-        "/etc/passwd",
-        "/proc/self/environ",
-        "link/passwd",
-        "rootlink/etc/hostname",
-    ],
+    "path", ["../../etc/passwd", "/etc/passwd", "/proc/self/environ", "link/passwd", "rootlink/etc/hostname"]
 )
 def test_paths_cannot_leave_the_sandbox(api: httpx.Client, path: str) -> None:
     sid = api.post("/v1/sandboxes", json={}).json()["id"]
     try:
-        lines(
-            api.post(
-                f"/v1/sandboxes/{sid}/exec",
-                json={"command": "ln -s /etc link; ln -s /proc/self/root rootlink"},
-            )
-        )
+        lines(api.post(f"/v1/sandboxes/{sid}/exec",
+                       json={"command": "ln -s /etc link; ln -s /proc/self/root rootlink"}))
         for response in (
             api.get(f"/v1/sandboxes/{sid}/files", params={"path": path}),
             api.put(f"/v1/sandboxes/{sid}/files", params={"path": path}, content=b"x"),
@@ -292,13 +254,8 @@ def test_a_context_keeps_variables_across_runs(api: httpx.Client) -> None:
     try:
         run = f"/v1/sandboxes/{sid}/run"
         lines(api.post(run, json={"code": "x = 41", "context": "nb"}))
-        assert (
-            stdout_of(lines(api.post(run, json={"code": "print(x + 1)", "context": "nb"})))
-            == "42\n"
-        )
-        fresh = lines(
-            api.post(run, json={"code": "print(x)", "context": "nb", "fresh_context": True})
-        )
+        assert stdout_of(lines(api.post(run, json={"code": "print(x + 1)", "context": "nb"}))) == "42\n"
+        fresh = lines(api.post(run, json={"code": "print(x)", "context": "nb", "fresh_context": True}))
         assert fresh[-1]["exit_code"] == 1
     finally:
         api.delete(f"/v1/sandboxes/{sid}")

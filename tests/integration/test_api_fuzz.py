@@ -35,25 +35,15 @@ def daemon() -> Iterator[TcpDaemon]:
 def test_fuzzing_the_api_finds_no_server_errors(daemon: TcpDaemon) -> None:
     key = daemon.create_key("fuzzer", "--max-sandboxes", "2", "--rate-per-minute", "100000")
     argv = [
-        SCHEMATHESIS,
-        "run",
-        f"{daemon.url}/openapi.json",
-        "-H",
-        f"Authorization: Bearer {key}",
-        "--checks",
-        "not_a_server_error",
-        "--max-examples",
-        "15",
-        "--seed",
-        "1",
-        "--workers",
-        "1",
-        "--request-timeout",
-        "120",
-        "--generation-database",
-        "none",
+        SCHEMATHESIS, "run", f"{daemon.url}/openapi.json",
+        "-H", f"Authorization: Bearer {key}",
+        "--checks", "not_a_server_error",
+        "--max-examples", "15",
+        "--seed", "1",
+        "--workers", "1",
+        "--request-timeout", "120",
+        "--generation-database", "none",
     ]
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=1200, check=False, cwd=daemon.dir
-    )  # its reports go there, not into the checkout
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False,
+                          cwd=daemon.dir)  # its reports go there, not into the checkout
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:] + daemon.log()[-3000:]

@@ -13,9 +13,7 @@ pytestmark = pytest.mark.vm
 
 
 def test_run_prints_output_and_exits_with_the_program_code() -> None:
-    proc = fission_cli(
-        "run", "--lang", "python", "print('Hello from isolation!'); raise SystemExit(7)"
-    )
+    proc = fission_cli("run", "--lang", "python", "print('Hello from isolation!'); raise SystemExit(7)")
     assert proc.stdout == b"Hello from isolation!\n"
     assert proc.returncode == 7
 
@@ -29,15 +27,8 @@ def test_javascript_alias_and_file(tmp_path: Path) -> None:
 
 
 def test_json_output() -> None:
-    proc = fission_cli(
-        "run",
-        "--lang",
-        "bash",
-        "--json",
-        "--env",
-        "WHO=world",
-        'echo "hello $WHO"; echo oops >&2; exit 4',
-    )
+    proc = fission_cli("run", "--lang", "bash", "--json", "--env", "WHO=world",
+                       'echo "hello $WHO"; echo oops >&2; exit 4')
     assert proc.returncode == 4
     result = json.loads(proc.stdout)
     assert result["stdout"] == "hello world\n"
@@ -93,8 +84,5 @@ def test_images_list_json() -> None:
     assert proc.returncode == 0
     listing = json.loads(proc.stdout)
     assert {row["language"]: row["status"] for row in listing["images"]} == {
-        "python": "ready",
-        "node": "ready",
-        "bash": "ready",
-    }
+        "python": "ready", "node": "ready", "bash": "ready"}
     assert listing["kernel"].startswith("linux-image-")

@@ -33,9 +33,7 @@ def daemon() -> Iterator[Daemon]:
         started.remove()
 
 
-def through(
-    daemon: Daemon, *args: str, timeout: float = 180.0
-) -> subprocess.CompletedProcess[bytes]:
+def through(daemon: Daemon, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[bytes]:
     """`fission ARGS` with the daemon's socket as the default one (found, probed, used)."""
     return fission_cli(*args, env={"FISSION_SOCKET": str(daemon.socket)}, timeout=timeout)
 
@@ -49,47 +47,27 @@ def daemon_events(daemon: Daemon, action: str) -> list[dict[str, object]]:
     """The daemon's audit events of ``action``, newest first."""
     out = subprocess.run(
         [FISSION, "audit", "--db", str(daemon.db), "--action", action, "--json", "--limit", "50"],
-        capture_output=True,
-        timeout=60,
-        check=True,
+        capture_output=True, timeout=60, check=True,
     )
     return list(json.loads(out.stdout))
 
 
-def test_a_network_run_goes_through_the_daemon_with_the_same_result(
-    daemon: Daemon, site: int
-) -> None:  # noqa: F811
+def test_a_network_run_goes_through_the_daemon_with_the_same_result(daemon: Daemon, site: int) -> None:  # noqa: F811
     url = f"http://127.0.0.1:{site}/hello.txt"
-    args = (
-        "run",
-        "--network",
-        "--allow-host",
-        f"127.0.0.1:{site}",
-        FETCH.replace("URL", repr(url)),
-    )
+    args = ("run", "--network", "--allow-host", f"127.0.0.1:{site}", FETCH.replace("URL", repr(url)))
     before = len(daemon_events(daemon, "run.egress"))
     served = through(daemon, *args)
     local = embedded(*args)
-    assert served.returncode == local.returncode == 0, (
-        served.stderr.decode() + local.stderr.decode()
-    )
+    assert served.returncode == local.returncode == 0, served.stderr.decode() + local.stderr.decode()
     assert served.stdout == local.stdout and b"hello from the host" in served.stdout
     egress = daemon_events(daemon, "run.egress")
     assert len(egress) == before + 1, "the daemon did not proxy the run's connection"
     assert egress[0]["outcome"] == "allowed" and egress[0]["detail"]["port"] == site  # type: ignore[index]
 
 
-def test_a_refused_host_is_refused_the_same_way_through_the_daemon(
-    daemon: Daemon, site: int
-) -> None:  # noqa: F811
+def test_a_refused_host_is_refused_the_same_way_through_the_daemon(daemon: Daemon, site: int) -> None:  # noqa: F811
     url = f"http://localhost:{site}/hello.txt"
-    args = (
-        "run",
-        "--network",
-        "--allow-host",
-        f"localhost:{site}",
-        FETCH.replace("URL", repr(url)),
-    )
+    args = ("run", "--network", "--allow-host", f"localhost:{site}", FETCH.replace("URL", repr(url)))
     served, local = through(daemon, *args), embedded(*args)
     assert served.returncode == local.returncode == 0
     assert served.stdout == local.stdout and b"failed: 403" in served.stdout
@@ -104,11 +82,7 @@ def test_uploads_and_downloads_through_the_daemon(daemon: Daemon, tmp_path: Path
         target = tmp_path / how / "copy.bin"
         target.parent.mkdir()
         proc = call(
-            "run",
-            "--upload",
-            f"{source}:/data/input.csv",
-            "--download",
-            f"/data/copy.bin:{target}",
+            "run", "--upload", f"{source}:/data/input.csv", "--download", f"/data/copy.bin:{target}",
             "import shutil; shutil.copy('/data/input.csv', '/data/copy.bin'); print('copied')",
         )
         assert proc.returncode == 0, proc.stderr.decode()
@@ -125,18 +99,9 @@ def test_a_missing_download_fails_the_same_way(daemon: Daemon, tmp_path: Path) -
     assert not (tmp_path / "x").exists()
 
 
-def test_repo_from_a_local_directory_through_the_daemon(
-    daemon: Daemon, git_site: tuple[str, Path]
-) -> None:  # noqa: F811
+def test_repo_from_a_local_directory_through_the_daemon(daemon: Daemon, git_site: tuple[str, Path]) -> None:  # noqa: F811
     _, work = git_site
-    args = (
-        "repo",
-        str(work),
-        "--ref",
-        "broken",
-        "--command",
-        "python3 -m pytest -q -p no:cacheprovider",
-    )
+    args = ("repo", str(work), "--ref", "broken", "--command", "python3 -m pytest -q -p no:cacheprovider")
     served = through(daemon, *args)
     assert served.returncode == 1, served.stdout.decode() + served.stderr.decode()
     assert b"1 failed" in served.stdout

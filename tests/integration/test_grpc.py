@@ -60,13 +60,8 @@ class GrpcDaemon:
 
     def keys(self, *args: str) -> str:
         """Run `fission keys ARGS --db DB`; its stdout."""
-        out = subprocess.run(
-            [FISSION, "keys", *args, "--db", str(self.db)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        out = subprocess.run([FISSION, "keys", *args, "--db", str(self.db)],
+                             capture_output=True, text=True, timeout=60, check=True)
         return out.stdout
 
     def create_key(self, name: str, *options: str) -> str:
@@ -76,22 +71,9 @@ class GrpcDaemon:
     def start(self) -> None:
         """Start, and wait until gRPC answers and the python pool has a VM ready."""
         self.key = self.create_key("grpc-main")
-        argv = [
-            FISSION,
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--state-dir",
-            str(self.state),
-            "--db",
-            str(self.db),
-            "--pool",
-            "python=1",
-        ]
+        argv = [FISSION, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--grpc-port", str(self.grpc_port), "--state-dir", str(self.state),
+                "--db", str(self.db), "--pool", "python=1"]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
@@ -227,53 +209,36 @@ def test_a_quota_overrun_is_resource_exhausted(
     daemon: GrpcDaemon, sandboxes: pb_grpc.SandboxesStub
 ) -> None:
     key = daemon.create_key("grpc-one-sandbox", "--max-sandboxes", "1")
-    first = sandboxes.Create(
-        pb.CreateSandboxRequest(language="python"), metadata=auth(key), timeout=120
-    )
+    first = sandboxes.Create(pb.CreateSandboxRequest(language="python"), metadata=auth(key),
+                             timeout=120)
     try:
-        error = failure(
-            lambda: sandboxes.Create(pb.CreateSandboxRequest(), metadata=auth(key), timeout=120)
-        )
+        error = failure(lambda: sandboxes.Create(pb.CreateSandboxRequest(), metadata=auth(key),
+                                                 timeout=120))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_code(error) == "quota_exceeded"
         assert "--max-sandboxes" in (error.details() or "")
     finally:
-        sandboxes.Delete(
-            pb.DeleteSandboxRequest(sandbox_id=first.id), metadata=auth(key), timeout=60
-        )
+        sandboxes.Delete(pb.DeleteSandboxRequest(sandbox_id=first.id), metadata=auth(key),
+                         timeout=60)
 
 
 # -- one-shot runs ---------------------------------------------------------------------------------
 def test_one_shot_run_streams_in_order(daemon: GrpcDaemon, fission: pb_grpc.FissionStub) -> None:
-    code = (
-        "import sys, time\nprint('one')\ntime.sleep(0.3)\nprint('two', file=sys.stderr)\n"
-        "time.sleep(0.3)\nprint('three')\nsys.exit(3)\n"
-    )
-    chunks, result = collect(
-        fission.Run(
-            pb.RunRequest(language="python", code=code), metadata=auth(daemon.key), timeout=120
-        )
-    )
-    assert chunks == [
-        ("STREAM_STDOUT", b"one\n"),
-        ("STREAM_STDERR", b"two\n"),
-        ("STREAM_STDOUT", b"three\n"),
-    ]
+    code = ("import sys, time\nprint('one')\ntime.sleep(0.3)\nprint('two', file=sys.stderr)\n"
+            "time.sleep(0.3)\nprint('three')\nsys.exit(3)\n")
+    chunks, result = collect(fission.Run(pb.RunRequest(language="python", code=code),
+                                         metadata=auth(daemon.key), timeout=120))
+    assert chunks == [("STREAM_STDOUT", b"one\n"), ("STREAM_STDERR", b"two\n"),
+                      ("STREAM_STDOUT", b"three\n")]
     assert (result.exit_code, result.timed_out, result.oom, result.signal) == (3, False, False, 0)
     assert result.duration_ms > 0
 
-    lines = fission.Run(
-        pb.RunRequest(language="bash", code="seq 1 500", stdin=b""),
-        metadata=auth(daemon.key),
-        timeout=120,
-    )
+    lines = fission.Run(pb.RunRequest(language="bash", code="seq 1 500", stdin=b""),
+                        metadata=auth(daemon.key), timeout=120)
     assert stdout_of(lines) == "".join(f"{i}\n" for i in range(1, 501)).encode()
 
-    error = failure(
-        lambda: fission.Run(
-            pb.RunRequest(language="cobol", code="x"), metadata=auth(daemon.key), timeout=30
-        )
-    )
+    error = failure(lambda: fission.Run(pb.RunRequest(language="cobol", code="x"),
+                                        metadata=auth(daemon.key), timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_code(error) == "unknown_language"
 
@@ -303,17 +268,14 @@ def test_a_cancelled_run_ends_cleanly(daemon: GrpcDaemon, fission: pb_grpc.Fissi
 @pytest.fixture
 def sandbox(daemon: GrpcDaemon, sandboxes: pb_grpc.SandboxesStub) -> Iterator[pb.Sandbox]:
     created = sandboxes.Create(
-        pb.CreateSandboxRequest(
-            language="python", ttl=300, metadata={"suite": "grpc"}, env={"GREETING": "hi"}
-        ),
-        metadata=auth(daemon.key),
-        timeout=120,
+        pb.CreateSandboxRequest(language="python", ttl=300, metadata={"suite": "grpc"},
+                                env={"GREETING": "hi"}),
+        metadata=auth(daemon.key), timeout=120,
     )
     yield created
     try:
-        sandboxes.Delete(
-            pb.DeleteSandboxRequest(sandbox_id=created.id), metadata=auth(daemon.key), timeout=60
-        )
+        sandboxes.Delete(pb.DeleteSandboxRequest(sandbox_id=created.id),
+                         metadata=auth(daemon.key), timeout=60)
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.NOT_FOUND  # the test deleted it itself
 
@@ -327,30 +289,24 @@ def test_sandbox_lifecycle(
     assert sandbox.limits.memory_mb == 256 and sandbox.ttl == 300
 
     # The message mirrors the REST JSON of the same sandbox.
-    rest = httpx.get(
-        f"http://127.0.0.1:{daemon.port}/v1/sandboxes/{sid}",
-        headers={"Authorization": f"Bearer {daemon.key}"},
-        timeout=30,
-    ).json()
+    rest = httpx.get(f"http://127.0.0.1:{daemon.port}/v1/sandboxes/{sid}",
+                     headers={"Authorization": f"Bearer {daemon.key}"}, timeout=30).json()
     got = sandboxes.Get(pb.GetSandboxRequest(sandbox_id=sid), metadata=md, timeout=30)
     assert rest["state"] == "running" and rest["language"] == got.language == "python"
     assert rest["metadata"] == dict(got.metadata) and rest["ttl"] == got.ttl
     assert rest["limits"]["memory_mb"] == got.limits.memory_mb
     assert rest["expires_at"] == pytest.approx(got.expires_at)
 
-    listed = sandboxes.List(
-        pb.ListSandboxesRequest(metadata={"suite": "grpc"}, page_size=10), metadata=md, timeout=30
-    )
+    listed = sandboxes.List(pb.ListSandboxesRequest(metadata={"suite": "grpc"}, page_size=10),
+                            metadata=md, timeout=30)
     assert sid in [s.id for s in listed.sandboxes] and listed.next_page_token == ""
-    paused_only = sandboxes.List(
-        pb.ListSandboxesRequest(state=pb.SANDBOX_STATE_PAUSED), metadata=md, timeout=30
-    )
+    paused_only = sandboxes.List(pb.ListSandboxesRequest(state=pb.SANDBOX_STATE_PAUSED),
+                                 metadata=md, timeout=30)
     assert sid not in [s.id for s in paused_only.sandboxes]
 
     code = "import os, sys\nprint(os.environ['GREETING'])\nprint('warn', file=sys.stderr)\n"
-    chunks, result = collect(
-        sandboxes.RunCode(pb.RunCodeRequest(sandbox_id=sid, code=code), metadata=md, timeout=120)
-    )
+    chunks, result = collect(sandboxes.RunCode(pb.RunCodeRequest(sandbox_id=sid, code=code),
+                                               metadata=md, timeout=120))
     assert result.exit_code == 0
     # Written back to back with nothing between: two pipes do not order them against each other
     # (test_one_shot_run_streams_in_order checks the order when time separates the writes).
@@ -359,27 +315,21 @@ def test_sandbox_lifecycle(
         by_stream[stream] = by_stream.get(stream, b"") + data
     assert by_stream == {"STREAM_STDOUT": b"hi\n", "STREAM_STDERR": b"warn\n"}
 
-    argv = pb.ExecRequest(
-        sandbox_id=sid,
-        argv=pb.Argv(args=["sh", "-c", "echo $FOO; pwd"]),
-        env={"FOO": "bar"},
-        cwd="/tmp",
-    )
+    argv = pb.ExecRequest(sandbox_id=sid, argv=pb.Argv(args=["sh", "-c", "echo $FOO; pwd"]),
+                          env={"FOO": "bar"}, cwd="/tmp")
     assert stdout_of(sandboxes.Exec(argv, metadata=md, timeout=120)) == b"bar\n/tmp\n"
     piped = pb.ExecRequest(sandbox_id=sid, shell="tr a-z A-Z", stdin=b"quiet\n")
     assert stdout_of(sandboxes.Exec(piped, metadata=md, timeout=120)) == b"QUIET\n"
     write = pb.ExecRequest(sandbox_id=sid, shell="echo kept > /home/sandbox/keep.txt")
     assert stdout_of(sandboxes.Exec(write, metadata=md, timeout=120)) == b""
-    error = failure(lambda: sandboxes.Exec(pb.ExecRequest(sandbox_id=sid), metadata=md, timeout=30))
+    error = failure(lambda: sandboxes.Exec(pb.ExecRequest(sandbox_id=sid), metadata=md,
+                                           timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     paused = sandboxes.Pause(pb.PauseSandboxRequest(sandbox_id=sid), metadata=md, timeout=120)
     assert paused.state == pb.SANDBOX_STATE_PAUSED
-    error = failure(
-        lambda: sandboxes.Exec(
-            pb.ExecRequest(sandbox_id=sid, shell="true"), metadata=md, timeout=30
-        )
-    )
+    error = failure(lambda: sandboxes.Exec(pb.ExecRequest(sandbox_id=sid, shell="true"),
+                                           metadata=md, timeout=30))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_code(error) == "sandbox_not_running"
     resumed = sandboxes.Resume(pb.ResumeSandboxRequest(sandbox_id=sid), metadata=md, timeout=120)
@@ -387,17 +337,16 @@ def test_sandbox_lifecycle(
     read = pb.ExecRequest(sandbox_id=sid, argv=pb.Argv(args=["cat", "/home/sandbox/keep.txt"]))
     assert stdout_of(sandboxes.Exec(read, metadata=md, timeout=120)) == b"kept\n"
 
-    extended = sandboxes.SetTtl(pb.SetTtlRequest(sandbox_id=sid, ttl=600), metadata=md, timeout=30)
+    extended = sandboxes.SetTtl(pb.SetTtlRequest(sandbox_id=sid, ttl=600), metadata=md,
+                                timeout=30)
     assert extended.ttl == 600 and extended.expires_at > resumed.expires_at
-    error = failure(
-        lambda: sandboxes.SetTtl(pb.SetTtlRequest(sandbox_id=sid, ttl=0), metadata=md, timeout=30)
-    )
+    error = failure(lambda: sandboxes.SetTtl(pb.SetTtlRequest(sandbox_id=sid, ttl=0),
+                                             metadata=md, timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     sandboxes.Delete(pb.DeleteSandboxRequest(sandbox_id=sid), metadata=md, timeout=60)
-    error = failure(
-        lambda: sandboxes.Get(pb.GetSandboxRequest(sandbox_id=sid), metadata=md, timeout=30)
-    )
+    error = failure(lambda: sandboxes.Get(pb.GetSandboxRequest(sandbox_id=sid), metadata=md,
+                                          timeout=30))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error_code(error) == "sandbox_not_found"
 
@@ -406,11 +355,8 @@ def test_another_keys_sandbox_is_not_found(
     daemon: GrpcDaemon, sandboxes: pb_grpc.SandboxesStub, sandbox: pb.Sandbox
 ) -> None:
     other = daemon.create_key("grpc-other")
-    error = failure(
-        lambda: sandboxes.Get(
-            pb.GetSandboxRequest(sandbox_id=sandbox.id), metadata=auth(other), timeout=30
-        )
-    )
+    error = failure(lambda: sandboxes.Get(pb.GetSandboxRequest(sandbox_id=sandbox.id),
+                                          metadata=auth(other), timeout=30))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     listed = sandboxes.List(pb.ListSandboxesRequest(), metadata=auth(other), timeout=30)
     assert list(listed.sandboxes) == []
@@ -423,50 +369,39 @@ def test_a_20_mb_file_both_ways(
     md = auth(daemon.key)
     data = os.urandom(20 * MiB)
     path = "big/blob.bin"
-    sandboxes.MakeDir(pb.MakeDirRequest(sandbox_id=sandbox.id, path="big"), metadata=md, timeout=60)
+    sandboxes.MakeDir(pb.MakeDirRequest(sandbox_id=sandbox.id, path="big"), metadata=md,
+                      timeout=60)
 
     def upload() -> Iterator[pb.WriteFileRequest]:
         yield pb.WriteFileRequest(header=pb.WriteFileHeader(sandbox_id=sandbox.id, path=path))
         for start in range(0, len(data), MiB):
-            yield pb.WriteFileRequest(data=data[start : start + MiB])
+            yield pb.WriteFileRequest(data=data[start:start + MiB])
 
     info = sandboxes.WriteFile(upload(), metadata=md, timeout=240)
     assert info.size == len(data)
     digest, sizes = hashlib.sha256(), []
-    for chunk in sandboxes.ReadFile(
-        pb.ReadFileRequest(sandbox_id=sandbox.id, path=path), metadata=md, timeout=240
-    ):
+    for chunk in sandboxes.ReadFile(pb.ReadFileRequest(sandbox_id=sandbox.id, path=path),
+                                    metadata=md, timeout=240):
         digest.update(chunk.data)
         sizes.append(len(chunk.data))
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert sum(sizes) == len(data) and max(sizes) <= MiB
 
-    stat = sandboxes.StatFile(
-        pb.StatFileRequest(sandbox_id=sandbox.id, path=path), metadata=md, timeout=60
-    )
+    stat = sandboxes.StatFile(pb.StatFileRequest(sandbox_id=sandbox.id, path=path), metadata=md,
+                              timeout=60)
     assert stat.size == len(data)
-    listing = sandboxes.ListFiles(
-        pb.ListFilesRequest(sandbox_id=sandbox.id, path="big"), metadata=md, timeout=60
-    )
+    listing = sandboxes.ListFiles(pb.ListFilesRequest(sandbox_id=sandbox.id, path="big"),
+                                  metadata=md, timeout=60)
     assert [entry.name for entry in listing.entries] == ["blob.bin"]
-    sandboxes.RemoveFile(
-        pb.RemoveFileRequest(sandbox_id=sandbox.id, path="big", recursive=True),
-        metadata=md,
-        timeout=60,
-    )
-    error = failure(
-        lambda: sandboxes.StatFile(
-            pb.StatFileRequest(sandbox_id=sandbox.id, path=path), metadata=md, timeout=60
-        )
-    )
+    sandboxes.RemoveFile(pb.RemoveFileRequest(sandbox_id=sandbox.id, path="big", recursive=True),
+                         metadata=md, timeout=60)
+    error = failure(lambda: sandboxes.StatFile(pb.StatFileRequest(sandbox_id=sandbox.id,
+                                                                  path=path),
+                                               metadata=md, timeout=60))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    escape = failure(
-        lambda: sandboxes.ReadFile(
-            pb.ReadFileRequest(sandbox_id=sandbox.id, path="../../etc/shadow"),
-            metadata=md,
-            timeout=60,
-        )
-    )
+    escape = failure(lambda: sandboxes.ReadFile(pb.ReadFileRequest(sandbox_id=sandbox.id,
+                                                                   path="../../etc/shadow"),
+                                                metadata=md, timeout=60))
     assert escape.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -123,21 +123,8 @@ async def test_qemu_sees_only_its_own_files(clone: Machine) -> None:
     try:
         pid, plan = vmm_pid(clone.vm), the_jail(clone.vm).plan
         dirs, files = jail_tree(pid, plan)
-        system = {
-            Path(p)
-            for p in (
-                "/usr",
-                "/proc",
-                "/dev",
-                "/etc",
-                "/bin",
-                "/sbin",
-                "/lib",
-                "/lib32",
-                "/lib64",
-                "/libx32",
-            )
-        }
+        system = {Path(p) for p in ("/usr", "/proc", "/dev", "/etc", "/bin", "/sbin", "/lib",
+                                    "/lib32", "/lib64", "/libx32")}
         bound = {b.dest for b in plan.binds}
         assert dirs <= system | set(plan.dirs) | bound, dirs - system - set(plan.dirs) - bound
         assert files <= bound | {Path("/etc/ld.so.cache")}, files - bound
@@ -172,16 +159,9 @@ async def test_qemu_holds_no_descriptor_it_did_not_open() -> None:
                 else:
                     assert target.split(":")[0] in ("socket", "pipe", "anon_inode"), target
             stdio = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)]
-            assert stdio == [
-                "/dev/null",
-                str(machine.vm.paths.qemu_log),
-                str(machine.vm.paths.qemu_log),
-            ]
+            assert stdio == ["/dev/null", str(machine.vm.paths.qemu_log), str(machine.vm.paths.qemu_log)]
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            assert sorted(e for e in environ if e) == [
-                b"PWD=/",
-                f"TMPDIR={config.workdir}".encode(),
-            ]
+            assert sorted(e for e in environ if e) == [b"PWD=/", f"TMPDIR={config.workdir}".encode()]
         finally:
             await machine.destroy()
 
@@ -219,9 +199,7 @@ async def test_a_run_a_clone_and_a_cold_boot_leave_nothing_behind() -> None:
         machine = await boot(spec)
         box = the_jail(machine.vm)
         boxes.append(box)
-        result = (
-            await execute(machine.agent, exec_request(spec), diagnostics=machine.vm.diagnostics)
-        ).result
+        result = (await execute(machine.agent, exec_request(spec), diagnostics=machine.vm.diagnostics)).result
         assert result.exit_code == 0 and result.stdout == b"1000\n"
         await machine.destroy()
         await machine.destroy()  # safe twice
@@ -266,9 +244,7 @@ async def test_a_sandbox_pauses_and_resumes_jailed(tmp_path: Path) -> None:
         box = the_jail(machine.vm)
         assert disk.stat().st_uid == box.plan.uid  # lent while the VM runs
         backing = jailer.qcow2_backing(disk)
-        assert backing is not None and {b.kind for b in box.plan.binds if b.dest == backing} == {
-            "ro"
-        }
+        assert backing is not None and {b.kind for b in box.plan.binds if b.dest == backing} == {"ro"}
         await exec_bash(machine, "echo kept > /home/sandbox/f; sync")
         await sandbox_vm.pause_vm(machine, directory)
         assert disk.stat().st_uid == 0 and box.released
@@ -298,43 +274,21 @@ async def test_the_kvm_probe_jail_can_open_kvm() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="probe-", dir=os.environ["FISSION_RUNTIME_DIR"]))
     qemu = qemu_binary()
     box = jailer.Jail.for_probe(qemu, images.kernel, images.initramfs, workdir)
-    argv = [
-        qemu,
-        "-M",
-        "microvm",
-        "-accel",
-        "kvm",
-        "-m",
-        "128",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-kernel",
-        str(images.kernel),
-        "-initrd",
-        str(images.initramfs),
-        "-S",
-    ]
-    proc = await asyncio.create_subprocess_exec(
-        *box.wrap(argv),
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=box.join_cgroups,
-    )
+    argv = [qemu, "-M", "microvm", "-accel", "kvm", "-m", "128", "-nodefaults", "-display", "none",
+            "-kernel", str(images.kernel), "-initrd", str(images.initramfs), "-S"]
+    proc = await asyncio.create_subprocess_exec(*box.wrap(argv), stdin=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE,
+                                                preexec_fn=box.join_cgroups)
     try:
         async with asyncio.timeout(20):
             while True:
                 pid = box.vmm_pid()
                 fds = []
                 if pid is not None:
-                    fds = [
-                        os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
-                    ]
+                    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
                 if "anon_inode:kvm-vm" in fds:
                     break
-                assert proc.returncode is None, (
-                    (await proc.stderr.read()).decode() if proc.stderr else ""
-                )
+                assert proc.returncode is None, (await proc.stderr.read()).decode() if proc.stderr else ""
                 await asyncio.sleep(0.05)
         assert int(status(pid)["Uid"].split()[0]) == box.plan.uid
     finally:
@@ -352,9 +306,8 @@ def test_reconcile_removes_the_cgroups_a_crash_left(tmp_path: Path) -> None:
     limits = jail_plan.cgroup_limits(64, 1, "tcg", 128)
     dirs = [cgroups.create(h, "deadbeef0001", limits) for h in layout.hierarchies]
     code = "import sys, time; sys.stdout.write('in'); sys.stdout.flush(); time.sleep(60)"
-    orphan = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, preexec_fn=lambda: cgroups.join(dirs)
-    )
+    orphan = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              preexec_fn=lambda: cgroups.join(dirs))
     try:
         assert orphan.stdout is not None and orphan.stdout.read(2) == b"in"
         journal = Journal(tmp_path)
@@ -371,9 +324,8 @@ def test_reconcile_removes_the_cgroups_a_crash_left(tmp_path: Path) -> None:
 
 
 def test_jail_off_runs_qemu_as_this_user() -> None:
-    proc = fission_cli(
-        "run", "--lang", "bash", "--no-daemon", "--json", "echo hi", env={"FISSION_JAIL": "off"}
-    )
+    proc = fission_cli("run", "--lang", "bash", "--no-daemon", "--json", "echo hi",
+                       env={"FISSION_JAIL": "off"})
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout)["stdout"] == "hi\n"
 
@@ -382,16 +334,12 @@ def test_doctor_reports_every_layer() -> None:
     proc = fission_cli("doctor", "--json")
     assert proc.returncode == 0, proc.stderr.decode()
     layers = {layer["name"]: layer for layer in json.loads(proc.stdout)["layers"]}
-    for name in (
-        "running as root",
-        "jail (FISSION_JAIL)",
-        "QEMU seccomp sandbox",
-        "unprivileged uid, no capabilities",
-        "minimal root (pivot_root)",
-        "cgroup limits",
-    ):
+    for name in ("running as root", "jail (FISSION_JAIL)", "QEMU seccomp sandbox",
+                 "unprivileged uid, no capabilities", "minimal root (pivot_root)", "cgroup limits"):
         assert layers[name]["ok"], layers[name]
     assert any(name.startswith("namespaces") and layer["ok"] for name, layer in layers.items())
     assert all(layer["ok"] or layer["fix"] for layer in layers.values())
     text = fission_cli("doctor")
     assert text.returncode == 0 and b"OK       running as root" in text.stdout
+
+

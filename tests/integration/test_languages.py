@@ -58,10 +58,7 @@ async def test_output_streams_live_in_order() -> None:
         else:
             groups.append((at, stream, data))
     assert [(stream, data) for _, stream, data in groups] == [
-        ("stdout", b"first\n"),
-        ("stderr", b"second\n"),
-        ("stdout", b"third\n"),
-    ]
+        ("stdout", b"first\n"), ("stderr", b"second\n"), ("stdout", b"third\n")]
     # Live, not at exit: the groups arrived as far apart as the program slept.
     assert groups[1][0] - groups[0][0] > 0.7
     assert groups[2][0] - groups[1][0] > 0.7

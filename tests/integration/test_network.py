@@ -85,9 +85,7 @@ def fetch(url: str, *options: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def test_allowed_literal_address_is_reached(site: int) -> None:
-    proc = fetch(
-        f"http://127.0.0.1:{site}/hello.txt", "--network", "--allow-host", f"127.0.0.1:{site}"
-    )
+    proc = fetch(f"http://127.0.0.1:{site}/hello.txt", "--network", "--allow-host", f"127.0.0.1:{site}")
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"hello from the host" in proc.stdout
 
@@ -97,12 +95,7 @@ def test_server_not_allowed_is_refused(site: int, tmp_path: Path) -> None:
     other.mkdir()
     (other / "secret.txt").write_text("secret\n")
     with serve(other) as other_port:
-        proc = fetch(
-            f"http://127.0.0.1:{other_port}/secret.txt",
-            "--network",
-            "--allow-host",
-            f"127.0.0.1:{site}",
-        )
+        proc = fetch(f"http://127.0.0.1:{other_port}/secret.txt", "--network", "--allow-host", f"127.0.0.1:{site}")
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"secret" not in proc.stdout
     assert b"403" in proc.stdout
@@ -115,9 +108,7 @@ def test_server_not_allowed_is_refused(site: int, tmp_path: Path) -> None:
 
 def test_name_resolving_to_loopback_is_refused(site: int) -> None:
     # localhost resolves to 127.0.0.1 on the host; only the literal address may reach it.
-    proc = fetch(
-        f"http://localhost:{site}/hello.txt", "--network", "--allow-host", f"localhost:{site}"
-    )
+    proc = fetch(f"http://localhost:{site}/hello.txt", "--network", "--allow-host", f"localhost:{site}")
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"hello from the host" not in proc.stdout
     assert b"failed: 403" in proc.stdout
@@ -125,11 +116,7 @@ def test_name_resolving_to_loopback_is_refused(site: int) -> None:
 
 
 def test_no_network_without_the_flag(site: int) -> None:
-    proc = fission_cli(
-        "run",
-        "--lang",
-        "python",
-        """
+    proc = fission_cli("run", "--lang", "python", """
 import os, socket
 print(sorted(os.listdir('/sys/class/net')))
 print({k: v for k, v in os.environ.items() if 'proxy' in k.lower()})
@@ -140,8 +127,7 @@ try:
     print('connected')
 except OSError as exc:
     print('refused', exc.errno)
-""",
-    )
+""")
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.splitlines() == [b"['lo']", b"{}", b"refused 111"]
 
@@ -152,11 +138,7 @@ def test_upload_and_download(tmp_path: Path) -> None:
     target = tmp_path / "out" / "total.txt"
     target.parent.mkdir()
     proc = fission_cli(
-        "run",
-        "--upload",
-        f"{source}:/data/input.csv",
-        "--download",
-        f"/data/total.txt:{target}",
+        "run", "--upload", f"{source}:/data/input.csv", "--download", f"/data/total.txt:{target}",
         "import pandas as pd\nopen('/data/total.txt', 'w').write(str(pd.read_csv('/data/input.csv').a.sum()))",
     )
     assert proc.returncode == 0, proc.stderr.decode()
@@ -205,20 +187,9 @@ def package_index(tmp_path: Path) -> Iterator[str]:
 
 
 def test_install_from_a_local_index_twice_second_from_the_snapshot(package_index: str) -> None:
-    command = (
-        "python3 -c 'import fissiondemo; print(fissiondemo.VALUE)'; cat ~/.fission-install.log"
-    )
-    args = (
-        "install",
-        "--lang",
-        "python",
-        "--packages",
-        "fissiondemo",
-        "--index-url",
-        package_index,
-        "--command",
-        command,
-    )
+    command = "python3 -c 'import fissiondemo; print(fissiondemo.VALUE)'; cat ~/.fission-install.log"
+    args = ("install", "--lang", "python", "--packages", "fissiondemo", "--index-url", package_index,
+            "--command", command)
     started = time.monotonic()
     first = fission_cli(*args, timeout=600)
     first_s = time.monotonic() - started
@@ -236,21 +207,9 @@ def test_install_from_a_local_index_twice_second_from_the_snapshot(package_index
 
 
 def git(*args: str, cwd: Path) -> None:
-    subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        timeout=60,
-        env={
-            "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@t",
-            "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t",
-            "HOME": str(cwd),
-            "PATH": "/usr/bin:/bin",
-        },
-    )
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=60,
+                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(cwd), "PATH": "/usr/bin:/bin"})
 
 
 @pytest.fixture
@@ -276,28 +235,17 @@ def git_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 def test_repo_over_http_passing_and_failing(git_site: tuple[str, Path]) -> None:
     url, _ = git_site
-    passing = fission_cli(
-        "repo", url, "--lang", "python", "--command", "python3 -m pytest -q -p no:cacheprovider"
-    )
+    passing = fission_cli("repo", url, "--lang", "python", "--command", "python3 -m pytest -q -p no:cacheprovider")
     assert passing.returncode == 0, passing.stdout.decode() + passing.stderr.decode()
     assert b"1 passed" in passing.stdout
-    failing = fission_cli(
-        "repo", url, "--ref", "broken", "--command", "python3 -m pytest -q -p no:cacheprovider"
-    )
+    failing = fission_cli("repo", url, "--ref", "broken", "--command", "python3 -m pytest -q -p no:cacheprovider")
     assert failing.returncode == 1, failing.stdout.decode() + failing.stderr.decode()
     assert b"1 failed" in failing.stdout
 
 
 def test_repo_from_a_local_directory(git_site: tuple[str, Path]) -> None:
     _, work = git_site
-    proc = fission_cli(
-        "repo",
-        str(work),
-        "--ref",
-        "broken",
-        "--command",
-        "python3 -m pytest -q -p no:cacheprovider",
-    )
+    proc = fission_cli("repo", str(work), "--ref", "broken", "--command", "python3 -m pytest -q -p no:cacheprovider")
     assert proc.returncode == 1, proc.stdout.decode() + proc.stderr.decode()
     assert b"1 failed" in proc.stdout
 
@@ -328,9 +276,7 @@ def npm_tarball(name: str, version: str) -> bytes:
     import tarfile
 
     files = {
-        "package/package.json": json.dumps(
-            {"name": name, "version": version, "main": "index.js"}
-        ).encode(),
+        "package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}).encode(),
         "package/index.js": b"module.exports = { value: 42 };\n",
     }
     buffer = io.BytesIO()
@@ -358,17 +304,11 @@ def npm_registry(tmp_path: Path) -> Iterator[str]:
         packument = {
             "name": "fissiondemo",
             "dist-tags": {"latest": "1.0.0"},
-            "versions": {
-                "1.0.0": {
-                    "name": "fissiondemo",
-                    "version": "1.0.0",
-                    "dist": {
-                        "tarball": f"{url}fissiondemo/-/fissiondemo-1.0.0.tgz",
-                        "shasum": hashlib.sha1(data).hexdigest(),
-                        "integrity": integrity,
-                    },
-                }
-            },
+            "versions": {"1.0.0": {
+                "name": "fissiondemo", "version": "1.0.0",
+                "dist": {"tarball": f"{url}fissiondemo/-/fissiondemo-1.0.0.tgz",
+                         "shasum": hashlib.sha1(data).hexdigest(), "integrity": integrity},
+            }},
         }
         routes["/fissiondemo"] = json.dumps(packument).encode()
         yield url
@@ -378,17 +318,8 @@ def npm_registry(tmp_path: Path) -> Iterator[str]:
 
 def test_install_node_package_from_a_local_registry(npm_registry: str) -> None:
     command = "cd ~/work && node -e 'console.log(require(\"fissiondemo\").value)'"
-    args = (
-        "install",
-        "--lang",
-        "node",
-        "--packages",
-        "fissiondemo",
-        "--index-url",
-        npm_registry,
-        "--command",
-        command,
-    )
+    args = ("install", "--lang", "node", "--packages", "fissiondemo", "--index-url", npm_registry,
+            "--command", command)
     first = fission_cli(*args, timeout=600)
     assert first.returncode == 0, first.stdout.decode() + first.stderr.decode()
     assert first.stdout.splitlines()[-1] == b"42"

@@ -94,21 +94,11 @@ class Daemon:
         listen = ["--socket", str(self.socket)]
         if self.port is not None:
             listen = ["--host", "127.0.0.1", "--port", str(self.port)]
-        argv = [
-            FISSION,
-            "serve",
-            *listen,
-            "--state-dir",
-            str(self.state),
-            "--db",
-            str(self.db),
-            *self.args,
-        ]
+        argv = [FISSION, "serve", *listen, "--state-dir", str(self.state), "--db", str(self.db),
+                *self.args]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        probe = (
-            DaemonBackend.connect(url=self.url) if self.port else DaemonBackend.connect(self.socket)
-        )
+        probe = DaemonBackend.connect(url=self.url) if self.port else DaemonBackend.connect(self.socket)
         deadline = time.monotonic() + 120
         with probe:
             while time.monotonic() < deadline:
@@ -120,13 +110,8 @@ class Daemon:
 
     def keys(self, *args: str) -> str:
         """Run `fission keys ...` on this daemon's database; what it printed on stdout."""
-        out = subprocess.run(
-            [FISSION, "keys", *args, "--db", str(self.db)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        out = subprocess.run([FISSION, "keys", *args, "--db", str(self.db)],
+                             capture_output=True, text=True, timeout=60, check=True)
         return out.stdout.strip()
 
     def log(self) -> str:
@@ -207,9 +192,8 @@ def test_sync_sandbox_lifecycle(daemon: Daemon) -> None:
         assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
 
         seen: list[tuple[str, float, bytes]] = []
-        result = s.run(
-            STREAMING, on_stdout=recorder(seen, "stdout"), on_stderr=recorder(seen, "stderr")
-        )
+        result = s.run(STREAMING, on_stdout=recorder(seen, "stdout"),
+                       on_stderr=recorder(seen, "stderr"))
         check_streamed(seen, result)
         check_events(list(s.run_stream(STREAMING)))
 
@@ -220,11 +204,8 @@ def test_sync_sandbox_lifecycle(daemon: Daemon) -> None:
         assert s.exec("pwd", cwd="/tmp").stdout == b"/tmp\n"
         assert s.exec("echo $GREETING", env={"GREETING": "hi"}).stdout == b"hi\n"
         seen = []
-        result = s.exec(
-            f'python3 -c "{STREAMING}"',
-            on_stdout=recorder(seen, "stdout"),
-            on_stderr=recorder(seen, "stderr"),
-        )
+        result = s.exec(f"python3 -c \"{STREAMING}\"", on_stdout=recorder(seen, "stdout"),
+                        on_stderr=recorder(seen, "stderr"))
         check_streamed(seen, result)
         check_events(list(s.exec_stream(["python3", "-c", STREAMING])))
         slow = s.exec("sleep 10", timeout=1)
@@ -374,9 +355,8 @@ async def test_a_context_keeps_variables_across_runs(daemon: Daemon) -> None:
 def test_one_shot_runs(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     chunks: list[bytes] = []
     code = "import os, sys\nprint(os.environ['GREETING'], sys.stdin.read())\nsys.exit(2)"
-    result = fission.run(
-        code, env={"GREETING": "hi"}, stdin="there", on_stdout=chunks.append, url=daemon.url
-    )
+    result = fission.run(code, env={"GREETING": "hi"}, stdin="there", on_stdout=chunks.append,
+                         url=daemon.url)
     assert (result.exit_code, result.stdout) == (2, b"hi there\n")
     assert b"".join(chunks) == result.stdout
     # No url: the local socket (FISSION_SOCKET) answers, so the daemon runs it, not this process.

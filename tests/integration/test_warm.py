@@ -59,19 +59,10 @@ class Daemon:
 
     def start(self, ready: dict[str, int]) -> None:
         """Start and wait until the pools hold ``ready`` VMs per language."""
-        argv = [
-            FISSION,
-            "serve",
-            "--socket",
-            str(self.socket),
-            "--state-dir",
-            str(self.state),
-            *self.args,
-        ]
+        argv = [FISSION, "serve", "--socket", str(self.socket), "--state-dir", str(self.state), *self.args]
         with open(self.dir / "daemon.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
-            )
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=log)
         deadline = time.monotonic() + 240
         with DaemonBackend.connect(self.socket) as client:
             while time.monotonic() < deadline:
@@ -128,9 +119,7 @@ def test_daemon_and_embedded_give_identical_results(daemon: Daemon) -> None:
 
 
 def test_streaming_and_exit_code_through_the_daemon(daemon: Daemon) -> None:
-    proc = fission_cli(
-        "run", "--lang", "bash", "echo one; echo two >&2; exit 7", env=daemon_env(daemon)
-    )
+    proc = fission_cli("run", "--lang", "bash", "echo one; echo two >&2; exit 7", env=daemon_env(daemon))
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"one\n", b"two\n")
 
 
@@ -232,12 +221,8 @@ def test_restart_after_sigkill_reconciles() -> None:
 
 
 def test_pool_status_command(daemon: Daemon) -> None:
-    proc = subprocess.run(
-        [FISSION, "pool", "status", "--json", "--socket", str(daemon.socket)],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    proc = subprocess.run([FISSION, "pool", "status", "--json", "--socket", str(daemon.socket)],
+                          capture_output=True, timeout=30, check=False)
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
     assert {p["language"] for p in status["pools"]} == {"python", "bash"}
@@ -245,11 +230,8 @@ def test_pool_status_command(daemon: Daemon) -> None:
 
 
 def test_pool_status_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [FISSION, "pool", "status", "--socket", str(tmp_path / "none.sock")],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    proc = subprocess.run([FISSION, "pool", "status", "--socket", str(tmp_path / "none.sock")],
+                          capture_output=True, timeout=30, check=False)
     assert proc.returncode == 125
     assert b"fission serve" in proc.stderr
+

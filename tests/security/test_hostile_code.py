@@ -160,10 +160,7 @@ async def test_a_100_mb_argument_inside_the_guest_fails_cleanly() -> None:
 async def test_many_hostile_runs_at_once_leave_the_host_as_it_was() -> None:
     attacks = [
         ("python", "while True: pass"),
-        (
-            "python",
-            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-        ),
+        ("python", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"),
         ("python", "x = []\nwhile True: x.append(' ' * 10**6)"),
         ("bash", "yes"),
     ]

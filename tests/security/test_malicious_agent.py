@@ -65,15 +65,9 @@ async def hostile_guest(payload: bytes) -> AsyncIterator[AgentClient]:
 ATTACKS = {
     "bad magic": b"XX" + bytes(10),
     "oversized frame": protocol.HEADER.pack(
-        protocol.MAGIC,
-        protocol.PROTOCOL_VERSION,
-        int(FrameType.STDOUT),
-        1,
-        protocol.MAX_GUEST_PAYLOAD + 1,
+        protocol.MAGIC, protocol.PROTOCOL_VERSION, int(FrameType.STDOUT), 1, protocol.MAX_GUEST_PAYLOAD + 1
     ),
-    "unknown frame type": protocol.HEADER.pack(
-        protocol.MAGIC, protocol.PROTOCOL_VERSION, 250, 1, 0
-    ),
+    "unknown frame type": protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 250, 1, 0),
     "answer to another request": protocol.encode(FrameType.STDOUT, 77, b"x"),
     "exit with nonsense": protocol.encode_json(
         FrameType.EXIT, 1, {"exit_code": 999, "signal": -1, "timed_out": "yes"}

@@ -40,16 +40,12 @@ async def test_sleep_forever_in_a_child_is_killed_at_the_timeout() -> None:
 
 async def test_a_wedged_guest_is_stopped_by_the_host_deadline() -> None:
     """Freeze the guest's CPUs through QMP: only the host's own deadline can end the run."""
-    spec = RunSpec(
-        resolve_language("python"), "import time; time.sleep(1); print('late')", Limits(timeout=2)
-    )
+    spec = RunSpec(resolve_language("python"), "import time; time.sleep(1); print('late')",
+                   Limits(timeout=2))
     vm, agent = await boot(spec)
     try:
-        assert await vm.qmp("query-status") == {
-            "status": "running",
-            "singlestep": False,
-            "running": True,
-        }
+        assert await vm.qmp("query-status") == {"status": "running", "singlestep": False,
+                                                "running": True}
         await vm.qmp("stop")
         started = time.monotonic()
         result = (await execute(agent, exec_request(spec), diagnostics=vm.diagnostics)).result
@@ -64,9 +60,12 @@ async def test_a_wedged_guest_is_stopped_by_the_host_deadline() -> None:
 
 async def test_fork_bomb_hits_the_pids_limit_and_the_timeout() -> None:
     before = host_process_count()
-    code = (
-        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    )
+    code = ("import os\n"
+            "while True:\n"
+            "    try:\n"
+            "        os.fork()\n"
+            "    except OSError:\n"
+            "        pass\n")
     result = await run_code("python", code, timeout=5, pids=64)
     assert result.timed_out and result.exit_code == 124
     # The bomb lived in the guest only: the host gained no processes (allow unrelated noise).
@@ -74,18 +73,16 @@ async def test_fork_bomb_hits_the_pids_limit_and_the_timeout() -> None:
 
 
 async def test_pids_limit_caps_processes() -> None:
-    code = (
-        "import os, time\n"
-        "n = 0\n"
-        "try:\n"
-        "    while True:\n"
-        "        if os.fork() == 0:\n"
-        "            time.sleep(60)\n"
-        "            os._exit(0)\n"
-        "        n += 1\n"
-        "except OSError as e:\n"
-        "    print(n, e.errno)\n"
-    )
+    code = ("import os, time\n"
+            "n = 0\n"
+            "try:\n"
+            "    while True:\n"
+            "        if os.fork() == 0:\n"
+            "            time.sleep(60)\n"
+            "            os._exit(0)\n"
+            "        n += 1\n"
+            "except OSError as e:\n"
+            "    print(n, e.errno)\n")
     result = await run_code("python", code, timeout=30, pids=32)
     count, errno = (int(x) for x in result.stdout.split())
     assert errno == 11  # EAGAIN from the pids controller
@@ -108,17 +105,15 @@ async def test_memory_within_the_limit_is_available() -> None:
 
 
 async def test_disk_filler_stops_at_the_disk_cap() -> None:
-    code = (
-        "import os\n"
-        "written = 0\n"
-        "try:\n"
-        "    with open('/tmp/fill', 'wb') as f:\n"
-        "        while True:\n"
-        "            f.write(b'x' * (1 << 20)); f.flush(); os.fsync(f.fileno())\n"
-        "            written += 1\n"
-        "except OSError as e:\n"
-        "    print(written, e.errno)\n"
-    )
+    code = ("import os\n"
+            "written = 0\n"
+            "try:\n"
+            "    with open('/tmp/fill', 'wb') as f:\n"
+            "        while True:\n"
+            "            f.write(b'x' * (1 << 20)); f.flush(); os.fsync(f.fileno())\n"
+            "            written += 1\n"
+            "except OSError as e:\n"
+            "    print(written, e.errno)\n")
     result = await run_code("python", code, disk_mb=64, timeout=120)
     written, errno = (int(x) for x in result.stdout.split())
     assert errno == 28  # ENOSPC

@@ -66,14 +66,8 @@ async def harness(service: Service) -> AsyncIterator[Harness]:
             serving(service, address, gate),
             grpc.aio.insecure_channel(address) as channel,
         ):
-            yield Harness(
-                service,
-                pb_grpc.FissionStub(channel),
-                pb_grpc.SandboxesStub(channel),
-                key,
-                main.id,
-                slow_key,
-            )
+            yield Harness(service, pb_grpc.FissionStub(channel), pb_grpc.SandboxesStub(channel),
+                          key, main.id, slow_key)
     finally:
         gate.close()
         shutil.rmtree(directory, ignore_errors=True)
@@ -100,9 +94,7 @@ async def test_keys_are_checked_and_health_needs_none(service: Service) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await h.fission.Pools(pb.PoolsRequest())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert (
-            code_of(info.value) == "unauthorized" and "fission keys create" in info.value.details()
-        )
+        assert code_of(info.value) == "unauthorized" and "fission keys create" in info.value.details()
         pools = await h.fission.Pools(pb.PoolsRequest(), metadata=(("x-api-key", h.key),))
         assert pools.memory_budget_mb == BUDGET_MB
 
@@ -141,16 +133,11 @@ async def test_errors_become_statuses(service: Service, monkeypatch: pytest.Monk
 
 async def test_create_passes_the_keys_identity_and_quota(service: Service) -> None:
     calls: Calls = []
-    record_calls(
-        service.sandboxes,
-        "create",
-        calls,
-        lambda spec, owner, limit: ("create", spec.language.name, owner, limit),
-    )
+    record_calls(service.sandboxes, "create", calls,
+           lambda spec, owner, limit: ("create", spec.language.name, owner, limit))
     async with harness(service) as h:
-        created = await h.sandboxes.Create(
-            pb.CreateSandboxRequest(language="sh"), metadata=md(h.key)
-        )
+        created = await h.sandboxes.Create(pb.CreateSandboxRequest(language="sh"),
+                                           metadata=md(h.key))
         assert created.id.startswith("sbx_") and created.language == "bash"
         assert calls == [("create", "bash", h.key_id, 3)]
         assert service.sandboxes.get(created.id, owner=h.key_id).spec.language.name == "bash"
@@ -160,34 +147,22 @@ async def test_exec_streams_output_then_the_result(
     service: Service, fake_driver: FakeDriver
 ) -> None:
     calls: Calls = []
-    record_calls(
-        service.sandboxes,
-        "exec_command",
-        calls,
-        lambda sandbox_id, command, on_output, **kwargs: ("exec", sandbox_id, command, kwargs),
-    )
+    record_calls(service.sandboxes, "exec_command", calls,
+           lambda sandbox_id, command, on_output, **kwargs: ("exec", sandbox_id, command, kwargs))
     async with harness(service) as h:
         sandbox_id, vm = await bash_sandbox(h, fake_driver)
         # stdout, then (once it is surely sent) stderr, then exit 3
-        argv = ["sh", "-c", "cat; sleep 0.2; printf err >&2; exit 3"]
-        request = pb.ExecRequest(
-            sandbox_id=sandbox_id, argv=pb.Argv(args=argv), env={"A": "1"}, cwd="/tmp", stdin=b"out"
-        )
+        argv = ["sh", "-c", 'cat; sleep 0.2; printf err >&2; exit 3']
+        request = pb.ExecRequest(sandbox_id=sandbox_id, argv=pb.Argv(args=argv), env={"A": "1"},
+                                 cwd="/tmp", stdin=b"out")
         events = [e async for e in h.sandboxes.Exec(request, metadata=md(h.key))]
         assert [(e.output.stream, e.output.data) for e in events[:2]] == [
-            (pb.STREAM_STDOUT, b"out"),
-            (pb.STREAM_STDERR, b"err"),
-        ]
+            (pb.STREAM_STDOUT, b"out"), (pb.STREAM_STDERR, b"err")]
         assert events[2].result.exit_code == 3 and len(events) == 3
-        ((_, called_id, command, kwargs),) = calls
+        (_, called_id, command, kwargs), = calls
         assert (called_id, command) == (sandbox_id, argv)
-        assert kwargs == {
-            "owner": h.key_id,
-            "timeout": None,
-            "env": {"A": "1"},
-            "cwd": "/tmp",
-            "stdin": b"out",
-        }
+        assert kwargs == {"owner": h.key_id, "timeout": None, "env": {"A": "1"}, "cwd": "/tmp",
+                          "stdin": b"out"}
         assert vm.guest is not None
         (sent,) = vm.guest.execs  # what reached the guest agent
         assert (sent["argv"], sent["env"]["A"], sent["cwd"]) == (argv, "1", "/tmp")
@@ -221,9 +196,8 @@ async def test_write_file_takes_a_header_then_data(
 
 
 def test_chunks_are_cut_to_at_most_1_mib() -> None:
-    pieces = [
-        piece for chunk in (b"a" * (2 * MiB + MiB // 2), b"b" * 10) for piece in chunks_of(chunk)
-    ]
+    pieces = [piece for chunk in (b"a" * (2 * MiB + MiB // 2), b"b" * 10)
+              for piece in chunks_of(chunk)]
     assert [len(piece) for piece in pieces] == [MiB, MiB, MiB // 2, 10]
 
 
@@ -282,3 +256,4 @@ async def test_attach_grpc_serves_inside_the_apps_lifespan(service: Service) -> 
         shutil.rmtree(directory, ignore_errors=True)
     with pytest.raises(InvalidInput, match="key"):
         attach_grpc(app, service, "127.0.0.1:1", None)
+

@@ -115,7 +115,9 @@ async def test_a_pooled_vm_that_died_while_stopped_is_replaced(
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def quick_idle(start_service: ServiceStarter, monkeypatch: pytest.MonkeyPatch) -> Service:
+async def quick_idle(
+    start_service: ServiceStarter, monkeypatch: pytest.MonkeyPatch
+) -> Service:
     """A Service whose sandboxes stop after 50 ms with nothing in flight, checked every 10 ms."""
     monkeypatch.setattr("fission.core.sandboxes.EXPIRY_INTERVAL", 0.01)
     return await start_service(sandbox_idle_stop=0.05)

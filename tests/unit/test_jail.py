@@ -69,16 +69,10 @@ def clone(**changes: object) -> VMConfig:
     return config(**base)
 
 
-def plan_of(
-    cfg: VMConfig,
-    accel: str = "tcg",
-    slot: int = 7,
-    place: Placement | None = None,
-    **fact_changes: object,
-) -> jail_plan.JailPlan:
-    return jail_plan.plan_vm(
-        cfg, QEMU, accel, facts(**fact_changes), slot, place or Placement(), TCG_TB_SIZE_MB
-    )
+def plan_of(cfg: VMConfig, accel: str = "tcg", slot: int = 7, place: Placement | None = None,
+            **fact_changes: object) -> jail_plan.JailPlan:
+    return jail_plan.plan_vm(cfg, QEMU, accel, facts(**fact_changes), slot, place or Placement(),
+                        TCG_TB_SIZE_MB)
 
 
 def binds(plan: jail_plan.JailPlan) -> dict[Path, str]:
@@ -89,9 +83,7 @@ def binds(plan: jail_plan.JailPlan) -> dict[Path, str]:
 
 
 @pytest.mark.parametrize(("raw", "value"), [("", "auto"), ("ON", "on"), (" off ", "off")])
-def test_jail_setting_reads_fission_jail(
-    raw: str, value: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_jail_setting_reads_fission_jail(raw: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_JAIL", raw)
     assert jail_plan.jail_setting() == value
 
@@ -174,29 +166,17 @@ def test_a_clone_on_qemu_8_2_maps_the_template_ram_read_only() -> None:
     assert ram.endswith("share=off,readonly=on,rom=off")
 
 
-@pytest.mark.parametrize(
-    ("version", "expected"),
-    [
-        ("7.2.22", False),
-        ("8.1.5", False),
-        ("8.2.0", True),
-        ("10.0", True),
-        ("", False),
-        ("garbage", False),
-    ],
-)
+@pytest.mark.parametrize(("version", "expected"),
+                         [("7.2.22", False), ("8.1.5", False), ("8.2.0", True), ("10.0", True),
+                          ("", False), ("garbage", False)])
 def test_private_readonly_ram_needs_qemu_8_2(version: str, expected: bool) -> None:
     assert jail_plan.private_readonly_ram(version) is expected
 
 
 def test_a_template_writes_its_ram_and_disk_lent_to_its_uid() -> None:
     staging = Path("/cache/fission/snapshots/.python-abc-x")
-    cfg = config(
-        scratch=staging / "scratch.ext4",
-        scratch_writable=True,
-        memory_file=staging / "memory",
-        memory_shared=True,
-    )
+    cfg = config(scratch=staging / "scratch.ext4", scratch_writable=True,
+                 memory_file=staging / "memory", memory_shared=True)
     plan = plan_of(cfg)
     assert binds(plan)[staging / "memory"] == "rw" and binds(plan)[staging / "scratch.ext4"] == "rw"
     assert plan.create == (staging / "memory",)  # QEMU cannot create it inside the jail
@@ -251,10 +231,7 @@ def test_memory_limit_is_guest_ram_plus_qemu_plus_the_tcg_buffer() -> None:
 
 
 def test_pids_and_cpu_follow_the_vcpus() -> None:
-    one, four = (
-        jail_plan.cgroup_limits(352, 1, "tcg", 128),
-        jail_plan.cgroup_limits(352, 4, "tcg", 128),
-    )
+    one, four = jail_plan.cgroup_limits(352, 1, "tcg", 128), jail_plan.cgroup_limits(352, 4, "tcg", 128)
     assert four.pids - one.pids == 3 and one.pids >= 64 + 1 + 2  # I/O pool, vCPU, bwrap
     assert (one.cpu_quota_us, one.cpu_period_us) == (125_000, 100_000)
     assert four.cpu_quota_us == 425_000
@@ -307,21 +284,12 @@ def test_jail_argv_unshares_drops_and_then_runs_qemu() -> None:
     argv = jail_plan.jail_argv(plan, facts(), inner)
     split = argv.index("--")
     bwrap, setpriv = argv[:split], argv[split + 1 :]
-    for flag in (
-        "--unshare-ipc",
-        "--unshare-pid",
-        "--unshare-net",
-        "--unshare-uts",
-        "--die-with-parent",
-        "--new-session",
-        "--clearenv",
-    ):
+    for flag in ("--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                 "--die-with-parent", "--new-session", "--clearenv"):
         assert flag in bwrap
     assert "--unshare-user" not in bwrap  # a user namespace would map the jail's uid to root
     assert bwrap[bwrap.index("--cap-drop") + 1] == "ALL"
-    assert [bwrap[i + 1] for i, a in enumerate(bwrap) if a == "--cap-add"] == list(
-        jail_plan.SETPRIV_CAPS
-    )
+    assert [bwrap[i + 1] for i, a in enumerate(bwrap) if a == "--cap-add"] == list(jail_plan.SETPRIV_CAPS)
     assert bwrap.index("--remount-ro") > max(i for i, a in enumerate(bwrap) if a == "--bind")
     assert setpriv[:8] == [
         "/usr/bin/setpriv",
@@ -370,11 +338,8 @@ MOUNTINFO_V2 = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdel
 
 
 def test_hybrid_hosts_use_the_v1_controllers_under_this_process_own_cgroups() -> None:
-    layout = cgroups.plan_layout(
-        cgroups.parse_mounts(MOUNTINFO_HYBRID),
-        cgroups.parse_membership(CGROUP_HYBRID),
-        lambda _: set(),
-    )
+    layout = cgroups.plan_layout(cgroups.parse_mounts(MOUNTINFO_HYBRID),
+                                 cgroups.parse_membership(CGROUP_HYBRID), lambda _: set())
     assert layout.hierarchies == (
         Hierarchy(1, Path("/sys/fs/cgroup/memory/session/abc"), ("memory",)),
         Hierarchy(1, Path("/sys/fs/cgroup/pids"), ("pids",)),
@@ -385,9 +350,8 @@ def test_hybrid_hosts_use_the_v1_controllers_under_this_process_own_cgroups() ->
 
 def test_v2_at_the_root_uses_the_root() -> None:
     offered = {Path("/sys/fs/cgroup"): {"cpu", "memory", "pids", "io"}}
-    layout = cgroups.plan_layout(
-        cgroups.parse_mounts(MOUNTINFO_V2), {"": "/"}, lambda d: offered.get(d, set())
-    )
+    layout = cgroups.plan_layout(cgroups.parse_mounts(MOUNTINFO_V2), {"": "/"},
+                                 lambda d: offered.get(d, set()))
     assert layout.hierarchies == (Hierarchy(2, Path("/sys/fs/cgroup"), ("memory", "pids", "cpu")),)
     assert layout.version == "v2"
 
@@ -395,11 +359,8 @@ def test_v2_at_the_root_uses_the_root() -> None:
 def test_v2_in_a_service_puts_vms_beside_it_when_delegated_else_says_why() -> None:
     membership = {"": "/system.slice/fission.service/daemon"}
     parent = Path("/sys/fs/cgroup/system.slice/fission.service")
-    delegated = cgroups.plan_layout(
-        cgroups.parse_mounts(MOUNTINFO_V2),
-        membership,
-        lambda d: {"memory", "pids", "cpu"} if d == parent else set(),
-    )
+    delegated = cgroups.plan_layout(cgroups.parse_mounts(MOUNTINFO_V2), membership,
+                                    lambda d: {"memory", "pids", "cpu"} if d == parent else set())
     assert delegated.hierarchies == (Hierarchy(2, parent, ("memory", "pids", "cpu")),)
     bare = cgroups.plan_layout(cgroups.parse_mounts(MOUNTINFO_V2), membership, lambda d: {"pids"})
     assert bare.controller_versions() == {"pids": 2}
@@ -415,11 +376,9 @@ def test_a_host_without_cgroups_misses_every_controller() -> None:
 
 def test_a_mount_of_a_subtree_is_followed() -> None:
     mounts = cgroups.parse_mounts(
-        "35 31 0:32 /docker/ctr /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
-    )
-    layout = cgroups.plan_layout(
-        mounts, {"memory": "/docker/ctr/inner"}, lambda _: set(), wanted=("memory",)
-    )
+        "35 31 0:32 /docker/ctr /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    layout = cgroups.plan_layout(mounts, {"memory": "/docker/ctr/inner"}, lambda _: set(),
+                                 wanted=("memory",))
     assert layout.hierarchies == (Hierarchy(1, Path("/sys/fs/cgroup/memory/inner"), ("memory",)),)
 
 
@@ -429,9 +388,7 @@ def test_a_mount_of_a_subtree_is_followed() -> None:
 def test_qcow2_backing_reads_the_header(tmp_path: Path) -> None:
     overlay = tmp_path / "disk.qcow2"
     name = b"/cache/base.ext4"
-    header = (
-        b"QFI\xfb" + (3).to_bytes(4, "big") + (72).to_bytes(8, "big") + len(name).to_bytes(4, "big")
-    )
+    header = b"QFI\xfb" + (3).to_bytes(4, "big") + (72).to_bytes(8, "big") + len(name).to_bytes(4, "big")
     overlay.write_bytes(header.ljust(72, b"\0") + name)
     assert jailer.qcow2_backing(overlay) == Path("/cache/base.ext4")
     (tmp_path / "raw").write_bytes(b"\0" * 100)

@@ -31,18 +31,11 @@ def test_parse_probe_reads_status_namespaces_and_root() -> None:
 
 
 def test_id_range_clashes_are_reported(tmp_path: Path) -> None:
-    (tmp_path / "passwd").write_text(
-        "root:x:0:0::/root:/bin/sh\nsvc:x:900010:900010::/:/bin/false\n"
-    )
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\nsvc:x:900010:900010::/:/bin/false\n")
     (tmp_path / "group").write_text("root:x:0:\n")
     (tmp_path / "subuid").write_text("alice:100000:65536\nbob:899000:2000\n")
     layer = layer_checks.check_id_range(tmp_path)
-    assert (
-        not layer.ok
-        and "svc" in layer.detail
-        and "bob" in layer.detail
-        and "alice" not in layer.detail
-    )
+    assert not layer.ok and "svc" in layer.detail and "bob" in layer.detail and "alice" not in layer.detail
     clean = tmp_path / "clean"
     clean.mkdir()
     (clean / "subuid").write_text("alice:100000:65536\n")
@@ -88,20 +81,15 @@ def test_give_back_restores_owner_and_mode_but_not_through_a_symlink(tmp_path: P
 
 def test_layers_have_a_fix_when_missing() -> None:
     facts = jail_plan.HostFacts(euid=1000, bwrap=None, setpriv=None, layout=Layout((), ()))
-    for layer in (
-        layer_checks.check_tools(facts),
-        layer_checks.check_setting(facts),
-        layer_checks.check_cgroups(facts),
-        *layer_checks.jail_layers(facts),
-    ):
+    for layer in (layer_checks.check_tools(facts), layer_checks.check_setting(facts), layer_checks.check_cgroups(facts),
+                  *layer_checks.jail_layers(facts)):
         assert not layer.ok and layer.fix, layer
 
 
 @pytest.mark.parametrize("value", ["on", "off"])
 def test_setting_layer_reports_the_decision(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FISSION_JAIL", value)
-    facts = jail_plan.HostFacts(
-        euid=0, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv", layout=Layout((), ())
-    )
+    facts = jail_plan.HostFacts(euid=0, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv",
+                           layout=Layout((), ()))
     layer = layer_checks.check_setting(facts)
     assert layer.ok is (value == "on") and f"FISSION_JAIL={value}" in layer.detail

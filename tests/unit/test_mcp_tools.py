@@ -343,9 +343,7 @@ async def test_run_code_in_a_bash_sandbox_runs_afresh_by_default(runtime: Path) 
         sandbox = data(await call(client, "sandbox_create", language="bash", ttl=60))["id"]
         ran = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="echo $((6 * 7))")
         assert not ran.is_error and data(ran)["stdout"] == "42\n"
-        named = await call(
-            client, "sandbox_run_code", sandbox_id=sandbox, code="true", context="nb"
-        )
+        named = await call(client, "sandbox_run_code", sandbox_id=sandbox, code="true", context="nb")
         assert named.is_error and "context" in text_of(named)
         await call(client, "sandbox_delete", sandbox_id=sandbox)
 

@@ -78,14 +78,7 @@ def test_json_form_has_the_documented_fields() -> None:
     body = record(3, team="ml").to_json()
     assert body["id"] == "sbx_0000000000000003" and body["state"] == "running"
     assert body["metadata"] == {"team": "ml"} and body["language"] == "python"
-    assert set(body["limits"]) == {
-        "timeout",
-        "memory_mb",
-        "cpus",
-        "disk_mb",
-        "pids",
-        "output_limit_mb",
-    }
+    assert set(body["limits"]) == {"timeout", "memory_mb", "cpus", "disk_mb", "pids", "output_limit_mb"}
 
 
 def test_pages_walk_every_record_once_in_creation_order() -> None:

@@ -60,9 +60,7 @@ def differences(sync_cls: type, async_cls: type) -> list[str]:
         where = sync_cls if name in sync_names else async_cls
         problems.append(f"{name} exists only on {where.__name__}")
     pairs = [(name, name) for name in sorted(sync_names & async_names)]
-    pairs += [
-        (s, a) for s, a in DUNDER_TWINS.items() if hasattr(sync_cls, s) or hasattr(async_cls, a)
-    ]
+    pairs += [(s, a) for s, a in DUNDER_TWINS.items() if hasattr(sync_cls, s) or hasattr(async_cls, a)]
     for sync_name, async_name in pairs:
         if not hasattr(sync_cls, sync_name) or not hasattr(async_cls, async_name):
             problems.append(f"{sync_name}/{async_name}: one of the twins is missing")
@@ -136,11 +134,7 @@ def test_create_takes_what_the_constructor_takes() -> None:
 
 def test_timeouts_have_distinct_names_and_defaults() -> None:
     params = inspect.signature(Sandbox.create).parameters
-    assert (
-        params["ttl"].default,
-        params["timeout"].default,
-        params["request_timeout"].default,
-    ) == (
+    assert (params["ttl"].default, params["timeout"].default, params["request_timeout"].default) == (
         300.0,
         30.0,
         60.0,

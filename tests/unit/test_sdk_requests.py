@@ -218,13 +218,7 @@ def test_runs_and_commands_stream_with_their_own_deadline() -> None:
     )
     assert run.path == "/v1/sandboxes/sbx_1/run" and run.run_timeout == 30
     assert run.headers["Accept"] == calls.NDJSON
-    assert run.json == {
-        "code": "x",
-        "timeout": None,
-        "env": {},
-        "context": "c",
-        "fresh_context": True,
-    }
+    assert run.json == {"code": "x", "timeout": None, "env": {}, "context": "c", "fresh_context": True}
     cmd = calls.exec_command(
         "sbx_1", ["ls", "-l"], timeout=4, default_timeout=30, env={"A": "b"}, cwd="/tmp", stdin="hi"
     )
@@ -318,9 +312,7 @@ def free_port() -> int:
 
 
 def test_no_daemon_on_the_socket_is_not_ready(tmp_path: Path) -> None:
-    with pytest.raises(
-        NotReady, match=r"no fission daemon answers at the Unix socket .*fission serve"
-    ):
+    with pytest.raises(NotReady, match=r"no fission daemon answers at the Unix socket .*fission serve"):
         Sandbox.create(url=f"unix:{tmp_path / 'none.sock'}")
 
 

@@ -117,14 +117,8 @@ def test_pool_flags() -> None:
 
 def config(**overrides: object):  # type: ignore[no-untyped-def]
     args: dict[str, object] = {
-        "config_file": None,
-        "pools": [],
-        "memory_budget_mb": None,
-        "acquire_timeout": None,
-        "socket": None,
-        "host": None,
-        "port": None,
-        "state_dir": None,
+        "config_file": None, "pools": [], "memory_budget_mb": None, "acquire_timeout": None,
+        "socket": None, "host": None, "port": None, "state_dir": None,
     }
     args.update(overrides)
     return build_config(**args)  # type: ignore[arg-type]
@@ -132,9 +126,7 @@ def config(**overrides: object):  # type: ignore[no-untyped-def]
 
 def test_config_file_and_flags(tmp_path: Path) -> None:
     file = tmp_path / "fission.toml"
-    file.write_text(
-        "memory_budget_mb = 4096\nacquire_timeout = 3.5\n[pool]\npython = 3\nbash = 1\n"
-    )
+    file.write_text('memory_budget_mb = 4096\nacquire_timeout = 3.5\n[pool]\npython = 3\nbash = 1\n')
     merged = config(config_file=file, pools=["bash=2"], socket=tmp_path / "s.sock")
     assert merged.service.pools == {"python": 3, "bash": 2}
     assert merged.service.memory_budget_mb == 4096
@@ -179,8 +171,7 @@ def test_result_and_error_lines() -> None:
 
 
 def test_journal_reconcile_kills_only_the_recorded_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     swept: list[list[str]] = []
     monkeypatch.setattr(jailer, "remove_stale_cgroups", lambda ids: swept.append(sorted(ids)) or 2)
     journal = Journal(tmp_path)
@@ -189,12 +180,10 @@ def test_journal_reconcile_kills_only_the_recorded_process(
         start = process_start_time(victim.pid)
         assert start is not None
         (journal.directory / "a.json").write_text(
-            json.dumps({"pid": victim.pid, "start_time": start, "workdir": "x"})
-        )
+            json.dumps({"pid": victim.pid, "start_time": start, "workdir": "x"}))
         # A record whose start time does not match (a recycled pid) must not be killed.
         (journal.directory / "b.json").write_text(
-            json.dumps({"pid": os.getpid(), "start_time": -1, "workdir": "y"})
-        )
+            json.dumps({"pid": os.getpid(), "start_time": -1, "workdir": "y"}))
         (journal.vms_dir / "vm-old").mkdir()
         assert journal.reconcile() == {"killed": 1, "removed": 1, "cgroups": 2}
         # The cgroups of the recorded VMs go too, and those of every VM directory: a VM still
