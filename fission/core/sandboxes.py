@@ -297,10 +297,12 @@ class SandboxManager:
             machine, config = await sandbox_vm.start_sandbox_vm(
                 self.driver, self._run_spec(spec), directory, detached=self.durable
             )
+            self.journal.record(machine.vm)  # until catalogued (see ``_save``)
             try:
                 box.egress = await self._attach(box, machine)
             except BaseException:
                 await machine.destroy()
+                self.journal.forget(machine.vm)
                 raise
         except BaseException as exc:
             self.budget.release(reserved)
@@ -669,8 +671,6 @@ class SandboxManager:
         box.idle = idle.IdleState(self.idle_stop_after)
         box.gate.on_use = lambda: self._wake(box)
         self._sandboxes[box.record.id] = box
-        if box.machine is not None:
-            self._journal_vm(box.machine)
         self._save(box)
 
     def _save(self, box: ManagedSandbox) -> None:
@@ -680,18 +680,19 @@ class SandboxManager:
         machine = box.machine
         vm = machine.vm if machine is not None else None
         self.catalog.put(entry_for(box.record, box.directory, box.reserved_mb, box.config, vm))
-        if vm is not None and vm.pid is not None and self.durable and self.on_running:
-            self.on_running()
+        if vm is not None and self.durable:
+            # Catalogued now: the catalog is its journal, and reconcile leaves it alone. Until
+            # here (a daemon dying while it starts) the journal had it, so it is not left over.
+            self.journal.forget(vm)
+            if vm.pid is not None and self.on_running is not None:
+                self.on_running()
 
     def _journal_vm(self, machine: Machine) -> None:
-        """Journal a sandbox VM that must die with the daemon (not ``durable``): the catalog is
-        the journal of durable ones, and reconcile leaves them alone."""
-        if not self.durable:
-            self.journal.record(machine.vm)
+        """Journal a started sandbox VM (a durable one only until it is catalogued)."""
+        self.journal.record(machine.vm)
 
     def _forget_vm(self, machine: Machine) -> None:
-        if not self.durable:
-            self.journal.forget(machine.vm)
+        self.journal.forget(machine.vm)
 
     # -- helpers -------------------------------------------------------------------------------
     async def _wake(self, box: ManagedSandbox) -> None:

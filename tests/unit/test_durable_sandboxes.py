@@ -215,8 +215,10 @@ async def test_a_paused_sandbox_expires_after_the_retention(
     record = await service.sandboxes.create(BASH)
     paused = await service.sandboxes.pause(record.id)
     assert paused.expires_at <= time.time() + 1.0
-    await eventually(lambda: service.sandboxes.count() == 0, "the paused sandbox to expire", 5)
-    assert Catalog(tmp_path / "state").entries() == []
+    catalog = Catalog(tmp_path / "state")
+    await eventually(lambda: catalog.entries() == [], "the paused sandbox to expire", 5)
+    assert service.sandboxes.count() == 0
+    catalog.close()
 
 
 async def test_on_timeout_pause_pauses_at_the_end_of_the_ttl(
