@@ -12,6 +12,7 @@ import asyncio
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from fission.core.sandbox_spec import (
     spec_to_json,
 )
 from fission.core.sandboxes import vm_memory_mb
-from fission.core.service import Service
+from fission.core.service import Service, ServiceConfig
 from fission.errors import Busy, InvalidInput, SandboxNotRunning
 from fission.vmm import jailer
 from fission.vmm.base import VMConfig, config_from_json, config_to_json
@@ -329,3 +330,29 @@ async def test_an_idle_stopped_sandbox_is_woken_at_re_attach(
     second = await durable(start_service, tmp_path / "state", on_stop="delete")
     ran = await second.sandboxes.exec_command(record.id, "echo awake")
     assert ran.stdout == b"awake\n"
+
+
+def test_serve_takes_on_stop_retention_and_grace(tmp_path: Path) -> None:
+    from fission.server.daemon import build_config
+
+    def config(**options: Any) -> ServiceConfig:
+        defaults: dict[str, Any] = {
+            "config_file": None,
+            "pools": [],
+            "memory_budget_mb": None,
+            "acquire_timeout": None,
+            "socket": tmp_path / "s",
+            "host": None,
+            "port": None,
+            "state_dir": tmp_path,
+        }
+        return build_config(**(defaults | options)).service
+
+    service = config()
+    assert (service.durable_sandboxes, service.on_stop) == (True, "keep")
+    chosen = config(on_stop="pause", paused_retention=60.0, keeper_grace=5.0)
+    assert (chosen.on_stop, chosen.paused_retention, chosen.keeper_grace) == ("pause", 60.0, 5.0)
+    with pytest.raises(InvalidInput, match="--on-stop"):
+        config(on_stop="explode")
+    with pytest.raises(InvalidInput, match="--paused-retention"):
+        config(paused_retention=-1.0)
