@@ -22,7 +22,9 @@ Like Firecracker's jailer, every QEMU process gets, on top of QEMU's own seccomp
 * **no capabilities** and ``no_new_privs``: bubblewrap keeps only what ``setpriv`` (util-linux)
   needs to switch to the VM's uid/gid, and setpriv clears the bounding and inheritable sets;
 * a **cgroup** with memory, pids and CPU limits sized from the VM (see ``cgroup_limits``);
-* a **clean environment** (only ``TMPDIR``) and **only stdin, stdout and stderr** inherited.
+* a **clean environment** (only ``TMPDIR``) and **only stdin, stdout and stderr** inherited
+  (a sandbox's detached VM also holds its uid slot's lock, opened read-only, so the uid stays
+  its own after the daemon exits).
 
 A clone maps its template's RAM file privately. QEMU before 8.2 opens that file read-write even
 then (8.2 added ``readonly=on,rom=off`` for exactly this), so on such QEMU the file is bound
