@@ -344,8 +344,8 @@ class SandboxManager:
         return box.record
 
     def count(self) -> int:
-        """How many sandboxes exist (running or paused)."""
-        return len(self._sandboxes)
+        """How many sandboxes exist (running or paused; a lost one holds nothing)."""
+        return sum(b.record.state != SandboxState.LOST for b in self._sandboxes.values())
 
     def set_ttl(self, sandbox_id: str, ttl: float, owner: str | None = None) -> SandboxRecord:
         """Keep a sandbox alive ``ttl`` more seconds from now."""

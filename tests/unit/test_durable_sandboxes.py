@@ -30,7 +30,7 @@ from fission.core.sandbox_spec import (
 )
 from fission.core.sandboxes import vm_memory_mb
 from fission.core.service import Service, ServiceConfig
-from fission.errors import Busy, InvalidInput, SandboxNotRunning
+from fission.errors import Busy, InvalidInput, SandboxNotFound, SandboxNotRunning
 from fission.vmm import jailer
 from fission.vmm.base import VMConfig, config_from_json, config_to_json
 from fission.vmm.fake import FakeDriver
@@ -156,8 +156,10 @@ async def test_a_vm_that_ended_meanwhile_leaves_its_sandbox_lost(
     await second.close()
     third = await durable(start_service, tmp_path / "state")
     assert third.sandboxes.get(record.id).state == SandboxState.LOST
+    assert third.sandboxes.count() == 0  # a lost sandbox keeps no daemon busy (--idle-exit)
     await third.sandboxes.delete(record.id)
-    assert third.sandboxes.count() == 0
+    with pytest.raises(SandboxNotFound):
+        third.sandboxes.get(record.id)
 
 
 async def test_a_paused_sandbox_without_its_saved_state_is_lost(
