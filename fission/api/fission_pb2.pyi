@@ -19,6 +19,7 @@ class SandboxState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SANDBOX_STATE_RUNNING: _ClassVar[SandboxState]
     SANDBOX_STATE_PAUSED: _ClassVar[SandboxState]
     SANDBOX_STATE_DELETED: _ClassVar[SandboxState]
+    SANDBOX_STATE_LOST: _ClassVar[SandboxState]
 STREAM_UNSPECIFIED: Stream
 STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
@@ -26,6 +27,7 @@ SANDBOX_STATE_UNSPECIFIED: SandboxState
 SANDBOX_STATE_RUNNING: SandboxState
 SANDBOX_STATE_PAUSED: SandboxState
 SANDBOX_STATE_DELETED: SandboxState
+SANDBOX_STATE_LOST: SandboxState
 
 class Limits(_message.Message):
     __slots__ = ("timeout", "memory_mb", "cpus", "disk_mb", "pids", "output_limit_mb")
@@ -180,7 +182,7 @@ class PoolsResponse(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., memory_budget_mb: _Optional[int] = ..., memory_reserved_mb: _Optional[int] = ..., reconciled: _Optional[_Mapping[str, int]] = ..., sandboxes: _Optional[int] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "language", "state", "created_at", "expires_at", "ttl", "metadata", "network", "limits", "network_policy")
+    __slots__ = ("id", "language", "state", "created_at", "expires_at", "ttl", "metadata", "network", "limits", "network_policy", "on_timeout", "lost_reason")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +200,8 @@ class Sandbox(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    LOST_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     language: str
     state: SandboxState
@@ -208,10 +212,12 @@ class Sandbox(_message.Message):
     network: str
     limits: Limits
     network_policy: NetworkPolicy
-    def __init__(self, id: _Optional[str] = ..., language: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ...) -> None: ...
+    on_timeout: str
+    lost_reason: str
+    def __init__(self, id: _Optional[str] = ..., language: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., on_timeout: _Optional[str] = ..., lost_reason: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("language", "limits", "ttl", "env", "metadata", "network", "network_policy", "from_snapshot")
+    __slots__ = ("language", "limits", "ttl", "env", "metadata", "network", "network_policy", "from_snapshot", "on_timeout")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +240,7 @@ class CreateSandboxRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     NETWORK_POLICY_FIELD_NUMBER: _ClassVar[int]
     FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     language: str
     limits: Limits
     ttl: float
@@ -242,7 +249,8 @@ class CreateSandboxRequest(_message.Message):
     network: str
     network_policy: NetworkPolicy
     from_snapshot: str
-    def __init__(self, language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ttl: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., from_snapshot: _Optional[str] = ...) -> None: ...
+    on_timeout: str
+    def __init__(self, language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ttl: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., from_snapshot: _Optional[str] = ..., on_timeout: _Optional[str] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
     __slots__ = ("id", "name", "kind", "sandbox_id", "language", "limits", "size_bytes", "created_at", "last_used_at")

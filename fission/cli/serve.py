@@ -52,6 +52,24 @@ def serve_command(
             "the least recently used unused ones are evicted (default: no bound)."
         ),
     ] = None,
+    on_stop: Annotated[
+        str | None,
+        typer.Option(
+            help="What a stop (SIGTERM) does with running sandboxes: keep (default: they run "
+            "on and the next daemon re-attaches), pause (saved to disk) or delete."
+        ),
+    ] = None,
+    paused_retention: Annotated[
+        float | None,
+        typer.Option(help="Seconds a paused (or lost) sandbox is kept (default 7 days)."),
+    ] = None,
+    keeper_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds past a sandbox's ttl after which the keeper ends its VM when no "
+            "daemon did (default 300)."
+        ),
+    ] = None,
 ) -> None:
     """Run the fission daemon: warm pools of VMs behind an HTTP API (and gRPC when asked)."""
     from fission.server.daemon import build_config, serve
@@ -72,6 +90,9 @@ def serve_command(
             grpc_socket=grpc_socket,
             idle_exit=idle_exit,
             snapshot_budget_mb=snapshot_budget,
+            on_stop=on_stop,
+            paused_retention=paused_retention,
+            keeper_grace=keeper_grace,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
         if daemon_config.grpc_address is not None:

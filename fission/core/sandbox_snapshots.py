@@ -286,6 +286,7 @@ class SandboxSnapshots:
             config = replace(
                 driver.restored(record.config, directory, keep_writes=True),
                 incoming=source / STATE_NAME,
+                detached=self.manager.durable,
             )
             return await driver.start(config), config
         except BaseException:
@@ -380,6 +381,7 @@ class SandboxSnapshots:
         box.idle = idle.IdleState(manager.idle_stop_after)
         box.record.state = SandboxState.RUNNING
         box.record.expires_at = manager._clock() + box.record.spec.ttl
+        manager._save(box)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _verify(self, record: SnapshotRecord, action: str, owner: str | None) -> None:

@@ -10,8 +10,16 @@ reply to its request); pause and resume wait until none is in flight and hold ne
 run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
 ``execution.KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a
 timeout.
-Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
-the ttl. Sandboxes do not survive a daemon restart: reconcile removes what a dead one left.
+A running sandbox whose ttl runs out is deleted, or paused with ``on_timeout="pause"``. A
+paused one is kept ``paused_retention`` seconds (then deleted; its ``expires_at`` says when);
+resuming restarts the ttl.
+
+Every change is written through to the catalog (``catalog``), in one place (``_save``; new
+sandboxes enter through ``_register``). With ``durable`` (a daemon) sandbox VMs are
+``detached``: they outlive the daemon, which on stop (``on_stop``) keeps them running, pauses
+them or deletes them; a restarted daemon re-attaches (``sandbox_restore``), and a VM that
+ended meanwhile leaves its sandbox ``lost``, listed with the reason until deleted (or
+``paused_retention`` later). Without ``durable`` (embedded runs) sandboxes end with the process.
 A running sandbox with nothing in flight for ``idle_stop_after`` seconds has its vCPUs stopped
 (``idle``: no CPU while idle); its next call wakes it first and sets its clock.
 """
@@ -33,6 +41,7 @@ from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of
 from fission.auth.quotas import ConcurrencyTracker, Slot
 from fission.core import idle, integrity, sandbox_vm, snapshots
 from fission.core.audit_events import audit_event
+from fission.core.catalog import Catalog, entry_for
 from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
@@ -55,6 +64,8 @@ from fission.vmm.base import DISK_NAME, STATE_NAME, Driver, VMConfig, default_dr
 
 log = logging.getLogger("fission.sandboxes")
 StartVM = Callable[[Path], Awaitable[tuple[Machine, VMConfig]]]
+ON_STOP = ("keep", "pause", "delete")  # what a stopping daemon does with running sandboxes
+PAUSED_RETENTION = 7 * 24 * 3600.0  # seconds a paused (or lost) sandbox is kept
 EXPIRY_INTERVAL = 0.5
 FILE_OP_TIMEOUT = 120.0
 SHELL = "/bin/sh"
@@ -120,17 +131,25 @@ class ManagedSandbox:
     egress: Egress | None = None
     gate: Gate = field(default_factory=lambda: Gate())
     idle: idle.IdleState = field(default_factory=lambda: idle.IdleState(None))
+    timing_out: bool = False  # being paused because its ttl ran out (on_timeout "pause")
 
     @property
     def agent(self) -> AgentClient:
         """The agent of the running VM; SandboxNotRunning when paused or gone."""
         if self.machine is None or self.record.state != SandboxState.RUNNING:
-            raise SandboxNotRunning(
-                f"sandbox {self.record.id} is {self.record.state.value}: resume it first"
-                if self.record.state == SandboxState.PAUSED
-                else f"sandbox {self.record.id} is {self.record.state.value}"
-            )
+            raise not_running(self.record)
         return self.machine.agent
+
+
+def not_running(record: SandboxRecord) -> SandboxNotRunning:
+    """The error for using a sandbox that does not run, saying what to do."""
+    if record.state == SandboxState.PAUSED:
+        return SandboxNotRunning(f"sandbox {record.id} is paused: resume it first")
+    if record.state == SandboxState.LOST:
+        return SandboxNotRunning(
+            f"sandbox {record.id} is lost ({record.lost_reason}): delete it and create another"
+        )
+    return SandboxNotRunning(f"sandbox {record.id} is {record.state.value}")
 
 
 def vm_memory_mb(limits: Limits) -> int:
@@ -152,8 +171,20 @@ class SandboxManager:
         driver: Driver | None = None,
         idle_stop_after: float | None = idle.SANDBOX_IDLE_STOP,
         snapshot_budget_mb: int | None = None,
+        catalog: Catalog | None = None,
+        durable: bool = False,
+        on_stop: str = "delete",
+        paused_retention: float = PAUSED_RETENTION,
     ) -> None:
+        if on_stop not in ON_STOP:
+            raise InvalidInput(f"--on-stop {on_stop!r} is not one of {', '.join(ON_STOP)}")
         self.driver = driver or default_driver()
+        self.catalog = catalog
+        self.durable = durable  # sandbox VMs outlive the daemon (catalogued, re-attached)
+        self.on_stop = on_stop if durable else "delete"
+        self.paused_retention = paused_retention
+        # Called whenever a running sandbox VM is catalogued (the daemon starts its keeper).
+        self.on_running: Callable[[], None] | None = None
         self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
         self.budget = budget
         self.journal = journal
@@ -178,16 +209,36 @@ class SandboxManager:
         self._expiry = asyncio.create_task(self._expire_loop(), name="sandbox-expiry")
 
     async def close(self) -> None:
-        """Destroy every sandbox (daemon shutdown)."""
+        """Daemon shutdown: per ``on_stop``, leave running sandboxes running (``keep``: their
+        VMs live on, catalogued), save them to disk (``pause``), or destroy every sandbox."""
         if self._expiry is not None:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(
-            *(self._destroy(box, "shutdown") for box in list(self._sandboxes.values())),
-            return_exceptions=True,
-        )
+        boxes = list(self._sandboxes.values())
+        if self.on_stop == "delete":
+            await asyncio.gather(
+                *(self._destroy(box, "shutdown") for box in boxes), return_exceptions=True
+            )
+        else:
+            if self.on_stop == "pause":
+                running = [b for b in boxes if b.record.state == SandboxState.RUNNING]
+                await asyncio.gather(
+                    *(self.pause(box.record.id) for box in running), return_exceptions=True
+                )
+            await asyncio.gather(*(self._let_go(box) for box in boxes), return_exceptions=True)
+        if self.catalog is not None:
+            self.catalog.close()
+
+    async def _let_go(self, box: ManagedSandbox) -> None:
+        """Stop managing a sandbox and leave its VM running (its catalog row says how to find
+        it again); its files, cgroups and uid stay as they are."""
+        self._sandboxes.pop(box.record.id, None)
+        machine, box.machine = box.machine, None
+        await self._detach(box)
+        if machine is not None:
+            await machine.agent.close()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -195,14 +246,33 @@ class SandboxManager:
             now = self._clock()
             for box in list(self._sandboxes.values()):
                 record = box.record
-                if record.state == SandboxState.RUNNING and record.expires_at <= now:
-                    log.info("sandbox %s expired", record.id)
-                    await self._destroy(box, "expired")
+                if record.expires_at <= now and record.state == SandboxState.RUNNING:
+                    log.info(
+                        "sandbox %s expired (on_timeout %s)", record.id, record.spec.on_timeout
+                    )
+                    if record.spec.on_timeout == "pause":
+                        self._background(self._pause_quietly(box))
+                    else:
+                        log.info("sandbox %s expired", record.id)
+                        await self._destroy(box, "expired")
+                elif record.expires_at <= now:  # paused or lost: its retention has ended
+                    log.info("sandbox %s (%s) expired", record.id, record.state.value)
+                    await self._destroy(box, "retention ended")
                 elif box.machine is not None and record.state == SandboxState.RUNNING:
                     streams = len(box.egress.tunnel.streams) if box.egress is not None else 0
                     quiet = 0.0 if streams else box.gate.quiet_for(time.monotonic())
                     if box.idle.due(box.machine.vm, quiet):
                         self._background(self._stop_idle(box))
+
+    async def _pause_quietly(self, box: ManagedSandbox) -> None:
+        """Pause a sandbox whose ttl ran out (``on_timeout="pause"``); a failure is logged (the
+        sandbox is then deleted, as a failed pause always does)."""
+        try:
+            await self.pause(box.record.id)
+        except FissionError as exc:
+            log.warning("sandbox %s: pausing at its ttl failed: %s", box.record.id, exc)
+        finally:
+            box.timing_out = False
 
     async def _stop_idle(self, box: ManagedSandbox) -> None:
         """Stop an idle sandbox's vCPUs unless a call came in meanwhile."""
@@ -217,7 +287,9 @@ class SandboxManager:
         """Start a sandbox for ``spec``; ``owner`` (an API key id) may hold ``max_sandboxes``."""
 
         def start(directory: Path) -> Awaitable[tuple[Machine, VMConfig]]:
-            return sandbox_vm.start_sandbox_vm(self.driver, self._run_spec(spec), directory)
+            return sandbox_vm.start_sandbox_vm(
+                self.driver, self._run_spec(spec), directory, detached=self.durable
+            )
 
         return await self._create(spec, owner, max_sandboxes, start)
 
@@ -243,15 +315,15 @@ class SandboxManager:
         record = SandboxRecord(new_sandbox_id(), spec, owner, now, now + spec.ttl)
         directory = self.journal.sandboxes_dir / record.id
         box = ManagedSandbox(record, directory, reserved, slot)
-        box.idle = idle.IdleState(self.idle_stop_after)
-        box.gate.on_use = lambda: self._wake(box)
         try:
             directory.mkdir(mode=0o700)
             machine, config = await start_vm(directory)
+            self.journal.record(machine.vm)  # until catalogued (see ``_save``)
             try:
                 box.egress = await self._attach(box, machine)
             except BaseException:
                 await machine.destroy()
+                self.journal.forget(machine.vm)
                 raise
         except BaseException as exc:
             self.budget.release(reserved)
@@ -262,9 +334,8 @@ class SandboxManager:
             await self._audit(owner, "sandbox.create", spec, outcome, started, detail)
             raise
         box.machine, box.config = machine, config
-        self.journal.record(machine.vm)
         record.expires_at = self._clock() + spec.ttl
-        self._sandboxes[record.id] = box
+        self._register(box)
         detail = (detail or {}) | {"sandbox": record.id}
         await self._audit(owner, "sandbox.create", spec, "ok", started, detail)
         return record
@@ -296,8 +367,8 @@ class SandboxManager:
         return box.record
 
     def count(self) -> int:
-        """How many sandboxes exist (running or paused)."""
-        return len(self._sandboxes)
+        """How many sandboxes exist (running or paused; a lost one holds nothing)."""
+        return sum(b.record.state != SandboxState.LOST for b in self._sandboxes.values())
 
     def set_ttl(self, sandbox_id: str, ttl: float, owner: str | None = None) -> SandboxRecord:
         """Keep a sandbox alive ``ttl`` more seconds from now."""
@@ -305,6 +376,7 @@ class SandboxManager:
         spec = replace(box.record.spec, ttl=ttl)  # validates the ttl
         box.record.spec = spec
         box.record.expires_at = self._clock() + ttl
+        self._save(box)
         return box.record
 
     # -- runs and commands --------------------------------------------------------------------
@@ -484,12 +556,14 @@ class SandboxManager:
         async with box.gate.change():
             if box.record.state == SandboxState.PAUSED:
                 return box.record
+            if box.record.state == SandboxState.LOST:
+                raise not_running(box.record)
             machine = box.machine
             if machine is None:
                 raise self._gone(box)
             await self._wake(box)  # the agent syncs the guest's disks before the save
             box.machine = None
-            self.journal.forget(machine.vm)
+            self._forget_vm(machine)
             await self._detach(box)
             try:
                 await sandbox_vm.pause_vm(machine, box.directory)
@@ -506,7 +580,9 @@ class SandboxManager:
                 await self._destroy(box, "pause failed")
                 raise
             box.record.state = SandboxState.PAUSED
+            box.record.expires_at = self._clock() + self.paused_retention
             self.budget.release(box.reserved_mb)
+            self._save(box)
         await self._audit(
             box.record.owner,
             "sandbox.pause",
@@ -524,6 +600,8 @@ class SandboxManager:
         async with box.gate.change():
             if box.record.state == SandboxState.RUNNING:
                 return box.record
+            if box.record.state == SandboxState.LOST:
+                raise not_running(box.record)
             if box.config is None:
                 raise self._gone(box)
             self._reserve(box.reserved_mb)
@@ -548,11 +626,12 @@ class SandboxManager:
                     {"sandbox": box.record.id},
                 )
                 raise
-            self.journal.record(machine.vm)
+            self._journal_vm(machine)
             box.machine, box.config = machine, config
             box.idle = idle.IdleState(self.idle_stop_after)
             box.record.state = SandboxState.RUNNING
             box.record.expires_at = self._clock() + box.record.spec.ttl
+            self._save(box)
         await self._audit(
             box.record.owner,
             "sandbox.resume",
@@ -579,7 +658,7 @@ class SandboxManager:
             await self._detach(box)
             if machine is not None:
                 await machine.destroy()
-                self.journal.forget(machine.vm)
+                self._forget_vm(machine)
         finally:
             if was_running:
                 self.budget.release(box.reserved_mb)
@@ -587,6 +666,8 @@ class SandboxManager:
                 box.slot.release()
             await asyncio.to_thread(shutil.rmtree, box.directory, True)
             self.snapshots.sandbox_gone(box.record.id)
+            if self.catalog is not None:
+                self.catalog.remove(box.record.id)
         await self._audit(
             box.record.owner,
             "sandbox.delete",
@@ -595,6 +676,66 @@ class SandboxManager:
             None,
             {"sandbox": box.record.id},
         )
+
+    async def lose(self, box: ManagedSandbox, reason: str) -> None:
+        """Mark a sandbox ``lost`` (its VM or saved state is gone): what is left of its VM and
+        its directory go, its memory and quota slot are given back, its record stays."""
+        was_running = box.record.state == SandboxState.RUNNING
+        box.record.state, box.record.lost_reason = SandboxState.LOST, reason
+        box.record.expires_at = self._clock() + self.paused_retention
+        machine, box.machine, box.config = box.machine, None, None
+        log.warning("sandbox %s is lost: %s", box.record.id, reason)
+        try:
+            await self._detach(box)
+            if machine is not None:
+                await machine.destroy()
+                self._forget_vm(machine)
+        finally:
+            if was_running:
+                self.budget.release(box.reserved_mb)
+            if box.slot is not None:
+                box.slot.release()
+                box.slot = None
+            await asyncio.to_thread(shutil.rmtree, box.directory, True)
+            self._save(box)
+        await self._audit(
+            box.record.owner,
+            "sandbox.lost",
+            box.record.spec,
+            reason,
+            None,
+            {"sandbox": box.record.id},
+        )
+
+    # -- the catalog -----------------------------------------------------------------------------
+    def _register(self, box: ManagedSandbox) -> None:
+        """Add a sandbox to those the manager serves, and to the catalog: the one way in, for
+        new sandboxes and for those a restart re-attached."""
+        box.idle = idle.IdleState(self.idle_stop_after)
+        box.gate.on_use = lambda: self._wake(box)
+        self._sandboxes[box.record.id] = box
+        self._save(box)
+
+    def _save(self, box: ManagedSandbox) -> None:
+        """Write the sandbox's row (after every change of its state, lifetime or VM)."""
+        if self.catalog is None:
+            return
+        machine = box.machine
+        vm = machine.vm if machine is not None else None
+        self.catalog.put(entry_for(box.record, box.directory, box.reserved_mb, box.config, vm))
+        if vm is not None and self.durable:
+            # Catalogued now: the catalog is its journal, and reconcile leaves it alone. Until
+            # here (a daemon dying while it starts) the journal had it, so it is not left over.
+            self.journal.forget(vm)
+            if vm.pid is not None and self.on_running is not None:
+                self.on_running()
+
+    def _journal_vm(self, machine: Machine) -> None:
+        """Journal a started sandbox VM (a durable one only until it is catalogued)."""
+        self.journal.record(machine.vm)
+
+    def _forget_vm(self, machine: Machine) -> None:
+        self.journal.forget(machine.vm)
 
     # -- helpers -------------------------------------------------------------------------------
     async def _wake(self, box: ManagedSandbox) -> None:

@@ -15,7 +15,6 @@ exists. Deleting one in use is refused; eviction and ``gc`` skip it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import secrets
 import shutil
@@ -27,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fission.core import integrity
-from fission.core.languages import resolve_language
-from fission.core.limits import Limits
-from fission.core.sandbox_spec import NetworkPolicy, SandboxSpec
+from fission.core.sandbox_spec import SandboxSpec, spec_from_json, spec_to_json
 from fission.errors import Conflict, InvalidInput, SnapshotNotFound
-from fission.vmm.base import DISK_NAME, STATE_NAME, VMConfig
+from fission.vmm.base import DISK_NAME, STATE_NAME, VMConfig, config_from_json, config_to_json
 from fission.vmm.jailer import qcow2_backing
 
 MANIFEST = "manifest.json"
@@ -39,49 +36,6 @@ ID_PREFIX = "snap_"
 KINDS = ("snapshot", "checkpoint", "fork")
 MAX_NAME = 128
 MB = 1024 * 1024
-PATH_FIELDS = ("kernel", "initramfs", "rootfs", "scratch", "workdir")
-OPTIONAL_PATH_FIELDS = ("memory_file", "incoming", "template")
-
-
-def config_to_json(config: VMConfig) -> dict[str, Any]:
-    """A VM config as JSON (paths as strings)."""
-    data = dataclasses.asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
-
-
-def config_from_json(data: dict[str, Any]) -> VMConfig:
-    """The VM config a manifest recorded."""
-    values = dict(data)
-    for name in PATH_FIELDS:
-        values[name] = Path(values[name])
-    for name in OPTIONAL_PATH_FIELDS:
-        values[name] = Path(values[name]) if values.get(name) else None
-    values["kernel_args"] = tuple(values.get("kernel_args", ()))
-    return VMConfig(**values)
-
-
-def spec_to_json(spec: SandboxSpec) -> dict[str, Any]:
-    """A sandbox spec as JSON."""
-    return {
-        "language": spec.language.name,
-        "limits": spec.limits.to_json(),
-        "ttl": spec.ttl,
-        "env": dict(spec.env),
-        "metadata": dict(spec.metadata),
-        "network": spec.network.to_json(),
-    }
-
-
-def spec_from_json(data: dict[str, Any]) -> SandboxSpec:
-    """The sandbox spec a manifest recorded."""
-    return SandboxSpec(
-        resolve_language(data["language"]),
-        Limits(**data["limits"]),
-        data["ttl"],
-        data["env"],
-        data["metadata"],
-        NetworkPolicy.from_json(data["network"]),
-    )
 
 
 def check_name(name: str | None) -> str | None:

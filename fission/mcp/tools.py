@@ -198,13 +198,18 @@ class FissionTools:
                 "memory (variables) and files; memory_mb is then the snapshot's."
             ),
         ] = None,
+        on_timeout: Annotated[
+            Literal["delete", "pause"],
+            Field(description='At the end of the ttl: "delete" the sandbox, or "pause" it.'),
+        ] = "delete",
     ) -> SandboxInfo:
         """Create a persistent sandbox: an isolated microVM that keeps its files and state.
 
         Use it for work that spans several steps: run code that keeps variables between calls
         (sandbox_run_code), run shell commands (sandbox_exec), write and read files. Files live
         under /home/sandbox. There is no network. The sandbox is deleted with everything in it
-        when its ttl runs out (see expires_at); pause it to keep it without a deadline. Returns
+        when its ttl runs out (see expires_at), or paused with on_timeout "pause"; pause it to
+        keep it longer (a paused sandbox is kept for a retention period, see expires_at). Returns
         its id (pass it as sandbox_id) and expiry. Delete it with sandbox_delete when done.
         """
         if from_snapshot is not None:
@@ -212,7 +217,13 @@ class FissionTools:
             record = await snapshots.create_from(from_snapshot, ttl=ttl, metadata=metadata)
             return sandbox_info(record)
         limits = Limits(memory_mb=memory_mb, output_limit_mb=OUTPUT_LIMIT_MB)
-        spec = SandboxSpec(resolve_language(language), limits, ttl, metadata=metadata or {})
+        spec = SandboxSpec(
+            resolve_language(language),
+            limits,
+            ttl,
+            metadata=metadata or {},
+            on_timeout=on_timeout,
+        )
         return sandbox_info(await self.service.sandboxes.create(spec))
 
     async def sandbox_run_code(

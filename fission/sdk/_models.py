@@ -53,6 +53,8 @@ class SandboxInfo:
     disk_mb: int
     metadata: dict[str, str] = field(default_factory=dict)
     network: str = "none"
+    on_timeout: str = "delete"  # what the end of its ttl does: "delete" or "pause"
+    lost_reason: str = ""  # why a "lost" sandbox is lost (empty otherwise)
 
 
 @dataclass(frozen=True)

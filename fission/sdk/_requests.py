@@ -173,6 +173,7 @@ def create_sandbox(
     network: str | Mapping[str, Any],
     allow_hosts: Sequence[str] | None = None,
     from_snapshot: str | None = None,
+    on_timeout: str = "delete",
 ) -> Call:
     """Create a sandbox (from a snapshot: its language, limits, memory and files)."""
     body = {
@@ -188,6 +189,8 @@ def create_sandbox(
     }
     if from_snapshot is not None:
         body["from_snapshot"] = from_snapshot
+    if on_timeout != "delete":  # the daemon's default; older daemons know no other
+        body["on_timeout"] = on_timeout
     return Call("POST", "/v1/sandboxes", json=body)
 
 
@@ -446,6 +449,8 @@ def parse_sandbox(body: Any) -> SandboxInfo:
             disk_mb=int(limits.get("disk_mb", 512)),
             metadata={str(k): str(v) for k, v in (body.get("metadata") or {}).items()},
             network=str(body.get("network", "none")),
+            on_timeout=str(body.get("on_timeout", "delete")),
+            lost_reason=str(body.get("lost_reason") or ""),
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise FissionError(f"the daemon sent a sandbox the SDK cannot read: {exc!r}") from exc

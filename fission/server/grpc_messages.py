@@ -45,6 +45,7 @@ STATE_TO_PB: dict[SandboxState, pb.SandboxState] = {
     SandboxState.RUNNING: pb.SANDBOX_STATE_RUNNING,
     SandboxState.PAUSED: pb.SANDBOX_STATE_PAUSED,
     SandboxState.DELETED: pb.SANDBOX_STATE_DELETED,
+    SandboxState.LOST: pb.SANDBOX_STATE_LOST,
 }
 PB_TO_STATE: dict[int, SandboxState] = {value: state for state, value in STATE_TO_PB.items()}
 STREAM_TO_PB: dict[str, pb.Stream] = {"stdout": pb.STREAM_STDOUT, "stderr": pb.STREAM_STDERR}
@@ -117,6 +118,7 @@ def sandbox_spec(request: pb.CreateSandboxRequest) -> SandboxSpec:
             if request.HasField("network_policy")
             else request.network or "none"
         ),
+        on_timeout=request.on_timeout or "delete",
         **fields,
     )
     return body.to_spec()
@@ -169,6 +171,8 @@ def sandbox_message(record: SandboxRecord) -> pb.Sandbox:
         network=body["network"],
         limits=pb.Limits(**body["limits"]),
         network_policy=network_message(body["network_policy"]),
+        on_timeout=body["on_timeout"],
+        lost_reason=body["lost_reason"],
     )
 
 

@@ -140,13 +140,24 @@ class SandboxCreate(LimitsBody):
         description="Start from this snapshot (its language, limits, env, memory and files); "
         "ttl and metadata apply when given.",
     )
+    on_timeout: str = Field(
+        "delete", description='At the end of the ttl: "delete" the sandbox, or "pause" it.'
+    )
 
     def to_spec(self) -> SandboxSpec:
         """Validate into a SandboxSpec."""
         network = NetworkPolicy.from_json(self.network)
         language = resolve_language(self.language)
         RunSpec(language, "", self.to_limits(), self.env)  # the env is checked like a run's
-        return SandboxSpec(language, self.to_limits(), self.ttl, self.env, self.metadata, network)
+        return SandboxSpec(
+            language,
+            self.to_limits(),
+            self.ttl,
+            self.env,
+            self.metadata,
+            network,
+            on_timeout=self.on_timeout,
+        )
 
 
 class RunCodeRequest(BaseModel):

@@ -203,6 +203,8 @@ def test_a_sandbox_message_mirrors_the_rest_json() -> None:
             assert dict(message.metadata) == value
         elif key == "network_policy":
             assert gm.network_policy(message.network_policy).to_json() == value
+        elif key == "lost_reason":  # optional: unset in the message, null in the JSON
+            assert gm.optional(message, key) == value
         elif key != "state":
             assert getattr(message, key) == value, key
 
