@@ -24,6 +24,7 @@ EXTRA_OF: dict[str, str] = {
     "grpc": "server",
     "google": "server",
     "prometheus_client": "server",
+    "jinja2": "server",
 }
 
 

@@ -23,9 +23,11 @@ sandbox is a result, not an error. Each class carries a short ``code`` slug (for
     ├── PathNotAllowed                path_not_allowed (400)
     ├── NotFound                      not_found (404)
     │   ├── SandboxNotFound           sandbox_not_found (404)
-    │   └── FileNotFound              file_not_found (404)
+    │   ├── FileNotFound              file_not_found (404)
+    │   └── SnapshotNotFound          snapshot_not_found (404)
     ├── Conflict                      conflict (409)
-    │   └── SandboxNotRunning         sandbox_not_running (409)
+    │   ├── SandboxNotRunning         sandbox_not_running (409)
+    │   └── IntegrityError            integrity_error (409)
     └── RequestTimeout                request_timeout (504)
 """
 
@@ -187,6 +189,18 @@ class SandboxNotRunning(Conflict):
     code = "sandbox_not_running"
 
 
+class SnapshotNotFound(NotFound):
+    """No snapshot with that id, or not the caller's."""
+
+    code = "snapshot_not_found"
+
+
+class IntegrityError(Conflict):
+    """A saved VM state or disk no longer matches the checksum taken when it was saved."""
+
+    code = "integrity_error"
+
+
 class RequestTimeout(FissionError):
     """A client gave up waiting for the daemon (its ``request_timeout`` passed)."""
 
@@ -219,6 +233,8 @@ ERRORS_BY_CODE: dict[str, type[FissionError]] = {
         FileNotFound,
         Conflict,
         SandboxNotRunning,
+        SnapshotNotFound,
+        IntegrityError,
         RequestTimeout,
     )
 }

@@ -148,6 +148,9 @@ def parse_exit(message: dict[str, Any]) -> ExecOutcome:
     )
 
 
+REATTACH_IDS = 1 << 30
+
+
 def init_frame(restored: bool = True) -> bytes:
     """INIT: the host's wall clock now and a fresh random seed for the guest's kernel.
 
@@ -194,6 +197,22 @@ class AgentClient(FileOperations):
             )
         self.hello = hello
         return hello
+
+    async def reattach(self, timeout: float, stray_frames: int = 1000) -> dict[str, Any]:
+        """The handshake on a running guest's agent that another host process talked to:
+        INIT (clock only, no reseed) and its HELLO. Frames of that process's requests still
+        in the channel are skipped (at most ``stray_frames``). Timeout in s."""
+        # Request ids of its own start far from the earlier process's, whose runs may still
+        # be ending in the guest (their frames are dropped there, but their ids stay taken).
+        self._next_request = REATTACH_IDS + secrets.randbelow(REATTACH_IDS)
+        await self._send(init_frame(restored=False))
+        async with asyncio.timeout(timeout):
+            for _ in range(stray_frames):
+                frame = await self._channel.read_frame()
+                if frame.type == FrameType.HELLO:
+                    self.hello = self._decode(frame)
+                    return self.hello
+        raise AgentProtocolError("the guest agent sent no HELLO after a re-attach")
 
     @staticmethod
     def _decode(frame: protocol.Frame) -> dict[str, Any]:

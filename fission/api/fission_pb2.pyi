@@ -19,6 +19,7 @@ class SandboxState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SANDBOX_STATE_RUNNING: _ClassVar[SandboxState]
     SANDBOX_STATE_PAUSED: _ClassVar[SandboxState]
     SANDBOX_STATE_DELETED: _ClassVar[SandboxState]
+    SANDBOX_STATE_LOST: _ClassVar[SandboxState]
 STREAM_UNSPECIFIED: Stream
 STREAM_STDOUT: Stream
 STREAM_STDERR: Stream
@@ -26,6 +27,7 @@ SANDBOX_STATE_UNSPECIFIED: SandboxState
 SANDBOX_STATE_RUNNING: SandboxState
 SANDBOX_STATE_PAUSED: SandboxState
 SANDBOX_STATE_DELETED: SandboxState
+SANDBOX_STATE_LOST: SandboxState
 
 class Limits(_message.Message):
     __slots__ = ("timeout", "memory_mb", "cpus", "disk_mb", "pids", "output_limit_mb")
@@ -52,7 +54,7 @@ class Output(_message.Message):
     def __init__(self, stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("exit_code", "signal", "timed_out", "oom", "truncated", "duration_ms", "boot_ms", "total_ms")
+    __slots__ = ("exit_code", "signal", "timed_out", "oom", "truncated", "duration_ms", "boot_ms", "total_ms", "checkpoint_id")
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +63,7 @@ class Result(_message.Message):
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     BOOT_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     exit_code: int
     signal: int
     timed_out: bool
@@ -69,7 +72,8 @@ class Result(_message.Message):
     duration_ms: float
     boot_ms: float
     total_ms: float
-    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., oom: _Optional[bool] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[float] = ..., boot_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    checkpoint_id: str
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., oom: _Optional[bool] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[float] = ..., boot_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., checkpoint_id: _Optional[str] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("output", "result")
@@ -178,7 +182,7 @@ class PoolsResponse(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., memory_budget_mb: _Optional[int] = ..., memory_reserved_mb: _Optional[int] = ..., reconciled: _Optional[_Mapping[str, int]] = ..., sandboxes: _Optional[int] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "language", "state", "created_at", "expires_at", "ttl", "metadata", "network", "limits", "network_policy")
+    __slots__ = ("id", "language", "state", "created_at", "expires_at", "ttl", "metadata", "network", "limits", "network_policy", "on_timeout", "lost_reason")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +200,8 @@ class Sandbox(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    LOST_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     language: str
     state: SandboxState
@@ -206,10 +212,12 @@ class Sandbox(_message.Message):
     network: str
     limits: Limits
     network_policy: NetworkPolicy
-    def __init__(self, id: _Optional[str] = ..., language: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ...) -> None: ...
+    on_timeout: str
+    lost_reason: str
+    def __init__(self, id: _Optional[str] = ..., language: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., on_timeout: _Optional[str] = ..., lost_reason: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("language", "limits", "ttl", "env", "metadata", "network", "network_policy")
+    __slots__ = ("language", "limits", "ttl", "env", "metadata", "network", "network_policy", "from_snapshot", "on_timeout")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +239,8 @@ class CreateSandboxRequest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     NETWORK_POLICY_FIELD_NUMBER: _ClassVar[int]
+    FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     language: str
     limits: Limits
     ttl: float
@@ -238,7 +248,95 @@ class CreateSandboxRequest(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     network: str
     network_policy: NetworkPolicy
-    def __init__(self, language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ttl: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ...) -> None: ...
+    from_snapshot: str
+    on_timeout: str
+    def __init__(self, language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ttl: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., from_snapshot: _Optional[str] = ..., on_timeout: _Optional[str] = ...) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("id", "name", "kind", "sandbox_id", "language", "limits", "size_bytes", "created_at", "last_used_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    kind: str
+    sandbox_id: str
+    language: str
+    limits: Limits
+    size_bytes: int
+    created_at: float
+    last_used_at: float
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., sandbox_id: _Optional[str] = ..., language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ...) -> None: ...
+
+class SnapshotSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "name")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    name: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ForkSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "n")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    n: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., n: _Optional[int] = ...) -> None: ...
+
+class ForkSandboxResponse(_message.Message):
+    __slots__ = ("snapshot", "sandboxes")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SANDBOXES_FIELD_NUMBER: _ClassVar[int]
+    snapshot: SnapshotInfo
+    sandboxes: _containers.RepeatedCompositeFieldContainer[Sandbox]
+    def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., sandboxes: _Optional[_Iterable[_Union[Sandbox, _Mapping]]] = ...) -> None: ...
+
+class RewindSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "checkpoint_id")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    checkpoint_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("sandbox_id", "kind")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    kind: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots", "used_bytes")
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
+    used_bytes: int
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GetSandboxRequest(_message.Message):
     __slots__ = ("sandbox_id",)
@@ -304,7 +402,7 @@ class ResumeSandboxRequest(_message.Message):
     def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
 
 class RunCodeRequest(_message.Message):
-    __slots__ = ("sandbox_id", "code", "timeout", "env", "context", "fresh_context")
+    __slots__ = ("sandbox_id", "code", "timeout", "env", "context", "fresh_context", "checkpoint")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -318,13 +416,15 @@ class RunCodeRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     FRESH_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     code: str
     timeout: float
     env: _containers.ScalarMap[str, str]
     context: str
     fresh_context: bool
-    def __init__(self, sandbox_id: _Optional[str] = ..., code: _Optional[str] = ..., timeout: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., context: _Optional[str] = ..., fresh_context: _Optional[bool] = ...) -> None: ...
+    checkpoint: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., code: _Optional[str] = ..., timeout: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., context: _Optional[str] = ..., fresh_context: _Optional[bool] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class Argv(_message.Message):
     __slots__ = ("args",)
@@ -333,7 +433,7 @@ class Argv(_message.Message):
     def __init__(self, args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("sandbox_id", "argv", "shell", "timeout", "env", "cwd", "stdin")
+    __slots__ = ("sandbox_id", "argv", "shell", "timeout", "env", "cwd", "stdin", "checkpoint")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +448,7 @@ class ExecRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     CWD_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     argv: Argv
     shell: str
@@ -355,7 +456,8 @@ class ExecRequest(_message.Message):
     env: _containers.ScalarMap[str, str]
     cwd: str
     stdin: bytes
-    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Union[Argv, _Mapping]] = ..., shell: _Optional[str] = ..., timeout: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ...) -> None: ...
+    checkpoint: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., argv: _Optional[_Union[Argv, _Mapping]] = ..., shell: _Optional[str] = ..., timeout: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class WriteFileHeader(_message.Message):
     __slots__ = ("sandbox_id", "path", "mode")

@@ -286,6 +286,36 @@ class SandboxesStub:
                 request_serializer=fission_dot_api_dot_fission__pb2.RemoveFileRequest.SerializeToString,
                 response_deserializer=fission_dot_api_dot_fission__pb2.RemoveFileResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/fission.v1.Sandboxes/Snapshot',
+                request_serializer=fission_dot_api_dot_fission__pb2.SnapshotSandboxRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/fission.v1.Sandboxes/Fork',
+                request_serializer=fission_dot_api_dot_fission__pb2.ForkSandboxRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.ForkSandboxResponse.FromString,
+                _registered_method=True)
+        self.Rewind = channel.unary_unary(
+                '/fission.v1.Sandboxes/Rewind',
+                request_serializer=fission_dot_api_dot_fission__pb2.RewindSandboxRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.Sandbox.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/fission.v1.Sandboxes/ListSnapshots',
+                request_serializer=fission_dot_api_dot_fission__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/fission.v1.Sandboxes/GetSnapshot',
+                request_serializer=fission_dot_api_dot_fission__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/fission.v1.Sandboxes/DeleteSnapshot',
+                request_serializer=fission_dot_api_dot_fission__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxesServicer:
@@ -393,6 +423,46 @@ class SandboxesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Save a running sandbox (memory and disk) as a snapshot; it keeps running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fork(self, request, context):
+        """Snapshot a sandbox and start n (1 to 16) sandboxes from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rewind(self, request, context):
+        """Replace a sandbox's VM with one restored from one of its checkpoints.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Refused (FAILED_PRECONDITION) while a sandbox started from it exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -470,6 +540,36 @@ def add_SandboxesServicer_to_server(servicer, server):
                     servicer.RemoveFile,
                     request_deserializer=fission_dot_api_dot_fission__pb2.RemoveFileRequest.FromString,
                     response_serializer=fission_dot_api_dot_fission__pb2.RemoveFileResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.SnapshotSandboxRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.ForkSandboxRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.ForkSandboxResponse.SerializeToString,
+            ),
+            'Rewind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewind,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.RewindSandboxRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.Sandbox.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.DeleteSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -881,6 +981,168 @@ class Sandboxes:
             '/fission.v1.Sandboxes/RemoveFile',
             fission_dot_api_dot_fission__pb2.RemoveFileRequest.SerializeToString,
             fission_dot_api_dot_fission__pb2.RemoveFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Sandboxes/Snapshot',
+            fission_dot_api_dot_fission__pb2.SnapshotSandboxRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Sandboxes/Fork',
+            fission_dot_api_dot_fission__pb2.ForkSandboxRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.ForkSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Sandboxes/Rewind',
+            fission_dot_api_dot_fission__pb2.RewindSandboxRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Sandboxes/ListSnapshots',
+            fission_dot_api_dot_fission__pb2.ListSnapshotsRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Sandboxes/GetSnapshot',
+            fission_dot_api_dot_fission__pb2.GetSnapshotRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Sandboxes/DeleteSnapshot',
+            fission_dot_api_dot_fission__pb2.DeleteSnapshotRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.DeleteSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

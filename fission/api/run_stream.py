@@ -96,4 +96,5 @@ def result_from_lines(
         boot_ms=float(result["boot_ms"]),
         total_ms=float(result["total_ms"]),
         files=dict(files or {}),
+        checkpoint_id=str(result["checkpoint_id"]) if result.get("checkpoint_id") else None,
     )

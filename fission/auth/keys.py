@@ -28,6 +28,8 @@ DEFAULT_MAX_SANDBOXES = 10
 DEFAULT_RATE_PER_MINUTE = 600
 MAX_SANDBOXES_CAP = 10_000
 RATE_PER_MINUTE_CAP = 1_000_000
+DEFAULT_MAX_SNAPSHOT_MB = 4096  # disk a key's sandbox snapshots and checkpoints may take
+MAX_SNAPSHOT_MB_CAP = 10_000_000
 # What a key may do besides using sandboxes: ``admin`` also operates the service (the
 # dashboard, metrics, other keys); ``user`` runs code and manages its own sandboxes only.
 USER = "user"
@@ -48,12 +50,16 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at TEXT,
     max_concurrent_sandboxes INTEGER NOT NULL,
     rate_per_minute INTEGER NOT NULL,
-    role TEXT NOT NULL DEFAULT 'user'
+    role TEXT NOT NULL DEFAULT 'user',
+    max_snapshot_mb INTEGER NOT NULL DEFAULT 4096
 );
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys (name)
     WHERE revoked_at IS NULL;
 """
-_COLUMNS = "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute, role"
+_COLUMNS = (
+    "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute, role, "
+    "max_snapshot_mb"
+)
 
 
 def _check_limit(option: str, value: object, high: int, unit: str) -> None:
@@ -66,10 +72,12 @@ def _check_limit(option: str, value: object, high: int, unit: str) -> None:
 
 @dataclass(frozen=True)
 class KeyLimits:
-    """What one API key may use: sandboxes alive at once and requests per minute."""
+    """What one API key may use: sandboxes alive at once, requests per minute, and the disk
+    its sandbox snapshots and checkpoints may take (MB)."""
 
     max_concurrent_sandboxes: int = DEFAULT_MAX_SANDBOXES
     rate_per_minute: int = DEFAULT_RATE_PER_MINUTE
+    max_snapshot_mb: int = DEFAULT_MAX_SNAPSHOT_MB
 
     def __post_init__(self) -> None:
         _check_limit(
@@ -78,6 +86,7 @@ class KeyLimits:
         _check_limit(
             "--rate-per-minute", self.rate_per_minute, RATE_PER_MINUTE_CAP, "requests per minute"
         )
+        _check_limit("--max-snapshot-mb", self.max_snapshot_mb, MAX_SNAPSHOT_MB_CAP, "MB")
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class ApiKey:
             "max_concurrent_sandboxes": self.limits.max_concurrent_sandboxes,
             "rate_per_minute": self.limits.rate_per_minute,
             "role": self.role,
+            "max_snapshot_mb": self.limits.max_snapshot_mb,
         }
 
 
@@ -160,13 +170,13 @@ def check_role(role: str) -> str:
 
 def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     """An ApiKey from a row of ``_COLUMNS``."""
-    key_id, name, created_at, revoked_at, max_sandboxes, rate, role = row
+    key_id, name, created_at, revoked_at, max_sandboxes, rate, role, snapshot_mb = row
     return ApiKey(
         id=key_id,
         name=name,
         created_at=from_iso(created_at),
         revoked_at=from_iso(revoked_at) if revoked_at else None,
-        limits=KeyLimits(max_concurrent_sandboxes=max_sandboxes, rate_per_minute=rate),
+        limits=KeyLimits(max_sandboxes, rate, snapshot_mb),
         role=role,
     )
 
@@ -179,6 +189,17 @@ def _add_role_column(db: Database) -> None:
             conn.execute("ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user'")
 
 
+def _add_snapshot_quota_column(db: Database) -> None:
+    """Give a key table made before snapshot quotas existed its ``max_snapshot_mb`` column."""
+    with db.write() as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+        if "max_snapshot_mb" not in columns:
+            conn.execute(
+                "ALTER TABLE api_keys ADD COLUMN max_snapshot_mb INTEGER NOT NULL "
+                f"DEFAULT {DEFAULT_MAX_SNAPSHOT_MB}"
+            )
+
+
 class KeyStore:
     """The API keys in the fission database at ``path`` (default: ``default_db_path()``)."""
 
@@ -188,6 +209,7 @@ class KeyStore:
         self._db = Database(self.path)
         self._db.ensure_schema(_SCHEMA)
         _add_role_column(self._db)
+        _add_snapshot_quota_column(self._db)
 
     def create(
         self, name: str, limits: KeyLimits | None = None, role: str = USER
@@ -211,8 +233,8 @@ class KeyStore:
             record = ApiKey(key_id, name, self._now(), None, limits, role)
             conn.execute(
                 "INSERT INTO api_keys (id, name, secret_sha256, created_at, revoked_at,"
-                " max_concurrent_sandboxes, rate_per_minute, role)"
-                " VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                " max_concurrent_sandboxes, rate_per_minute, role, max_snapshot_mb)"
+                " VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
                 (
                     key_id,
                     name,
@@ -221,6 +243,7 @@ class KeyStore:
                     limits.max_concurrent_sandboxes,
                     limits.rate_per_minute,
                     role,
+                    limits.max_snapshot_mb,
                 ),
             )
         return record, f"{KEY_PREFIX}_{key_id}_{secret}"
@@ -269,9 +292,14 @@ class KeyStore:
             raise InvalidInput(f"API key {key.id} ({key.name}) is revoked: create a new one")
         with self._db.write() as conn:
             conn.execute(
-                "UPDATE api_keys SET max_concurrent_sandboxes = ?, rate_per_minute = ?"
-                " WHERE id = ?",
-                (limits.max_concurrent_sandboxes, limits.rate_per_minute, key.id),
+                "UPDATE api_keys SET max_concurrent_sandboxes = ?, rate_per_minute = ?,"
+                " max_snapshot_mb = ? WHERE id = ?",
+                (
+                    limits.max_concurrent_sandboxes,
+                    limits.rate_per_minute,
+                    limits.max_snapshot_mb,
+                    key.id,
+                ),
             )
         return self.get(key.id)
 

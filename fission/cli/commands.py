@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import audit, doctor, images, install, keys, mcp, run, serve
+from fission.cli import audit, doctor, gc, images, install, keys, mcp, run, serve
 
 app = typer.Typer(
     name="fission",
@@ -23,6 +23,7 @@ app.add_typer(keys.app, name="keys")
 app.command("audit")(audit.audit_command)
 app.command("mcp")(mcp.mcp_command)
 app.command("doctor")(doctor.doctor_command)
+app.command("gc")(gc.gc_command)
 
 
 @app.command("version")

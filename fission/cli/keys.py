@@ -40,6 +40,13 @@ RatePerMinuteOption = Annotated[
     int | None,
     typer.Option("--rate-per-minute", help="Requests the key may make a minute (default 600)."),
 ]
+MaxSnapshotMbOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-snapshot-mb",
+        help="Disk the key's snapshots and checkpoints may take (MB, default 4096).",
+    ),
+]
 RoleOption = Annotated[
     str,
     typer.Option(
@@ -73,15 +80,21 @@ def describe(key: ApiKey) -> str:
     """``id (name)`` and the key's limits, for one-line messages."""
     return (
         f"{key.id} ({key.name}, {key.role}): up to {key.limits.max_concurrent_sandboxes} "
-        f"sandboxes at once, {key.limits.rate_per_minute} requests a minute"
+        f"sandboxes at once, {key.limits.rate_per_minute} requests a minute, "
+        f"{key.limits.max_snapshot_mb} MB of snapshots"
     )
 
 
 def with_limits(
-    base: KeyLimits, max_sandboxes: int | None, rate_per_minute: int | None
+    base: KeyLimits,
+    max_sandboxes: int | None,
+    rate_per_minute: int | None,
+    max_snapshot_mb: int | None = None,
 ) -> KeyLimits:
     """``base`` with the limits the options set (checked like any KeyLimits)."""
     changes: dict[str, int] = {}
+    if max_snapshot_mb is not None:
+        changes["max_snapshot_mb"] = max_snapshot_mb
     if max_sandboxes is not None:
         changes["max_concurrent_sandboxes"] = max_sandboxes
     if rate_per_minute is not None:
@@ -131,6 +144,7 @@ def create_command(
     name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
     max_sandboxes: MaxSandboxesOption = None,
     rate_per_minute: RatePerMinuteOption = None,
+    max_snapshot_mb: MaxSnapshotMbOption = None,
     role: RoleOption = "user",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -141,7 +155,7 @@ def create_command(
     path = db_path(db)
     try:
         with audited(path, "keys.create", {"name": name, "role": role}) as detail:
-            limits = with_limits(KeyLimits(), max_sandboxes, rate_per_minute)
+            limits = with_limits(KeyLimits(), max_sandboxes, rate_per_minute, max_snapshot_mb)
             detail["limits"] = dataclasses.asdict(limits)
             with KeyStore(path) as store:
                 record, plaintext = store.create(name, limits, role)
@@ -192,6 +206,7 @@ def list_command(
         "status",
         "max sandboxes",
         "rate / min",
+        "snapshots MB",
         "created (UTC)",
     ):
         table.add_column(column)
@@ -204,6 +219,7 @@ def list_command(
             status,
             str(key.limits.max_concurrent_sandboxes),
             str(key.limits.rate_per_minute),
+            str(key.limits.max_snapshot_mb),
             f"{key.created_at:%Y-%m-%d %H:%M:%S}",
         )
     Console().print(table)
@@ -245,15 +261,18 @@ def limits_command(
     rate_per_minute: Annotated[
         int | None, typer.Option("--rate-per-minute", help="New limit of requests a minute.")
     ] = None,
+    max_snapshot_mb: MaxSnapshotMbOption = None,
     db: DbOption = None,
 ) -> None:
     """Show a key's limits, or change them with the options (from its next request)."""
     try:
         with open_existing(db) as store:
             key = store.get(id_or_name)
-            if max_sandboxes is not None or rate_per_minute is not None:
+            if any(v is not None for v in (max_sandboxes, rate_per_minute, max_snapshot_mb)):
                 with audited(store.path, "keys.limits", {"key": key.id}) as detail:
-                    limits = with_limits(key.limits, max_sandboxes, rate_per_minute)
+                    limits = with_limits(
+                        key.limits, max_sandboxes, rate_per_minute, max_snapshot_mb
+                    )
                     detail["limits"] = dataclasses.asdict(limits)
                     key = store.set_limits(key.id, limits)
     except FissionError as exc:

@@ -45,6 +45,31 @@ def serve_command(
         float | None,
         typer.Option(help="Exit after SECONDS with no request and no sandbox (VMs destroyed)."),
     ] = None,
+    snapshot_budget: Annotated[
+        int | None,
+        typer.Option(
+            help="MB of disk the sandbox snapshots, checkpoints and install snapshots may take; "
+            "the least recently used unused ones are evicted (default: no bound)."
+        ),
+    ] = None,
+    on_stop: Annotated[
+        str | None,
+        typer.Option(
+            help="What a stop (SIGTERM) does with running sandboxes: keep (default: they run "
+            "on and the next daemon re-attaches), pause (saved to disk) or delete."
+        ),
+    ] = None,
+    paused_retention: Annotated[
+        float | None,
+        typer.Option(help="Seconds a paused (or lost) sandbox is kept (default 7 days)."),
+    ] = None,
+    keeper_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds past a sandbox's ttl after which the keeper ends its VM when no "
+            "daemon did (default 300)."
+        ),
+    ] = None,
     log_format: Annotated[
         str | None, typer.Option(help="Log lines as text or json (default text).")
     ] = None,
@@ -74,6 +99,10 @@ def serve_command(
             grpc_port=grpc_port,
             grpc_socket=grpc_socket,
             idle_exit=idle_exit,
+            snapshot_budget_mb=snapshot_budget,
+            on_stop=on_stop,
+            paused_retention=paused_retention,
+            keeper_grace=keeper_grace,
             log_format=log_format,
             log_level=log_level,
             metrics_port=metrics_port,

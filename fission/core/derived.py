@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +28,13 @@ from fission.vmm.base import DISK_NAME, Driver, Machine, VMConfig, VMRequest, de
 
 T = TypeVar("T")
 Setup = Callable[[Machine], Awaitable[tuple[bool, T]]]
+# Derived snapshots being restored in this process: the snapshot budget never evicts these.
+_restoring: Counter[Path] = Counter()
+
+
+def in_use(directory: Path) -> bool:
+    """Whether this process is restoring the derived snapshot in ``directory``."""
+    return _restoring[directory] > 0
 
 
 def derived_dir() -> Path:
@@ -98,5 +107,11 @@ def prune() -> None:
 async def restore(directory: Path, image: str, driver: Driver | None = None) -> Machine:
     """Start a VM from a derived snapshot; its disk writes vanish with it."""
     driver = driver or default_driver()
-    config: VMConfig = await driver.configure(_clone(image))
-    return await driver.start(driver.restored(config, directory, keep_writes=False))
+    _restoring[directory] += 1
+    try:
+        with contextlib.suppress(OSError):  # last used, for the snapshot budget's LRU
+            os.utime(directory / "meta.json")
+        config: VMConfig = await driver.configure(_clone(image))
+        return await driver.start(driver.restored(config, directory, keep_writes=False))
+    finally:
+        _restoring[directory] -= 1

@@ -5,7 +5,9 @@ start time (so a recycled pid is never killed by mistake) and its directory. ``r
 kills every recorded process that is still the same process, removes every VM directory under
 ``<state>/vms``, has the driver remove what else its VMs left (QEMU: the jail cgroups
 ``fission/vm-*`` of the recorded VMs and any other that a crashed fission left empty), and
-empties the journal.
+empties the journal. Catalogued sandboxes (``catalog``) outlive a daemon: reconcile leaves
+their VMs (process, directory, cgroups) and their sandbox directories alone (``keep_vms``,
+``keep_sandboxes``); the next daemon re-attaches them.
 """
 
 from __future__ import annotations
@@ -14,22 +16,14 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from fission.vmm.base import Driver, VirtualMachine, default_driver
+from fission.vmm.processes import process_start_time
 
-
-def process_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of process ``pid``, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):  # a zombie is gone for our purposes (init may never reap it)
-        return None
-    return int(fields[19])  # field 22 of stat; the first two were split off above
+__all__ = ["Journal", "process_start_time"]
 
 
 class Journal:
@@ -80,10 +74,22 @@ class Journal:
                 continue
         return found
 
-    def reconcile(self, driver: Driver | None = None) -> dict[str, int]:
-        """Kill what a dead daemon left running and remove its files; return what was done."""
+    def reconcile(
+        self,
+        driver: Driver | None = None,
+        keep_vms: Collection[str] = (),
+        keep_sandboxes: Collection[str] = (),
+    ) -> dict[str, int]:
+        """Kill what a dead daemon left running and remove its files; return what was done.
+
+        ``keep_vms`` (VM ids) and ``keep_sandboxes`` (sandbox ids) belong to catalogued
+        sandboxes that outlive the daemon: they are left as they are.
+        """
         killed = 0
+        kept_dirs = {f"vm-{vm_id}" for vm_id in keep_vms} | set(keep_sandboxes)
         for entry in self.entries():
+            if Path(str(entry.get("workdir", ""))).name in kept_dirs:
+                continue
             pid, start = entry.get("pid"), entry.get("start_time")
             if isinstance(pid, int) and start is not None and process_start_time(pid) == start:
                 try:
@@ -96,6 +102,7 @@ class Journal:
         # daemon died has a directory and a cgroup (with a process in it) but no entry yet.
         vm_ids = [path.stem for path in self.directory.glob("*.json")]
         vm_ids += [path.name.removeprefix("vm-") for path in self.vms_dir.glob("vm-*")]
+        vm_ids = [vm_id for vm_id in vm_ids if vm_id not in keep_vms]
         cgroups = (driver or default_driver()).release_stale(vm_ids)
         # VMs of an embedded service live in the shared runtime dir: their journalled workdirs.
         outside = [
@@ -108,7 +115,7 @@ class Journal:
         for path in list(self.directory.iterdir()):
             path.unlink(missing_ok=True)
         for path in [*self.vms_dir.iterdir(), *self.sandboxes_dir.iterdir(), *outside]:
-            if path.exists():
+            if path.name not in kept_dirs and path.exists():
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return {"killed": killed, "removed": removed, "cgroups": cgroups}

@@ -2,8 +2,11 @@
 
 A sandbox is a VM that outlives one run: created with a language, limits, a lifetime (``ttl``),
 env and metadata, then used for many runs, commands and file transfers until it is deleted or
-its ttl runs out. ``Limits.timeout`` is the default deadline of each run inside it; ``ttl`` is
-the sandbox's whole life. Nothing here does I/O.
+its ttl runs out (then it is deleted, or paused with ``on_timeout="pause"``). ``Limits.timeout``
+is the default deadline of each run inside it; ``ttl`` is the sandbox's whole life. A sandbox
+whose VM ended while no daemon managed it, or whose saved state is gone, is ``lost``: listed
+with the reason until deleted. ``spec_to_json``/``spec_from_json`` are the form the catalog
+keeps. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from fission.core.languages import Language
+from fission.core.languages import Language, resolve_language
 from fission.core.limits import Limits
 from fission.errors import InvalidInput
 from fission.net.policy import NetworkPolicy
 
-__all__ = ["NetworkPolicy", "SandboxRecord", "SandboxSpec", "SandboxState"]
+__all__ = [
+    "NetworkPolicy",
+    "SandboxRecord",
+    "SandboxSpec",
+    "SandboxState",
+    "spec_from_json",
+    "spec_to_json",
+]
 
 DEFAULT_TTL = 300.0
 MAX_TTL = 24 * 3600.0
@@ -35,6 +45,10 @@ class SandboxState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     DELETED = "deleted"
+    LOST = "lost"
+
+
+ON_TIMEOUT = ("delete", "pause")  # what happens to a running sandbox when its ttl runs out
 
 
 def new_sandbox_id() -> str:
@@ -76,10 +90,41 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    on_timeout: str = "delete"
 
     def __post_init__(self) -> None:
         check_ttl(self.ttl)
         check_metadata(self.metadata)
+        if self.on_timeout not in ON_TIMEOUT:
+            raise InvalidInput(
+                f"on_timeout {self.on_timeout!r} is not one of {', '.join(ON_TIMEOUT)}"
+            )
+
+
+def spec_to_json(spec: SandboxSpec) -> dict[str, Any]:
+    """The spec as JSON (the language by name), as the catalog stores it."""
+    return {
+        "language": spec.language.name,
+        "limits": spec.limits.to_json(),
+        "ttl": spec.ttl,
+        "env": dict(spec.env),
+        "metadata": dict(spec.metadata),
+        "network": spec.network.to_json(),
+        "on_timeout": spec.on_timeout,
+    }
+
+
+def spec_from_json(data: dict[str, Any]) -> SandboxSpec:
+    """The spec ``spec_to_json`` wrote; InvalidInput (or UnknownLanguage) if it no longer fits."""
+    return SandboxSpec(
+        language=resolve_language(data["language"]),
+        limits=Limits(**data.get("limits", {})),
+        ttl=data.get("ttl", DEFAULT_TTL),
+        env=dict(data.get("env", {})),
+        metadata=dict(data.get("metadata", {})),
+        network=NetworkPolicy.from_json(data.get("network")),
+        on_timeout=data.get("on_timeout", "delete"),
+    )
 
 
 @dataclass
@@ -92,6 +137,7 @@ class SandboxRecord:
     created_at: float
     expires_at: float
     state: SandboxState = SandboxState.RUNNING
+    lost_reason: str | None = None  # why a ``lost`` sandbox is lost
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form, as the APIs return it."""
@@ -107,6 +153,8 @@ class SandboxRecord:
             "network": self.spec.network.value,
             "network_policy": self.spec.network.to_json(),
             "limits": limits.to_json(),
+            "on_timeout": self.spec.on_timeout,
+            "lost_reason": self.lost_reason,
         }
 
 

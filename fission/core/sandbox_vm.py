@@ -9,6 +9,7 @@ state restored from that file, then sends the wall clock and a fresh seed like a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from fission.core import snapshots
@@ -21,11 +22,13 @@ PAUSE_TIMEOUT = 120.0
 
 
 async def start_sandbox_vm(
-    driver: Driver, spec: RunSpec, directory: Path
+    driver: Driver, spec: RunSpec, directory: Path, *, detached: bool = False
 ) -> tuple[Machine, VMConfig]:
-    """Start a new sandbox's VM with its disk in ``directory``; no disk is left if it fails."""
+    """Start a new sandbox's VM with its disk in ``directory``; no disk is left if it fails.
+    ``detached``: the VM outlives this process (a daemon's durable sandboxes)."""
     try:
         config = await driver.configure(snapshots.vm_request(spec, disk_dir=directory))
+        config = dataclasses.replace(config, detached=detached)
         return await driver.start(config), config
     except BaseException:
         (directory / DISK_NAME).unlink(missing_ok=True)

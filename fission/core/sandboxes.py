@@ -10,8 +10,16 @@ reply to its request); pause and resume wait until none is in flight and hold ne
 run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
 ``execution.KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a
 timeout.
-Paused sandboxes do not expire (a paused VM costs disk, not memory or CPU); resuming restarts
-the ttl. Sandboxes do not survive a daemon restart: reconcile removes what a dead one left.
+A running sandbox whose ttl runs out is deleted, or paused with ``on_timeout="pause"``. A
+paused one is kept ``paused_retention`` seconds (then deleted; its ``expires_at`` says when);
+resuming restarts the ttl.
+
+Every change is written through to the catalog (``catalog``), in one place (``_save``; new
+sandboxes enter through ``_register``). With ``durable`` (a daemon) sandbox VMs are
+``detached``: they outlive the daemon, which on stop (``on_stop``) keeps them running, pauses
+them or deletes them; a restarted daemon re-attaches (``sandbox_restore``), and a VM that
+ended meanwhile leaves its sandbox ``lost``, listed with the reason until deleted (or
+``paused_retention`` later). Without ``durable`` (embedded runs) sandboxes end with the process.
 A running sandbox with nothing in flight for ``idle_stop_after`` seconds has its vCPUs stopped
 (``idle``: no CPU while idle); its next call wakes it first and sets its clock.
 """
@@ -32,13 +40,15 @@ from fission import log_context
 from fission.agent.client import AgentClient, ExecRequest, OutputSink
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
-from fission.core import idle, sandbox_vm, snapshots
+from fission.core import idle, integrity, sandbox_vm, snapshots
 from fission.core.audit_events import audit_event
+from fission.core.catalog import Catalog, entry_for
 from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget
+from fission.core.sandbox_snapshots import SandboxSnapshots
 from fission.core.sandbox_spec import (
     SandboxRecord,
     SandboxSpec,
@@ -47,6 +57,7 @@ from fission.core.sandbox_spec import (
     new_sandbox_id,
     page,
 )
+from fission.core.snapshot_store import SnapshotStore
 from fission.core.spec import RunResult, RunSpec
 from fission.core.telemetry import (
     EGRESS,
@@ -66,9 +77,12 @@ from fission.errors import (
     SandboxNotRunning,
 )
 from fission.net.egress import Egress, attach, proxy_env
-from fission.vmm.base import Driver, VMConfig, default_driver
+from fission.vmm.base import DISK_NAME, STATE_NAME, Driver, VMConfig, default_driver
 
 log = logging.getLogger("fission.sandboxes")
+StartVM = Callable[[Path], Awaitable[tuple[Machine, VMConfig]]]
+ON_STOP = ("keep", "pause", "delete")  # what a stopping daemon does with running sandboxes
+PAUSED_RETENTION = 7 * 24 * 3600.0  # seconds a paused (or lost) sandbox is kept
 EXPIRY_INTERVAL = 0.5
 FILE_OP_TIMEOUT = 120.0
 SHELL = "/bin/sh"
@@ -134,17 +148,25 @@ class ManagedSandbox:
     egress: Egress | None = None
     gate: Gate = field(default_factory=lambda: Gate())
     idle: idle.IdleState = field(default_factory=lambda: idle.IdleState(None))
+    timing_out: bool = False  # being paused because its ttl ran out (on_timeout "pause")
 
     @property
     def agent(self) -> AgentClient:
         """The agent of the running VM; SandboxNotRunning when paused or gone."""
         if self.machine is None or self.record.state != SandboxState.RUNNING:
-            raise SandboxNotRunning(
-                f"sandbox {self.record.id} is {self.record.state.value}: resume it first"
-                if self.record.state == SandboxState.PAUSED
-                else f"sandbox {self.record.id} is {self.record.state.value}"
-            )
+            raise not_running(self.record)
         return self.machine.agent
+
+
+def not_running(record: SandboxRecord) -> SandboxNotRunning:
+    """The error for using a sandbox that does not run, saying what to do."""
+    if record.state == SandboxState.PAUSED:
+        return SandboxNotRunning(f"sandbox {record.id} is paused: resume it first")
+    if record.state == SandboxState.LOST:
+        return SandboxNotRunning(
+            f"sandbox {record.id} is lost ({record.lost_reason}): delete it and create another"
+        )
+    return SandboxNotRunning(f"sandbox {record.id} is {record.state.value}")
 
 
 def vm_memory_mb(limits: Limits) -> int:
@@ -166,9 +188,22 @@ class SandboxManager:
         driver: Driver | None = None,
         idle_stop_after: float | None = idle.SANDBOX_IDLE_STOP,
         telemetry: Telemetry | None = None,
+        snapshot_budget_mb: int | None = None,
+        catalog: Catalog | None = None,
+        durable: bool = False,
+        on_stop: str = "delete",
+        paused_retention: float = PAUSED_RETENTION,
     ) -> None:
+        if on_stop not in ON_STOP:
+            raise InvalidInput(f"--on-stop {on_stop!r} is not one of {', '.join(ON_STOP)}")
         self.driver = driver or default_driver()
         self.telemetry = telemetry or Telemetry()
+        self.catalog = catalog
+        self.durable = durable  # sandbox VMs outlive the daemon (catalogued, re-attached)
+        self.on_stop = on_stop if durable else "delete"
+        self.paused_retention = paused_retention
+        # Called whenever a running sandbox VM is catalogued (the daemon starts its keeper).
+        self.on_running: Callable[[], None] | None = None
         self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
         self.budget = budget
         self.journal = journal
@@ -178,6 +213,8 @@ class SandboxManager:
         self._sandboxes: dict[str, ManagedSandbox] = {}
         self._expiry: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        store = SnapshotStore(journal.sandboxes_dir.parent / "snapshots", snapshot_budget_mb)
+        self.snapshots = SandboxSnapshots(self, store)  # snapshot, fork, rewind
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task the manager keeps (and ``close`` waits for)."""
@@ -191,16 +228,36 @@ class SandboxManager:
         self._expiry = asyncio.create_task(self._expire_loop(), name="sandbox-expiry")
 
     async def close(self) -> None:
-        """Destroy every sandbox (daemon shutdown)."""
+        """Daemon shutdown: per ``on_stop``, leave running sandboxes running (``keep``: their
+        VMs live on, catalogued), save them to disk (``pause``), or destroy every sandbox."""
         if self._expiry is not None:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(
-            *(self._destroy(box, "shutdown") for box in list(self._sandboxes.values())),
-            return_exceptions=True,
-        )
+        boxes = list(self._sandboxes.values())
+        if self.on_stop == "delete":
+            await asyncio.gather(
+                *(self._destroy(box, "shutdown") for box in boxes), return_exceptions=True
+            )
+        else:
+            if self.on_stop == "pause":
+                running = [b for b in boxes if b.record.state == SandboxState.RUNNING]
+                await asyncio.gather(
+                    *(self.pause(box.record.id) for box in running), return_exceptions=True
+                )
+            await asyncio.gather(*(self._let_go(box) for box in boxes), return_exceptions=True)
+        if self.catalog is not None:
+            self.catalog.close()
+
+    async def _let_go(self, box: ManagedSandbox) -> None:
+        """Stop managing a sandbox and leave its VM running (its catalog row says how to find
+        it again); its files, cgroups and uid stay as they are."""
+        self._sandboxes.pop(box.record.id, None)
+        machine, box.machine = box.machine, None
+        await self._detach(box)
+        if machine is not None:
+            await machine.agent.close()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -208,14 +265,33 @@ class SandboxManager:
             now = self._clock()
             for box in list(self._sandboxes.values()):
                 record = box.record
-                if record.state == SandboxState.RUNNING and record.expires_at <= now:
-                    log.info("sandbox %s expired", record.id)
-                    await self._destroy(box, "expired")
+                if record.expires_at <= now and record.state == SandboxState.RUNNING:
+                    log.info(
+                        "sandbox %s expired (on_timeout %s)", record.id, record.spec.on_timeout
+                    )
+                    if record.spec.on_timeout == "pause":
+                        self._background(self._pause_quietly(box))
+                    else:
+                        log.info("sandbox %s expired", record.id)
+                        await self._destroy(box, "expired")
+                elif record.expires_at <= now:  # paused or lost: its retention has ended
+                    log.info("sandbox %s (%s) expired", record.id, record.state.value)
+                    await self._destroy(box, "retention ended")
                 elif box.machine is not None and record.state == SandboxState.RUNNING:
                     streams = len(box.egress.tunnel.streams) if box.egress is not None else 0
                     quiet = 0.0 if streams else box.gate.quiet_for(time.monotonic())
                     if box.idle.due(box.machine.vm, quiet):
                         self._background(self._stop_idle(box))
+
+    async def _pause_quietly(self, box: ManagedSandbox) -> None:
+        """Pause a sandbox whose ttl ran out (``on_timeout="pause"``); a failure is logged (the
+        sandbox is then deleted, as a failed pause always does)."""
+        try:
+            await self.pause(box.record.id)
+        except FissionError as exc:
+            log.warning("sandbox %s: pausing at its ttl failed: %s", box.record.id, exc)
+        finally:
+            box.timing_out = False
 
     async def _stop_idle(self, box: ManagedSandbox) -> None:
         """Stop an idle sandbox's vCPUs unless a call came in meanwhile."""
@@ -228,6 +304,23 @@ class SandboxManager:
         self, spec: SandboxSpec, owner: str | None = None, max_sandboxes: int | None = None
     ) -> SandboxRecord:
         """Start a sandbox for ``spec``; ``owner`` (an API key id) may hold ``max_sandboxes``."""
+
+        def start(directory: Path) -> Awaitable[tuple[Machine, VMConfig]]:
+            return sandbox_vm.start_sandbox_vm(
+                self.driver, self._run_spec(spec), directory, detached=self.durable
+            )
+
+        return await self._create(spec, owner, max_sandboxes, start)
+
+    async def _create(
+        self,
+        spec: SandboxSpec,
+        owner: str | None,
+        max_sandboxes: int | None,
+        start_vm: StartVM,
+        detail: dict[str, Any] | None = None,
+    ) -> SandboxRecord:
+        """Every new sandbox, however its VM starts (``start_vm`` given its directory)."""
         started = time.monotonic()
         try:
             slot = self.quotas.acquire(owner, max_sandboxes) if owner and max_sandboxes else None
@@ -246,37 +339,36 @@ class SandboxManager:
         log_context.sandbox_id.set(record.id)
         directory = self.journal.sandboxes_dir / record.id
         box = ManagedSandbox(record, directory, reserved, slot)
-        box.idle = idle.IdleState(self.idle_stop_after)
-        box.gate.on_use = lambda: self._wake(box)
         try:
             directory.mkdir(mode=0o700)
             booting = time.monotonic()
-            machine, config = await sandbox_vm.start_sandbox_vm(
-                self.driver, self._run_spec(spec), directory
-            )
+            machine, config = await start_vm(directory)
             self.telemetry.emit(
                 VM_START,
                 time.monotonic() - booting,
                 language=spec.language.name,
                 source="sandbox",
             )
+            self.journal.record(machine.vm)  # until catalogued (see ``_save``)
             try:
                 box.egress = await self._attach(box, machine)
             except BaseException:
                 await machine.destroy()
+                self.journal.forget(machine.vm)
                 raise
         except BaseException as exc:
             self.budget.release(reserved)
             if slot is not None:
                 slot.release()
             shutil.rmtree(directory, ignore_errors=True)
-            await self._audit(owner, "sandbox.create", spec, outcome_of_error(exc), started)
+            outcome = outcome_of_error(exc)
+            await self._audit(owner, "sandbox.create", spec, outcome, started, detail)
             raise
         box.machine, box.config = machine, config
-        self.journal.record(machine.vm)
         record.expires_at = self._clock() + spec.ttl
-        self._sandboxes[record.id] = box
-        await self._audit(owner, "sandbox.create", spec, "ok", started, {"sandbox": record.id})
+        self._register(box)
+        detail = (detail or {}) | {"sandbox": record.id}
+        await self._audit(owner, "sandbox.create", spec, "ok", started, detail)
         return record
 
     def get(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
@@ -306,15 +398,15 @@ class SandboxManager:
         return box.record
 
     def count(self) -> int:
-        """How many sandboxes exist (running or paused)."""
-        return len(self._sandboxes)
+        """How many sandboxes exist (running or paused; a lost one holds nothing)."""
+        return sum(b.record.state != SandboxState.LOST for b in self._sandboxes.values())
 
     def census(self) -> dict[str, int]:
-        """How many sandboxes are running, idle (vCPUs stopped) and paused (for metrics)."""
-        counts = {"running": 0, "idle": 0, "paused": 0}
+        """How many sandboxes are running, idle (vCPUs stopped), paused and lost (for metrics)."""
+        counts = {"running": 0, "idle": 0, "paused": 0, "lost": 0}
         for box in list(self._sandboxes.values()):
-            if box.record.state == SandboxState.PAUSED:
-                counts["paused"] += 1
+            if box.record.state in (SandboxState.PAUSED, SandboxState.LOST):
+                counts[box.record.state.value] += 1
             elif box.record.state == SandboxState.RUNNING:
                 counts["idle" if box.idle.stopped else "running"] += 1
         return counts
@@ -325,6 +417,7 @@ class SandboxManager:
         spec = replace(box.record.spec, ttl=ttl)  # validates the ttl
         box.record.spec = spec
         box.record.expires_at = self._clock() + ttl
+        self._save(box)
         return box.record
 
     # -- runs and commands --------------------------------------------------------------------
@@ -339,6 +432,8 @@ class SandboxManager:
         context: str | None = None,
         fresh_context: bool = False,
         on_output: OutputSink | None = None,
+        checkpoint: bool = False,
+        max_snapshot_mb: int | None = None,
     ) -> RunResult:
         """Run ``code`` in the sandbox's language; with ``context``, in a persistent kernel."""
         box = self._box(sandbox_id, owner)
@@ -346,7 +441,8 @@ class SandboxManager:
         request = exec_request(spec)
         if context is not None or fresh_context:
             request = replace(request, context=context or "default", fresh_context=fresh_context)
-        return await self._exec(box, "sandbox.run", spec, request, on_output, None)
+        result = await self._exec(box, "sandbox.run", spec, request, on_output, None)
+        return await self._checkpoint(box, result, checkpoint, max_snapshot_mb)
 
     async def exec_command(
         self,
@@ -359,6 +455,8 @@ class SandboxManager:
         cwd: str | None = None,
         stdin: bytes | None = None,
         on_output: OutputSink | None = None,
+        checkpoint: bool = False,
+        max_snapshot_mb: int | None = None,
     ) -> RunResult:
         """Run a shell command line (a string) or an argv (a list) in the sandbox."""
         if isinstance(command, str):
@@ -381,7 +479,17 @@ class SandboxManager:
             output_limit=limits.output_limit_bytes,
             cwd=cwd,
         )
-        return await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
+        result = await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
+        return await self._checkpoint(box, result, checkpoint, max_snapshot_mb)
+
+    async def _checkpoint(
+        self, box: ManagedSandbox, result: RunResult, wanted: bool, max_snapshot_mb: int | None
+    ) -> RunResult:
+        """With ``wanted``, the result with a checkpoint taken right after the step."""
+        if not wanted:
+            return result
+        checkpoint_id = await self.snapshots.checkpoint(box, max_snapshot_mb)
+        return replace(result, checkpoint_id=checkpoint_id)
 
     async def _exec(
         self,
@@ -496,15 +604,18 @@ class SandboxManager:
         async with box.gate.change():
             if box.record.state == SandboxState.PAUSED:
                 return box.record
+            if box.record.state == SandboxState.LOST:
+                raise not_running(box.record)
             machine = box.machine
             if machine is None:
                 raise self._gone(box)
             await self._wake(box)  # the agent syncs the guest's disks before the save
             box.machine = None
-            self.journal.forget(machine.vm)
+            self._forget_vm(machine)
             await self._detach(box)
             try:
                 await sandbox_vm.pause_vm(machine, box.directory)
+                await asyncio.to_thread(integrity.seal, box.directory, (STATE_NAME, DISK_NAME))
             except BaseException as exc:
                 await self._audit(
                     box.record.owner,
@@ -517,7 +628,9 @@ class SandboxManager:
                 await self._destroy(box, "pause failed")
                 raise
             box.record.state = SandboxState.PAUSED
+            box.record.expires_at = self._clock() + self.paused_retention
             self.budget.release(box.reserved_mb)
+            self._save(box)
         await self._audit(
             box.record.owner,
             "sandbox.pause",
@@ -535,10 +648,15 @@ class SandboxManager:
         async with box.gate.change():
             if box.record.state == SandboxState.RUNNING:
                 return box.record
+            if box.record.state == SandboxState.LOST:
+                raise not_running(box.record)
             if box.config is None:
                 raise self._gone(box)
             self._reserve(box.reserved_mb)
             try:
+                # a changed or truncated file is refused before a VM starts: still paused
+                what = f"sandbox {box.record.id}'s saved state"
+                await asyncio.to_thread(integrity.verify, box.directory, None, what)
                 machine, config = await sandbox_vm.resume_vm(self.driver, box.config, box.directory)
                 try:
                     box.egress = await self._attach(box, machine)
@@ -556,11 +674,12 @@ class SandboxManager:
                     {"sandbox": box.record.id},
                 )
                 raise
-            self.journal.record(machine.vm)
+            self._journal_vm(machine)
             box.machine, box.config = machine, config
             box.idle = idle.IdleState(self.idle_stop_after)
             box.record.state = SandboxState.RUNNING
             box.record.expires_at = self._clock() + box.record.spec.ttl
+            self._save(box)
         await self._audit(
             box.record.owner,
             "sandbox.resume",
@@ -587,13 +706,16 @@ class SandboxManager:
             await self._detach(box)
             if machine is not None:
                 await machine.destroy()
-                self.journal.forget(machine.vm)
+                self._forget_vm(machine)
         finally:
             if was_running:
                 self.budget.release(box.reserved_mb)
             if box.slot is not None:
                 box.slot.release()
             await asyncio.to_thread(shutil.rmtree, box.directory, True)
+            self.snapshots.sandbox_gone(box.record.id)
+            if self.catalog is not None:
+                self.catalog.remove(box.record.id)
         await self._audit(
             box.record.owner,
             "sandbox.delete",
@@ -602,6 +724,66 @@ class SandboxManager:
             None,
             {"sandbox": box.record.id},
         )
+
+    async def lose(self, box: ManagedSandbox, reason: str) -> None:
+        """Mark a sandbox ``lost`` (its VM or saved state is gone): what is left of its VM and
+        its directory go, its memory and quota slot are given back, its record stays."""
+        was_running = box.record.state == SandboxState.RUNNING
+        box.record.state, box.record.lost_reason = SandboxState.LOST, reason
+        box.record.expires_at = self._clock() + self.paused_retention
+        machine, box.machine, box.config = box.machine, None, None
+        log.warning("sandbox %s is lost: %s", box.record.id, reason)
+        try:
+            await self._detach(box)
+            if machine is not None:
+                await machine.destroy()
+                self._forget_vm(machine)
+        finally:
+            if was_running:
+                self.budget.release(box.reserved_mb)
+            if box.slot is not None:
+                box.slot.release()
+                box.slot = None
+            await asyncio.to_thread(shutil.rmtree, box.directory, True)
+            self._save(box)
+        await self._audit(
+            box.record.owner,
+            "sandbox.lost",
+            box.record.spec,
+            reason,
+            None,
+            {"sandbox": box.record.id},
+        )
+
+    # -- the catalog -----------------------------------------------------------------------------
+    def _register(self, box: ManagedSandbox) -> None:
+        """Add a sandbox to those the manager serves, and to the catalog: the one way in, for
+        new sandboxes and for those a restart re-attached."""
+        box.idle = idle.IdleState(self.idle_stop_after)
+        box.gate.on_use = lambda: self._wake(box)
+        self._sandboxes[box.record.id] = box
+        self._save(box)
+
+    def _save(self, box: ManagedSandbox) -> None:
+        """Write the sandbox's row (after every change of its state, lifetime or VM)."""
+        if self.catalog is None:
+            return
+        machine = box.machine
+        vm = machine.vm if machine is not None else None
+        self.catalog.put(entry_for(box.record, box.directory, box.reserved_mb, box.config, vm))
+        if vm is not None and self.durable:
+            # Catalogued now: the catalog is its journal, and reconcile leaves it alone. Until
+            # here (a daemon dying while it starts) the journal had it, so it is not left over.
+            self.journal.forget(vm)
+            if vm.pid is not None and self.on_running is not None:
+                self.on_running()
+
+    def _journal_vm(self, machine: Machine) -> None:
+        """Journal a started sandbox VM (a durable one only until it is catalogued)."""
+        self.journal.record(machine.vm)
+
+    def _forget_vm(self, machine: Machine) -> None:
+        self.journal.forget(machine.vm)
 
     # -- helpers -------------------------------------------------------------------------------
     async def _wake(self, box: ManagedSandbox) -> None:

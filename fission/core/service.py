@@ -38,8 +38,9 @@ from fission.auth.audit_log import (
     outcome_of_result,
 )
 from fission.config import runtime_dir, use_runtime_dir
-from fission.core import derived, idle, orchestrator, snapshots, telemetry
+from fission.core import derived, idle, keeper, orchestrator, sandbox_restore, snapshots, telemetry
 from fission.core.audit_events import audit_egress, audit_event, audit_local_egress
+from fission.core.catalog import Catalog
 from fission.core.execution import execute
 from fission.core.journal import Journal
 from fission.core.languages import Language, resolve_language
@@ -47,7 +48,7 @@ from fission.core.limits import Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget, WarmPool
 from fission.core.provision import InstallResult, plan_install, plan_repo
-from fission.core.sandboxes import SandboxManager
+from fission.core.sandboxes import PAUSED_RETENTION, SandboxManager
 from fission.core.service_options import default_budget_mb
 from fission.core.spec import RunResult, RunSpec
 from fission.core.state_dirs import lock_state_dir, sweep_stale
@@ -77,10 +78,18 @@ class ServiceConfig:
     audit_egress_locally: bool = False
     # Seconds a sandbox with nothing in flight runs before its vCPUs stop (None: never).
     sandbox_idle_stop: float | None = idle.SANDBOX_IDLE_STOP
+    # Disk the sandbox snapshots and checkpoints may take (None: no bound); LRU eviction.
+    snapshot_budget_mb: int | None = None
     # Put this process's VM directories under the state dir (``vms/``), where a restart's
     # reconcile finds them all. A daemon or an MCP server owns its process and does; embedded
     # runs share the caller's process (maybe several at once) and leave the runtime dir alone.
     vms_in_state_dir: bool = True
+    # Sandboxes outlive the process (a daemon): their VMs are detached and catalogued, a
+    # restart re-attaches them, and ``on_stop`` says what a stop does with running ones.
+    durable_sandboxes: bool = False
+    on_stop: str = "keep"
+    paused_retention: float = PAUSED_RETENTION
+    keeper_grace: float = keeper.DEFAULT_GRACE  # seconds past a ttl before the keeper kills
     # The VMM driver every VM of this service comes from (tests pass the fake one).
     driver: Driver = field(default_factory=default_driver, compare=False)
 
@@ -115,14 +124,38 @@ class Service:
             driver=self.driver,
             idle_stop_after=config.sandbox_idle_stop,
             telemetry=self.telemetry,
+            snapshot_budget_mb=config.snapshot_budget_mb,
+            catalog=Catalog(config.state_dir),
+            durable=config.durable_sandboxes,
+            on_stop=config.on_stop,
+            paused_retention=config.paused_retention,
         )
+        # `fission install`'s derived snapshots live under the same snapshot budget
+        self.sandboxes.snapshots.derived_root = derived.derived_dir()
+        if config.durable_sandboxes:
+            self.sandboxes.on_running = functools.partial(
+                keeper.ensure, config.state_dir, config.keeper_grace
+            )
+        self.restored: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Clean up after a dead predecessor, then start filling the pools."""
-        self.reconciled = self.journal.reconcile(self.driver)
+        """Clean up after a dead predecessor, take back its catalogued sandboxes, then start
+        filling the pools."""
+        catalog = self.sandboxes.catalog
+        assert catalog is not None
+        entries = catalog.entries()
+        if not self.config.durable_sandboxes:  # their VMs died with the process
+            for entry in entries:
+                catalog.remove(entry.id)
+            entries = []
+        keep_vms, keep_sandboxes = sandbox_restore.catalogued_ids(entries)
+        self.reconciled = self.journal.reconcile(self.driver, keep_vms, keep_sandboxes)
         if any(self.reconciled.values()):
             log.warning("removed what a previous daemon left: %s", self.reconciled)
+        if entries:
+            self.restored = await sandbox_restore.restore(self.sandboxes, entries)
+            log.warning("took back the sandboxes of a previous daemon: %s", self.restored)
         if self.config.vms_in_state_dir:
             use_runtime_dir(self.journal.vms_dir)
         for name, size in self.config.pools.items():

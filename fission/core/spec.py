@@ -68,6 +68,8 @@ class RunResult:
     total_ms: float
     # Files read out of the VM after the run (``downloads``), by guest path; not in to_json.
     files: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # The checkpoint taken right after this step (``checkpoint=True`` in a sandbox), if any.
+    checkpoint_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-ready dict (output decoded as UTF-8, bad bytes replaced)."""
@@ -82,4 +84,4 @@ class RunResult:
             "duration_ms": round(self.duration_ms, 3),
             "boot_ms": round(self.boot_ms, 3),
             "total_ms": round(self.total_ms, 3),
-        }
+        } | ({"checkpoint_id": self.checkpoint_id} if self.checkpoint_id else {})

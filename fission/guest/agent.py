@@ -20,6 +20,12 @@ set the hostname; the agent then:
 
 The agent never trusts a request to be well formed: a bad request gets an ERROR frame, and the
 agent keeps serving.
+
+The host side may go away and come back (a sandbox VM outlives its daemon, and the next one
+re-attaches): on EOF the frame decoder starts over (a partial frame must not corrupt the next
+connection), the runs and file transfers in flight become orphans whose frames are dropped
+(their processes go on; their output is lost), tunnel streams end, and code contexts stay.
+Nothing is sent while no host is connected; a frame cut short by the host leaving is dropped.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ STDERR = protocol.FrameType.STDERR
 RNDRESEEDCRNG = 0x5207  # ioctl: reseed the kernel's CRNG from its input pool now
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 2, 4, 8, 32  # mount(2) flags
 DATA_DIR = "/data"
+WRITE_POLL_MS = 1000  # how long a blocked write waits before looking again
 CHANNEL_READ = 1024 * 1024  # most bytes taken from the host per turn of the loop
 
 
@@ -98,6 +105,9 @@ class Agent:
 
     def __init__(self, channel_fd: int) -> None:
         self.channel_fd = channel_fd
+        os.set_blocking(channel_fd, False)  # a write must notice the host leaving (POLLHUP)
+        self.connected = True  # a host has the channel's other end
+        self.orphans: set[int] = set()  # requests of a host that left: their frames dropped
         self.selector = selectors.DefaultSelector()
         self.decoder = protocol.FrameDecoder(protocol.MAX_HOST_PAYLOAD)
         self.executions: dict[int, Execution] = {}
@@ -110,6 +120,8 @@ class Agent:
         self.selector.register(channel_fd, selectors.EVENT_READ, ("channel", None))
         self.channel_poll = select.poll()
         self.channel_poll.register(channel_fd, select.POLLIN)
+        self.channel_poll_out = select.poll()
+        self.channel_poll_out.register(channel_fd, select.POLLOUT)
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
         self.files = files.FileOps(self.send)
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
@@ -119,10 +131,35 @@ class Agent:
         self.forks = warm.ForkServers(self.selector, zygote_modules(read_text("/proc/cmdline")))
 
     def send(self, frame_type: protocol.FrameType, request_id: int, payload: bytes) -> None:
-        """Write one whole frame to the host."""
+        """Write one whole frame to the host (dropped while none is connected)."""
+        if not self.connected or (
+            request_id in self.orphans and frame_type not in protocol.STREAM_FRAMES
+        ):
+            return
         view = memoryview(protocol.encode(frame_type, request_id, payload))
         while view:
-            view = view[os.write(self.channel_fd, view) :]
+            try:
+                view = view[os.write(self.channel_fd, view) :]
+            except BlockingIOError:
+                events = self.channel_poll_out.poll(WRITE_POLL_MS)
+                if any(mask & (select.POLLHUP | select.POLLERR) for _, mask in events):
+                    self.host_left()  # the rest of this frame is dropped with the connection
+                    return
+
+    def host_left(self) -> None:
+        """The host closed its end: start over for the next one, keeping runs and contexts."""
+        if not self.connected:
+            return
+        self.connected = False
+        self.decoder = protocol.FrameDecoder(protocol.MAX_HOST_PAYLOAD)
+        self.orphans.update(self.executions)
+        self.orphans.update(self.files.uploads)
+        self.orphans.update(self.files.downloads)
+        for rid in list(self.files.uploads) + list(self.files.downloads):
+            self.files.cancel(rid)
+        for stream in list(self.tunnel.streams.values()):
+            self.tunnel.drop(stream)
+        log("the host left the channel; runs and contexts go on")
 
     def send_json(
         self, frame_type: protocol.FrameType, request_id: int, message: dict[str, Any]
@@ -166,6 +203,7 @@ class Agent:
             for request_id, execution in list(self.executions.items()):
                 if execution.tick(now):
                     del self.executions[request_id]
+                    self.orphans.discard(request_id)
             self.sweep_cgroups()
             self.prepare_next()
 
@@ -199,15 +237,22 @@ class Agent:
             pieces = [data]
             total = len(data)
             while data and total < CHANNEL_READ and self.channel_poll.poll(0):
-                data = os.read(self.channel_fd, 256 * 1024)
+                try:
+                    data = os.read(self.channel_fd, 256 * 1024)
+                except (BlockingIOError, InterruptedError):
+                    break
                 pieces.append(data)
                 total += len(data)
             data = b"".join(pieces)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
-            time.sleep(0.05)  # host side disconnected; wait for a new connection
+            self.host_left()
+            time.sleep(0.05)  # wait for a new connection
             return
+        if not self.connected:
+            self.connected = True
+            log("a host connected to the channel again")
         try:
             frames = self.decoder.feed(data)
         except protocol.ProtocolError as exc:

@@ -9,10 +9,11 @@ from fission.errors import VMStartFailed
 from fission.tools import require_tool
 
 
-def create_overlay(base: Path, target: Path) -> Path:
-    """Create ``target``, a qcow2 file whose unwritten blocks read from the raw disk ``base``."""
+def create_overlay(base: Path, target: Path, base_format: str = "raw") -> Path:
+    """Create ``target``, a qcow2 file whose unwritten blocks read from the disk ``base``."""
     qemu_img = require_tool("qemu-img")
-    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(target)]
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base)]
+    argv.append(str(target))
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except subprocess.TimeoutExpired as exc:

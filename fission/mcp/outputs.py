@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from fission.core.sandbox_spec import SandboxRecord, SandboxState
+from fission.core.snapshot_store import SnapshotRecord
 from fission.core.spec import RunResult
 
 
@@ -43,6 +44,48 @@ def run_output(result: RunResult) -> RunOutput:
         truncated=result.truncated,
         duration_ms=round(result.duration_ms, 1),
     )
+
+
+class StepOutput(RunOutput):
+    """How code or a command in a sandbox ended, and the checkpoint taken after it, if any."""
+
+    checkpoint_id: str | None = Field(
+        None, description="With checkpoint=true: pass it to sandbox_rewind to come back here."
+    )
+
+
+def step_output(result: RunResult) -> StepOutput:
+    """The tool output of a step in a sandbox."""
+    return StepOutput(**run_output(result).model_dump(), checkpoint_id=result.checkpoint_id)
+
+
+class SnapshotInfo(BaseModel):
+    """A saved sandbox: memory (variables, running contexts) and files."""
+
+    id: str = Field(description="Pass it as from_snapshot to sandbox_create (or to rewind).")
+    name: str | None
+    kind: str = Field(description="snapshot, checkpoint or fork.")
+    sandbox_id: str = Field(description="The sandbox it was taken from.")
+    size_mb: float = Field(description="Disk it takes on the host, in MB.")
+    created_at: str = Field(description="When it was taken (ISO 8601, UTC).")
+
+
+def snapshot_info(record: SnapshotRecord) -> SnapshotInfo:
+    """The tool output describing a snapshot."""
+    return SnapshotInfo(
+        id=record.id,
+        name=record.name,
+        kind=record.kind,
+        sandbox_id=record.sandbox_id,
+        size_mb=round(record.size_bytes / 1e6, 2),
+        created_at=iso_time(record.created_at),
+    )
+
+
+class SnapshotList(BaseModel):
+    """Saved sandboxes, oldest first."""
+
+    snapshots: list[SnapshotInfo]
 
 
 class SandboxInfo(BaseModel):
@@ -82,6 +125,13 @@ def sandbox_info(record: SandboxRecord, now: float | None = None) -> SandboxInfo
         memory_mb=record.spec.limits.memory_mb,
         metadata=dict(record.spec.metadata),
     )
+
+
+class Forked(BaseModel):
+    """The outcome of sandbox_fork."""
+
+    snapshot: SnapshotInfo
+    sandboxes: list[SandboxInfo] = Field(description="The new sandboxes; delete each when done.")
 
 
 class SandboxList(BaseModel):

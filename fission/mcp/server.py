@@ -69,6 +69,11 @@ TOOLS: dict[str, ToolAnnotations] = {
     "sandbox_resume": _acts(idempotent=True),
     "sandbox_delete": _acts(destructive=True, idempotent=True),
     "sandbox_list": _read_only(),
+    "sandbox_snapshot": _acts(),
+    "sandbox_fork": _acts(),
+    "sandbox_rewind": _acts(destructive=True),
+    "snapshot_list": _read_only(),
+    "snapshot_delete": _acts(destructive=True, idempotent=True),
 }
 HOST_FILE_TOOLS: dict[str, ToolAnnotations] = {
     "sandbox_upload": _acts(destructive=True, idempotent=True),

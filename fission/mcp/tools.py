@@ -8,7 +8,7 @@ parameters' ``Field`` descriptions end up in the input schema.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -31,13 +31,19 @@ from fission.mcp.outputs import (
     FileContent,
     FileList,
     FileWritten,
+    Forked,
     RunOutput,
     SandboxInfo,
     SandboxList,
+    SnapshotInfo,
+    SnapshotList,
+    StepOutput,
     Transfer,
     file_entry,
     run_output,
     sandbox_info,
+    snapshot_info,
+    step_output,
 )
 
 # Output for an LLM's context: far below the core's 10 MB default.
@@ -67,6 +73,10 @@ SandboxPath = Annotated[
     ),
 ]
 FileEncoding = Annotated[Encoding, Field(description="utf-8 for text, base64 for binary data.")]
+Checkpoint = Annotated[
+    bool,
+    Field(description="Take a checkpoint after this step; sandbox_rewind can come back to it."),
+]
 HostPath = Annotated[
     str,
     Field(
@@ -75,6 +85,11 @@ HostPath = Annotated[
         description="Path on the MCP server's host, relative to its shared directory.",
     ),
 ]
+
+
+def checkpoint_args(checkpoint: bool) -> dict[str, Any]:
+    """The keyword that asks the core for a checkpoint after a step (none unless asked)."""
+    return {"checkpoint": True} if checkpoint else {}
 
 
 def shell_program(language: LanguageName, command: str) -> str:
@@ -176,17 +191,39 @@ class FissionTools:
             dict[str, str] | None,
             Field(description="Optional labels (up to 32 short strings) to recognise it by."),
         ] = None,
+        from_snapshot: Annotated[
+            str | None,
+            Field(
+                description="A snapshot id (snapshot_list) to start from: its language, "
+                "memory (variables) and files; memory_mb is then the snapshot's."
+            ),
+        ] = None,
+        on_timeout: Annotated[
+            Literal["delete", "pause"],
+            Field(description='At the end of the ttl: "delete" the sandbox, or "pause" it.'),
+        ] = "delete",
     ) -> SandboxInfo:
         """Create a persistent sandbox: an isolated microVM that keeps its files and state.
 
         Use it for work that spans several steps: run code that keeps variables between calls
         (sandbox_run_code), run shell commands (sandbox_exec), write and read files. Files live
         under /home/sandbox. There is no network. The sandbox is deleted with everything in it
-        when its ttl runs out (see expires_at); pause it to keep it without a deadline. Returns
+        when its ttl runs out (see expires_at), or paused with on_timeout "pause"; pause it to
+        keep it longer (a paused sandbox is kept for a retention period, see expires_at). Returns
         its id (pass it as sandbox_id) and expiry. Delete it with sandbox_delete when done.
         """
+        if from_snapshot is not None:
+            snapshots = self.service.sandboxes.snapshots
+            record = await snapshots.create_from(from_snapshot, ttl=ttl, metadata=metadata)
+            return sandbox_info(record)
         limits = Limits(memory_mb=memory_mb, output_limit_mb=OUTPUT_LIMIT_MB)
-        spec = SandboxSpec(resolve_language(language), limits, ttl, metadata=metadata or {})
+        spec = SandboxSpec(
+            resolve_language(language),
+            limits,
+            ttl,
+            metadata=metadata or {},
+            on_timeout=on_timeout,
+        )
         return sandbox_info(await self.service.sandboxes.create(spec))
 
     async def sandbox_run_code(
@@ -206,7 +243,8 @@ class FissionTools:
             bool, Field(description="Restart the context first, forgetting its variables.")
         ] = False,
         timeout: Timeout = 30.0,
-    ) -> RunOutput:
+        checkpoint: Checkpoint = False,
+    ) -> StepOutput:
         """Run code in a sandbox, by default statefully: variables persist between calls.
 
         With the default context, `x = 41` in one call and `print(x + 1)` in the next prints
@@ -224,15 +262,17 @@ class FissionTools:
             timeout=timeout,
             context=context,
             fresh_context=fresh_context,
+            **checkpoint_args(checkpoint),
         )
-        return run_output(result)
+        return step_output(result)
 
     async def sandbox_exec(
         self,
         sandbox_id: SandboxId,
         command: Annotated[str, Field(min_length=1, description="A shell command line.")],
         timeout: Timeout = 30.0,
-    ) -> RunOutput:
+        checkpoint: Checkpoint = False,
+    ) -> StepOutput:
         """Run a shell command line (/bin/sh -c) in a sandbox, in /home/sandbox.
 
         Files it creates stay in the sandbox for later calls. Use it to inspect or move files
@@ -240,8 +280,11 @@ class FissionTools:
         Returns stdout, stderr, exit_code, timed_out, oom and truncated (output capped at 1
         MiB).
         """
-        result = await self.service.sandboxes.exec_command(sandbox_id, command, timeout=timeout)
-        return run_output(result)
+        sandboxes = self.service.sandboxes
+        result = await sandboxes.exec_command(
+            sandbox_id, command, timeout=timeout, **checkpoint_args(checkpoint)
+        )
+        return step_output(result)
 
     async def sandbox_write_file(
         self,
@@ -313,6 +356,63 @@ class FissionTools:
         """Delete a sandbox now: its VM and all its files are destroyed, for good."""
         await self.service.sandboxes.delete(sandbox_id)
         return Deleted(id=sandbox_id, deleted=True)
+
+    async def sandbox_snapshot(
+        self,
+        sandbox_id: SandboxId,
+        name: Annotated[str | None, Field(description="A label of your own.")] = None,
+    ) -> SnapshotInfo:
+        """Save a running sandbox (memory and files) as a snapshot; the sandbox keeps running.
+
+        Start new sandboxes from it with sandbox_create(from_snapshot=id).
+        """
+        return snapshot_info(
+            await self.service.sandboxes.snapshots.snapshot(sandbox_id, None, name)
+        )
+
+    async def sandbox_fork(
+        self,
+        sandbox_id: SandboxId,
+        n: Annotated[int, Field(ge=1, le=16, description="How many copies (1 to 16).")] = 1,
+    ) -> Forked:
+        """Copy a running sandbox n times: each copy starts with the same variables and files
+        and then goes its own way (its own disk, clock and randomness). Use it to try several
+        approaches from one state. Delete each copy when done."""
+        snapshot, clones = await self.service.sandboxes.snapshots.fork(sandbox_id, n)
+        return Forked(snapshot=snapshot_info(snapshot), sandboxes=[sandbox_info(c) for c in clones])
+
+    async def sandbox_rewind(
+        self,
+        sandbox_id: SandboxId,
+        checkpoint_id: Annotated[
+            str, Field(description="A checkpoint_id a step with checkpoint=true returned.")
+        ],
+    ) -> SandboxInfo:
+        """Put a sandbox back to a checkpoint: its variables and files as they were then.
+
+        Later checkpoints stay available. Returns the sandbox, running.
+        """
+        return sandbox_info(
+            await self.service.sandboxes.snapshots.rewind(sandbox_id, checkpoint_id)
+        )
+
+    async def snapshot_list(
+        self,
+        sandbox_id: Annotated[
+            str | None, Field(description="Only the snapshots taken from this sandbox.")
+        ] = None,
+    ) -> SnapshotList:
+        """List saved sandboxes (snapshots, checkpoints, forks), oldest first."""
+        records = self.service.sandboxes.snapshots.list_snapshots(sandbox_id=sandbox_id)
+        return SnapshotList(snapshots=[snapshot_info(r) for r in records])
+
+    async def snapshot_delete(
+        self,
+        snapshot_id: Annotated[str, Field(description="The snapshot's id (snap_...).")],
+    ) -> Deleted:
+        """Delete a snapshot for good (refused while a sandbox started from it exists)."""
+        await self.service.sandboxes.snapshots.delete(snapshot_id)
+        return Deleted(id=snapshot_id, deleted=True)
 
     async def sandbox_list(self) -> SandboxList:
         """List this server's sandboxes (running and paused) with their expiry."""

@@ -27,6 +27,7 @@ from fission.sdk._models import (
     OutputEvent,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
     StreamEvent,
 )
 
@@ -93,6 +94,8 @@ class AsyncSandbox(SandboxCore):
         metadata: Mapping[str, str] | None = None,
         network: str | Mapping[str, Any] = "none",
         allow_hosts: Sequence[str] | None = None,
+        from_snapshot: str | None = None,
+        on_timeout: str = "delete",
         url: str | None = None,
         api_key: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -109,6 +112,8 @@ class AsyncSandbox(SandboxCore):
             metadata=metadata,
             network=network,
             allow_hosts=allow_hosts,
+            from_snapshot=from_snapshot,
+            on_timeout=on_timeout,
             url=url,
             api_key=api_key,
             request_timeout=request_timeout,
@@ -186,6 +191,7 @@ class AsyncSandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         context: str | None = None,
         fresh_context: bool = False,
+        checkpoint: bool = False,
         on_stdout: AsyncOutputCallback | None = None,
         on_stderr: AsyncOutputCallback | None = None,
     ) -> RunResult:
@@ -193,10 +199,16 @@ class AsyncSandbox(SandboxCore):
 
         ``timeout``: seconds (default: the sandbox's). ``context``: a named interpreter whose
         variables persist across runs; ``fresh_context`` starts it over. ``on_stdout`` and
-        ``on_stderr`` get each chunk (bytes) as it is printed.
+        ``on_stderr`` get each chunk (bytes) as it is printed. ``checkpoint``: take a checkpoint
+        after this run (its id is the result's ``checkpoint_id``; see ``rewind``).
         """
         events = self.run_stream(
-            code, timeout=timeout, env=env, context=context, fresh_context=fresh_context
+            code,
+            timeout=timeout,
+            env=env,
+            context=context,
+            fresh_context=fresh_context,
+            checkpoint=checkpoint,
         )
         return await drain(events, on_stdout, on_stderr)
 
@@ -208,6 +220,7 @@ class AsyncSandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         context: str | None = None,
         fresh_context: bool = False,
+        checkpoint: bool = False,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Like ``run``, yielding OutputEvents as they come, then the RunResult."""
         call = calls.run_code(
@@ -218,6 +231,7 @@ class AsyncSandbox(SandboxCore):
             env=env,
             context=context,
             fresh_context=fresh_context,
+            checkpoint=checkpoint,
         )
         return stream_run(self._http, call)
 
@@ -229,15 +243,18 @@ class AsyncSandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | str | None = None,
+        checkpoint: bool = False,
         on_stdout: AsyncOutputCallback | None = None,
         on_stderr: AsyncOutputCallback | None = None,
     ) -> RunResult:
         """Run a command: a shell line (string, run by /bin/sh) or an argv (list).
 
         ``timeout``: seconds (default: the sandbox's). ``cwd``: its working directory.
-        ``stdin``: bytes (or text) fed to it. Callbacks as for ``run``.
+        ``stdin``: bytes (or text) fed to it. ``checkpoint`` and callbacks as for ``run``.
         """
-        events = self.exec_stream(command, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        events = self.exec_stream(
+            command, timeout=timeout, env=env, cwd=cwd, stdin=stdin, checkpoint=checkpoint
+        )
         return await drain(events, on_stdout, on_stderr)
 
     def exec_stream(
@@ -248,6 +265,7 @@ class AsyncSandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | str | None = None,
+        checkpoint: bool = False,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Like ``exec``, yielding OutputEvents as they come, then the RunResult."""
         call = calls.exec_command(
@@ -258,6 +276,7 @@ class AsyncSandbox(SandboxCore):
             env=env,
             cwd=cwd,
             stdin=stdin,
+            checkpoint=checkpoint,
         )
         return stream_run(self._http, call)
 
@@ -272,6 +291,64 @@ class AsyncSandbox(SandboxCore):
     async def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""
         return self._remember(await self._http.json(calls.set_ttl(self.id, ttl)))
+
+    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Save the running sandbox (memory and disk) as a snapshot; it keeps running.
+
+        ``name``: a label of your own. Start new sandboxes from it with
+        ``AsyncSandbox.create(from_snapshot=snapshot.id)``.
+        """
+        return calls.parse_snapshot(await self._http.json(calls.snapshot_sandbox(self.id, name)))
+
+    async def fork(self, n: int = 1) -> builtins.list[AsyncSandbox]:
+        """Snapshot the sandbox and start ``n`` (1 to 16) sandboxes from it, each with the
+        same memory and files, its own disk, clock and randomness. Delete each when done."""
+        _snapshot, bodies = calls.parse_fork(await self._http.json(calls.fork_sandbox(self.id, n)))
+        clones = []
+        for body in bodies:
+            clone = type(self).__new__(type(self))
+            clone._attach(self._conn, None)
+            clone._remember(body)
+            clones.append(clone)
+        return clones
+
+    async def rewind(self, checkpoint_id: str) -> SandboxInfo:
+        """Put the sandbox back to a checkpoint of its own (memory and files as they were)."""
+        call = calls.rewind_sandbox(self.id, checkpoint_id)
+        return self._remember(await self._http.json(call))
+
+    @classmethod
+    async def snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        kind: str | None = None,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> builtins.list[SnapshotInfo]:
+        """Your snapshots (``kind``: snapshot, checkpoint or fork), oldest first."""
+        http = AsyncHTTP(resolve_connection(url, api_key, request_timeout))
+        try:
+            return calls.parse_snapshots(await http.json(calls.list_snapshots(sandbox_id, kind)))
+        finally:
+            await http.close()
+
+    @classmethod
+    async def delete_snapshot(
+        cls,
+        snapshot_id: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
+        """Delete a snapshot; Conflict while a sandbox started from it still exists."""
+        http = AsyncHTTP(resolve_connection(url, api_key, request_timeout))
+        try:
+            await http.json(calls.delete_snapshot(snapshot_id))
+        finally:
+            await http.close()
 
     async def delete(self) -> None:
         """Destroy the sandbox: its VM, disk and saved state."""

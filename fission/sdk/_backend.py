@@ -238,6 +238,11 @@ class DaemonBackend:
         """True when the daemon answers its health probe."""
         return answers(self._http)
 
+    def gc(self, dry_run: bool, budget_mb: int | None) -> dict[str, Any]:
+        """Reclaim the daemon's snapshot space (``fission gc``); what went or would go."""
+        body = {"dry_run": dry_run, "budget_mb": budget_mb}
+        return dict(self._http.json(calls.Call("POST", "/v1/gc", json=body)))
+
     def pools(self) -> dict[str, Any]:
         """The daemon's pools and memory budget."""
         return dict(self._http.json(calls.pools()))

@@ -14,6 +14,7 @@ __all__ = [
     "OutputEvent",
     "RunResult",
     "SandboxInfo",
+    "SnapshotInfo",
     "StreamEvent",
 ]
 
@@ -52,6 +53,23 @@ class SandboxInfo:
     disk_mb: int
     metadata: dict[str, str] = field(default_factory=dict)
     network: str = "none"
+    on_timeout: str = "delete"  # what the end of its ttl does: "delete" or "pause"
+    lost_reason: str = ""  # why a "lost" sandbox is lost (empty otherwise)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A saved sandbox (memory and disk): ``kind`` is snapshot, checkpoint or fork; times are
+    Unix seconds, ``size_bytes`` what it takes on the daemon's disk."""
+
+    id: str
+    name: str | None
+    kind: str
+    sandbox_id: str
+    language: str
+    size_bytes: int
+    created_at: float
+    last_used_at: float
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 from fission.api.run_stream import error_from_body, file_bytes, output_bytes, result_from_lines
 from fission.core.provision import INSTALL_TIMEOUT
 from fission.errors import FissionError, QuotaExceeded
-from fission.sdk._models import FileInfo, OutputEvent, RunResult, SandboxInfo
+from fission.sdk._models import FileInfo, OutputEvent, RunResult, SandboxInfo, SnapshotInfo
 
 CHUNK_SIZE = 1024 * 1024  # file transfers move in pieces of this many bytes
 PAGE_SIZE = 100
@@ -172,8 +172,10 @@ def create_sandbox(
     metadata: Mapping[str, str] | None,
     network: str | Mapping[str, Any],
     allow_hosts: Sequence[str] | None = None,
+    from_snapshot: str | None = None,
+    on_timeout: str = "delete",
 ) -> Call:
-    """Create a sandbox."""
+    """Create a sandbox (from a snapshot: its language, limits, memory and files)."""
     body = {
         "language": language,
         "ttl": ttl,
@@ -185,6 +187,10 @@ def create_sandbox(
         "metadata": dict(metadata or {}),
         "network": network_body(network, allow_hosts),
     }
+    if from_snapshot is not None:
+        body["from_snapshot"] = from_snapshot
+    if on_timeout != "delete":  # the daemon's default; older daemons know no other
+        body["on_timeout"] = on_timeout
     return Call("POST", "/v1/sandboxes", json=body)
 
 
@@ -244,6 +250,7 @@ def run_code(
     env: Mapping[str, str] | None,
     context: str | None,
     fresh_context: bool,
+    checkpoint: bool = False,
 ) -> Call:
     """Run code in a sandbox (streamed); ``default_timeout`` is the sandbox's own."""
     body = {
@@ -252,7 +259,7 @@ def run_code(
         "env": dict(env or {}),
         "context": context,
         "fresh_context": fresh_context,
-    }
+    } | ({"checkpoint": True} if checkpoint else {})
     return Call(
         "POST",
         sandbox_path(sandbox_id, "/run"),
@@ -271,6 +278,7 @@ def exec_command(
     env: Mapping[str, str] | None,
     cwd: str | None,
     stdin: bytes | str | None,
+    checkpoint: bool = False,
 ) -> Call:
     """Run a shell line (a string) or an argv (a list) in a sandbox (streamed)."""
     body = {
@@ -279,7 +287,7 @@ def exec_command(
         "env": dict(env or {}),
         "cwd": cwd,
         "stdin_b64": encode_stdin(stdin),
-    }
+    } | ({"checkpoint": True} if checkpoint else {})
     return Call(
         "POST",
         sandbox_path(sandbox_id, "/exec"),
@@ -287,6 +295,71 @@ def exec_command(
         run_timeout=timeout if timeout is not None else default_timeout,
         headers=_ndjson(),
     )
+
+
+def snapshot_sandbox(sandbox_id: str, name: str | None) -> Call:
+    """Save a running sandbox as a snapshot (it keeps running)."""
+    return Call("POST", sandbox_path(sandbox_id, "/snapshots"), json={"name": name})
+
+
+def fork_sandbox(sandbox_id: str, n: int) -> Call:
+    """Snapshot a sandbox and start ``n`` sandboxes from it."""
+    return Call("POST", sandbox_path(sandbox_id, "/fork"), json={"n": n})
+
+
+def rewind_sandbox(sandbox_id: str, checkpoint_id: str) -> Call:
+    """Put a sandbox back to one of its checkpoints."""
+    body = {"checkpoint_id": checkpoint_id}
+    return Call("POST", sandbox_path(sandbox_id, "/rewind"), json=body)
+
+
+def list_snapshots(sandbox_id: str | None, kind: str | None) -> Call:
+    """The caller's snapshots, optionally of one sandbox or of one kind."""
+    params = [(k, v) for k, v in (("sandbox_id", sandbox_id), ("kind", kind)) if v is not None]
+    return Call("GET", "/v1/snapshots", params=tuple(params))
+
+
+def get_snapshot(snapshot_id: str) -> Call:
+    """One snapshot's facts."""
+    return Call("GET", f"/v1/snapshots/{quote(snapshot_id, safe='')}")
+
+
+def delete_snapshot(snapshot_id: str) -> Call:
+    """Delete a snapshot (refused while a sandbox is built on it)."""
+    return Call("DELETE", f"/v1/snapshots/{quote(snapshot_id, safe='')}")
+
+
+def parse_snapshot(body: Any) -> SnapshotInfo:
+    """A snapshot's JSON as SnapshotInfo."""
+    try:
+        return SnapshotInfo(
+            id=str(body["id"]),
+            name=None if body.get("name") is None else str(body["name"]),
+            kind=str(body["kind"]),
+            sandbox_id=str(body["sandbox_id"]),
+            language=str(body["language"]),
+            size_bytes=int(body["size_bytes"]),
+            created_at=float(body["created_at"]),
+            last_used_at=float(body.get("last_used_at", body["created_at"])),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise FissionError(f"the daemon sent a snapshot the SDK cannot read: {exc!r}") from exc
+
+
+def parse_snapshots(body: Any) -> list[SnapshotInfo]:
+    """A snapshot listing."""
+    try:
+        return [parse_snapshot(record) for record in body["snapshots"]]
+    except (KeyError, TypeError) as exc:
+        raise FissionError(f"the daemon sent a listing the SDK cannot read: {exc!r}") from exc
+
+
+def parse_fork(body: Any) -> tuple[SnapshotInfo, list[Any]]:
+    """A fork's answer: its snapshot and the new sandboxes' JSON."""
+    try:
+        return parse_snapshot(body["snapshot"]), list(body["sandboxes"])
+    except (KeyError, TypeError) as exc:
+        raise FissionError(f"the daemon sent a fork the SDK cannot read: {exc!r}") from exc
 
 
 def write_file(sandbox_id: str, path: str) -> Call:
@@ -376,6 +449,8 @@ def parse_sandbox(body: Any) -> SandboxInfo:
             disk_mb=int(limits.get("disk_mb", 512)),
             metadata={str(k): str(v) for k, v in (body.get("metadata") or {}).items()},
             network=str(body.get("network", "none")),
+            on_timeout=str(body.get("on_timeout", "delete")),
+            lost_reason=str(body.get("lost_reason") or ""),
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise FissionError(f"the daemon sent a sandbox the SDK cannot read: {exc!r}") from exc

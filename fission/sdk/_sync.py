@@ -25,6 +25,7 @@ from fission.sdk._models import (
     OutputEvent,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
     StreamEvent,
 )
 
@@ -91,6 +92,8 @@ class Sandbox(SandboxCore):
         metadata: Mapping[str, str] | None = None,
         network: str | Mapping[str, Any] = "none",
         allow_hosts: Sequence[str] | None = None,
+        from_snapshot: str | None = None,
+        on_timeout: str = "delete",
         url: str | None = None,
         api_key: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -107,6 +110,8 @@ class Sandbox(SandboxCore):
             metadata=metadata,
             network=network,
             allow_hosts=allow_hosts,
+            from_snapshot=from_snapshot,
+            on_timeout=on_timeout,
             url=url,
             api_key=api_key,
             request_timeout=request_timeout,
@@ -183,6 +188,7 @@ class Sandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         context: str | None = None,
         fresh_context: bool = False,
+        checkpoint: bool = False,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> RunResult:
@@ -190,10 +196,16 @@ class Sandbox(SandboxCore):
 
         ``timeout``: seconds (default: the sandbox's). ``context``: a named interpreter whose
         variables persist across runs; ``fresh_context`` starts it over. ``on_stdout`` and
-        ``on_stderr`` get each chunk (bytes) as it is printed.
+        ``on_stderr`` get each chunk (bytes) as it is printed. ``checkpoint``: take a checkpoint
+        after this run (its id is the result's ``checkpoint_id``; see ``rewind``).
         """
         events = self.run_stream(
-            code, timeout=timeout, env=env, context=context, fresh_context=fresh_context
+            code,
+            timeout=timeout,
+            env=env,
+            context=context,
+            fresh_context=fresh_context,
+            checkpoint=checkpoint,
         )
         return drain(events, on_stdout, on_stderr)
 
@@ -205,6 +217,7 @@ class Sandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         context: str | None = None,
         fresh_context: bool = False,
+        checkpoint: bool = False,
     ) -> Generator[StreamEvent, None, None]:
         """Like ``run``, yielding OutputEvents as they come, then the RunResult."""
         call = calls.run_code(
@@ -215,6 +228,7 @@ class Sandbox(SandboxCore):
             env=env,
             context=context,
             fresh_context=fresh_context,
+            checkpoint=checkpoint,
         )
         return stream_run(self._http, call)
 
@@ -226,15 +240,18 @@ class Sandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | str | None = None,
+        checkpoint: bool = False,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> RunResult:
         """Run a command: a shell line (string, run by /bin/sh) or an argv (list).
 
         ``timeout``: seconds (default: the sandbox's). ``cwd``: its working directory.
-        ``stdin``: bytes (or text) fed to it. Callbacks as for ``run``.
+        ``stdin``: bytes (or text) fed to it. ``checkpoint`` and callbacks as for ``run``.
         """
-        events = self.exec_stream(command, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        events = self.exec_stream(
+            command, timeout=timeout, env=env, cwd=cwd, stdin=stdin, checkpoint=checkpoint
+        )
         return drain(events, on_stdout, on_stderr)
 
     def exec_stream(
@@ -245,6 +262,7 @@ class Sandbox(SandboxCore):
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | str | None = None,
+        checkpoint: bool = False,
     ) -> Generator[StreamEvent, None, None]:
         """Like ``exec``, yielding OutputEvents as they come, then the RunResult."""
         call = calls.exec_command(
@@ -255,6 +273,7 @@ class Sandbox(SandboxCore):
             env=env,
             cwd=cwd,
             stdin=stdin,
+            checkpoint=checkpoint,
         )
         return stream_run(self._http, call)
 
@@ -269,6 +288,64 @@ class Sandbox(SandboxCore):
     def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""
         return self._remember(self._http.json(calls.set_ttl(self.id, ttl)))
+
+    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Save the running sandbox (memory and disk) as a snapshot; it keeps running.
+
+        ``name``: a label of your own. Start new sandboxes from it with
+        ``Sandbox.create(from_snapshot=snapshot.id)``.
+        """
+        return calls.parse_snapshot(self._http.json(calls.snapshot_sandbox(self.id, name)))
+
+    def fork(self, n: int = 1) -> builtins.list[Sandbox]:
+        """Snapshot the sandbox and start ``n`` (1 to 16) sandboxes from it, each with the
+        same memory and files, its own disk, clock and randomness. Delete each when done."""
+        _snapshot, bodies = calls.parse_fork(self._http.json(calls.fork_sandbox(self.id, n)))
+        clones = []
+        for body in bodies:
+            clone = type(self).__new__(type(self))
+            clone._attach(self._conn, None)
+            clone._remember(body)
+            clones.append(clone)
+        return clones
+
+    def rewind(self, checkpoint_id: str) -> SandboxInfo:
+        """Put the sandbox back to a checkpoint of its own (memory and files as they were)."""
+        call = calls.rewind_sandbox(self.id, checkpoint_id)
+        return self._remember(self._http.json(call))
+
+    @classmethod
+    def snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        kind: str | None = None,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> builtins.list[SnapshotInfo]:
+        """Your snapshots (``kind``: snapshot, checkpoint or fork), oldest first."""
+        http = SyncHTTP(resolve_connection(url, api_key, request_timeout))
+        try:
+            return calls.parse_snapshots(http.json(calls.list_snapshots(sandbox_id, kind)))
+        finally:
+            http.close()
+
+    @classmethod
+    def delete_snapshot(
+        cls,
+        snapshot_id: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
+        """Delete a snapshot; Conflict while a sandbox started from it still exists."""
+        http = SyncHTTP(resolve_connection(url, api_key, request_timeout))
+        try:
+            http.json(calls.delete_snapshot(snapshot_id))
+        finally:
+            http.close()
 
     def delete(self) -> None:
         """Destroy the sandbox: its VM, disk and saved state."""

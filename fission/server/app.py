@@ -34,10 +34,12 @@ from fission.core.spec import RunResult
 from fission.core.transfers import check_transfers
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
 from fission.server.auth import Admin, Gatekeeper, Who
+from fission.server.dashboard import create_dashboard
 from fission.server.metrics import CONTENT_TYPE, ServiceMetrics
 from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
 from fission.server.request_ids import RequestContext
 from fission.server.sandboxes_api import sandbox_router
+from fission.server.snapshots_api import snapshot_router
 from fission.server.streaming import WantsSse, streaming_response
 
 
@@ -180,4 +182,6 @@ def create_app(
         return streaming_response(work, sse)
 
     app.include_router(sandbox_router(service.sandboxes))
+    app.include_router(snapshot_router(service.sandboxes))
+    app.mount("/ui", create_dashboard(service, gate))  # the operator's pages: docs/dashboard.md
     return app

@@ -44,6 +44,11 @@ class Caller:
         """How many sandboxes this caller may hold at once (None: no per-caller limit)."""
         return self.key.limits.max_concurrent_sandboxes if self.key is not None else None
 
+    @property
+    def max_snapshot_mb(self) -> int | None:
+        """Disk this caller's snapshots may take (None: no per-caller limit)."""
+        return self.key.limits.max_snapshot_mb if self.key is not None else None
+
 
 LOCAL_CALLER = Caller(None)
 

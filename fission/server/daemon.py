@@ -2,12 +2,14 @@
 
 Listens on a Unix socket in the user's runtime dir by default (TCP only when asked). uvicorn
 turns SIGTERM and SIGINT into a graceful shutdown, whose last step (the app's lifespan)
-destroys every VM the daemon owns. A second daemon on the same state dir is refused. With
-``--idle-exit SECONDS`` the daemon shuts down the same way once it has gone that long with no
-request (health probes aside) and no sandbox: the user daemon that ``fission run`` starts on
-demand (``fission.sdk._user_daemon``) runs so. ``--log-format json`` writes one JSON object per
-log line (``server.logs``); ``--metrics-port N`` also serves ``/metrics`` on 127.0.0.1:N
-without a key (``server.metrics_port``).
+destroys every pooled VM the daemon owns and does with running sandboxes what ``--on-stop``
+says: ``keep`` them running (the default; the next daemon re-attaches), ``pause`` them to
+disk, or ``delete`` them. A SIGKILLed daemon leaves them running, as ``keep`` does. A second
+daemon on the same state dir is refused. With ``--idle-exit SECONDS`` the daemon shuts down the
+same way once it has gone that long with no request (health probes aside) and no sandbox: the
+user daemon that ``fission run`` starts on demand (``fission.sdk._user_daemon``) runs so.
+``--log-format json`` writes one JSON object per log line (``server.logs``); ``--metrics-port
+N`` also serves ``/metrics`` on 127.0.0.1:N without a key (``server.metrics_port``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 
 from fission.auth.db import default_db_path
 from fission.config import daemon_socket, daemon_state_dir
+from fission.core import keeper
 from fission.core.languages import resolve_language
+from fission.core.sandboxes import ON_STOP, PAUSED_RETENTION
 from fission.core.service import ServiceConfig
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.core.state_dirs import lock_state_dir
@@ -87,6 +91,10 @@ def build_config(
     grpc_port: int | None = None,
     grpc_socket: Path | None = None,
     idle_exit: float | None = None,
+    snapshot_budget_mb: int | None = None,
+    on_stop: str | None = None,
+    paused_retention: float | None = None,
+    keeper_grace: float | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
     metrics_port: int | None = None,
@@ -116,7 +124,31 @@ def build_config(
     if host is None and listen_socket is None:
         listen_socket = daemon_socket()
     database = db or (Path(file["db"]) if "db" in file else default_db_path())
-    service = ServiceConfig(state, pool_sizes, budget, timeout, audit_db=database)
+    snapshots_mb = snapshot_budget_mb
+    if snapshots_mb is None and "snapshot_budget_mb" in file:
+        snapshots_mb = int(file["snapshot_budget_mb"])
+    if snapshots_mb is not None and snapshots_mb < 1:
+        raise InvalidInput(f"--snapshot-budget {snapshots_mb} must be at least 1 MB")
+    stop = on_stop or str(file.get("on_stop", "keep"))
+    if stop not in ON_STOP:
+        raise InvalidInput(f"--on-stop {stop!r} is not one of {', '.join(ON_STOP)}")
+    retention = paused_retention or float(file.get("paused_retention", PAUSED_RETENTION))
+    grace = keeper_grace or float(file.get("keeper_grace", keeper.DEFAULT_GRACE))
+    for option, value in (("--paused-retention", retention), ("--keeper-grace", grace)):
+        if not 0 < value < 1e9:
+            raise InvalidInput(f"{option} {value:g} is out of range: give a positive number")
+    service = ServiceConfig(
+        state,
+        pool_sizes,
+        budget,
+        timeout,
+        audit_db=database,
+        snapshot_budget_mb=snapshots_mb,
+        durable_sandboxes=True,
+        on_stop=stop,
+        paused_retention=retention,
+        keeper_grace=grace,
+    )
     grpc_listen = (grpc_host, grpc_port, grpc_socket)
     if not any(grpc_listen):  # gRPC flags replace the file's gRPC settings as a whole
         file_socket = Path(file["grpc_socket"]) if "grpc_socket" in file else None

@@ -18,6 +18,7 @@ import grpc
 from fission.api import fission_pb2 as pb
 from fission.core.languages import resolve_language
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec, SandboxState
+from fission.core.snapshot_store import SnapshotRecord
 from fission.core.spec import RunResult, RunSpec
 from fission.errors import FissionError, InvalidInput, QuotaExceeded
 from fission.net.policy import NetworkPolicy
@@ -44,6 +45,7 @@ STATE_TO_PB: dict[SandboxState, pb.SandboxState] = {
     SandboxState.RUNNING: pb.SANDBOX_STATE_RUNNING,
     SandboxState.PAUSED: pb.SANDBOX_STATE_PAUSED,
     SandboxState.DELETED: pb.SANDBOX_STATE_DELETED,
+    SandboxState.LOST: pb.SANDBOX_STATE_LOST,
 }
 PB_TO_STATE: dict[int, SandboxState] = {value: state for state, value in STATE_TO_PB.items()}
 STREAM_TO_PB: dict[str, pb.Stream] = {"stdout": pb.STREAM_STDOUT, "stderr": pb.STREAM_STDERR}
@@ -116,6 +118,7 @@ def sandbox_spec(request: pb.CreateSandboxRequest) -> SandboxSpec:
             if request.HasField("network_policy")
             else request.network or "none"
         ),
+        on_timeout=request.on_timeout or "delete",
         **fields,
     )
     return body.to_spec()
@@ -168,6 +171,24 @@ def sandbox_message(record: SandboxRecord) -> pb.Sandbox:
         network=body["network"],
         limits=pb.Limits(**body["limits"]),
         network_policy=network_message(body["network_policy"]),
+        on_timeout=body["on_timeout"],
+        lost_reason=body["lost_reason"],
+    )
+
+
+def snapshot_message(record: SnapshotRecord) -> pb.SnapshotInfo:
+    """A snapshot record, mirroring its REST JSON."""
+    body = record.to_json()
+    return pb.SnapshotInfo(
+        id=body["id"],
+        name=body["name"],
+        kind=body["kind"],
+        sandbox_id=body["sandbox_id"],
+        language=body["language"],
+        limits=pb.Limits(**body["limits"]),
+        size_bytes=body["size_bytes"],
+        created_at=body["created_at"],
+        last_used_at=body["last_used_at"],
     )
 
 
@@ -188,6 +209,7 @@ def result_event(result: RunResult) -> pb.RunEvent:
             duration_ms=result.duration_ms,
             boot_ms=result.boot_ms,
             total_ms=result.total_ms,
+            checkpoint_id=result.checkpoint_id,
         )
     )
 

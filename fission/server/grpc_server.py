@@ -55,12 +55,21 @@ from fission.server.grpc_messages import (
     run_spec,
     sandbox_message,
     sandbox_spec,
+    snapshot_message,
     state_filter,
     status_of,
 )
 from fission.server.metrics import ServiceMetrics
 
 log = logging.getLogger("fission.grpc")
+
+
+def checkpoint_args(request: Any, who: Caller) -> dict[str, Any]:
+    """The keywords that ask for a checkpoint after a run or command (none unless asked)."""
+    if not request.checkpoint:
+        return {}
+    return {"checkpoint": True, "max_snapshot_mb": who.max_snapshot_mb}
+
 
 MAX_RECEIVE_BYTES = 40 * MiB  # a Run may carry 16 MiB of code and 16 MiB of stdin
 MAX_SEND_BYTES = 4 * MiB  # answers are small, or chunks of at most 1 MiB
@@ -199,8 +208,67 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
 
     @unary
     async def Create(self, request: Any, context: Any, who: Caller) -> pb.Sandbox:
+        if request.HasField("from_snapshot"):
+            record = await self.manager.snapshots.create_from(
+                request.from_snapshot,
+                who.owner,
+                who.max_sandboxes,
+                ttl=optional(request, "ttl"),
+                metadata=dict(request.metadata),
+            )
+            return sandbox_message(record)
         spec = sandbox_spec(request)
         return sandbox_message(await self.manager.create(spec, who.owner, who.max_sandboxes))
+
+    @unary
+    async def Snapshot(self, request: Any, context: Any, who: Caller) -> pb.SnapshotInfo:
+        record = await self.manager.snapshots.snapshot(
+            request.sandbox_id,
+            who.owner,
+            optional(request, "name"),
+            max_snapshot_mb=who.max_snapshot_mb,
+        )
+        return snapshot_message(record)
+
+    @unary
+    async def Fork(self, request: Any, context: Any, who: Caller) -> pb.ForkSandboxResponse:
+        snapshot, clones = await self.manager.snapshots.fork(
+            request.sandbox_id, request.n, who.owner, who.max_sandboxes, who.max_snapshot_mb
+        )
+        return pb.ForkSandboxResponse(
+            snapshot=snapshot_message(snapshot), sandboxes=[sandbox_message(c) for c in clones]
+        )
+
+    @unary
+    async def Rewind(self, request: Any, context: Any, who: Caller) -> pb.Sandbox:
+        record = await self.manager.snapshots.rewind(
+            request.sandbox_id, request.checkpoint_id, who.owner
+        )
+        return sandbox_message(record)
+
+    @unary
+    async def ListSnapshots(
+        self, request: Any, context: Any, who: Caller
+    ) -> pb.ListSnapshotsResponse:
+        snapshots = self.manager.snapshots
+        records = snapshots.list_snapshots(
+            who.owner, optional(request, "sandbox_id"), optional(request, "kind")
+        )
+        return pb.ListSnapshotsResponse(
+            snapshots=[snapshot_message(r) for r in records],
+            used_bytes=snapshots.store.used_bytes(who.owner),
+        )
+
+    @unary
+    async def GetSnapshot(self, request: Any, context: Any, who: Caller) -> pb.SnapshotInfo:
+        return snapshot_message(self.manager.snapshots.get(request.snapshot_id, who.owner))
+
+    @unary
+    async def DeleteSnapshot(
+        self, request: Any, context: Any, who: Caller
+    ) -> pb.DeleteSnapshotResponse:
+        await self.manager.snapshots.delete(request.snapshot_id, who.owner)
+        return pb.DeleteSnapshotResponse()
 
     @unary
     async def Get(self, request: Any, context: Any, who: Caller) -> pb.Sandbox:
@@ -251,6 +319,7 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
                 context=optional(request, "context"),
                 fresh_context=request.fresh_context,
                 on_output=sink,
+                **checkpoint_args(request, who),
             )
 
         async for event in run_events(work):
@@ -272,6 +341,7 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
                 cwd=optional(request, "cwd"),
                 stdin=optional(request, "stdin"),
                 on_output=sink,
+                **checkpoint_args(request, who),
             )
 
         async for event in run_events(work):

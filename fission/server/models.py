@@ -47,6 +47,7 @@ class LimitsBody(BaseModel):
         )
 
 
+CHECKPOINT_HELP = "Take a checkpoint after this step; its id comes back as checkpoint_id."
 NETWORK_HELP = (
     '"none" (the default: no network at all) or {"enabled": true, "allow_hosts": '
     '["HOST[:PORT]", "*.example.com"], "max_connections": 16, "max_bytes": N}'
@@ -134,13 +135,29 @@ class SandboxCreate(LimitsBody):
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
     network: str | dict[str, Any] | None = Field("none", description=NETWORK_HELP)
+    from_snapshot: str | None = Field(
+        None,
+        description="Start from this snapshot (its language, limits, env, memory and files); "
+        "ttl and metadata apply when given.",
+    )
+    on_timeout: str = Field(
+        "delete", description='At the end of the ttl: "delete" the sandbox, or "pause" it.'
+    )
 
     def to_spec(self) -> SandboxSpec:
         """Validate into a SandboxSpec."""
         network = NetworkPolicy.from_json(self.network)
         language = resolve_language(self.language)
         RunSpec(language, "", self.to_limits(), self.env)  # the env is checked like a run's
-        return SandboxSpec(language, self.to_limits(), self.ttl, self.env, self.metadata, network)
+        return SandboxSpec(
+            language,
+            self.to_limits(),
+            self.ttl,
+            self.env,
+            self.metadata,
+            network,
+            on_timeout=self.on_timeout,
+        )
 
 
 class RunCodeRequest(BaseModel):
@@ -151,6 +168,7 @@ class RunCodeRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     context: str | None = Field(None, description="Context id; runs in it share variables.")
     fresh_context: bool = False
+    checkpoint: bool = Field(False, description=CHECKPOINT_HELP)
 
 
 class ExecBody(BaseModel):
@@ -161,6 +179,34 @@ class ExecBody(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     stdin_b64: str | None = None
+    checkpoint: bool = Field(False, description=CHECKPOINT_HELP)
+
+
+class SnapshotBody(BaseModel):
+    """A snapshot to take of a running sandbox."""
+
+    name: str | None = Field(None, description="A name of your own (1 to 128 characters).")
+
+
+class ForkBody(BaseModel):
+    """How many sandboxes to start from a snapshot of this one."""
+
+    n: int = Field(1, description="1 to 16 new sandboxes.")
+
+
+class RewindBody(BaseModel):
+    """The checkpoint (or snapshot of this sandbox) to go back to."""
+
+    checkpoint_id: str
+
+
+class GcBody(BaseModel):
+    """``fission gc``: reclaim snapshot space."""
+
+    dry_run: bool = False
+    budget_mb: int | None = Field(
+        None, ge=0, description="Evict down to this (default: the daemon's --snapshot-budget)."
+    )
 
 
 class TtlBody(BaseModel):

@@ -61,7 +61,13 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
 
     @router.post("", status_code=201, summary="Create a sandbox")
     async def create(body: SandboxCreate, who: Who) -> dict[str, Any]:
-        record = await manager.create(body.to_spec(), who.owner, who.max_sandboxes)
+        if body.from_snapshot is not None:
+            ttl = body.ttl if "ttl" in body.model_fields_set else None
+            record = await manager.snapshots.create_from(
+                body.from_snapshot, who.owner, who.max_sandboxes, ttl=ttl, metadata=body.metadata
+            )
+        else:
+            record = await manager.create(body.to_spec(), who.owner, who.max_sandboxes)
         return record.to_json()
 
     @router.get("", summary="List sandboxes")
@@ -117,6 +123,8 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
                 context=body.context,
                 fresh_context=body.fresh_context,
                 on_output=sink,
+                checkpoint=body.checkpoint,
+                max_snapshot_mb=who.max_snapshot_mb,
             )
 
         return streaming_response(work, sse)
@@ -141,6 +149,8 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
                 cwd=body.cwd,
                 stdin=stdin,
                 on_output=sink,
+                checkpoint=body.checkpoint,
+                max_snapshot_mb=who.max_snapshot_mb,
             )
 
         return streaming_response(work, sse)

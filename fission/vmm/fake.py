@@ -16,6 +16,8 @@ How the driver's operations map:
 * ``save_state``: the guest pauses and its files (the whole private root) go into a tar at the
   path; a VM whose ``incoming`` is that path gets them back;
 * ``pause``/``resume``: the guest stops reading frames and its programs are SIGSTOPped;
+* ``attach``: a detached VM (a sandbox's) keeps its guest when the host closes the channel;
+  ``adopt`` finds it among the VMs made (``vms``) and hands the guest a new channel;
 * ``destroy``: the guest's task is cancelled (its programs killed), the socket ends the VM still
   holds are closed and its directory removed; safe to call twice.
 
@@ -29,10 +31,12 @@ import asyncio
 import os
 import shutil
 import socket
+import struct
 import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fission.errors import VMError, VMStartFailed
 from fission.guest import files
@@ -48,6 +52,7 @@ from fission.vmm.base import (
     vm_workdir,
 )
 from fission.vmm.fake_guest import FakeGuest
+from fission.vmm.jailer import QCOW2_MAGIC
 
 # A fake VM boots nothing: its kernel, initramfs and root disk are never opened.
 NO_IMAGE = Path(os.devnull)
@@ -96,7 +101,7 @@ class FakeVM(VirtualMachine):
         except (OSError, tarfile.TarError) as exc:
             raise VMStartFailed(f"restoring fake VM {self.config.vm_id} failed: {exc}") from exc
         self._host_end, guest_end = socket.socketpair()
-        self.guest = FakeGuest(guest_end, self.root, self._clock)
+        self.guest = FakeGuest(guest_end, self.root, self._clock, self.config.detached)
         self._task = asyncio.create_task(self.guest.serve(), name=f"fake-{self.config.vm_id}")
 
     def _make_root(self) -> None:
@@ -113,6 +118,22 @@ class FakeVM(VirtualMachine):
             raise VMError(f"fake VM {self.config.vm_id} has no agent channel to open")
         self._channel_taken = True
         return await asyncio.open_unix_connection(sock=self._host_end, limit=CHANNEL_LIMIT)
+
+    def running(self) -> bool:
+        """Whether the guest is being served (started and not destroyed)."""
+        return self.guest is not None and not self._destroying
+
+    def attachment(self) -> dict[str, Any]:
+        """A fake VM has no process: the driver finds it again by its id."""
+        return {"pid": None, "start_time": None}
+
+    def reconnect(self) -> None:
+        """Give the (detached) guest a fresh channel whose host end ``open_agent_channel``
+        returns next: the last host closed its own."""
+        guest = self._running_guest()
+        self._host_end, guest_end = socket.socketpair()
+        self._channel_taken = False
+        guest.reconnect(guest_end)
 
     async def pause(self) -> None:
         """Freeze the guest: no frame is read and no program runs until ``resume``."""
@@ -215,6 +236,23 @@ class FakeDriver(Driver):
         vm = FakeVM(config, self.clock)
         self.vms.append(vm)
         return vm
+
+    def layer_disk(self, base: Path, target: Path) -> None:
+        """A placeholder disk whose header names ``base`` as its backing file, as qcow2 does."""
+        name = str(base).encode()
+        header = QCOW2_MAGIC + struct.pack(">IQI", 3, 20, len(name))
+        target.write_bytes(header + name)
+
+    async def adopt(self, config: VMConfig, attachment: dict[str, Any]) -> FakeVM:
+        """The VM of ``config`` if it still runs (with a fresh channel), else a stand-in that
+        is not running and whose ``destroy`` removes what is left of it."""
+        for vm in self.live:
+            if vm.config.vm_id == config.vm_id and vm.running():
+                vm.reconnect()
+                if vm.guest is not None and vm.guest.paused:  # stopped for idleness
+                    vm.guest.resume()
+                return vm
+        return await self.create(config)
 
     def release_stale(self, vm_ids: list[str]) -> int:
         """Nothing: a fake VM leaves nothing on the host but its directory."""

@@ -84,8 +84,17 @@ class Run:
 class FakeGuest:
     """Serves the agent protocol on ``sock``; programs and files live under ``root``."""
 
-    def __init__(self, sock: socket.socket, root: Path, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        root: Path,
+        clock: Callable[[], float],
+        detached: bool = False,
+    ) -> None:
         self.root = root
+        self.detached = detached
+        self._next_sock: asyncio.Queue[socket.socket] = asyncio.Queue()
+        self._orphans: set[int] = set()  # runs of a host that went away: output dropped
         self.files = RootedFiles(self._send, root)
         self.runs: dict[int, Run] = {}
         self.execs: list[dict[str, Any]] = []  # every EXEC request received, for tests
@@ -103,7 +112,28 @@ class FakeGuest:
 
     # -- the channel ------------------------------------------------------------------------------
     async def serve(self) -> None:
-        """Answer the host until it closes the channel; then stop every program."""
+        """Answer the host until it closes the channel; then stop every program.
+
+        A detached guest (a sandbox's VM, which outlives its daemon) instead waits for the
+        host to connect again (``reconnect``); the runs of the host that left go on, their
+        output dropped, as the agent does.
+        """
+        try:
+            while True:
+                await self._serve_connection()
+                if not self.detached:
+                    return
+                self._orphans |= set(self.runs)
+                self._sock = await self._next_sock.get()
+        finally:
+            await self._stop()
+
+    def reconnect(self, sock: socket.socket) -> None:
+        """Serve ``sock`` next: a new host end after the last one closed (detached guests)."""
+        self._next_sock.put_nowait(sock)
+
+    async def _serve_connection(self) -> None:
+        """Serve one host connection until it closes."""
         try:
             reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
             decoder = protocol.FrameDecoder(protocol.MAX_HOST_PAYLOAD)
@@ -127,7 +157,8 @@ class FakeGuest:
         except ConnectionError:
             return
         finally:
-            await self._stop()
+            if self._writer is not None:
+                self._writer.close()
 
     def _answer(self, frame: protocol.Frame) -> None:
         """Handle one frame; a failure becomes an ERROR frame, as in the agent."""
@@ -175,6 +206,8 @@ class FakeGuest:
             raise ValueError(f"frame type {kind.name} is not for the guest")
 
     def _send(self, frame_type: FrameType, request_id: int, payload: bytes) -> None:
+        if request_id in self._orphans and frame_type not in protocol.STREAM_FRAMES:
+            return
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(protocol.encode(frame_type, request_id, payload))
 

@@ -9,7 +9,8 @@ Like Firecracker's jailer, every QEMU process gets, on top of QEMU's own seccomp
   escaped its mount namespace still could not open another VM's directory (sockets, disk
   overlay, logs: each owned by that VM's uid, mode 0700) nor signal or trace its process;
 * new **mount, pid, ipc, uts, network and cgroup namespaces** (bubblewrap, a well-kept tool,
-  does the unsharing and the ``pivot_root``), with ``--die-with-parent`` and a new session;
+  does the unsharing and the ``pivot_root``), with ``--die-with-parent`` (except a sandbox's
+  detached VM, which outlives its daemon) and a new session;
 * a **minimal root**: a read-only tmpfs holding ``/usr`` (and the merged-/usr links), the
   loader cache, a fresh ``/dev`` (null, zero, urandom, ...; ``/dev/kvm`` only under KVM) and
   ``/proc``, plus only this VM's files, at the same paths as on the host so the QEMU command
@@ -21,7 +22,9 @@ Like Firecracker's jailer, every QEMU process gets, on top of QEMU's own seccomp
 * **no capabilities** and ``no_new_privs``: bubblewrap keeps only what ``setpriv`` (util-linux)
   needs to switch to the VM's uid/gid, and setpriv clears the bounding and inheritable sets;
 * a **cgroup** with memory, pids and CPU limits sized from the VM (see ``cgroup_limits``);
-* a **clean environment** (only ``TMPDIR``) and **only stdin, stdout and stderr** inherited.
+* a **clean environment** (only ``TMPDIR``) and **only stdin, stdout and stderr** inherited
+  (a sandbox's detached VM also holds its uid slot's lock, opened read-only, so the uid stays
+  its own after the daemon exits).
 
 A clone maps its template's RAM file privately. QEMU before 8.2 opens that file read-write even
 then (8.2 added ``readonly=on,rom=off`` for exactly this), so on such QEMU the file is bound
@@ -138,6 +141,9 @@ class Placement:
     disk_on_tmpfs: bool = False  # the VM's disk writes land in RAM (tmpfs)
     disk_bytes: int = 0  # the size of its writable disk
     backing: Path | None = None  # the raw file under a qcow2 overlay
+    # Further down the chain: a sandbox started from a snapshot has an overlay on the
+    # snapshot's qcow2 disk, itself an overlay on the template's raw disk.
+    deeper: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,14 +156,18 @@ class Exposure:
     template_ram: Path | None = None  # a template's RAM that this clone maps privately
 
 
-def exposure(config: VMConfig, backing: Path | None = None) -> Exposure:
-    """What the VM of ``config`` needs to see (``backing``: its qcow2 overlay's raw base)."""
+def exposure(
+    config: VMConfig, backing: Path | None = None, deeper: tuple[Path, ...] = ()
+) -> Exposure:
+    """What the VM of ``config`` needs to see (``backing``: its qcow2 overlay's base, and
+    ``deeper`` the bases of that base)."""
     read_only = [config.kernel, config.initramfs, config.rootfs]
     read_write = [config.workdir]
     create: list[Path] = []
     (read_write if config.scratch_writable else read_only).append(config.scratch)
     if backing is not None:
         read_only.append(backing)
+    read_only.extend(deeper)
     template_ram = None
     if config.memory_file is not None and config.memory_shared:
         create.append(config.memory_file)  # a template writes its RAM into this file
@@ -315,7 +325,7 @@ def plan_vm(
     return plan(
         config.vm_id,
         qemu,
-        exposure(config, place.backing),
+        exposure(config, place.backing, place.deeper),
         config.workdir,
         accel,
         config.memory_mb,
@@ -327,8 +337,11 @@ def plan_vm(
     )
 
 
-def jail_argv(plan: JailPlan, facts: HostFacts, argv: list[str]) -> list[str]:
-    """``argv`` (a QEMU command line) wrapped in bubblewrap and setpriv per ``plan``."""
+def jail_argv(
+    plan: JailPlan, facts: HostFacts, argv: list[str], die_with_parent: bool = True
+) -> list[str]:
+    """``argv`` (a QEMU command line) wrapped in bubblewrap and setpriv per ``plan``; without
+    ``die_with_parent`` (a detached sandbox VM) it outlives the process that started it."""
     if not facts.bwrap or not facts.setpriv:
         raise NotReady("the jail needs bwrap and setpriv: " + "; ".join(facts.problems()))
     args = [
@@ -340,7 +353,7 @@ def jail_argv(plan: JailPlan, facts: HostFacts, argv: list[str]) -> list[str]:
         "--unshare-cgroup-try",
         "--hostname",
         HOSTNAME,
-        "--die-with-parent",
+        *(["--die-with-parent"] if die_with_parent else []),
         "--new-session",
         "--clearenv",
     ]

@@ -20,6 +20,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fission.errors import Busy, VMStartFailed
 from fission.vmm import cgroups, jail_plan
@@ -32,6 +33,7 @@ log = logging.getLogger("fission.jail")
 SLOT_DIR = Path("/run/fission/jail")
 ROOT_ENTRIES = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 QCOW2_MAGIC = b"QFI\xfb"
+MAX_CHAIN = 64  # backing files followed below a VM's disk (forks of forks of ...)
 RAM_STAMP_SUFFIX = ".jail-ctime"
 PROBE_MEMORY_MB = 128
 
@@ -113,6 +115,11 @@ def placement(config: VMConfig) -> Placement:
     """Where the VM of ``config`` keeps its files (device nodes allowed, disk in RAM or not)."""
     _, options = mount_of(config.workdir)
     backing = qcow2_backing(config.scratch) if config.scratch_format == "qcow2" else None
+    deeper: list[Path] = []
+    below = qcow2_backing(backing) if backing is not None else None
+    while below is not None and below not in deeper and len(deeper) < MAX_CHAIN:
+        deeper.append(below)
+        below = qcow2_backing(below)
     disk_writes = config.scratch if config.scratch_writable else config.workdir
     fstype, _ = mount_of(disk_writes)
     try:
@@ -124,6 +131,7 @@ def placement(config: VMConfig) -> Placement:
         disk_on_tmpfs=fstype == "tmpfs",
         disk_bytes=disk_bytes,
         backing=backing,
+        deeper=tuple(deeper),
     )
 
 
@@ -136,15 +144,22 @@ class SlotLease:
 
     @classmethod
     def acquire(cls, directory: Path = SLOT_DIR, slots: int = jail_plan.JAIL_SLOTS) -> SlotLease:
-        """Take a free slot (starting at a random one); Busy when all are taken."""
+        """Take a free slot (starting at a random one); Busy when all are taken.
+
+        The lock is opened read-only: a detached VMM inherits it (it holds its slot after its
+        daemon exits) and must not be able to write the file. A VMM could still unlock it, so
+        a slot whose uid still runs a process is skipped as well."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         start = secrets.randbelow(slots)
         for index in range(slots):
             slot = (start + index) % slots
-            fd = os.open(directory / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(directory / f"{slot}.lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
+                continue
+            if uid_runs(jail_plan.JAIL_ID_BASE + slot):
                 os.close(fd)
                 continue
             return cls(slot, fd)
@@ -155,6 +170,16 @@ class SlotLease:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+
+
+def uid_runs(uid: int) -> bool:
+    """Whether any process runs as ``uid`` (a scan of /proc)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    return True
+    return False
 
 
 def open_template_ram(memory: Path, readonly: bool) -> None:
@@ -273,9 +298,21 @@ class Jail:
                 f"VMM runs as an unprivileged uid: chmod o+r {path}, or FISSION_JAIL=off"
             )
 
-    def wrap(self, argv: list[str]) -> list[str]:
+    def wrap(self, argv: list[str], die_with_parent: bool = True) -> list[str]:
         """The jailed command line for QEMU's ``argv``."""
-        return jail_plan.jail_argv(self.plan, self.facts, argv)
+        return jail_plan.jail_argv(self.plan, self.facts, argv, die_with_parent)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a later process needs to release this jail (``AdoptedJail``), as JSON."""
+        return {
+            "vm_id": self.plan.vm_id,
+            "uid": self.plan.uid,
+            "cgroup_dirs": [str(d) for d in self.cgroup_dirs],
+            "lent": [
+                [str(path), before.st_mode, before.st_uid, before.st_gid]
+                for path, before in self.lent
+            ],
+        }
 
     def join_cgroups(self) -> None:
         """In the child before exec: enter the VM's cgroups (so no instant runs outside them)."""
@@ -336,6 +373,59 @@ class Jail:
         except WaitTimeout:
             return False
         return True
+
+
+@dataclass
+class AdoptedJail:
+    """The jail of a detached VMM another process started; ``release`` undoes it.
+
+    Its uid slot's lock is held by the VMM itself (it inherited the descriptor), so the slot
+    frees itself when the VMM is gone; nothing here holds it.
+    """
+
+    vm_id: str
+    uid: int
+    cgroup_dirs: list[Path]
+    lent: list[tuple[Path, os.stat_result]]
+    released: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdoptedJail:
+        """The jail ``Jail.to_json`` described."""
+        lent = [
+            (Path(path), os.stat_result((mode, 0, 0, 0, uid, gid, 0, 0, 0, 0)))
+            for path, mode, uid, gid in data.get("lent", [])
+        ]
+        dirs = [Path(d) for d in data.get("cgroup_dirs", [])]
+        return cls(str(data["vm_id"]), int(data["uid"]), dirs, lent)
+
+    def to_json(self) -> dict[str, Any]:
+        """The same facts ``Jail.to_json`` gave, for the next process to re-attach."""
+        return {
+            "vm_id": self.vm_id,
+            "uid": self.uid,
+            "cgroup_dirs": [str(d) for d in self.cgroup_dirs],
+            "lent": [[str(p), b.st_mode, b.st_uid, b.st_gid] for p, b in self.lent],
+        }
+
+    def vmm_pid(self) -> int | None:
+        """The QEMU process: the one in its cgroup running as this VM's uid."""
+        for pid in cgroups.pids(self.cgroup_dirs[0]) if self.cgroup_dirs else []:
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}").st_uid == self.uid:
+                    return pid
+        return None
+
+    def release(self) -> None:
+        """Kill what is left in its cgroups, remove them, give back lent files (once)."""
+        if self.released:
+            return
+        self.released = True
+        gone = all([cgroups.remove(directory) for directory in self.cgroup_dirs])
+        for path, before in reversed(self.lent):
+            give_back(path, before)
+        if not gone:
+            log.warning("VM %s left processes behind in its cgroups", self.vm_id)
 
 
 def give_back(path: Path, before: os.stat_result) -> None:

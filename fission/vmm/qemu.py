@@ -11,7 +11,9 @@ spawns, watches and kills. What each VM gets:
 * the agent on a virtio-serial port backed by a Unix socket, QMP on another;
 * virtio-rng fed from the host's /dev/urandom;
 * QEMU's seccomp sandbox (no obsolete syscalls, no privilege changes, no spawning, no
-  resource-control calls), and SIGKILL if the process that started it dies;
+  resource-control calls), and SIGKILL if the process that started it dies, unless the VM is
+  ``detached`` (a sandbox's, which outlives its daemon: it keeps its jail's uid slot by
+  inheriting the slot's lock, and a later daemon re-attaches with ``QemuVM.adopt``);
 * when fission runs as root, a jail (``jail``, ``jailer``): its own uid, namespaces, a minimal
   root, no capabilities and a cgroup (``FISSION_JAIL``).
 """
@@ -22,21 +24,26 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import shutil
 import signal
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import QMPClient
 
 from fission.errors import VMError, VMStartFailed
 from fission.vmm import jailer
 from fission.vmm.base import Capabilities, VirtualMachine, VMConfig
+from fission.vmm.processes import kill_group, process_start_time, same_process
 from fission.waiting import WaitTimeout, refused, retry, wait_for
 
+log = logging.getLogger("fission.qemu")
 AGENT_PORT_NAME = "org.fission.agent"
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 BASE_KERNEL_ARGS = (
@@ -96,6 +103,8 @@ def snapshot_args(config: VMConfig, readonly_ram: bool = False) -> list[str]:
     RAM file read-only and still writes its private copy (QEMU 8.2 and later).
     """
     args: list[str] = []
+    if config.memory_anonymous:
+        args += ["-object", f"memory-backend-ram,id=ram,size={config.memory_mb}M"]
     if config.memory_file is not None:
         share = "on" if config.memory_shared else "off"
         readonly = ",readonly=on,rom=off" if readonly_ram and not config.memory_shared else ""
@@ -131,7 +140,7 @@ def qemu_argv(qemu: str, config: VMConfig, accel: str, readonly_ram: bool = Fals
     """The full QEMU command line for ``config`` under ``accel`` (``kvm`` or ``tcg``)."""
     paths = QemuPaths(config.workdir)
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
-    if config.memory_file is not None:
+    if config.memory_file is not None or config.memory_anonymous:
         machine += ",memory-backend=ram"
     scratch_mode = "" if config.scratch_writable else ",snapshot=on"
     if accel == "kvm":
@@ -198,10 +207,16 @@ def _die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
-def _jailed_child(jail: jailer.Jail, parent: int) -> None:
-    """In the child before exec: die with the parent, and enter the VM's cgroups."""
-    _die_with_parent(parent)
+def _jailed_child(jail: jailer.Jail, parent: int | None) -> None:
+    """In the child before exec: die with the parent (unless detached: ``parent`` None), and
+    enter the VM's cgroups."""
+    if parent is not None:
+        _die_with_parent(parent)
     jail.join_cgroups()
+
+
+def _detached_child() -> None:
+    """In the child before exec of a detached, unjailed VMM: nothing to set up."""
 
 
 def tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
@@ -234,19 +249,47 @@ class QemuVM(VirtualMachine):
         self.paths = QemuPaths(config.workdir)
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QMPClient | None = None
-        self._jail: jailer.Jail | None = None
+        self._jail: jailer.Jail | jailer.AdoptedJail | None = None
         self._vmm_pid: int | None = None
         self._destroyed = False
+        # A VMM another process started (``adopt``): its pid and that process's start time.
+        self._adopted: tuple[int, int | None] | None = None
+
+    @classmethod
+    def adopt(cls, config: VMConfig, qemu: str, accel: str, attachment: dict[str, Any]) -> QemuVM:
+        """The detached VM of ``config`` whose VMM ``attachment`` names (``attachment()`` of
+        the process that started it); ``running()`` is False once that process has ended."""
+        vm = cls(config, qemu, accel)
+        pid = attachment.get("pid")
+        vm._adopted = (int(pid) if pid else 0, attachment.get("start_time"))
+        jail = attachment.get("jail")
+        if isinstance(jail, dict):
+            vm._jail = jailer.AdoptedJail.from_json(jail)
+        return vm
 
     @property
     def pid(self) -> int | None:
         """The QEMU process id while it runs."""
+        if self._adopted is not None:
+            pid, start = self._adopted
+            return pid if same_process(pid, start) else None
         if self._proc is None or self._proc.returncode is not None:
             return None
         return self._proc.pid
 
+    def attachment(self) -> dict[str, Any]:
+        """The VMM's pid and start time, and its jail's cgroups and lent files."""
+        pid = self.pid
+        facts: dict[str, Any] = {
+            "pid": pid,
+            "start_time": process_start_time(pid) if pid else None,
+        }
+        if self._jail is not None:  # kept across restarts: destroy needs its cgroups
+            facts["jail"] = self._jail.to_json()
+        return facts
+
     @property
-    def jail(self) -> jailer.Jail | None:
+    def jail(self) -> jailer.Jail | jailer.AdoptedJail | None:
         """The jail around QEMU, or None when VMs run unjailed (``FISSION_JAIL``)."""
         return self._jail
 
@@ -288,14 +331,23 @@ class QemuVM(VirtualMachine):
         self.config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(self.config.workdir)}
         argv = qemu_argv(self.qemu, self.config, self.accel)
-        child_setup = functools.partial(_die_with_parent, os.getpid())
+        detached = self.config.detached
+        child_setup: Callable[[], None] = functools.partial(_die_with_parent, os.getpid())
+        if detached:
+            child_setup = _detached_child
+        inherit: tuple[int, ...] = ()
         if jailer.decision().enabled:
-            self._jail = await asyncio.to_thread(
+            jail = await asyncio.to_thread(
                 jailer.Jail.for_vm, self.config, self.qemu, self.accel, TCG_TB_SIZE_MB
             )
-            readonly = self._jail.plan.readonly_ram
-            argv = self._jail.wrap(qemu_argv(self.qemu, self.config, self.accel, readonly))
-            child_setup = functools.partial(_jailed_child, self._jail, os.getpid())
+            self._jail = jail
+            readonly = jail.plan.readonly_ram
+            argv = jail.wrap(qemu_argv(self.qemu, self.config, self.accel, readonly), not detached)
+            child_setup = functools.partial(_jailed_child, jail, None if detached else os.getpid())
+            if detached and jail.lease.fd is not None:
+                # The VMM holds its uid slot's lock too, so the uid stays its own after the
+                # daemon exits (the lock frees itself when the last holder is gone).
+                inherit = (jail.lease.fd,)
         try:
             with self.paths.qemu_log.open("wb") as log:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -306,6 +358,7 @@ class QemuVM(VirtualMachine):
                     env=env,
                     start_new_session=True,
                     preexec_fn=child_setup,
+                    pass_fds=inherit,
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             raise VMStartFailed(f"cannot start {self.qemu}: {exc}") from exc
@@ -337,12 +390,20 @@ class QemuVM(VirtualMachine):
 
     def _refused_while_running(self, exc: Exception) -> bool:
         """Whether to connect again: QEMU runs and has bound the socket but does not listen yet."""
-        running = self._proc is not None and self._proc.returncode is None
-        return running and refused(exc)
+        return self.running() and refused(exc)
+
+    async def continue_if_stopped(self) -> None:
+        """Let the vCPUs run if they were stopped (an idle sandbox's, at re-attach)."""
+        status = await self.qmp("query-status")
+        if isinstance(status, dict) and status.get("status") == "paused":
+            await self.qmp("cont")
 
     async def _ignore_shared_memory(self) -> None:
-        """RAM in a file is not part of the migration stream (templates and their clones)."""
-        if self.config.memory_file is not None:
+        """RAM in a file is not part of the migration stream (templates and their clones).
+
+        A VM restoring a clone's stream sets it too: both ends must agree on the format.
+        """
+        if self.config.memory_file is not None or self.config.memory_anonymous:
             capability = {"capability": "x-ignore-shared", "state": True}
             await self.qmp("migrate-set-capabilities", capabilities=[capability])
 
@@ -466,6 +527,8 @@ class QemuVM(VirtualMachine):
             except Exception:
                 pass
         proc = self._proc
+        if self._adopted is not None:
+            await self._kill_adopted(*self._adopted)
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -477,3 +540,24 @@ class QemuVM(VirtualMachine):
         if self._jail is not None:
             await asyncio.to_thread(self._jail.release)
         shutil.rmtree(self.config.workdir, ignore_errors=True)
+
+    @staticmethod
+    async def _kill_adopted(pid: int, start_time: int | None) -> None:
+        """Kill a VMM this process did not start (not its child: it cannot be waited for, so
+        its end is polled for, by pid and start time)."""
+        if not kill_group(pid, start_time):
+            return
+
+        async def ended() -> bool:
+            return not same_process(pid, start_time)
+
+        try:
+            await wait_for(
+                ended,
+                timeout=10.0,
+                interval=MIGRATION_POLL_SECONDS,
+                what=f"QEMU (pid {pid}) to end",
+                setting="qemu.QemuVM._kill_adopted",
+            )
+        except WaitTimeout:  # pragma: no cover - SIGKILL does not time out in practice
+            log.warning("QEMU pid %d did not end after SIGKILL", pid)

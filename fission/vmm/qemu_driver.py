@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
+from typing import Any
 
+from fission.errors import VMError
 from fission.images.overlay import create_overlay
 from fission.images.scratch import scratch_disk
 from fission.images.store import ImageSet, built_languages, image_set
@@ -104,12 +107,33 @@ class QemuDriver(Driver):
             )
         return config
 
+    def layer_disk(self, base: Path, target: Path) -> None:
+        """A qcow2 overlay ``target`` on a snapshot's qcow2 disk ``base``."""
+        create_overlay(base, target, base_format="qcow2")
+
     async def create(self, config: VMConfig) -> QemuVM:
         """A QEMU VM for ``config`` under this host's accelerator."""
         qemu = qemu_binary()
         version = qemu_version(qemu)
         accel = await detect_accel(qemu, version, config.kernel, config.initramfs)
         return QemuVM(config, qemu, accel)
+
+    async def adopt(self, config: VMConfig, attachment: dict[str, Any]) -> QemuVM:
+        """The detached VM another daemon started, its vCPUs running again if they were
+        stopped (an idle sandbox) so its agent can answer."""
+        qemu = qemu_binary()
+        version = qemu_version(qemu)
+        accel = await detect_accel(qemu, version, config.kernel, config.initramfs)
+        vm = QemuVM.adopt(config, qemu, accel, attachment)
+        if vm.running():
+            try:
+                await vm.continue_if_stopped()
+            except BaseException as exc:
+                await vm.destroy()
+                if isinstance(exc, Exception):
+                    raise VMError(f"its VM's QMP socket does not answer: {exc}") from exc
+                raise
+        return vm
 
     def release_stale(self, vm_ids: list[str]) -> int:
         """Remove the jail cgroups of ``vm_ids`` and any other a crashed fission left empty."""

@@ -57,8 +57,9 @@ def daemon_events(daemon: Daemon, action: str) -> list[dict[str, object]]:
 
 
 def test_a_network_run_goes_through_the_daemon_with_the_same_result(
-    daemon: Daemon, site: int
-) -> None:  # noqa: F811
+    daemon: Daemon,
+    site: int,  # noqa: F811
+) -> None:
     url = f"http://127.0.0.1:{site}/hello.txt"
     args = (
         "run",
@@ -80,8 +81,9 @@ def test_a_network_run_goes_through_the_daemon_with_the_same_result(
 
 
 def test_a_refused_host_is_refused_the_same_way_through_the_daemon(
-    daemon: Daemon, site: int
-) -> None:  # noqa: F811
+    daemon: Daemon,
+    site: int,  # noqa: F811
+) -> None:
     url = f"http://localhost:{site}/hello.txt"
     args = (
         "run",
@@ -126,8 +128,9 @@ def test_a_missing_download_fails_the_same_way(daemon: Daemon, tmp_path: Path) -
 
 
 def test_repo_from_a_local_directory_through_the_daemon(
-    daemon: Daemon, git_site: tuple[str, Path]
-) -> None:  # noqa: F811
+    daemon: Daemon,
+    git_site: tuple[str, Path],  # noqa: F811
+) -> None:
     _, work = git_site
     args = (
         "repo",

@@ -82,6 +82,7 @@ def test_to_json(store: KeyStore) -> None:
         "max_concurrent_sandboxes": 10,
         "rate_per_minute": 600,
         "role": "user",
+        "max_snapshot_mb": 4096,
     }
     assert body["created_at"].endswith("+00:00")
 

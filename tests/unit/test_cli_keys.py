@@ -175,8 +175,16 @@ def test_key_management_is_audited(db: Path) -> None:
     ]
     assert events[0]["detail"]["target"] == "nobody"
     assert events[1]["detail"]["key"] == key_id
-    assert events[2]["limits"] == {"max_concurrent_sandboxes": 2, "rate_per_minute": 5}
-    assert events[3]["limits"] == {"max_concurrent_sandboxes": 2, "rate_per_minute": 600}
+    assert events[2]["limits"] == {
+        "max_concurrent_sandboxes": 2,
+        "rate_per_minute": 5,
+        "max_snapshot_mb": 4096,
+    }
+    assert events[3]["limits"] == {
+        "max_concurrent_sandboxes": 2,
+        "rate_per_minute": 600,
+        "max_snapshot_mb": 4096,
+    }
     assert events[3]["detail"]["key"] == key_id and events[3]["detail"]["name"] == "ci"
     assert all(e["detail"]["user"] for e in events)
     # The audit log never holds the key itself.

@@ -203,6 +203,8 @@ def test_a_sandbox_message_mirrors_the_rest_json() -> None:
             assert dict(message.metadata) == value
         elif key == "network_policy":
             assert gm.network_policy(message.network_policy).to_json() == value
+        elif key == "lost_reason":  # optional: unset in the message, null in the JSON
+            assert gm.optional(message, key) == value
         elif key != "state":
             assert getattr(message, key) == value, key
 
@@ -217,7 +219,9 @@ def test_run_events() -> None:
     out = gm.output_event("stderr", b"\xff oops")
     assert out.WhichOneof("event") == "output"
     assert (out.output.stream, out.output.data) == (pb.STREAM_STDERR, b"\xff oops")
-    result = RunResult(124, b"x", b"", True, False, True, 9, 10.5, 1.0, 12.0)
+    result = RunResult(
+        124, b"x", b"", True, False, True, 9, 10.5, 1.0, 12.0, checkpoint_id="snap_1"
+    )
     message = gm.result_event(result).result
     body = result.to_json()
     del body["stdout"], body["stderr"]

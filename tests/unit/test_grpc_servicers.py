@@ -282,3 +282,53 @@ async def test_attach_grpc_serves_inside_the_apps_lifespan(service: Service) -> 
         shutil.rmtree(directory, ignore_errors=True)
     with pytest.raises(InvalidInput, match="key"):
         attach_grpc(app, service, "127.0.0.1:1", None)
+
+
+async def test_snapshot_fork_rewind_and_snapshot_listing(
+    service: Service, fake_driver: FakeDriver
+) -> None:
+    async with harness(service) as h:
+        sandbox_id, _vm = await bash_sandbox(h, fake_driver)
+        shell = pb.ExecRequest(sandbox_id=sandbox_id, shell="echo a > f", checkpoint=True)
+        events = [e async for e in h.sandboxes.Exec(shell, metadata=md(h.key))]
+        checkpoint_id = events[-1].result.checkpoint_id
+        assert checkpoint_id.startswith("snap_")
+        request = pb.SnapshotSandboxRequest(sandbox_id=sandbox_id, name="n")
+        snap = await h.sandboxes.Snapshot(request, metadata=md(h.key))
+        assert (snap.name, snap.kind, snap.sandbox_id) == ("n", "snapshot", sandbox_id)
+        forked = await h.sandboxes.Fork(
+            pb.ForkSandboxRequest(sandbox_id=sandbox_id, n=1), metadata=md(h.key)
+        )
+        assert forked.snapshot.kind == "fork" and len(forked.sandboxes) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.sandboxes.Fork(
+                pb.ForkSandboxRequest(sandbox_id=sandbox_id, n=0), metadata=md(h.key)
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        made = await h.sandboxes.Create(
+            pb.CreateSandboxRequest(from_snapshot=snap.id), metadata=md(h.key)
+        )
+        assert made.language == "bash"
+        rewind = pb.RewindSandboxRequest(sandbox_id=sandbox_id, checkpoint_id=checkpoint_id)
+        assert (await h.sandboxes.Rewind(rewind, metadata=md(h.key))).id == sandbox_id
+        listed = await h.sandboxes.ListSnapshots(pb.ListSnapshotsRequest(), metadata=md(h.key))
+        assert {s.kind for s in listed.snapshots} == {"checkpoint", "snapshot", "fork"}
+        got = await h.sandboxes.GetSnapshot(
+            pb.GetSnapshotRequest(snapshot_id=snap.id), metadata=md(h.key)
+        )
+        assert got.id == snap.id
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.sandboxes.DeleteSnapshot(
+                pb.DeleteSnapshotRequest(snapshot_id=snap.id), metadata=md(h.key)
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await h.sandboxes.Delete(pb.DeleteSandboxRequest(sandbox_id=made.id), metadata=md(h.key))
+        await h.sandboxes.DeleteSnapshot(
+            pb.DeleteSnapshotRequest(snapshot_id=snap.id), metadata=md(h.key)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.sandboxes.GetSnapshot(
+                pb.GetSnapshotRequest(snapshot_id=snap.id), metadata=md(h.key)
+            )
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert code_of(info.value) == "snapshot_not_found"

@@ -52,8 +52,11 @@ SANDBOX_TOOLS = {
     "sandbox_resume",
     "sandbox_delete",
     "sandbox_list",
+    "sandbox_snapshot",
+    "sandbox_fork",
+    "sandbox_rewind",
 }
-TOOLS = {"run_code", "run_command"} | SANDBOX_TOOLS
+TOOLS = {"run_code", "run_command", "snapshot_list", "snapshot_delete"} | SANDBOX_TOOLS
 HOST_TOOLS = {"sandbox_upload", "sandbox_download"}
 RUN_SECONDS = 0.01234  # every run takes this long by the fake driver's clock
 
@@ -538,3 +541,37 @@ def test_sweep_removes_only_dead_servers_dirs(runtime: Path) -> None:
     other.mkdir()
     assert sweep_stale(runtime) == [stale]
     assert sorted(p.name for p in runtime.iterdir()) == sorted([alive.name, "daemon"])
+
+
+async def test_snapshot_fork_checkpoint_and_rewind_tools(runtime: Path) -> None:
+    async with Client(build_server(McpOptions(), fake_factory)) as client:
+        sandbox = data(await call(client, "sandbox_create", language="bash"))["id"]
+        step = await call(
+            client, "sandbox_exec", sandbox_id=sandbox, command="echo a > f", checkpoint=True
+        )
+        checkpoint = data(step)["checkpoint_id"]
+        assert checkpoint.startswith("snap_")
+        await call(client, "sandbox_exec", sandbox_id=sandbox, command="echo b > f")
+        snap = data(await call(client, "sandbox_snapshot", sandbox_id=sandbox))
+        assert (snap["kind"], snap["sandbox_id"]) == ("snapshot", sandbox)
+        forked = data(await call(client, "sandbox_fork", sandbox_id=sandbox, n=2))
+        assert len(forked["sandboxes"]) == 2 and forked["snapshot"]["kind"] == "fork"
+        copy = forked["sandboxes"][0]["id"]
+        seen = await call(client, "sandbox_exec", sandbox_id=copy, command="cat f")
+        assert data(seen)["stdout"] == "b\n"
+        too_many = await call(client, "sandbox_fork", sandbox_id=sandbox, n=17)
+        assert too_many.is_error
+        made = data(await call(client, "sandbox_create", from_snapshot=snap["id"]))
+        assert made["language"] == "bash"
+        await call(client, "sandbox_rewind", sandbox_id=sandbox, checkpoint_id=checkpoint)
+        back = await call(client, "sandbox_exec", sandbox_id=sandbox, command="cat f")
+        assert data(back)["stdout"] == "a\n"
+        listed = data(await call(client, "snapshot_list", sandbox_id=sandbox))["snapshots"]
+        assert {s["kind"] for s in listed} == {"checkpoint", "snapshot", "fork"}
+        busy = await call(client, "snapshot_delete", snapshot_id=snap["id"])
+        assert busy.is_error and "conflict" in text_of(busy)
+        await call(client, "sandbox_delete", sandbox_id=made["id"])
+        gone = await call(client, "snapshot_delete", snapshot_id=snap["id"])
+        assert data(gone) == {"id": snap["id"], "deleted": True}
+        unknown = await call(client, "sandbox_create", from_snapshot=snap["id"])
+        assert unknown.is_error and "snapshot_not_found" in text_of(unknown)

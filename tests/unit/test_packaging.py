@@ -41,7 +41,7 @@ EXTRA_OF_MODULE: Mapping[str, str] = {
 }
 STUBS = ("fission_pb2.py", "fission_pb2.pyi", "fission_pb2_grpc.py")
 HEAVY = ("fastapi", "uvicorn", "starlette", "pydantic", "grpc", "google.protobuf", "mcp")
-HEAVY += ("mcp_types", "typer", "rich")
+HEAVY += ("mcp_types", "typer", "rich", "jinja2")
 
 
 def declared() -> dict[str, set[str]]:

@@ -202,3 +202,20 @@ def test_the_option_splitter_follows_qemu() -> None:
 def test_commas_in_paths_reach_qemu_intact(path: str) -> None:
     scratch = drive(qemu_argv("qemu", config(scratch=Path(path)), "tcg"), "scratch")
     assert scratch["file"] == path and scratch["snapshot"] == "on"
+
+
+def test_restoring_a_clones_stream_uses_anonymous_ram_under_the_templates_id() -> None:
+    from fission.vmm.fake import FakeDriver
+
+    clone = config(memory_file=Path("/snap/memory"), incoming=Path("/snap/state"))
+    restored = FakeDriver().restored(clone, Path("/box"), keep_writes=True)
+    assert restored.memory_file is None and restored.memory_anonymous
+    assert restored.incoming == Path("/box/state")
+    argv = qemu_argv("qemu", restored, "tcg")
+    assert "memory-backend-ram,id=ram,size=352M" in values_after(argv, "-object")
+    assert "memory-backend=ram" in one_value(argv, "-M")
+    assert not any("memory-backend-file" in v for v in values_after(argv, "-object"))
+    # a cold-booted VM's state restores into ordinary memory, as it was saved
+    cold = FakeDriver().restored(config(), Path("/box"), keep_writes=True)
+    assert not cold.memory_anonymous
+    assert "memory-backend" not in one_value(qemu_argv("qemu", cold, "tcg"), "-M")

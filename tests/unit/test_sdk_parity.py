@@ -111,7 +111,7 @@ def test_sync_and_async_are_in_step(sync_cls: type, async_cls: type) -> None:
 
 def test_the_check_notices_a_method_on_one_side_only() -> None:
     class Extra(Sandbox):
-        def snapshot(self) -> None:
+        def teleport(self) -> None:
             """Only here."""
 
     class Renamed(AsyncSandbox):
@@ -122,7 +122,7 @@ def test_the_check_notices_a_method_on_one_side_only() -> None:
         def pause(self) -> Any:
             """Forgot async."""
 
-    assert differences(Extra, AsyncSandbox) == ["snapshot exists only on Extra"]
+    assert differences(Extra, AsyncSandbox) == ["teleport exists only on Extra"]
     assert any("set_ttl: parameters" in p for p in differences(Sandbox, Renamed))
     assert any("pause: the async twin" in p for p in differences(Sandbox, Blocking))
 

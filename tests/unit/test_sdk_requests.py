@@ -488,3 +488,59 @@ def test_uploads_stream_a_file_in_chunks(tmp_path: Path) -> None:
 
     info = mock_sandbox(handler).files.upload(source, "dst.bin")
     assert info.path == "dst.bin" and received == [source.read_bytes()]
+
+
+def test_snapshot_fork_rewind_and_checkpoint_requests() -> None:
+    snap = calls.snapshot_sandbox("sbx_1", "n")
+    assert (snap.method, snap.path, snap.json) == (
+        "POST",
+        "/v1/sandboxes/sbx_1/snapshots",
+        {"name": "n"},
+    )
+    fork = calls.fork_sandbox("sbx_1", 3)
+    assert (fork.path, fork.json) == ("/v1/sandboxes/sbx_1/fork", {"n": 3})
+    rewind = calls.rewind_sandbox("sbx_1", "snap_2")
+    assert (rewind.path, rewind.json) == ("/v1/sandboxes/sbx_1/rewind", {"checkpoint_id": "snap_2"})
+    listing = calls.list_snapshots("sbx_1", None)
+    assert (listing.path, listing.params) == ("/v1/snapshots", (("sandbox_id", "sbx_1"),))
+    assert calls.delete_snapshot("snap/x").path == "/v1/snapshots/snap%2Fx"
+    run = calls.run_code(
+        "sbx_1",
+        "x",
+        timeout=None,
+        default_timeout=30,
+        env=None,
+        context=None,
+        fresh_context=False,
+        checkpoint=True,
+    )
+    assert run.json is not None and run.json["checkpoint"] is True
+    body = {
+        "id": "snap_1",
+        "name": None,
+        "kind": "fork",
+        "sandbox_id": "sbx_1",
+        "language": "python",
+        "size_bytes": 10,
+        "created_at": 1.0,
+        "last_used_at": 2.0,
+    }
+    info = calls.parse_snapshot(body)
+    assert (info.id, info.kind, info.size_bytes, info.name) == ("snap_1", "fork", 10, None)
+    snapshot, sandboxes = calls.parse_fork({"snapshot": body, "sandboxes": [{"id": "sbx_2"}]})
+    assert snapshot == info and sandboxes == [{"id": "sbx_2"}]
+    with pytest.raises(FissionError, match="snapshot"):
+        calls.parse_snapshot({"id": "x"})
+    created = calls.create_sandbox(
+        "python",
+        ttl=60,
+        timeout=30,
+        memory_mb=256,
+        cpus=1,
+        disk_mb=512,
+        env=None,
+        metadata=None,
+        network="none",
+        from_snapshot="snap_1",
+    )
+    assert created.json is not None and created.json["from_snapshot"] == "snap_1"
