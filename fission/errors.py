@@ -176,6 +176,19 @@ class FileNotFound(NotFound):
     code = "file_not_found"
 
 
+class PortNotExposed(NotFound):
+    """The sandbox's owner has not exposed this port (or unexposed it)."""
+
+    code = "port_not_exposed"
+
+
+class PortUnreachable(FissionError):
+    """Nothing in the sandbox answers on an exposed port (no program listens on it)."""
+
+    code = "port_unreachable"
+    http_status = 502
+
+
 class Conflict(FissionError):
     """The request does not fit the current state of what it names."""
 

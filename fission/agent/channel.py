@@ -6,10 +6,11 @@ waits on an empty queue, so a waiter that gives up (its deadline, a cancellation
 a frame half-read. A frame for no request in flight, one larger than ``MAX_GUEST_PAYLOAD`` or a
 malformed header breaks the channel: every waiter, then every later call, gets that
 ``AgentProtocolError`` (the caller then destroys the VM). The egress tunnel's frames carry
-stream ids, not request ids: they all go to one queue, ``TUNNEL_KEY``. A queue holds at most
-``QUEUE_FRAMES`` frames; beyond that the channel stops reading until its consumer catches up.
-Reading is throttled (``throttle.Throttle``: frames and bytes per second), so a flooding guest
-slows down in its own queue instead of eating the host's CPU.
+stream ids, not request ids: they all go to one queue, ``TUNNEL_KEY``, and those of streams
+the host opened (ids with ``INGRESS_BIT``: exposed ports, terminals) to ``INGRESS_KEY``. A queue
+holds at most ``QUEUE_FRAMES`` frames; beyond that the channel stops reading until its
+consumer catches up. Reading is throttled (``throttle.Throttle``: frames and bytes per
+second), so a flooding guest slows down in its own queue instead of eating the host's CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from fission.guest import protocol
 QUEUE_FRAMES = 64
 # Queue of the egress tunnel's frames (OPEN, STREAM, CLOSE, CREDIT), whatever their stream id.
 TUNNEL_KEY = -1
+# Queue of the frames of streams the host opened (CONNECT, PTY), whatever their stream id.
+INGRESS_KEY = -2
 ABANDONED_KEPT = 4096
 
 
@@ -126,7 +129,9 @@ class Channel:
             self._reading = None
 
     async def _route(self, frame: protocol.Frame) -> None:
-        key = TUNNEL_KEY if frame.type in protocol.STREAM_FRAMES else frame.request_id
+        key = frame.request_id
+        if frame.type in protocol.STREAM_FRAMES:
+            key = INGRESS_KEY if frame.request_id & protocol.INGRESS_BIT else TUNNEL_KEY
         queue = self._queues.get(key)
         if queue is None:
             if frame.request_id in self._abandoned:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fission.agent.channel import Channel
 from fission.agent.file_ops import FileInfo, FileOperations, decode, guest_error
+from fission.agent.ingress import IngressTunnel
 from fission.agent.tunnel_streams import HostTunnel, TunnelStream
 from fission.errors import AgentProtocolError, InvalidInput
 from fission.guest import context, protocol
@@ -332,6 +333,12 @@ class AgentClient(FileOperations):
         tunnel = HostTunnel(self._channel, handler, max_streams)
         tunnel.start()
         return tunnel
+
+    def open_ingress(self, max_streams: int) -> IngressTunnel:
+        """Streams the host opens into the guest: exposed ports and terminals (``ingress``)."""
+        ingress = IngressTunnel(self._channel, max_streams)
+        ingress.start()
+        return ingress
 
     async def listen(self, port: int, *, timeout: float) -> None:
         """Ask the agent to open the egress proxy port inside the guest; timeout in seconds."""

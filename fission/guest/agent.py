@@ -125,7 +125,7 @@ class Agent:
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
         self.files = files.FileOps(self.send)
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
-        self.tunnel = tunnel.GuestTunnel(self.selector, self.send)
+        self.tunnel = tunnel.GuestTunnel(self.selector, self.send, self.remove_cgroup_later)
         self.warm_next = False  # a run was not the VM's last: keep warm processes ready
         self.frame_read_at = 0.0  # when the frames being handled were read (for traces)
         self.forks = warm.ForkServers(self.selector, zygote_modules(read_text("/proc/cmdline")))

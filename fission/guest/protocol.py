@@ -61,10 +61,27 @@ class FrameType(enum.IntEnum):
     STREAM = 20  # both ways: raw bytes of a stream (within the peer's window)
     CLOSE = 21  # both ways: {} the stream is over (the peer flushes what it holds, then closes)
     CREDIT = 22  # both ways: {bytes} the sender consumed that many bytes: the window reopens
+    # 40-49: streams the host opens (exposed ports, terminals); their ids have INGRESS_BIT set.
+    CONNECT = 40  # host -> guest: {port} connect to 127.0.0.1:port; answered OPEN or CLOSE
+    PTY = 41  # host -> guest: {cols, rows, ...} a shell on a new terminal; answered OPEN or CLOSE
+    RESIZE = 42  # host -> guest: {cols, rows} the terminal of stream <request id> changed size
 
 
-# Frames of the egress tunnel (``tunnel.py``): their request id is a stream id, not a request.
-STREAM_FRAMES = frozenset({FrameType.OPEN, FrameType.STREAM, FrameType.CLOSE, FrameType.CREDIT})
+# Frames of the tunnel (``tunnel.py``): their request id is a stream id, not a request.
+STREAM_FRAMES = frozenset(
+    {
+        FrameType.OPEN,
+        FrameType.STREAM,
+        FrameType.CLOSE,
+        FrameType.CREDIT,
+        FrameType.CONNECT,
+        FrameType.PTY,
+        FrameType.RESIZE,
+    }
+)
+# Streams the host opens (CONNECT, PTY) have ids with this bit set; the guest's own (egress)
+# stream ids stay below it, so the two never collide and each side routes by the id alone.
+INGRESS_BIT = 0x80000000
 # Bytes a side may send on one stream before the peer's CREDIT; each STREAM frame's payload is
 # at most STREAM_CHUNK. Both bound what either side buffers per stream.
 STREAM_WINDOW = 256 * 1024

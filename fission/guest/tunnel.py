@@ -8,20 +8,28 @@ down its sending side and may still read) or ``reset`` (the connection is gone);
 CLOSE ends the stream once its bytes are written. Flow control is by window: a side sends at most
 ``STREAM_WINDOW`` bytes the peer has not yet acknowledged with CREDIT, so neither side ever holds
 more than that per stream; a peer that overruns the window loses the stream.
+
+The host opens streams too (ids with ``INGRESS_BIT`` set): CONNECT {port} joins a program
+listening on 127.0.0.1:port inside the guest (an exposed port), PTY starts a shell on a new
+terminal (``terminal.py``; RESIZE changes its size). The agent answers OPEN once the stream is
+up, or CLOSE ``reset`` if it cannot be; from then on it is a stream like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import selectors
 import socket
 from collections.abc import Callable
 from typing import Any
 
 if __package__:
-    from . import protocol
+    from . import protocol, terminal
 else:  # run as a script inside the guest, with its modules beside it
     import protocol  # type: ignore[no-redef]
+    import terminal  # type: ignore[no-redef]
 
 Send = Callable[[protocol.FrameType, int, bytes], None]
 READ_CHUNK = protocol.STREAM_CHUNK
@@ -30,9 +38,10 @@ READ_CHUNK = protocol.STREAM_CHUNK
 class Stream:
     """One accepted connection: bytes to write to it, and how much the host still takes."""
 
-    def __init__(self, stream_id: int, sock: socket.socket) -> None:
+    def __init__(self, stream_id: int, sock: socket.socket | terminal.Terminal) -> None:
         self.id = stream_id
-        self.sock = sock
+        self.sock = sock  # a socket, or a terminal read and written like one
+        self.connecting = False  # a CONNECT still in progress: OPEN once it is done
         self.outgoing = bytearray()  # from the host, not yet written to the program
         self.credit = protocol.STREAM_WINDOW  # bytes the host takes before its next CREDIT
         self.closing = False  # the host closed: close once ``outgoing`` is written
@@ -43,9 +52,15 @@ class Stream:
 class GuestTunnel:
     """Listens on the proxy port and moves bytes between its connections and the host."""
 
-    def __init__(self, selector: selectors.BaseSelector, send: Send) -> None:
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        send: Send,
+        remove_cgroup_later: Callable[[str], None] = lambda _: None,
+    ) -> None:
         self.selector = selector
         self.send = send
+        self.remove_cgroup_later = remove_cgroup_later
         self.listener: socket.socket | None = None
         self.streams: dict[int, Stream] = {}
         self.next_id = 1
@@ -69,6 +84,10 @@ class GuestTunnel:
         if stream is None:
             self._accept()
             return
+        if stream.connecting:
+            if mask & selectors.EVENT_WRITE:
+                self._connected(stream)
+            return
         if mask & selectors.EVENT_WRITE:
             self._flush(stream)
         if mask & selectors.EVENT_READ and stream.id in self.streams:
@@ -76,10 +95,16 @@ class GuestTunnel:
 
     def handle(self, frame: protocol.Frame) -> None:
         """Act on one tunnel frame from the host."""
+        if frame.type in (protocol.FrameType.CONNECT, protocol.FrameType.PTY):
+            self._open(frame)
+            return
         stream = self.streams.get(frame.request_id)
         if stream is None:
             return  # a stream that ended here first; the host learns it from our CLOSE
-        if frame.type == protocol.FrameType.STREAM:
+        if frame.type == protocol.FrameType.RESIZE:
+            if isinstance(stream.sock, terminal.Terminal):
+                stream.sock.resize(protocol.decode_json(frame.payload))
+        elif frame.type == protocol.FrameType.STREAM:
             if len(stream.outgoing) + len(frame.payload) > protocol.STREAM_WINDOW:
                 self._end(stream, reset=True)  # the host overran the window
                 return
@@ -96,6 +121,44 @@ class GuestTunnel:
         else:
             raise ValueError(f"frame type {frame.type.name} is not for the guest")
 
+    def _open(self, frame: protocol.Frame) -> None:
+        """A stream the host opens (CONNECT, PTY): OPEN when it is up, else CLOSE ``reset``."""
+        stream_id = frame.request_id
+        if not stream_id & protocol.INGRESS_BIT or stream_id in self.streams:
+            return  # not an id the host may open (an answer would end another stream)
+        try:
+            if len(self.streams) >= protocol.MAX_STREAMS:
+                raise ValueError(f"{protocol.MAX_STREAMS} streams are open already")
+            message = protocol.decode_json(frame.payload)
+            if frame.type == protocol.FrameType.PTY:
+                endpoint: socket.socket | terminal.Terminal = terminal.spawn(
+                    message, f"pty-{stream_id & ~protocol.INGRESS_BIT}", self.remove_cgroup_later
+                )
+                waiting = False
+            else:
+                endpoint, waiting = connect_local(message.get("port"))
+        except (OSError, ValueError, protocol.ProtocolError) as exc:
+            detail = {"how": "reset", "error": str(exc)[:200]}
+            self.send(protocol.FrameType.CLOSE, stream_id, protocol.dump_json(detail))
+            return
+        stream = Stream(stream_id, endpoint)
+        stream.connecting = waiting
+        self.streams[stream_id] = stream
+        if not waiting:
+            self.send(protocol.FrameType.OPEN, stream_id, b"{}")
+        self._watch(stream)
+
+    def _connected(self, stream: Stream) -> None:
+        """A CONNECT in progress finished: OPEN, or CLOSE ``reset`` if it failed."""
+        assert isinstance(stream.sock, socket.socket)
+        error = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._end(stream, reset=True)
+            return
+        stream.connecting = False
+        self.send(protocol.FrameType.OPEN, stream.id, b"{}")
+        self._watch(stream)
+
     def _accept(self) -> None:
         assert self.listener is not None
         try:
@@ -109,7 +172,7 @@ class GuestTunnel:
             return
         sock.setblocking(False)
         stream = Stream(self.next_id, sock)
-        self.next_id = self.next_id % 0xFFFFFFF0 + 1
+        self.next_id = self.next_id % (protocol.INGRESS_BIT - 16) + 1  # below the host's ids
         self.streams[stream.id] = stream
         self.send(protocol.FrameType.OPEN, stream.id, b"{}")
         self._watch(stream)
@@ -154,9 +217,11 @@ class GuestTunnel:
         if stream.id not in self.streams:
             return
         events = 0
-        if stream.credit > 0 and not stream.closing and not stream.read_done:
+        if stream.connecting:
+            events = selectors.EVENT_WRITE
+        elif stream.credit > 0 and not stream.closing and not stream.read_done:
             events |= selectors.EVENT_READ
-        if stream.outgoing:
+        if stream.outgoing and not stream.connecting:
             events |= selectors.EVENT_WRITE
         if events == stream.events:
             return
@@ -187,3 +252,16 @@ class GuestTunnel:
     def state(self) -> dict[str, Any]:
         """What the tunnel holds (for tests and logs)."""
         return {"listening": self.listener is not None, "streams": len(self.streams)}
+
+
+def connect_local(port: object) -> tuple[socket.socket, bool]:
+    """A non-blocking connection to 127.0.0.1:``port``, and whether it is still in progress."""
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError(f"CONNECT needs a port from 1 to 65535, not {port!r}")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    error = sock.connect_ex(("127.0.0.1", port))
+    if error not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise OSError(error, f"cannot connect to port {port}: {os.strerror(error)}")
+    return sock, error == errno.EINPROGRESS
