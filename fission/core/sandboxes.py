@@ -48,6 +48,7 @@ from fission.core.journal import Journal
 from fission.core.limits import MB, Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget
+from fission.core.sandbox_ports import SandboxPorts
 from fission.core.sandbox_snapshots import SandboxSnapshots
 from fission.core.sandbox_spec import (
     SandboxRecord,
@@ -215,6 +216,7 @@ class SandboxManager:
         self._tasks: set[asyncio.Task[None]] = set()
         store = SnapshotStore(journal.sandboxes_dir.parent / "snapshots", snapshot_budget_mb)
         self.snapshots = SandboxSnapshots(self, store)  # snapshot, fork, rewind
+        self.ports = SandboxPorts(self)  # exposed ports and terminals
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task the manager keeps (and ``close`` waits for)."""
@@ -279,6 +281,7 @@ class SandboxManager:
                     await self._destroy(box, "retention ended")
                 elif box.machine is not None and record.state == SandboxState.RUNNING:
                     streams = len(box.egress.tunnel.streams) if box.egress is not None else 0
+                    streams += self.ports.stream_count(record.id)
                     quiet = 0.0 if streams else box.gate.quiet_for(time.monotonic())
                     if box.idle.due(box.machine.vm, quiet):
                         self._background(self._stop_idle(box))
@@ -714,6 +717,7 @@ class SandboxManager:
                 box.slot.release()
             await asyncio.to_thread(shutil.rmtree, box.directory, True)
             self.snapshots.sandbox_gone(box.record.id)
+            self.ports.sandbox_gone(box.record.id)
             if self.catalog is not None:
                 self.catalog.remove(box.record.id)
         await self._audit(
@@ -848,9 +852,10 @@ class SandboxManager:
 
         return await attach(machine.agent, record.spec.network, on_event)
 
-    @staticmethod
-    async def _detach(box: ManagedSandbox) -> None:
-        """Close the sandbox's egress proxy, if any (before its VM goes)."""
+    async def _detach(self, box: ManagedSandbox) -> None:
+        """Close the sandbox's egress proxy, if any, and its port and terminal streams (before
+        its VM goes)."""
+        await self.ports.detach(box.record.id)
         egress, box.egress = box.egress, None
         if egress is not None:
             await egress.aclose()

@@ -16,7 +16,8 @@ and the agent's own code wherever it runs on a host, so the fake cannot drift fr
   run starts afresh and its EXIT says ``context_reset``; DROP finds no context to drop;
 * FILE and DATA: the agent's own ``files.FileOps``, its roots (/home/sandbox, /tmp, /data)
   mapped to directories of the VM's private root, without the switch to the sandbox user;
-* LISTEN is refused: a fake VM has no network.
+* LISTEN is refused: a fake VM has no network; CONNECT and PTY are answered CLOSE (nothing
+  listens, no terminal), and remembered in ``opened``.
 
 No isolation and no memory or pids limits (``oom`` is never true): a test double for the control
 plane, never a sandbox. ``pause`` stops reading frames and SIGSTOPs the programs, like stopped
@@ -100,6 +101,7 @@ class FakeGuest:
         self.execs: list[dict[str, Any]] = []  # every EXEC request received, for tests
         self.inits: list[dict[str, Any]] = []  # every INIT received (the wall clock and a seed)
         self.kills: list[int] = []  # the request ids of every KILL received
+        self.opened: list[dict[str, Any]] = []  # every CONNECT and PTY request, refused
         self.cancelled_transfers = 0  # file transfers a KILL cut short
         self.log: list[str] = []
         self._sock = sock
@@ -202,6 +204,10 @@ class FakeGuest:
             self._send_json(FrameType.RESULT, rid, {"dropped": False})
         elif kind == FrameType.LISTEN:
             raise AgentError(INVALID_INPUT, "a fake VM has no network")
+        elif kind in (FrameType.CONNECT, FrameType.PTY):  # nothing listens, no terminals
+            self.opened.append(protocol.decode_json(frame.payload))
+            refusal = {"how": "reset", "error": "a fake VM has no ports or terminals"}
+            self._send_json(FrameType.CLOSE, rid, refusal)
         elif kind not in protocol.STREAM_FRAMES:  # no tunnel is ever open: nothing to stream
             raise ValueError(f"frame type {kind.name} is not for the guest")
 
