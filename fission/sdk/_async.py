@@ -23,8 +23,10 @@ from fission.sdk._http import AsyncHTTP
 from fission.sdk._local import abody_of, atomic_target, open_source
 from fission.sdk._models import (
     AsyncOutputCallback,
+    ExposedPort,
     FileInfo,
     OutputEvent,
+    PortToken,
     RunResult,
     SandboxInfo,
     SnapshotInfo,
@@ -287,6 +289,28 @@ class AsyncSandbox(SandboxCore):
     async def resume(self) -> SandboxInfo:
         """Start a paused sandbox again where it was; its ttl starts over."""
         return self._remember(await self._http.json(calls.resume_sandbox(self.id)))
+
+    async def expose(self, port: int) -> ExposedPort:
+        """Make ``port`` (1-65535, where a program in the sandbox listens on 127.0.0.1) reachable
+        through the daemon at ``ExposedPort.url``, HTTP and WebSocket; the owner's key opens it."""
+        return calls.parse_port(await self._http.json(calls.expose_port(self.id, port)))
+
+    async def unexpose(self, port: int) -> None:
+        """Stop exposing ``port``: its URL, its tokens and its open connections end."""
+        await self._http.json(calls.unexpose_port(self.id, port))
+
+    async def ports(self) -> builtins.list[ExposedPort]:
+        """The sandbox's exposed ports, lowest first."""
+        return calls.parse_ports(await self._http.json(calls.list_ports(self.id)))
+
+    async def port_token(self, port: int) -> PortToken:
+        """A revocable token that opens one exposed port's URL without your API key (a browser
+        preview: ``PortToken.preview_url``)."""
+        return calls.parse_port_token(await self._http.json(calls.mint_port_token(self.id, port)))
+
+    async def revoke_port_token(self, port: int, token_id: str) -> None:
+        """Refuse a port token from now on (connections opened through the port end)."""
+        await self._http.json(calls.revoke_port_token(self.id, port, token_id))
 
     async def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""

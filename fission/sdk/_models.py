@@ -73,6 +73,29 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class ExposedPort:
+    """A port of a sandbox reachable through the daemon: ``url`` (HTTP and WebSocket) needs the
+    owner's API key, or a token from ``port_token``."""
+
+    sandbox_id: str
+    port: int
+    path: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PortToken:
+    """A revocable token for one exposed port: send it as the ``X-Fission-Port-Token`` header,
+    or open ``preview_url`` in a browser (it then keeps a cookie for that port's path)."""
+
+    token_id: str
+    token: str
+    port: int
+    url: str
+    preview_url: str
+
+
+@dataclass(frozen=True)
 class FileInfo:
     """A file or directory in a sandbox; ``kind`` is file, dir, symlink or other."""
 

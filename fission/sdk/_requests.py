@@ -22,7 +22,15 @@ from urllib.parse import quote
 from fission.api.run_stream import error_from_body, file_bytes, output_bytes, result_from_lines
 from fission.core.provision import INSTALL_TIMEOUT
 from fission.errors import FissionError, QuotaExceeded
-from fission.sdk._models import FileInfo, OutputEvent, RunResult, SandboxInfo, SnapshotInfo
+from fission.sdk._models import (
+    ExposedPort,
+    FileInfo,
+    OutputEvent,
+    PortToken,
+    RunResult,
+    SandboxInfo,
+    SnapshotInfo,
+)
 
 CHUNK_SIZE = 1024 * 1024  # file transfers move in pieces of this many bytes
 PAGE_SIZE = 100
@@ -234,6 +242,64 @@ def pause_sandbox(sandbox_id: str) -> Call:
 def resume_sandbox(sandbox_id: str) -> Call:
     """Start a paused sandbox again."""
     return Call("POST", sandbox_path(sandbox_id, "/resume"))
+
+
+def expose_port(sandbox_id: str, port: int) -> Call:
+    """Make a sandbox's port reachable through the daemon."""
+    return Call("POST", sandbox_path(sandbox_id, "/expose"), json={"port": port})
+
+
+def unexpose_port(sandbox_id: str, port: int) -> Call:
+    """Stop exposing a port (its tokens and open streams end)."""
+    return Call("DELETE", sandbox_path(sandbox_id, f"/exposed/{int(port)}"))
+
+
+def list_ports(sandbox_id: str) -> Call:
+    """A sandbox's exposed ports."""
+    return Call("GET", sandbox_path(sandbox_id, "/exposed"))
+
+
+def mint_port_token(sandbox_id: str, port: int) -> Call:
+    """A new token for one exposed port."""
+    return Call("POST", sandbox_path(sandbox_id, f"/exposed/{int(port)}/tokens"))
+
+
+def revoke_port_token(sandbox_id: str, port: int, token_id: str) -> Call:
+    """Refuse a port token from now on."""
+    path = f"/exposed/{int(port)}/tokens/{quote(token_id, safe='')}"
+    return Call("DELETE", sandbox_path(sandbox_id, path))
+
+
+def parse_port(body: Any) -> ExposedPort:
+    """An exposed port's JSON."""
+    try:
+        return ExposedPort(
+            str(body["sandbox_id"]), int(body["port"]), str(body["path"]), str(body["url"])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FissionError(f"the daemon sent a port the SDK cannot read: {exc!r}") from exc
+
+
+def parse_ports(body: Any) -> list[ExposedPort]:
+    """A listing of exposed ports."""
+    try:
+        return [parse_port(item) for item in body["ports"]]
+    except (KeyError, TypeError) as exc:
+        raise FissionError(f"the daemon sent a listing the SDK cannot read: {exc!r}") from exc
+
+
+def parse_port_token(body: Any) -> PortToken:
+    """A minted port token's JSON."""
+    try:
+        return PortToken(
+            str(body["token_id"]),
+            str(body["token"]),
+            int(body["port"]),
+            str(body["url"]),
+            str(body["preview_url"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FissionError(f"the daemon sent a token the SDK cannot read: {exc!r}") from exc
 
 
 def set_ttl(sandbox_id: str, ttl: float) -> Call:

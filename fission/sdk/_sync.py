@@ -20,9 +20,11 @@ from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve
 from fission.sdk._http import SyncHTTP
 from fission.sdk._local import atomic_target, body_of, open_source
 from fission.sdk._models import (
+    ExposedPort,
     FileInfo,
     OutputCallback,
     OutputEvent,
+    PortToken,
     RunResult,
     SandboxInfo,
     SnapshotInfo,
@@ -284,6 +286,28 @@ class Sandbox(SandboxCore):
     def resume(self) -> SandboxInfo:
         """Start a paused sandbox again where it was; its ttl starts over."""
         return self._remember(self._http.json(calls.resume_sandbox(self.id)))
+
+    def expose(self, port: int) -> ExposedPort:
+        """Make ``port`` (1-65535, where a program in the sandbox listens on 127.0.0.1) reachable
+        through the daemon at ``ExposedPort.url``, HTTP and WebSocket; the owner's key opens it."""
+        return calls.parse_port(self._http.json(calls.expose_port(self.id, port)))
+
+    def unexpose(self, port: int) -> None:
+        """Stop exposing ``port``: its URL, its tokens and its open connections end."""
+        self._http.json(calls.unexpose_port(self.id, port))
+
+    def ports(self) -> builtins.list[ExposedPort]:
+        """The sandbox's exposed ports, lowest first."""
+        return calls.parse_ports(self._http.json(calls.list_ports(self.id)))
+
+    def port_token(self, port: int) -> PortToken:
+        """A revocable token that opens one exposed port's URL without your API key (a browser
+        preview: ``PortToken.preview_url``)."""
+        return calls.parse_port_token(self._http.json(calls.mint_port_token(self.id, port)))
+
+    def revoke_port_token(self, port: int, token_id: str) -> None:
+        """Refuse a port token from now on (connections opened through the port end)."""
+        self._http.json(calls.revoke_port_token(self.id, port, token_id))
 
     def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""

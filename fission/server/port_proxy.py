@@ -14,8 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import h11
-from starlette.requests import Request
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from fastapi import Request, WebSocket, WebSocketDisconnect
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response as WsResponse

@@ -15,9 +15,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response, WebSocket
+from fastapi.requests import HTTPConnection
 from fastapi.responses import RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.requests import HTTPConnection
 
 from fission.core.sandbox_ports import ports_path
 from fission.core.sandboxes import SandboxManager
