@@ -7,7 +7,9 @@ One keyed daemon on loopback TCP and one sandbox serve the module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -82,20 +84,25 @@ def box(daemon: tuple[TcpDaemon, str, str]) -> Iterator[str]:
             params={"path": "/home/sandbox/echo.py"},
             content=ECHO_SERVER.encode(),
         )
-        started = client.post(
-            f"/v1/sandboxes/{sandbox_id}/exec",
-            json={
-                "command": "cd site && (setsid nohup python3 -m http.server 8000 "
-                "--bind 127.0.0.1 >/dev/null 2>&1 &) ; (setsid nohup python3 ../echo.py "
-                ">/dev/null 2>&1 &) ; sleep 1; echo started",
-                "timeout": 60,
-            },
-        )
-        assert "started" in started.text, started.text
+        # A run's leftover processes are killed when it ends: each server is a run of its own
+        # that lasts until the sandbox goes (its exec then ends with the sandbox).
+        for command in (
+            "cd site && exec python3 -m http.server 8000 --bind 127.0.0.1",
+            "exec python3 echo.py",
+        ):
+            threading.Thread(
+                target=run_forever, args=(server, owner, sandbox_id, command), daemon=True
+            ).start()
         for port in (8000, 8765):
             exposed = client.post(f"/v1/sandboxes/{sandbox_id}/expose", json={"port": port})
             assert exposed.status_code == 201, exposed.text
         yield sandbox_id
+
+
+def run_forever(server: TcpDaemon, key: str, sandbox_id: str, command: str) -> None:
+    """Run ``command`` in the sandbox until it (or the sandbox) ends."""
+    with server.client(key) as client, contextlib.suppress(httpx.HTTPError):
+        client.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"command": command, "timeout": 900})
 
 
 def wait_for(client: httpx.Client, url: str) -> httpx.Response:

@@ -77,6 +77,9 @@ def test_frame_type_numbers_are_pinned() -> None:
         "STREAM": 20,
         "CLOSE": 21,
         "CREDIT": 22,
+        "CONNECT": 40,
+        "PTY": 41,
+        "RESIZE": 42,
     }
 
 
