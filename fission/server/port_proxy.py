@@ -137,21 +137,24 @@ async def relay_websocket(
 
     await flush()
     pending: list[Frame] = []
+    response: WsResponse | None = None
     while client.state is State.CONNECTING:
         data = await stream.read()
         if data:
             client.receive_data(data)
         else:
             client.receive_eof()
-        pending += [e for e in client.events_received() if isinstance(e, Frame)]
+        for event in client.events_received():
+            if isinstance(event, WsResponse):
+                response = event  # the handshake's answer comes as the first event
+            elif isinstance(event, Frame):
+                pending.append(event)
         if not data and client.state is State.CONNECTING:
             break
-    if client.state is not State.OPEN:
+    if client.state is not State.OPEN or response is None:
         raise PortUnreachable(
             f"the program on port {port} refused the WebSocket: {client.handshake_exc}"
         )
-    response = client.response
-    assert isinstance(response, WsResponse)
     await visitor.accept(subprotocol=response.headers.get("Sec-WebSocket-Protocol"))
     to_guest = asyncio.create_task(_visitor_to_guest(visitor, client, flush))
     try:

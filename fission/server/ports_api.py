@@ -152,11 +152,11 @@ def ports_router(manager: SandboxManager) -> APIRouter:
         if request.query_params.get(TOKEN_PARAM) and token and not keyed:
             # Swap the token in the address for a cookie of this port's path only.
             target = str(request.url.path) + guest_target(request, "")[1:]
-            reply = RedirectResponse(target, status_code=303)
-            reply.set_cookie(
+            redirect = RedirectResponse(target, status_code=303)
+            redirect.set_cookie(
                 COOKIE, token, path=ports_path(sandbox_id, port), httponly=True, samesite="lax"
             )
-            return reply
+            return redirect
         headers = strip_cookie(forward_headers(request.headers.raw, dropped_headers(keyed)))
         opened = ports.open_port(sandbox_id, port)
         stream = await opened.__aenter__()
