@@ -25,6 +25,7 @@ EXTRA_OF: dict[str, str] = {
     "google": "server",
     "prometheus_client": "server",
     "jinja2": "server",
+    "ray": "cluster",
 }
 
 
