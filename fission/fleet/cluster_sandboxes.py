@@ -14,6 +14,7 @@ says so, naming the host and the time, and only ``delete`` is left to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +130,8 @@ class ClusterSandboxes:
     def census(self) -> dict[str, int]:
         """Sandboxes by state over the fleet (idle ones count as running here)."""
         counts = {"running": 0, "idle": 0, "paused": 0, "lost": 0}
+        if self.service.fleet is None:  # not joined yet (metrics are set up before start)
+            return counts
         by_host = call_sync(self._control().census.remote(), "control", "counting sandboxes")
         for states in by_host.values():
             for state, count in states.items():
@@ -263,10 +266,9 @@ class ClusterSandboxes:
         if row["state"] != SandboxState.LOST.value:
             agent = self.service.routes().agent(row["host"])
             ref = agent.call.remote("sandboxes", "delete", sandbox_id, owner)
-            try:
+            # gone there already (expired, or the host with it): forget it here too
+            with contextlib.suppress(SandboxNotFound, HostLost):
                 await call(ref, row["host"], "deleting a sandbox")
-            except (SandboxNotFound, HostLost):
-                pass  # gone there already (expired, or the host with it)
         await self._control().remove.remote(sandbox_id)
 
 
@@ -371,7 +373,9 @@ class ClusterSnapshots:
     ) -> list[Any]:
         """Snapshots on every host, oldest first."""
         found = self._everywhere("list_snapshots", owner, sandbox_id, kind)
-        return sorted((r for records in found.values() for r in records), key=lambda r: r.created_at)
+        return sorted(
+            (r for records in found.values() for r in records), key=lambda r: r.created_at
+        )
 
     def get(self, snapshot_id: str, owner: str | None = None) -> Any:
         """A snapshot's record from its host."""

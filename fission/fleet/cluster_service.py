@@ -143,9 +143,9 @@ class ClusterService:
 
     def status(self) -> dict[str, Any]:
         """Pools (each named with its host) and the budget, summed over the hosts."""
-        fleet = self.routes()
+        reports = self.fleet.reports if self.fleet is not None else {}
         pools, total, used = [], 0, 0
-        for host, report in sorted(fleet.reports.items()):
+        for host, report in sorted(reports.items()):
             service = report["service"]
             pools += [pool | {"host": host} for pool in service["pools"]]
             total += service["memory_budget_mb"]
@@ -157,7 +157,7 @@ class ClusterService:
             "memory_reserved_mb": used,
             "reconciled": {},
             "sandboxes": self.sandboxes.count(),
-            "hosts": len(fleet.reports),
+            "hosts": len(reports),
         }
 
     async def cluster_status(self) -> dict[str, Any]:
@@ -202,12 +202,13 @@ class ClusterService:
         fleet = self.routes()
         refused: Busy | None = None
         for host in placement.for_run(await fleet.hosts(), spec.language.name):
+            # counted before the call, so that runs placed meanwhile see it taken
+            placement.took_warm(host, spec.language.name)
             try:
                 lease_id = await call(fleet.agent(host.name).acquire.remote(spec), host.name, "run")
             except Busy as exc:
                 refused = exc
                 continue
-            placement.took(host, 0)
             return ClusterLease(host.name, lease_id)
         raise refused or Busy("every fission host is draining or full: retry later")
 

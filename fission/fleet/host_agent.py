@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fission.core import sandbox_moves
+from fission.core import idle, sandbox_moves
 from fission.core.catalog import CatalogEntry
 from fission.core.sandbox_spec import MAX_PAGE_SIZE, SandboxRecord
 from fission.core.service import Lease, Service, ServiceConfig
@@ -43,7 +43,7 @@ class HostSettings:
     memory_budget_mb: int = 4096
     driver: str = "qemu"  # or "fake": the fake VMM driver (tests, the control-plane bench)
     acquire_timeout: float = 10.0
-    sandbox_idle_stop: float | None = None
+    sandbox_idle_stop: float | None = idle.SANDBOX_IDLE_STOP
 
     def service_config(self, name: str) -> ServiceConfig:
         """The Service config of the host called ``name``."""
@@ -134,7 +134,9 @@ class HostAgent:
 
         async def work() -> Any:
             try:
-                return await method(*args, lambda s, d: queue.put_nowait(("output", s, d)), **kwargs)
+                return await method(
+                    *args, lambda s, d: queue.put_nowait(("output", s, d)), **kwargs
+                )
             finally:
                 queue.put_nowait(END)
 

@@ -65,6 +65,12 @@ def for_sandbox(
 
 
 def took(host: HostView, mb: int) -> None:
-    """Count ``mb`` as taken on ``host`` until its next report (placements in between see it)."""
+    """Count a sandbox of ``mb`` on ``host`` until its next report (placements see it)."""
     host.free_mb -= mb
     host.sandboxes += 1
+
+
+def took_warm(host: HostView, language: str) -> None:
+    """Count a warm VM of ``language`` as taken from ``host`` until its next report."""
+    if host.warm.get(language, 0) > 0:
+        host.warm[language] -= 1

@@ -308,7 +308,8 @@ def make_service(config: DaemonConfig) -> Service:
         acquire_timeout=service.acquire_timeout,
     )
     # ClusterService has every method and attribute the adapters use (test_fleet_surface).
-    return cast(Service, ClusterService(None if config.cluster == "auto" else config.cluster, settings))
+    address = None if config.cluster == "auto" else config.cluster
+    return cast(Service, ClusterService(address, settings))
 
 
 def serve(config: DaemonConfig) -> None:
