@@ -186,7 +186,8 @@ class FleetCatalog:
         """One page of rows (by creation, then id) after ``cursor``, and the next cursor."""
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidInput(f"limit {limit} is out of range: use 1 to {MAX_PAGE_SIZE}")
-        where, args = ["1 = 1"], []
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec, SandboxState
 from fission.core.sandboxes import not_running, vm_memory_mb
-from fission.errors import Busy, QuotaExceeded, SandboxNotFound, SnapshotNotFound
+from fission.errors import (
+    Busy,
+    InvalidInput,
+    QuotaExceeded,
+    SandboxNotFound,
+    SnapshotNotFound,
+)
 from fission.fleet import placement
 from fission.fleet.catalog import record_of, row_of
 from fission.fleet.routing import HostLost, call, call_sync, stream
@@ -177,17 +183,26 @@ class ClusterSandboxes:
         raise RuntimeError(f"host {host} ended a {method} without a result")
 
     async def write_file(
-        self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], owner: str | None = None
+        self,
+        sandbox_id: str,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        owner: str | None = None,
+        mode: int = 0o644,
     ) -> Any:
-        """Write a file into the sandbox (held whole here, then sent to its host)."""
+        """Write a file into the sandbox (a stream is held whole here, then sent to its host)."""
         host, agent = self._home(sandbox_id, owner)
-        parts, size = [], 0
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > MAX_UPLOAD_BYTES:
-                raise Busy(f"uploads through the cluster are at most {MAX_UPLOAD_BYTES} bytes")
-            parts.append(chunk)
-        ref = agent.write_file.remote(sandbox_id, path, b"".join(parts), owner)
+        if not isinstance(data, bytes):
+            parts, size = [], 0
+            async for chunk in data:
+                size += len(chunk)
+                if size > MAX_UPLOAD_BYTES:
+                    raise InvalidInput(
+                        f"an upload through a fleet front end is at most {MAX_UPLOAD_BYTES} bytes"
+                    )
+                parts.append(chunk)
+            data = b"".join(parts)
+        ref = agent.call.remote("sandboxes", "write_file", sandbox_id, path, data, owner, mode)
         return await call(ref, host, "writing a file")
 
     async def read_file(
@@ -317,13 +332,17 @@ class ClusterSnapshots:
     async def snapshot(
         self,
         sandbox_id: str,
-        owner: str | None,
+        owner: str | None = None,
         name: str | None = None,
+        *,
+        kind: str = "snapshot",
         max_snapshot_mb: int | None = None,
     ) -> Any:
         """Snapshot a sandbox on its host; the catalog remembers where."""
         host, _ = self.sandboxes._home(sandbox_id, owner)
-        record = await self._on(host, "snapshot", sandbox_id, owner, name, max_snapshot_mb)
+        record = await self._on(
+            host, "snapshot", sandbox_id, owner, name, kind=kind, max_snapshot_mb=max_snapshot_mb
+        )
         await self.sandboxes._control().put_snapshot.remote(record.id, host, owner)
         return record
 
@@ -389,12 +408,14 @@ class ClusterSnapshots:
         await self._on(host, "delete", snapshot_id, owner)
         await self.sandboxes._control().remove_snapshot.remote(snapshot_id)
 
-    async def gc(self, dry_run: bool = False, budget_mb: int | None = None) -> dict[str, Any]:
-        """Reclaim snapshot space on every host; the hosts' reports by name."""
+    async def gc(
+        self, dry_run: bool = False, budget_mb: int | None = None, protect: set[str] | None = None
+    ) -> dict[str, Any]:
+        """Reclaim snapshot space on every host (``budget_mb`` each); reports by host."""
         routes = self.sandboxes.service.routes()
         names = list(routes.reports)
         reports = await asyncio.gather(
-            *(self._on(name, "gc", dry_run, budget_mb) for name in names)
+            *(self._on(name, "gc", dry_run, budget_mb, protect) for name in names)
         )
         removed = [entry for report in reports for entry in report.get("removed", [])]
         return {"removed": removed, "hosts": dict(zip(names, reports, strict=True))}

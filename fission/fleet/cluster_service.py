@@ -85,7 +85,7 @@ def connect(
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     here = ray.get_runtime_context().get_node_id()
-    control = (
+    control: Any = (
         ray.remote(FleetControl)
         .options(
             name=CONTROL_NAME,
@@ -99,7 +99,7 @@ def connect(
         )
         .remote(settings, simulated_hosts)
     )
-    return control, ray.get(control.ready.remote())
+    return control, dict(ray.get(control.ready.remote()))
 
 
 class ClusterService:
@@ -279,8 +279,8 @@ class ClusterService:
     ) -> RunResult:
         """``Service.repo`` on the best host for ``language``."""
         host = placement.for_run(await self.routes().hosts(), language.name)[0]
-        options = {"ref": ref, "allow_hosts": tuple(allow_hosts), "limits": limits}
-        options |= {"files": tuple(files), "who": who}
+        options: dict[str, Any] = {"ref": ref, "allow_hosts": tuple(allow_hosts)}
+        options |= {"limits": limits, "files": tuple(files), "who": who}
         return await self._stream(host.name, "repo", (language, url, command), options, on_output)
 
     async def _stream(

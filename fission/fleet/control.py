@@ -67,7 +67,8 @@ class FleetControl:
                     with contextlib.suppress(ValueError):
                         self.agents[host["name"]] = agent_handle(host["name"])
             self._watch = asyncio.create_task(self._watch_loop(), name="fleet-watch")
-        return {"state_root": str(self.settings.state_root), "driver": self.settings.driver}
+        driver = self.settings.driver
+        return {"state_root": str(self.settings.state_root), "driver": getattr(driver, "name", "")}
 
     # -- membership --------------------------------------------------------------------------------
     async def _watch_loop(self) -> None:
@@ -100,7 +101,7 @@ class FleetControl:
 
     async def _start_host(self, name: str, node_id: str) -> None:
         try:
-            agent = (
+            agent: Any = (
                 ray.remote(HostAgent)
                 .options(
                     name=HOST_PREFIX + name,

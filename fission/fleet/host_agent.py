@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from fission.core.sandbox_spec import MAX_PAGE_SIZE, SandboxRecord
 from fission.core.service import Lease, Service, ServiceConfig
 from fission.core.spec import RunSpec
 from fission.fleet.catalog import row_of
+from fission.vmm.base import Driver
 
 log = logging.getLogger("fission.fleet.host")
 SYNC_INTERVAL = 1.0  # seconds between a host's reports of what changed on it
@@ -41,17 +42,17 @@ class HostSettings:
     state_root: Path
     pools: dict[str, int] = field(default_factory=lambda: {"python": 1})
     memory_budget_mb: int = 4096
-    driver: str = "qemu"  # or "fake": the fake VMM driver (tests, the control-plane bench)
+    # Makes each host's VMM driver; None: the host's default (QEMU). Tests and the
+    # control-plane bench pass the fake driver's class.
+    driver: Callable[[], Driver] | None = None
     acquire_timeout: float = 10.0
     sandbox_idle_stop: float | None = idle.SANDBOX_IDLE_STOP
 
     def service_config(self, name: str) -> ServiceConfig:
         """The Service config of the host called ``name``."""
         extra: dict[str, Any] = {}
-        if self.driver == "fake":
-            from fission.vmm.fake import FakeDriver
-
-            extra["driver"] = FakeDriver()
+        if self.driver is not None:
+            extra["driver"] = self.driver()
         return ServiceConfig(
             state_dir=self.state_root / name,
             pools=dict(self.pools),
@@ -195,14 +196,6 @@ class HostAgent:
                 yield chunk
         finally:
             await chunks.aclose()
-
-    async def write_file(self, sandbox_id: str, path: str, data: bytes, owner: str | None) -> Any:
-        """Write ``data`` to a sandbox file; its FileInfo."""
-
-        async def body() -> AsyncIterator[bytes]:
-            yield data
-
-        return await self._service().sandboxes.write_file(sandbox_id, path, body(), owner)
 
     async def export_paused(self, sandbox_id: str) -> tuple[CatalogEntry, bytes]:
         """A paused sandbox's catalog row and packed files, to move it to another host."""
