@@ -64,6 +64,15 @@ class HostSettings:
         )
 
 
+def rss_mb() -> float:
+    """This process's resident memory in MiB (the agent's own cost, VMs aside)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class HostAgent:
     """One host's Service, behind Ray actor methods (``ray.remote`` is applied by ``control``)."""
 
@@ -107,6 +116,7 @@ class HostAgent:
             "node_id": self.node_id,
             "service": service.status(),
             "census": service.sandboxes.census(),
+            "rss_mb": rss_mb(),
             "at": time.time(),
         }
 
