@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,17 +17,13 @@ from fission.errors import FissionError
 
 app = typer.Typer(help="A fission fleet on Ray: hosts, capacity, sandboxes.", no_args_is_help=True)
 Address = Annotated[str, typer.Option(help="Ray cluster address (auto: the local one).")]
-FleetRoot = Annotated[
-    Path | None,
-    typer.Option(help="State root of the hosts, if this command starts the fleet."),
-]
 
 
-def _with_fleet(address: str, fleet_root: Path | None, work: Any) -> Any:
+def _with_fleet(address: str, work: Any) -> Any:
     from fission.fleet.cluster_service import ClusterService, default_settings
 
     async def main() -> Any:
-        service = ClusterService(address, default_settings(fleet_root))
+        service = ClusterService(address, default_settings(), create=False)
         await service.start()
         return await work(service)
 
@@ -38,12 +33,11 @@ def _with_fleet(address: str, fleet_root: Path | None, work: Any) -> Any:
 @app.command("status")
 def status_command(
     address: Address = "auto",
-    fleet_root: FleetRoot = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Hosts (node, alive, draining), memory, pools and sandboxes per host."""
     try:
-        status = _with_fleet(address, fleet_root, lambda service: service.cluster_status())
+        status = _with_fleet(address, lambda service: service.cluster_status())
     except FissionError as exc:
         abort(exc)
     if as_json:
@@ -76,7 +70,7 @@ def drain_command(
 ) -> None:
     """Place no new runs or sandboxes on HOST (before an upgrade); --undo to take it back."""
     try:
-        found = _with_fleet(address, None, lambda service: service.drain(host, not undo))
+        found = _with_fleet(address, lambda service: service.drain(host, not undo))
     except FissionError as exc:
         abort(exc)
     if not found:

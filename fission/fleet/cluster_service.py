@@ -32,7 +32,7 @@ from fission.core.provision import InstallResult
 from fission.core.spec import RunResult, RunSpec
 from fission.core.telemetry import Telemetry
 from fission.core.transfers import Upload
-from fission.errors import Busy
+from fission.errors import Busy, NotReady
 from fission.fleet import placement
 from fission.fleet.cluster_sandboxes import ClusterSandboxes
 from fission.fleet.control import CONTROL_NAME, NAMESPACE, FleetControl
@@ -79,13 +79,27 @@ class NoLocalVMs:
 
 
 def connect(
-    address: str | None, settings: HostSettings, *, simulated_hosts: int = 0
+    address: str | None, settings: HostSettings, *, simulated_hosts: int = 0, create: bool = True
 ) -> tuple[Any, dict[str, Any]]:
-    """Join the Ray cluster at ``address`` and find (or create) the control actor."""
+    """Join the Ray cluster at ``address`` and find the control actor (or create it)."""
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    if not create:
+        try:
+            control: Any = ray.get_actor(CONTROL_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise NotReady(
+                "no fission fleet runs in this Ray cluster: start a front end with "
+                "`fission serve --cluster auto`"
+            ) from None
+        return control, dict(ray.get(control.ready.remote()))
     here = ray.get_runtime_context().get_node_id()
-    control: Any = (
+    control = (
         ray.remote(FleetControl)
         .options(
             name=CONTROL_NAME,
@@ -106,9 +120,15 @@ class ClusterService:
     """The Service API over a fleet (see the module docstring)."""
 
     def __init__(
-        self, address: str | None, settings: HostSettings, *, simulated_hosts: int = 0
+        self,
+        address: str | None,
+        settings: HostSettings,
+        *,
+        simulated_hosts: int = 0,
+        create: bool = True,
     ) -> None:
         self.address = address
+        self.create = create  # start the fleet's control actor if none runs yet
         self.settings = settings
         self.simulated_hosts = simulated_hosts
         self.config = FrontEndConfig()
@@ -125,9 +145,13 @@ class ClusterService:
     async def start(self) -> None:
         """Join the cluster (the fleet itself runs on; a front end starts and stops nothing)."""
         control, shown = await asyncio.to_thread(
-            connect, self.address, self.settings, simulated_hosts=self.simulated_hosts
+            connect,
+            self.address,
+            self.settings,
+            simulated_hosts=self.simulated_hosts,
+            create=self.create,
         )
-        if shown["state_root"] != str(self.settings.state_root):
+        if self.create and shown["state_root"] != str(self.settings.state_root):
             log.warning("the fleet runs with the settings it started with: %s", shown)
         self.fleet = Fleet(control)
 
@@ -259,7 +283,7 @@ class ClusterService:
         who: str = LOCAL,
     ) -> InstallResult:
         """``Service.install`` on the best host for ``language`` (its derived cache is there)."""
-        host = placement.for_run(await self.routes().hosts(), language.name)[0]
+        host = await self._best_for(language.name)
         options = {"index_url": index_url, "allow_hosts": tuple(allow_hosts), "limits": limits}
         args = (language, tuple(packages), command)
         return await self._stream(host.name, "install", args, options | {"who": who}, on_output)
@@ -278,10 +302,16 @@ class ClusterService:
         who: str = LOCAL,
     ) -> RunResult:
         """``Service.repo`` on the best host for ``language``."""
-        host = placement.for_run(await self.routes().hosts(), language.name)[0]
+        host = await self._best_for(language.name)
         options: dict[str, Any] = {"ref": ref, "allow_hosts": tuple(allow_hosts)}
         options |= {"limits": limits, "files": tuple(files), "who": who}
         return await self._stream(host.name, "repo", (language, url, command), options, on_output)
+
+    async def _best_for(self, language: str) -> placement.HostView:
+        candidates = placement.for_run(await self.routes().hosts(), language)
+        if not candidates:
+            raise Busy("every fission host is draining: retry later, or add a host")
+        return candidates[0]
 
     async def _stream(
         self,

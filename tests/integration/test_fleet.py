@@ -202,6 +202,14 @@ def test_one_shot_runs_spread_over_the_hosts(fleet: Fleet) -> None:
     after = wait_for(reported, "the hosts' reports of the runs")
     busy = [host for host in after if after[host] > before.get(host, 0)]
     assert len(busy) >= 2, f"all runs went to one host: {before} -> {after}"
+    shown = subprocess.run(
+        [FISSION, "cluster", "status", "--json", "--address", fleet.cluster.address],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    status = json.loads(shown.stdout)
+    assert status["alive"] == 3 and {h["name"] for h in status["hosts"]} == set(after)
 
 
 def test_a_sandbox_made_on_one_front_end_is_reachable_on_another(fleet: Fleet) -> None:
