@@ -26,6 +26,7 @@ EXTRA_OF: dict[str, str] = {
     "prometheus_client": "server",
     "jinja2": "server",
     "websockets": "server",
+    "ray": "cluster",
 }
 
 

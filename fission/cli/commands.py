@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import audit, doctor, gc, images, install, keys, mcp, run, serve
+from fission.cli import audit, cluster, doctor, gc, images, install, keys, mcp, run, serve
 
 app = typer.Typer(
     name="fission",
@@ -19,6 +19,7 @@ app.command("repo")(install.repo_command)
 app.add_typer(images.app, name="images")
 app.command("serve")(serve.serve_command)
 app.add_typer(serve.pool_app, name="pool")
+app.add_typer(cluster.app, name="cluster")
 app.add_typer(keys.app, name="keys")
 app.command("audit")(audit.audit_command)
 app.command("mcp")(mcp.mcp_command)

@@ -80,6 +80,17 @@ def serve_command(
         int | None,
         typer.Option(help="Also serve /metrics on 127.0.0.1:PORT, without an API key."),
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Be a front end of a fleet on Ray: auto (this machine's Ray cluster), "
+            "ray://HOST:PORT or HOST:PORT. Needs pip install 'fission[cluster]'."
+        ),
+    ] = None,
+    fleet_root: Annotated[
+        Path | None,
+        typer.Option(help="With --cluster: where each host keeps its state (default STATE/fleet)."),
+    ] = None,
 ) -> None:
     """Run the fission daemon: warm pools of VMs behind an HTTP API (and gRPC when asked)."""
     from fission.server.daemon import build_config, serve
@@ -106,6 +117,8 @@ def serve_command(
             log_format=log_format,
             log_level=log_level,
             metrics_port=metrics_port,
+            cluster=cluster,
+            fleet_root=fleet_root,
         )
         where = daemon_config.socket or f"{daemon_config.host}:{daemon_config.port}"
         if daemon_config.grpc_address is not None:
@@ -114,6 +127,8 @@ def serve_command(
             where = f"{where}, metrics on 127.0.0.1:{daemon_config.metrics_port}"
         if daemon_config.idle_exit is not None:
             where = f"{where}, exiting after {daemon_config.idle_exit:g} s idle"
+        if daemon_config.cluster is not None:
+            where = f"{where}, a front end of the fleet on Ray ({daemon_config.cluster})"
         typer.echo(f"fission daemon listening on {where}", err=True)
         serve(daemon_config)
     except FissionError as exc:

@@ -192,6 +192,27 @@ class Service:
             "sandboxes": self.sandboxes.count(),
         }
 
+    async def cluster_status(self) -> dict[str, Any]:
+        """This host as a fleet of one (``GET /v1/cluster``; a fleet's front end lists all)."""
+        status = self.status()
+        census = {state: n for state, n in self.sandboxes.census().items() if n}
+        host = {
+            "name": "local",
+            "node_id": "",
+            "alive": True,
+            "draining": False,
+            "memory_budget_mb": status["memory_budget_mb"],
+            "memory_reserved_mb": status["memory_reserved_mb"],
+            "pools": status["pools"],
+            "sandboxes": census,
+        }
+        return {
+            "hosts": [host],
+            "alive": 1,
+            "memory_budget_mb": status["memory_budget_mb"],
+            "memory_reserved_mb": status["memory_reserved_mb"],
+        }
+
     # -- machines ----------------------------------------------------------------------------------
     def _clone_factory(self, language: Language) -> Callable[[], Awaitable[Machine]]:
         async def factory() -> Machine:

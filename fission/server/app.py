@@ -109,6 +109,10 @@ def create_app(
     async def pools(_: Who) -> dict[str, Any]:
         return service.status()
 
+    @app.get("/v1/cluster", summary="Hosts, capacity, pools and sandboxes per host (admin)")
+    async def cluster(_: Admin) -> dict[str, Any]:
+        return await service.cluster_status()
+
     @app.post("/v1/run", summary="Run code once in a fresh microVM (streamed)")
     async def run(
         body: RunRequest,

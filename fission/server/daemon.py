@@ -21,14 +21,14 @@ import tomllib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fission.auth.db import default_db_path
 from fission.config import daemon_socket, daemon_state_dir
 from fission.core import keeper
 from fission.core.languages import resolve_language
 from fission.core.sandboxes import ON_STOP, PAUSED_RETENTION
-from fission.core.service import ServiceConfig
+from fission.core.service import Service, ServiceConfig
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.core.state_dirs import lock_state_dir
 from fission.errors import InvalidInput, NotReady
@@ -64,6 +64,10 @@ class DaemonConfig:
     grpc_address: str | None = None
     grpc_keys_db: Path | None = None  # set for a TCP gRPC listener
     idle_exit: float | None = None  # seconds without requests or sandboxes before exiting
+    # A front end of a fleet on Ray (fission.fleet): "auto", "ray://HOST:PORT" or "HOST:PORT";
+    # None runs one host's Service here. The hosts' state lives under ``fleet_root``.
+    cluster: str | None = None
+    fleet_root: Path | None = None
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -98,6 +102,8 @@ def build_config(
     log_format: str | None = None,
     log_level: str | None = None,
     metrics_port: int | None = None,
+    cluster: str | None = None,
+    fleet_root: Path | None = None,
 ) -> DaemonConfig:
     """Merge defaults, the config file and flags (flags win) into a DaemonConfig."""
     file = load_config_file(config_file) if config_file else {}
@@ -172,6 +178,8 @@ def build_config(
         log_format=log_format,
         log_level=log_level,
         metrics_port=metrics,
+        cluster=cluster or file.get("cluster"),
+        fleet_root=fleet_root or (Path(file["fleet_root"]) if "fleet_root" in file else None),
     )
 
 
@@ -283,14 +291,34 @@ def server_for(server_config: Any, watch: IdleWatch | None) -> Any:
     return IdleExitServer(server_config)
 
 
+def make_service(config: DaemonConfig) -> Service:
+    """One host's Service, or with ``cluster`` a front end's view of the fleet (same API)."""
+    if config.cluster is None:
+        return Service(config.service)
+    try:
+        from fission.fleet.cluster_service import ClusterService
+        from fission.fleet.host_agent import HostSettings
+    except ModuleNotFoundError as exc:  # ray missing: the cluster extra
+        raise NotReady(f"--cluster needs {exc.name}: pip install 'fission[cluster]'") from exc
+    service = config.service
+    settings = HostSettings(
+        state_root=config.fleet_root or service.state_dir / "fleet",
+        pools=dict(service.pools),
+        memory_budget_mb=service.memory_budget_mb,
+        acquire_timeout=service.acquire_timeout,
+    )
+    # ClusterService has every method and attribute the adapters use (test_fleet_surface).
+    address = None if config.cluster == "auto" else config.cluster
+    return cast(Service, ClusterService(address, settings))
+
+
 def serve(config: DaemonConfig) -> None:
     """Run the daemon until SIGTERM or SIGINT (or ``idle_exit`` seconds of idleness)."""
-    from fission.core.service import Service
     from fission.server.app import create_app
 
     lock = lock_state_dir(config.service.state_dir)
     try:
-        service = Service(config.service)
+        service = make_service(config)
         app = create_app(service, config.socket, config.keys_db)
         if config.grpc_address is not None:
             # QEMU is spawned with fork and a preexec_fn; gRPC's own fork handlers then crash

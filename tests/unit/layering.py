@@ -18,6 +18,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "fission"
 ROWS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("server", "mcp"),
+    ("fleet",),
     ("sdk",),
     ("api",),
     ("core",),

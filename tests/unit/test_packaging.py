@@ -32,8 +32,15 @@ REPO = PACKAGE_ROOT.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 BASE = "base"
 RUNTIME_GROUPS = (BASE, "server", "cli")
+# Extras outside ``all``: a fleet on Ray is for those who run one (``dev`` brings it for CI).
+ADDON_GROUPS = ("cluster",)
 # The extra each layer may rely on besides the base install; unnamed layers have the base only.
-EXTRA_OF_LAYER: Mapping[str, str] = {"server": "server", "mcp": "server", "cli": "cli"}
+EXTRA_OF_LAYER: Mapping[str, str] = {
+    "server": "server",
+    "mcp": "server",
+    "cli": "cli",
+    "fleet": "cluster",
+}
 # The generated gRPC stubs are imported by the gRPC server alone.
 EXTRA_OF_MODULE: Mapping[str, str] = {
     "fission.api.fission_pb2": "server",
@@ -125,10 +132,10 @@ def test_every_third_party_import_is_declared_for_its_layer() -> None:
 
 def test_every_declared_dependency_is_imported_by_its_group() -> None:
     groups = declared()
-    used: dict[str, set[str | None]] = {group: set() for group in RUNTIME_GROUPS}
+    used: dict[str, set[str | None]] = {group: set() for group in RUNTIME_GROUPS + ADDON_GROUPS}
     for imp, group in third_party_imports():
         used[group].add(distribution_of(imp.target))
-    for group in RUNTIME_GROUPS:
+    for group in RUNTIME_GROUPS + ADDON_GROUPS:
         assert groups[group] - used[group] == set(), f"declared in {group} but never imported"
 
 
@@ -137,6 +144,8 @@ def test_all_and_dev_bring_every_extra() -> None:
     runtime = set().union(*(groups[group] for group in RUNTIME_GROUPS))
     assert groups["all"] | groups[BASE] == runtime  # an extra always comes with the base
     assert groups["all"] <= groups["dev"]
+    for addon in ADDON_GROUPS:
+        assert groups[addon] <= groups["dev"]
 
 
 def test_the_command_knows_which_extra_brings_each_import() -> None:
