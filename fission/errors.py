@@ -19,6 +19,7 @@ sandbox is a result, not an error. Each class carries a short ``code`` slug (for
     ├── Busy                          busy (429)
     ├── Unauthorized                  unauthorized (401)
     ├── Forbidden                     forbidden (403)
+    ├── Unsupported                   unsupported (501)
     ├── QuotaExceeded                 quota_exceeded (429)
     ├── PathNotAllowed                path_not_allowed (400)
     ├── NotFound                      not_found (404)
@@ -127,6 +128,13 @@ class Unauthorized(FissionError):
 
     code = "unauthorized"
     http_status = 401
+
+
+class Unsupported(FissionError):
+    """This deployment does not offer the feature (e.g. exposed ports through a fleet front end)."""
+
+    code = "unsupported"
+    http_status = 501
 
 
 class Forbidden(FissionError):
@@ -239,6 +247,7 @@ ERRORS_BY_CODE: dict[str, type[FissionError]] = {
         Busy,
         Unauthorized,
         Forbidden,
+        Unsupported,
         QuotaExceeded,
         PathNotAllowed,
         NotFound,

@@ -26,6 +26,7 @@ from fission.errors import (
     QuotaExceeded,
     SandboxNotFound,
     SnapshotNotFound,
+    Unsupported,
 )
 from fission.fleet import placement
 from fission.fleet.catalog import record_of, row_of
@@ -37,12 +38,24 @@ if TYPE_CHECKING:
 MAX_UPLOAD_BYTES = 512 * 2**20  # one upload through a front end is held whole, then sent on
 
 
+class NoPortsInAFleet:
+    """Exposed ports through a fleet front end: not offered yet (their bytes would have to
+    stream through Ray both ways); every use says so and where to go instead."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise Unsupported(
+            "exposed ports are not available through a fleet front end yet: expose and reach "
+            "the port on the daemon of the sandbox's host (`fission cluster status` names it)"
+        )
+
+
 class ClusterSandboxes:
     """The sandboxes of a fleet, with ``SandboxManager``'s methods."""
 
     def __init__(self, service: ClusterService) -> None:
         self.service = service
         self.snapshots = ClusterSnapshots(self)
+        self.ports = NoPortsInAFleet()
 
     def _control(self) -> Any:
         return self.service.routes().control

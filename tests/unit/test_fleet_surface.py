@@ -93,3 +93,12 @@ def test_the_cluster_snapshots_take_what_the_snapshots_take() -> None:
 def test_cluster_status_is_served_in_both_modes() -> None:
     assert inspect.iscoroutinefunction(Service.cluster_status)
     assert inspect.iscoroutinefunction(ClusterService.cluster_status)
+
+
+def test_exposed_ports_through_a_fleet_front_end_say_where_to_go() -> None:
+    from fission.errors import Unsupported
+
+    ports = cluster_service().sandboxes.ports
+    for use in (lambda: ports.expose, lambda: ports.admit):
+        with pytest.raises(Unsupported, match="on the daemon of the sandbox's host"):
+            use()
