@@ -27,7 +27,7 @@ from fission.auth.db import default_db_path
 from fission.config import daemon_socket, daemon_state_dir
 from fission.core import keeper
 from fission.core.languages import resolve_language
-from fission.core.sandboxes import ON_STOP, PAUSED_RETENTION
+from fission.core.sandbox_lifetimes import ON_STOP, PAUSED_RETENTION
 from fission.core.service import ServiceConfig
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.core.state_dirs import lock_state_dir
