@@ -53,7 +53,8 @@ async def pause(manager: SandboxManager, box: ManagedSandbox) -> SandboxRecord:
             await manager._destroy(box, "pause failed")
             raise
         box.record.state = SandboxState.PAUSED
-        box.record.expires_at = manager._clock() + manager.paused_retention
+        retention = await manager.retention_of(box.record.owner)
+        box.record.expires_at = manager._clock() + retention
         manager.budget.release(box.reserved_mb)
         manager._save(box)
     await manager._audit(

@@ -96,7 +96,7 @@ async def lose(manager: SandboxManager, box: ManagedSandbox, reason: str) -> Non
     its directory go, its memory and quota slot are given back, its record stays."""
     was_running = box.record.state == SandboxState.RUNNING
     box.record.state, box.record.lost_reason = SandboxState.LOST, reason
-    box.record.expires_at = manager._clock() + manager.paused_retention
+    box.record.expires_at = manager._clock() + await manager.retention_of(box.record.owner)
     machine, box.machine, box.config = box.machine, None, None
     log.warning("sandbox %s is lost: %s", box.record.id, reason)
     try:

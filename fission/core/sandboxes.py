@@ -115,6 +115,8 @@ class SandboxManager:
         self.durable = durable  # sandbox VMs outlive the daemon (catalogued, re-attached)
         self.on_stop = on_stop if durable else "delete"
         self.paused_retention = paused_retention
+        # An owner's own retention (its API key's; None: the daemon's), set by the server.
+        self.retention_for: Callable[[str], float | None] | None = None
         # Called whenever a running sandbox VM is catalogued (the daemon starts its keeper).
         self.on_running: Callable[[], None] | None = None
         self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
@@ -437,6 +439,19 @@ class SandboxManager:
             None,
             {"sandbox": box.record.id},
         )
+
+    async def retention_of(self, owner: str | None) -> float:
+        """Seconds a paused or lost sandbox of ``owner`` is kept: the daemon's
+        ``paused_retention``, or the owner's key's if that is shorter."""
+        lookup = self.retention_for
+        if owner is None or lookup is None:
+            return self.paused_retention
+        try:
+            own = await asyncio.to_thread(lookup, owner)
+        except FissionError as exc:  # a key gone from the database: the daemon's applies
+            log.warning("the paused retention of %s is unknown: %s", owner, exc)
+            return self.paused_retention
+        return self.paused_retention if own is None else min(self.paused_retention, own)
 
     # -- the catalog -----------------------------------------------------------------------------
     def _register(self, box: ManagedSandbox) -> None:

@@ -54,6 +54,8 @@ def create_app(
     run).
     """
     gate = Gatekeeper(keys_db, service.telemetry)
+    if gate.keys is not None:  # a key may keep its paused sandboxes less long than the daemon
+        service.sandboxes.retention_for = gate.paused_retention_of
     metrics = ServiceMetrics(service)
 
     @asynccontextmanager
