@@ -150,6 +150,35 @@ def test_a_sandbox_made_through_the_sdk_appears_live_and_its_run_streams_in(
         assert box.run("print(6 * 7)").stdout.strip() == b"42"
 
 
+def test_a_snapshot_and_a_fork_are_taken_from_the_sandbox_page(
+    page: Any, daemon: TcpDaemon, user_key: str
+) -> None:
+    with Sandbox.create("python", url=daemon.url, api_key=user_key, ttl=600) as box:
+        box.run("open('/home/sandbox/mark', 'w').write('forked')")
+        page.goto(f"{daemon.url}/ui/sandboxes/{box.id}")
+        page.fill("#sandbox-snapshots input[name=name]", "from the dashboard")
+        page.click("#snapshot")
+        row = page.wait_for_selector("#snapshots tbody tr")
+        assert "from the dashboard" in row.inner_text() and "snapshot" in row.inner_text()
+        page.click("#fork")  # one fork: its page opens
+        page.wait_for_url(re.compile(r".*/ui/sandboxes/sbx_[0-9a-f]+$"))
+        clone_id = page.url.rsplit("/", 1)[1]
+        assert clone_id != box.id
+        page.wait_for_selector("#sandbox-state:has-text('running')")
+        clone = Sandbox.connect(clone_id, url=daemon.url, api_key=user_key)
+        try:
+            assert clone.run("print(open('/home/sandbox/mark').read())").stdout.strip() == b"forked"
+            page.goto(f"{daemon.url}/ui/snapshots")
+            page.wait_for_selector("section[data-owner] table.snapshots")
+            kinds = page.locator("section[data-owner] tbody td:nth-child(3)").all_inner_texts()
+            assert sorted(kinds) == ["fork", "snapshot"]
+            assert "MB quota" in page.inner_text("section[data-owner] .usage")
+            shot(page, "snapshots")
+        finally:
+            clone.delete()
+            clone.close()
+
+
 def test_a_key_is_shown_once_and_revoked(page: Any, daemon: TcpDaemon) -> None:
     page.goto(f"{daemon.url}/ui/keys")
     page.fill("#create-key input[name=name]", "bob")

@@ -316,7 +316,7 @@ def secure_cookies_from_env() -> bool | None:
 
 def create_dashboard(service: Service, gate: Gatekeeper) -> FastAPI:
     """The dashboard app over ``service``; mount it at ``/ui``."""
-    from fission.server.dashboard import actions, live, pages
+    from fission.server.dashboard import actions, live, pages, snapshots
 
     app = FastAPI(title="fission dashboard", version=__version__, docs_url=None, redoc_url=None)
     app.state.dashboard = Dashboard(service, gate, secure_cookies_from_env())
@@ -324,6 +324,7 @@ def create_dashboard(service: Service, gate: Gatekeeper) -> FastAPI:
     app.include_router(pages.router)
     app.include_router(live.router)
     app.include_router(actions.router)
+    app.include_router(snapshots.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SecurityHeaders)
     return app
