@@ -9,6 +9,8 @@ run whose output streams into the page runs in a real microVM. Each page's scree
 from __future__ import annotations
 
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,3 +272,24 @@ def test_a_forged_cookie_and_an_unknown_sandbox_are_clear_4xx_pages(
     assert "expired or is not valid" in tab.inner_text("#error-message")
     shot(tab, "forged-cookie")
     context.close()
+
+
+def test_a_daemon_with_a_live_stream_open_stops_within_seconds() -> None:
+    """A dashboard page left open does not hold up SIGTERM (uvicorn waits for open responses:
+    the live streams end as the shutdown begins)."""
+    own = TcpDaemon()
+    own.start()
+    try:
+        client, _ = session_client(own, own.create_key("ops", "--role", "admin"))
+        with client, client.stream("GET", "/ui/live/overview") as stream:
+            lines = stream.iter_lines()
+            while "event: fragment" not in next(lines):
+                pass  # the page's first fragment: the stream is open
+            assert own.proc is not None
+            stopping_at = time.monotonic()
+            own.proc.send_signal(signal.SIGTERM)
+            own.proc.wait(timeout=30)
+            took = time.monotonic() - stopping_at
+        assert took < 3.0, f"the daemon took {took:.1f} s to stop: {own.log()}"
+    finally:
+        own.stop()
