@@ -281,15 +281,18 @@ def test_a_daemon_with_a_live_stream_open_stops_within_seconds() -> None:
     own.start()
     try:
         client, _ = session_client(own, own.create_key("ops", "--role", "admin"))
-        with client, client.stream("GET", "/ui/live/overview") as stream:
-            lines = stream.iter_lines()
-            while "event: fragment" not in next(lines):
-                pass  # the page's first fragment: the stream is open
-            assert own.proc is not None
-            stopping_at = time.monotonic()
-            own.proc.send_signal(signal.SIGTERM)
-            own.proc.wait(timeout=30)
-            took = time.monotonic() - stopping_at
+        try:
+            with client.stream("GET", "/ui/live/overview") as stream:
+                lines = stream.iter_lines()
+                while "event: fragment" not in next(lines):
+                    pass  # the page's first fragment: the stream is open
+                assert own.proc is not None
+                stopping_at = time.monotonic()
+                own.proc.send_signal(signal.SIGTERM)
+                own.proc.wait(timeout=30)
+                took = time.monotonic() - stopping_at
+        finally:
+            client.close()
         assert took < 3.0, f"the daemon took {took:.1f} s to stop: {own.log()}"
     finally:
         own.stop()
