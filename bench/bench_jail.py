@@ -21,7 +21,7 @@ from fission.core.snapshots import warm_template
 from fission.images.store import image_set
 from fission.vmm import jail_plan, jailer
 from fission.vmm.base import default_driver
-from fission.vmm.qemu import TCG_TB_SIZE_MB
+from fission.vmm.qemu_argv import TCG_TB_SIZE_MB
 from fission.vmm.qemu_driver import clone_config, detect_host
 from fission.vmm.qemu_snapshots import build_snapshot
 

@@ -30,6 +30,7 @@ MAX_SANDBOXES_CAP = 10_000
 RATE_PER_MINUTE_CAP = 1_000_000
 DEFAULT_MAX_SNAPSHOT_MB = 4096  # disk a key's sandbox snapshots and checkpoints may take
 MAX_SNAPSHOT_MB_CAP = 10_000_000
+PAUSED_RETENTION_CAP = 366 * 24 * 3600.0  # seconds; the daemon's own retention caps it anyway
 # What a key may do besides using sandboxes: ``admin`` also operates the service (the
 # dashboard, metrics, other keys); ``user`` runs code and manages its own sandboxes only.
 USER = "user"
@@ -51,14 +52,15 @@ CREATE TABLE IF NOT EXISTS api_keys (
     max_concurrent_sandboxes INTEGER NOT NULL,
     rate_per_minute INTEGER NOT NULL,
     role TEXT NOT NULL DEFAULT 'user',
-    max_snapshot_mb INTEGER NOT NULL DEFAULT 4096
+    max_snapshot_mb INTEGER NOT NULL DEFAULT 4096,
+    paused_retention REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys (name)
     WHERE revoked_at IS NULL;
 """
 _COLUMNS = (
     "id, name, created_at, revoked_at, max_concurrent_sandboxes, rate_per_minute, role, "
-    "max_snapshot_mb"
+    "max_snapshot_mb, paused_retention"
 )
 
 
@@ -70,14 +72,30 @@ def _check_limit(option: str, value: object, high: int, unit: str) -> None:
         raise LimitOutOfRange(f"{option} {value} is out of range: use 1 to {high} {unit}")
 
 
+def _check_retention(value: object) -> None:
+    """Refuse a paused retention that is not a number of seconds above 0, up to the cap."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LimitOutOfRange(f"--paused-retention must be a number of seconds, got {value!r}")
+    if not 0 < value <= PAUSED_RETENTION_CAP:
+        raise LimitOutOfRange(
+            f"--paused-retention {value} is out of range: use more than 0 and at most "
+            f"{PAUSED_RETENTION_CAP:.0f} seconds"
+        )
+
+
 @dataclass(frozen=True)
 class KeyLimits:
-    """What one API key may use: sandboxes alive at once, requests per minute, and the disk
-    its sandbox snapshots and checkpoints may take (MB)."""
+    """What one API key may use: sandboxes alive at once, requests per minute, the disk its
+    sandbox snapshots and checkpoints may take (MB), and how long its paused (or lost)
+    sandboxes are kept (seconds; None: the daemon's ``--paused-retention``; the shorter of the
+    two applies)."""
 
     max_concurrent_sandboxes: int = DEFAULT_MAX_SANDBOXES
     rate_per_minute: int = DEFAULT_RATE_PER_MINUTE
     max_snapshot_mb: int = DEFAULT_MAX_SNAPSHOT_MB
+    paused_retention: float | None = None
 
     def __post_init__(self) -> None:
         _check_limit(
@@ -87,6 +105,7 @@ class KeyLimits:
             "--rate-per-minute", self.rate_per_minute, RATE_PER_MINUTE_CAP, "requests per minute"
         )
         _check_limit("--max-snapshot-mb", self.max_snapshot_mb, MAX_SNAPSHOT_MB_CAP, "MB")
+        _check_retention(self.paused_retention)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,7 @@ class ApiKey:
             "rate_per_minute": self.limits.rate_per_minute,
             "role": self.role,
             "max_snapshot_mb": self.limits.max_snapshot_mb,
+            "paused_retention": self.limits.paused_retention,
         }
 
 
@@ -170,13 +190,13 @@ def check_role(role: str) -> str:
 
 def _row_to_key(row: tuple[Any, ...]) -> ApiKey:
     """An ApiKey from a row of ``_COLUMNS``."""
-    key_id, name, created_at, revoked_at, max_sandboxes, rate, role, snapshot_mb = row
+    key_id, name, created_at, revoked_at, max_sandboxes, rate, role, snapshot_mb, retention = row
     return ApiKey(
         id=key_id,
         name=name,
         created_at=from_iso(created_at),
         revoked_at=from_iso(revoked_at) if revoked_at else None,
-        limits=KeyLimits(max_sandboxes, rate, snapshot_mb),
+        limits=KeyLimits(max_sandboxes, rate, snapshot_mb, retention),
         role=role,
     )
 
@@ -200,6 +220,15 @@ def _add_snapshot_quota_column(db: Database) -> None:
             )
 
 
+def _add_retention_column(db: Database) -> None:
+    """Give a key table made before per-key retention existed its ``paused_retention`` column
+    (NULL: the daemon's retention)."""
+    with db.write() as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(api_keys)")}
+        if "paused_retention" not in columns:
+            conn.execute("ALTER TABLE api_keys ADD COLUMN paused_retention REAL")
+
+
 class KeyStore:
     """The API keys in the fission database at ``path`` (default: ``default_db_path()``)."""
 
@@ -210,6 +239,7 @@ class KeyStore:
         self._db.ensure_schema(_SCHEMA)
         _add_role_column(self._db)
         _add_snapshot_quota_column(self._db)
+        _add_retention_column(self._db)
 
     def create(
         self, name: str, limits: KeyLimits | None = None, role: str = USER
@@ -233,8 +263,8 @@ class KeyStore:
             record = ApiKey(key_id, name, self._now(), None, limits, role)
             conn.execute(
                 "INSERT INTO api_keys (id, name, secret_sha256, created_at, revoked_at,"
-                " max_concurrent_sandboxes, rate_per_minute, role, max_snapshot_mb)"
-                " VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+                " max_concurrent_sandboxes, rate_per_minute, role, max_snapshot_mb,"
+                " paused_retention) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
                 (
                     key_id,
                     name,
@@ -244,6 +274,7 @@ class KeyStore:
                     limits.rate_per_minute,
                     role,
                     limits.max_snapshot_mb,
+                    limits.paused_retention,
                 ),
             )
         return record, f"{KEY_PREFIX}_{key_id}_{secret}"
@@ -293,11 +324,12 @@ class KeyStore:
         with self._db.write() as conn:
             conn.execute(
                 "UPDATE api_keys SET max_concurrent_sandboxes = ?, rate_per_minute = ?,"
-                " max_snapshot_mb = ? WHERE id = ?",
+                " max_snapshot_mb = ?, paused_retention = ? WHERE id = ?",
                 (
                     limits.max_concurrent_sandboxes,
                     limits.rate_per_minute,
                     limits.max_snapshot_mb,
+                    limits.paused_retention,
                     key.id,
                 ),
             )

@@ -47,6 +47,14 @@ MaxSnapshotMbOption = Annotated[
         help="Disk the key's snapshots and checkpoints may take (MB, default 4096).",
     ),
 ]
+PausedRetentionOption = Annotated[
+    float | None,
+    typer.Option(
+        "--paused-retention",
+        help="Seconds the key's paused (or lost) sandboxes are kept before they are deleted "
+        "(default: the daemon's --paused-retention; the shorter of the two applies).",
+    ),
+]
 RoleOption = Annotated[
     str,
     typer.Option(
@@ -81,7 +89,12 @@ def describe(key: ApiKey) -> str:
     return (
         f"{key.id} ({key.name}, {key.role}): up to {key.limits.max_concurrent_sandboxes} "
         f"sandboxes at once, {key.limits.rate_per_minute} requests a minute, "
-        f"{key.limits.max_snapshot_mb} MB of snapshots"
+        f"{key.limits.max_snapshot_mb} MB of snapshots, paused sandboxes kept "
+        + (
+            "as long as the daemon keeps them"
+            if key.limits.paused_retention is None
+            else f"{key.limits.paused_retention:g} s (at most)"
+        )
     )
 
 
@@ -90,9 +103,12 @@ def with_limits(
     max_sandboxes: int | None,
     rate_per_minute: int | None,
     max_snapshot_mb: int | None = None,
+    paused_retention: float | None = None,
 ) -> KeyLimits:
     """``base`` with the limits the options set (checked like any KeyLimits)."""
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}
+    if paused_retention is not None:
+        changes["paused_retention"] = paused_retention
     if max_snapshot_mb is not None:
         changes["max_snapshot_mb"] = max_snapshot_mb
     if max_sandboxes is not None:
@@ -145,6 +161,7 @@ def create_command(
     max_sandboxes: MaxSandboxesOption = None,
     rate_per_minute: RatePerMinuteOption = None,
     max_snapshot_mb: MaxSnapshotMbOption = None,
+    paused_retention: PausedRetentionOption = None,
     role: RoleOption = "user",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -155,7 +172,9 @@ def create_command(
     path = db_path(db)
     try:
         with audited(path, "keys.create", {"name": name, "role": role}) as detail:
-            limits = with_limits(KeyLimits(), max_sandboxes, rate_per_minute, max_snapshot_mb)
+            limits = with_limits(
+                KeyLimits(), max_sandboxes, rate_per_minute, max_snapshot_mb, paused_retention
+            )
             detail["limits"] = dataclasses.asdict(limits)
             with KeyStore(path) as store:
                 record, plaintext = store.create(name, limits, role)
@@ -262,17 +281,17 @@ def limits_command(
         int | None, typer.Option("--rate-per-minute", help="New limit of requests a minute.")
     ] = None,
     max_snapshot_mb: MaxSnapshotMbOption = None,
+    paused_retention: PausedRetentionOption = None,
     db: DbOption = None,
 ) -> None:
     """Show a key's limits, or change them with the options (from its next request)."""
     try:
         with open_existing(db) as store:
             key = store.get(id_or_name)
-            if any(v is not None for v in (max_sandboxes, rate_per_minute, max_snapshot_mb)):
+            options = (max_sandboxes, rate_per_minute, max_snapshot_mb, paused_retention)
+            if any(v is not None for v in options):
                 with audited(store.path, "keys.limits", {"key": key.id}) as detail:
-                    limits = with_limits(
-                        key.limits, max_sandboxes, rate_per_minute, max_snapshot_mb
-                    )
+                    limits = with_limits(key.limits, *options)
                     detail["limits"] = dataclasses.asdict(limits)
                     key = store.set_limits(key.id, limits)
     except FissionError as exc:

@@ -29,7 +29,8 @@ from fission.net.egress import PROXY_PORT
 
 if TYPE_CHECKING:
     from fission.core.machines import Machine
-    from fission.core.sandboxes import ManagedSandbox, SandboxManager
+    from fission.core.managed_sandbox import ManagedSandbox
+    from fission.core.sandboxes import SandboxManager
 
 MAX_STREAMS = 32  # port and terminal streams open into one sandbox at once
 MAX_TOKENS = 16  # tokens per exposed port

@@ -6,17 +6,21 @@ ended while no daemon managed it (or its agent no longer answers), it becomes ``
 reason; a paused one is loaded again if its saved state and disk are still there, else
 ``lost``; a lost one stays listed. The memory budget and the owners' quota slots are taken
 again for what was restored (a restored sandbox is never refused: the budget may run over
-until some go). A sandbox past its ttl is then expired by the manager as usual.
+until some go). A sandbox past its ttl is then expired by the manager as usual. A lost
+sandbox holds nothing (``lose``): only its record stays, ``paused_retention`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
 from pathlib import Path
 
 from fission.core.catalog import CatalogEntry, config_of, record_of
+from fission.core.managed_sandbox import ManagedSandbox
 from fission.core.sandbox_spec import SandboxState
-from fission.core.sandboxes import ManagedSandbox, SandboxManager
+from fission.core.sandboxes import SandboxManager
 from fission.errors import FissionError
 from fission.vmm.base import DISK_NAME, STATE_NAME, VMEnded
 
@@ -54,7 +58,7 @@ async def restore(manager: SandboxManager, entries: list[CatalogEntry]) -> dict[
                 reason = f"its saved state is gone ({', '.join(missing) or 'no VM config'})"
         manager._register(box)
         if reason is not None:
-            await manager.lose(box, reason)
+            await lose(manager, box, reason)
         counts[box.record.state.value] = counts.get(box.record.state.value, 0) + 1
     return counts
 
@@ -85,3 +89,34 @@ async def _reattach(
     except FissionError as exc:
         return f"its network proxy could not be set up again: {exc}"
     return None
+
+
+async def lose(manager: SandboxManager, box: ManagedSandbox, reason: str) -> None:
+    """Mark a sandbox ``lost`` (its VM or saved state is gone): what is left of its VM and
+    its directory go, its memory and quota slot are given back, its record stays."""
+    was_running = box.record.state == SandboxState.RUNNING
+    box.record.state, box.record.lost_reason = SandboxState.LOST, reason
+    box.record.expires_at = manager._clock() + await manager.retention_of(box.record.owner)
+    machine, box.machine, box.config = box.machine, None, None
+    log.warning("sandbox %s is lost: %s", box.record.id, reason)
+    try:
+        await manager._detach(box)
+        if machine is not None:
+            await machine.destroy()
+            manager._forget_vm(machine)
+    finally:
+        if was_running:
+            manager.budget.release(box.reserved_mb)
+        if box.slot is not None:
+            box.slot.release()
+            box.slot = None
+        await asyncio.to_thread(shutil.rmtree, box.directory, True)
+        manager._save(box)
+    await manager._audit(
+        box.record.owner,
+        "sandbox.lost",
+        box.record.spec,
+        reason,
+        None,
+        {"sandbox": box.record.id},
+    )

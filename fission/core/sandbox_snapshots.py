@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fission.auth.audit_log import LOCAL, outcome_of_error
 from fission.core import idle, integrity, snapshot_gc
+from fission.core.managed_sandbox import ManagedSandbox, gone
 from fission.core.sandbox_spec import SandboxRecord, SandboxState, check_metadata
 from fission.core.sandbox_vm import PAUSE_TIMEOUT
 from fission.core.snapshot_store import SnapshotRecord, SnapshotStore, check_name
@@ -41,7 +42,7 @@ from fission.errors import (
 from fission.vmm.base import DISK_NAME, STATE_NAME, Machine, VMConfig
 
 if TYPE_CHECKING:
-    from fission.core.sandboxes import ManagedSandbox, SandboxManager
+    from fission.core.sandboxes import SandboxManager
 
 log = logging.getLogger("fission.snapshots")
 MAX_FORK = 16
@@ -352,7 +353,7 @@ class SandboxSnapshots:
         """Destroy the sandbox's VM and start one from ``record`` on a fresh overlay."""
         manager = self.manager
         if box.record.state == SandboxState.DELETED:
-            raise manager._gone(box)
+            raise gone(box)
         if box.record.state == SandboxState.PAUSED:
             manager._reserve(box.reserved_mb)
         old, box.machine = box.machine, None

@@ -1,18 +1,19 @@
-"""Persistent sandboxes: create, use (runs, commands, files), pause, resume, delete, expire.
+"""Persistent sandboxes: create, use (runs, commands, files), pause, resume, delete.
 
 Every adapter (REST, gRPC, MCP, the SDK through them) calls this one manager; quotas, audit and
-lifetimes live here, not in the adapters. Each sandbox owns a VM (see ``sandbox_vm``), a
-directory with its disk, and a memory reservation in the daemon's budget while it runs.
+state changes live here, not in the adapters. Each sandbox (``managed_sandbox``) owns a VM (see
+``sandbox_vm``), a directory with its disk, and a memory reservation in the daemon's budget
+while it runs. Its neighbours: ``sandbox_files`` (file transfers), ``sandbox_lifetimes`` (ttl
+expiry, paused and lost retention, idle vCPU stops, ``on_stop``), ``sandbox_snapshots``
+(snapshot, fork, checkpoints, rewind) and ``sandbox_restore`` (re-attaching after a restart).
 
 Runs, commands and file transfers on one sandbox may overlap (the agent channel routes each
 reply to its request); pause and resume wait until none is in flight and hold new ones back.
 ``delete`` and expiry do not wait: they destroy the VM at once, so a
 run in flight ends with ``SandboxNotFound``. A run that outlives its own deadline by
 ``execution.KILL_GRACE`` means a wedged guest: that sandbox is destroyed and the run reports a
-timeout.
-A running sandbox whose ttl runs out is deleted, or paused with ``on_timeout="pause"``. A
-paused one is kept ``paused_retention`` seconds (then deleted; its ``expires_at`` says when);
-resuming restarts the ttl.
+timeout. A paused (or lost) sandbox is kept ``paused_retention`` seconds (its ``expires_at``
+says when); resuming restarts the ttl.
 
 Every change is written through to the catalog (``catalog``), in one place (``_save``; new
 sandboxes enter through ``_register``). With ``durable`` (a daemon) sandbox VMs are
@@ -20,8 +21,6 @@ sandboxes enter through ``_register``). With ``durable`` (a daemon) sandbox VMs 
 them or deletes them; a restarted daemon re-attaches (``sandbox_restore``), and a VM that
 ended meanwhile leaves its sandbox ``lost``, listed with the reason until deleted (or
 ``paused_retention`` later). Without ``durable`` (embedded runs) sandboxes end with the process.
-A running sandbox with nothing in flight for ``idle_stop_after`` seconds has its vCPUs stopped
-(``idle``: no CPU while idle); its next call wakes it first and sets its clock.
 """
 
 from __future__ import annotations
@@ -32,23 +31,31 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fission import log_context
-from fission.agent.client import AgentClient, ExecRequest, OutputSink
+from fission.agent.client import ExecRequest, OutputSink
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
-from fission.auth.quotas import ConcurrencyTracker, Slot
-from fission.core import idle, integrity, sandbox_vm, snapshots
+from fission.auth.quotas import ConcurrencyTracker
+from fission.core import idle, sandbox_files, sandbox_pause, sandbox_vm
 from fission.core.audit_events import audit_event
 from fission.core.catalog import Catalog, entry_for
 from fission.core.execution import execute
 from fission.core.journal import Journal
-from fission.core.limits import MB, Limits
-from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
+from fission.core.machines import Machine, exec_request
+from fission.core.managed_sandbox import (
+    ManagedSandbox,
+    detach,
+    gone,
+    is_gone,
+    vm_memory_mb,
+)
 from fission.core.pool import MemoryBudget
+from fission.core.sandbox_lifetimes import ON_STOP, PAUSED_RETENTION, SandboxLifetimes
 from fission.core.sandbox_ports import SandboxPorts
+from fission.core.sandbox_runs import command_argv, command_request, run_spec
 from fission.core.sandbox_snapshots import SandboxSnapshots
 from fission.core.sandbox_spec import (
     SandboxRecord,
@@ -75,106 +82,12 @@ from fission.errors import (
     InvalidInput,
     QuotaExceeded,
     SandboxNotFound,
-    SandboxNotRunning,
 )
-from fission.net.egress import Egress, attach, proxy_env
-from fission.vmm.base import DISK_NAME, STATE_NAME, Driver, VMConfig, default_driver
+from fission.net.egress import Egress, attach
+from fission.vmm.base import Driver, VMConfig, default_driver
 
 log = logging.getLogger("fission.sandboxes")
 StartVM = Callable[[Path], Awaitable[tuple[Machine, VMConfig]]]
-ON_STOP = ("keep", "pause", "delete")  # what a stopping daemon does with running sandboxes
-PAUSED_RETENTION = 7 * 24 * 3600.0  # seconds a paused (or lost) sandbox is kept
-EXPIRY_INTERVAL = 0.5
-FILE_OP_TIMEOUT = 120.0
-SHELL = "/bin/sh"
-
-
-class Gate:
-    """Many operations on a sandbox at once, or one lifecycle change (pause, resume) alone."""
-
-    def __init__(self) -> None:
-        self._condition = asyncio.Condition()
-        self._operations = 0
-        self._changing = False
-        self.quiet_since = time.monotonic()  # when the last operation ended
-        # Runs when an operation has entered, before it uses the VM (wakes a stopped one).
-        self.on_use: Callable[[], Awaitable[None]] | None = None
-
-    @contextlib.asynccontextmanager
-    async def operation(self) -> AsyncIterator[None]:
-        """Hold the sandbox in its state (running) while a run or file transfer uses it."""
-        async with self._condition:
-            await self._condition.wait_for(lambda: not self._changing)
-            self._operations += 1
-        try:
-            if self.on_use is not None:
-                await self.on_use()
-            yield
-        finally:
-            async with self._condition:
-                self._operations -= 1
-                self.quiet_since = time.monotonic()
-                self._condition.notify_all()
-
-    def quiet_for(self, now: float) -> float:
-        """Seconds since the last operation ended; 0 while one runs or the state changes."""
-        if self._operations or self._changing:
-            return 0.0
-        return now - self.quiet_since
-
-    @contextlib.asynccontextmanager
-    async def change(self) -> AsyncIterator[None]:
-        """Wait until no operation runs, then change the sandbox's state alone."""
-        async with self._condition:
-            await self._condition.wait_for(lambda: not self._changing and not self._operations)
-            self._changing = True
-        try:
-            yield
-        finally:
-            async with self._condition:
-                self._changing = False
-                self._condition.notify_all()
-
-
-@dataclass
-class ManagedSandbox:
-    """A sandbox's record and the live parts behind it."""
-
-    record: SandboxRecord
-    directory: Path
-    reserved_mb: int
-    slot: Slot | None = None
-    machine: Machine | None = None
-    config: VMConfig | None = None
-    egress: Egress | None = None
-    gate: Gate = field(default_factory=lambda: Gate())
-    idle: idle.IdleState = field(default_factory=lambda: idle.IdleState(None))
-    timing_out: bool = False  # being paused because its ttl ran out (on_timeout "pause")
-
-    @property
-    def agent(self) -> AgentClient:
-        """The agent of the running VM; SandboxNotRunning when paused or gone."""
-        if self.machine is None or self.record.state != SandboxState.RUNNING:
-            raise not_running(self.record)
-        return self.machine.agent
-
-
-def not_running(record: SandboxRecord) -> SandboxNotRunning:
-    """The error for using a sandbox that does not run, saying what to do."""
-    if record.state == SandboxState.PAUSED:
-        return SandboxNotRunning(f"sandbox {record.id} is paused: resume it first")
-    if record.state == SandboxState.LOST:
-        return SandboxNotRunning(
-            f"sandbox {record.id} is lost ({record.lost_reason}): delete it and create another"
-        )
-    return SandboxNotRunning(f"sandbox {record.id} is {record.state.value}")
-
-
-def vm_memory_mb(limits: Limits) -> int:
-    """Guest RAM a sandbox with ``limits`` reserves while it runs."""
-    if snapshots.fits(limits):
-        return snapshots.TEMPLATE_CAPACITY_MB + GUEST_OVERHEAD_MB
-    return limits.memory_mb + GUEST_OVERHEAD_MB
 
 
 class SandboxManager:
@@ -203,6 +116,8 @@ class SandboxManager:
         self.durable = durable  # sandbox VMs outlive the daemon (catalogued, re-attached)
         self.on_stop = on_stop if durable else "delete"
         self.paused_retention = paused_retention
+        # An owner's own retention (its API key's; None: the daemon's), set by the server.
+        self.retention_for: Callable[[str], float | None] | None = None
         # Called whenever a running sandbox VM is catalogued (the daemon starts its keeper).
         self.on_running: Callable[[], None] | None = None
         self.idle_stop_after = idle_stop_after  # None: never stop an idle sandbox's vCPUs
@@ -212,11 +127,11 @@ class SandboxManager:
         self.quotas = ConcurrencyTracker()
         self._clock = clock
         self._sandboxes: dict[str, ManagedSandbox] = {}
-        self._expiry: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         store = SnapshotStore(journal.sandboxes_dir.parent / "snapshots", snapshot_budget_mb)
         self.snapshots = SandboxSnapshots(self, store)  # snapshot, fork, rewind
         self.ports = SandboxPorts(self)  # exposed ports and terminals
+        self.lifetimes = SandboxLifetimes(self)  # expiry, retention, idle stops, on_stop
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task the manager keeps (and ``close`` waits for)."""
@@ -226,81 +141,12 @@ class SandboxManager:
 
     # -- lifecycle of the manager --------------------------------------------------------------
     def start(self) -> None:
-        """Begin expiring sandboxes whose ttl ran out."""
-        self._expiry = asyncio.create_task(self._expire_loop(), name="sandbox-expiry")
+        """Begin expiring sandboxes whose ttl ran out (see ``sandbox_lifetimes``)."""
+        self.lifetimes.start()
 
     async def close(self) -> None:
-        """Daemon shutdown: per ``on_stop``, leave running sandboxes running (``keep``: their
-        VMs live on, catalogued), save them to disk (``pause``), or destroy every sandbox."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        boxes = list(self._sandboxes.values())
-        if self.on_stop == "delete":
-            await asyncio.gather(
-                *(self._destroy(box, "shutdown") for box in boxes), return_exceptions=True
-            )
-        else:
-            if self.on_stop == "pause":
-                running = [b for b in boxes if b.record.state == SandboxState.RUNNING]
-                await asyncio.gather(
-                    *(self.pause(box.record.id) for box in running), return_exceptions=True
-                )
-            await asyncio.gather(*(self._let_go(box) for box in boxes), return_exceptions=True)
-        if self.catalog is not None:
-            self.catalog.close()
-
-    async def _let_go(self, box: ManagedSandbox) -> None:
-        """Stop managing a sandbox and leave its VM running (its catalog row says how to find
-        it again); its files, cgroups and uid stay as they are."""
-        self._sandboxes.pop(box.record.id, None)
-        machine, box.machine = box.machine, None
-        await self._detach(box)
-        if machine is not None:
-            await machine.agent.close()
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(EXPIRY_INTERVAL)
-            now = self._clock()
-            for box in list(self._sandboxes.values()):
-                record = box.record
-                if record.expires_at <= now and record.state == SandboxState.RUNNING:
-                    log.info(
-                        "sandbox %s expired (on_timeout %s)", record.id, record.spec.on_timeout
-                    )
-                    if record.spec.on_timeout == "pause":
-                        self._background(self._pause_quietly(box))
-                    else:
-                        log.info("sandbox %s expired", record.id)
-                        await self._destroy(box, "expired")
-                elif record.expires_at <= now:  # paused or lost: its retention has ended
-                    log.info("sandbox %s (%s) expired", record.id, record.state.value)
-                    await self._destroy(box, "retention ended")
-                elif box.machine is not None and record.state == SandboxState.RUNNING:
-                    streams = len(box.egress.tunnel.streams) if box.egress is not None else 0
-                    streams += self.ports.stream_count(record.id)
-                    quiet = 0.0 if streams else box.gate.quiet_for(time.monotonic())
-                    if box.idle.due(box.machine.vm, quiet):
-                        self._background(self._stop_idle(box))
-
-    async def _pause_quietly(self, box: ManagedSandbox) -> None:
-        """Pause a sandbox whose ttl ran out (``on_timeout="pause"``); a failure is logged (the
-        sandbox is then deleted, as a failed pause always does)."""
-        try:
-            await self.pause(box.record.id)
-        except FissionError as exc:
-            log.warning("sandbox %s: pausing at its ttl failed: %s", box.record.id, exc)
-        finally:
-            box.timing_out = False
-
-    async def _stop_idle(self, box: ManagedSandbox) -> None:
-        """Stop an idle sandbox's vCPUs unless a call came in meanwhile."""
-        async with box.gate.change():
-            if box.machine is not None and box.record.state == SandboxState.RUNNING:
-                await box.idle.stop(box.machine, time.monotonic() - box.gate.quiet_since)
+        """Daemon shutdown: what happens to each sandbox follows ``on_stop``."""
+        await self.lifetimes.close()
 
     # -- create, read, list -------------------------------------------------------------------
     async def create(
@@ -310,7 +156,7 @@ class SandboxManager:
 
         def start(directory: Path) -> Awaitable[tuple[Machine, VMConfig]]:
             return sandbox_vm.start_sandbox_vm(
-                self.driver, self._run_spec(spec), directory, detached=self.durable
+                self.driver, run_spec(spec), directory, detached=self.durable
             )
 
         return await self._create(spec, owner, max_sandboxes, start)
@@ -440,7 +286,7 @@ class SandboxManager:
     ) -> RunResult:
         """Run ``code`` in the sandbox's language; with ``context``, in a persistent kernel."""
         box = self._box(sandbox_id, owner)
-        spec = self._run_spec(box.record.spec, code, timeout, env)
+        spec = run_spec(box.record.spec, code, timeout, env)
         request = exec_request(spec)
         if context is not None or fresh_context:
             request = replace(request, context=context or "default", fresh_context=fresh_context)
@@ -462,26 +308,10 @@ class SandboxManager:
         max_snapshot_mb: int | None = None,
     ) -> RunResult:
         """Run a shell command line (a string) or an argv (a list) in the sandbox."""
-        if isinstance(command, str):
-            if not command.strip():
-                raise InvalidInput("the command is empty")
-            argv = [SHELL, "-c", command]
-        else:
-            if not command or not all(isinstance(part, str) and part for part in command):
-                raise InvalidInput("the command must be a non-empty list of non-empty strings")
-            argv = list(command)
+        argv = command_argv(command)
         box = self._box(sandbox_id, owner)
-        spec = self._run_spec(box.record.spec, " ".join(argv), timeout, env, stdin)
-        limits = spec.limits
-        request = ExecRequest(
-            argv=argv,
-            env=box.record.spec.language.env | proxy_env(spec.network) | spec.env,
-            timeout=limits.timeout,
-            memory_bytes=limits.memory_mb * MB,
-            pids_max=limits.pids,
-            output_limit=limits.output_limit_bytes,
-            cwd=cwd,
-        )
+        spec = run_spec(box.record.spec, " ".join(argv), timeout, env, stdin)
+        request = command_request(spec, argv, cwd)
         result = await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
         return await self._checkpoint(box, result, checkpoint, max_snapshot_mb)
 
@@ -517,8 +347,8 @@ class SandboxManager:
                 )
             except FissionError as exc:
                 await self._audit(box.record.owner, action, spec, outcome_of_error(exc), started)
-                if self._is_gone(box):
-                    raise self._gone(box) from exc
+                if is_gone(box):
+                    raise gone(box) from exc
                 raise
             if execution.wedged:  # the guest never answered: this VM is not to be trusted again
                 self._background(self._destroy(box, "wedged"))
@@ -539,159 +369,43 @@ class SandboxManager:
         mode: int = 0o644,
     ) -> Any:
         """Write a file in the sandbox (streamed when ``data`` is an async iterator)."""
-        box = self._box(sandbox_id, owner)
-        async with box.gate.operation():
-            return await self._file_op(
-                box, box.agent.write_file(path, data, mode=mode, timeout=FILE_OP_TIMEOUT)
-            )
+        return await sandbox_files.write_file(self._box(sandbox_id, owner), path, data, mode)
 
     async def read_file(
         self, sandbox_id: str, path: str, owner: str | None = None
     ) -> AsyncGenerator[bytes, None]:
         """The file's bytes in chunks; the sandbox stays locked until the last chunk is read."""
         box = self._box(sandbox_id, owner)
-        async with box.gate.operation():
-            try:
-                # aclosing: a reader that stops early still ends the agent's transfer cleanly
-                async with contextlib.aclosing(
-                    box.agent.read_file(path, timeout=FILE_OP_TIMEOUT)
-                ) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-            except FissionError as exc:
-                if self._is_gone(box):
-                    raise self._gone(box) from exc
-                raise
+        async with contextlib.aclosing(sandbox_files.read_file(box, path)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def list_files(self, sandbox_id: str, path: str = ".", owner: str | None = None) -> Any:
         """The entries of a directory in the sandbox."""
-        box = self._box(sandbox_id, owner)
-        async with box.gate.operation():
-            return await self._file_op(box, box.agent.list_files(path, timeout=FILE_OP_TIMEOUT))
+        return await sandbox_files.list_files(self._box(sandbox_id, owner), path)
 
     async def stat_file(self, sandbox_id: str, path: str, owner: str | None = None) -> Any:
         """Facts about one path in the sandbox."""
-        box = self._box(sandbox_id, owner)
-        async with box.gate.operation():
-            return await self._file_op(box, box.agent.stat_file(path, timeout=FILE_OP_TIMEOUT))
+        return await sandbox_files.stat_file(self._box(sandbox_id, owner), path)
 
     async def make_dir(self, sandbox_id: str, path: str, owner: str | None = None) -> Any:
         """Create a directory (and its parents) in the sandbox."""
-        box = self._box(sandbox_id, owner)
-        async with box.gate.operation():
-            return await self._file_op(box, box.agent.make_dir(path, timeout=FILE_OP_TIMEOUT))
+        return await sandbox_files.make_dir(self._box(sandbox_id, owner), path)
 
     async def remove_file(
         self, sandbox_id: str, path: str, recursive: bool = False, owner: str | None = None
     ) -> None:
         """Remove a file (or a directory tree with ``recursive``) in the sandbox."""
-        box = self._box(sandbox_id, owner)
-        async with box.gate.operation():
-            await self._file_op(
-                box, box.agent.remove_file(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
-            )
-
-    async def _file_op(self, box: ManagedSandbox, operation: Any) -> Any:
-        try:
-            return await operation
-        except FissionError as exc:
-            if self._is_gone(box):
-                raise self._gone(box) from exc
-            raise
+        await sandbox_files.remove_file(self._box(sandbox_id, owner), path, recursive)
 
     # -- pause, resume, delete ------------------------------------------------------------------
     async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
         """Save the sandbox to disk and stop its VM; its memory goes back to the budget."""
-        box = self._box(sandbox_id, owner)
-        started = time.monotonic()
-        async with box.gate.change():
-            if box.record.state == SandboxState.PAUSED:
-                return box.record
-            if box.record.state == SandboxState.LOST:
-                raise not_running(box.record)
-            machine = box.machine
-            if machine is None:
-                raise self._gone(box)
-            await self._wake(box)  # the agent syncs the guest's disks before the save
-            box.machine = None
-            self._forget_vm(machine)
-            await self._detach(box)
-            try:
-                await sandbox_vm.pause_vm(machine, box.directory)
-                await asyncio.to_thread(integrity.seal, box.directory, (STATE_NAME, DISK_NAME))
-            except BaseException as exc:
-                await self._audit(
-                    box.record.owner,
-                    "sandbox.pause",
-                    box.record.spec,
-                    outcome_of_error(exc),
-                    started,
-                    {"sandbox": box.record.id},
-                )
-                await self._destroy(box, "pause failed")
-                raise
-            box.record.state = SandboxState.PAUSED
-            box.record.expires_at = self._clock() + self.paused_retention
-            self.budget.release(box.reserved_mb)
-            self._save(box)
-        await self._audit(
-            box.record.owner,
-            "sandbox.pause",
-            box.record.spec,
-            "ok",
-            started,
-            {"sandbox": box.record.id},
-        )
-        return box.record
+        return await sandbox_pause.pause(self, self._box(sandbox_id, owner))
 
     async def resume(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:
         """Start a paused sandbox again from its saved state, with its files as they were."""
-        box = self._box(sandbox_id, owner)
-        started = time.monotonic()
-        async with box.gate.change():
-            if box.record.state == SandboxState.RUNNING:
-                return box.record
-            if box.record.state == SandboxState.LOST:
-                raise not_running(box.record)
-            if box.config is None:
-                raise self._gone(box)
-            self._reserve(box.reserved_mb)
-            try:
-                # a changed or truncated file is refused before a VM starts: still paused
-                what = f"sandbox {box.record.id}'s saved state"
-                await asyncio.to_thread(integrity.verify, box.directory, None, what)
-                machine, config = await sandbox_vm.resume_vm(self.driver, box.config, box.directory)
-                try:
-                    box.egress = await self._attach(box, machine)
-                except BaseException:
-                    await machine.destroy()
-                    raise
-            except BaseException as exc:
-                self.budget.release(box.reserved_mb)
-                await self._audit(
-                    box.record.owner,
-                    "sandbox.resume",
-                    box.record.spec,
-                    outcome_of_error(exc),
-                    started,
-                    {"sandbox": box.record.id},
-                )
-                raise
-            self._journal_vm(machine)
-            box.machine, box.config = machine, config
-            box.idle = idle.IdleState(self.idle_stop_after)
-            box.record.state = SandboxState.RUNNING
-            box.record.expires_at = self._clock() + box.record.spec.ttl
-            self._save(box)
-        await self._audit(
-            box.record.owner,
-            "sandbox.resume",
-            box.record.spec,
-            "ok",
-            started,
-            {"sandbox": box.record.id},
-        )
-        return box.record
+        return await sandbox_pause.resume(self, self._box(sandbox_id, owner))
 
     async def delete(self, sandbox_id: str, owner: str | None = None) -> None:
         """Destroy the sandbox: its VM, its disk and its saved state."""
@@ -729,35 +443,18 @@ class SandboxManager:
             {"sandbox": box.record.id},
         )
 
-    async def lose(self, box: ManagedSandbox, reason: str) -> None:
-        """Mark a sandbox ``lost`` (its VM or saved state is gone): what is left of its VM and
-        its directory go, its memory and quota slot are given back, its record stays."""
-        was_running = box.record.state == SandboxState.RUNNING
-        box.record.state, box.record.lost_reason = SandboxState.LOST, reason
-        box.record.expires_at = self._clock() + self.paused_retention
-        machine, box.machine, box.config = box.machine, None, None
-        log.warning("sandbox %s is lost: %s", box.record.id, reason)
+    async def retention_of(self, owner: str | None) -> float:
+        """Seconds a paused or lost sandbox of ``owner`` is kept: the daemon's
+        ``paused_retention``, or the owner's key's if that is shorter."""
+        lookup = self.retention_for
+        if owner is None or lookup is None:
+            return self.paused_retention
         try:
-            await self._detach(box)
-            if machine is not None:
-                await machine.destroy()
-                self._forget_vm(machine)
-        finally:
-            if was_running:
-                self.budget.release(box.reserved_mb)
-            if box.slot is not None:
-                box.slot.release()
-                box.slot = None
-            await asyncio.to_thread(shutil.rmtree, box.directory, True)
-            self._save(box)
-        await self._audit(
-            box.record.owner,
-            "sandbox.lost",
-            box.record.spec,
-            reason,
-            None,
-            {"sandbox": box.record.id},
-        )
+            own = await asyncio.to_thread(lookup, owner)
+        except FissionError as exc:  # a key gone from the database: the daemon's applies
+            log.warning("the paused retention of %s is unknown: %s", owner, exc)
+            return self.paused_retention
+        return self.paused_retention if own is None else min(self.paused_retention, own)
 
     # -- the catalog -----------------------------------------------------------------------------
     def _register(self, box: ManagedSandbox) -> None:
@@ -797,8 +494,8 @@ class SandboxManager:
             try:
                 await box.idle.wake(machine)
             except FissionError as exc:
-                if self._is_gone(box):  # deleted meanwhile, as a run in flight would learn
-                    raise self._gone(box) from exc
+                if is_gone(box):  # deleted meanwhile, as a run in flight would learn
+                    raise gone(box) from exc
                 raise
 
     def _box(self, sandbox_id: str, owner: str | None) -> ManagedSandbox:
@@ -810,13 +507,6 @@ class SandboxManager:
             )
         return box
 
-    def _is_gone(self, box: ManagedSandbox) -> bool:
-        return box.record.state == SandboxState.DELETED
-
-    @staticmethod
-    def _gone(box: ManagedSandbox) -> SandboxNotFound:
-        return SandboxNotFound(f"sandbox {box.record.id} was deleted or expired")
-
     def _reserve(self, mb: int) -> None:
         if not self.budget.reserve(mb):
             raise Busy(
@@ -824,19 +514,6 @@ class SandboxManager:
                 f"use) has no room for a {mb} MB sandbox: pause or delete sandboxes, or raise "
                 "--memory-budget"
             )
-
-    @staticmethod
-    def _run_spec(
-        spec: SandboxSpec,
-        code: str = "",
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        stdin: bytes | None = None,
-    ) -> RunSpec:
-        limits = spec.limits if timeout is None else replace(spec.limits, timeout=timeout)
-        return RunSpec(
-            spec.language, code, limits, spec.env | (env or {}), stdin, network=spec.network
-        )
 
     async def _attach(self, box: ManagedSandbox, machine: Machine) -> Egress | None:
         """The sandbox's egress proxy (None without network); its decisions are audited."""
@@ -856,9 +533,7 @@ class SandboxManager:
         """Close the sandbox's egress proxy, if any, and its port and terminal streams (before
         its VM goes)."""
         await self.ports.detach(box.record.id)
-        egress, box.egress = box.egress, None
-        if egress is not None:
-            await egress.aclose()
+        await detach(box)
 
     async def _audit(
         self,

@@ -48,7 +48,8 @@ from fission.core.limits import Limits
 from fission.core.machines import GUEST_OVERHEAD_MB, Machine, exec_request
 from fission.core.pool import MemoryBudget, WarmPool
 from fission.core.provision import InstallResult, plan_install, plan_repo
-from fission.core.sandboxes import PAUSED_RETENTION, SandboxManager
+from fission.core.sandbox_lifetimes import PAUSED_RETENTION
+from fission.core.sandboxes import SandboxManager
 from fission.core.service_options import default_budget_mb
 from fission.core.spec import RunResult, RunSpec
 from fission.core.state_dirs import lock_state_dir, sweep_stale

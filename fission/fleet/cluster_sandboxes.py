@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from fission.core.managed_sandbox import not_running, vm_memory_mb
 from fission.core.sandbox_spec import SandboxRecord, SandboxSpec, SandboxState
-from fission.core.sandboxes import not_running, vm_memory_mb
 from fission.errors import (
     Busy,
     InvalidInput,
@@ -56,6 +56,10 @@ class ClusterSandboxes:
         self.service = service
         self.snapshots = ClusterSnapshots(self)
         self.ports = NoPortsInAFleet()
+        # Per-key paused retention: the front end's key store knows it, but the hosts expire
+        # their paused sandboxes themselves, by their daemon-wide --paused-retention (a fleet
+        # does not apply the per-key value yet; docs/operations.md).
+        self.retention_for: Callable[[str], float | None] | None = None
 
     def _control(self) -> Any:
         return self.service.routes().control

@@ -93,7 +93,10 @@ class SandboxInfo(BaseModel):
 
     id: str = Field(description="Pass this as sandbox_id to the other sandbox_* tools.")
     language: str = Field(description="The language sandbox_run_code runs: python, node or bash.")
-    state: str = Field(description="running, or paused (resume it before using it).")
+    state: str = Field(
+        description="running; paused (resume it before using it); or lost (its VM or saved "
+        "state is gone, see lost_reason: delete it and create another)."
+    )
     ttl: float = Field(description="Seconds the sandbox lives after creation or resume.")
     expires_at: str | None = Field(
         description="When it will be deleted (ISO 8601, UTC); null while paused: paused "
@@ -104,6 +107,9 @@ class SandboxInfo(BaseModel):
     )
     memory_mb: int = Field(description="Memory for programs in the sandbox, in MB.")
     metadata: dict[str, str] = Field(description="The labels given at creation.")
+    lost_reason: str | None = Field(
+        default=None, description="Why a lost sandbox is lost; null unless state is lost."
+    )
 
 
 def iso_time(stamp: float) -> str:
@@ -124,6 +130,7 @@ def sandbox_info(record: SandboxRecord, now: float | None = None) -> SandboxInfo
         expires_in_seconds=round(left, 1) if running else None,
         memory_mb=record.spec.limits.memory_mb,
         metadata=dict(record.spec.metadata),
+        lost_reason=record.lost_reason if record.state == SandboxState.LOST else None,
     )
 
 

@@ -46,6 +46,7 @@ from fission.errors import (
     SnapshotNotFound,
     Unauthorized,
     UnknownLanguage,
+    Unsupported,
     VMError,
     VMStartFailed,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "StreamEvent",
     "Unauthorized",
     "UnknownLanguage",
+    "Unsupported",
     "VMError",
     "VMStartFailed",
     "run",

@@ -12,6 +12,7 @@ answer carries an ``X-Request-Id`` (``server.request_ids``).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -55,7 +56,12 @@ def create_app(
     run).
     """
     gate = Gatekeeper(keys_db, service.telemetry)
+    if gate.keys is not None:  # a key may keep its paused sandboxes less long than the daemon
+        service.sandboxes.retention_for = gate.paused_retention_of
     metrics = ServiceMetrics(service)
+    # Set when the server starts to stop (the daemon's uvicorn Server sets it before waiting for
+    # open responses; the lifespan's end at the latest): live streams end at once on it.
+    stopping = asyncio.Event()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +69,7 @@ def create_app(
         try:
             yield
         finally:
+            stopping.set()
             await service.close()
             gate.close()
             if socket is not None:
@@ -71,6 +78,7 @@ def create_app(
     app = FastAPI(title="fission", version=__version__, lifespan=lifespan)
     app.state.gate = gate
     app.state.metrics = metrics
+    app.state.stopping = stopping
     app.add_middleware(RequestContext, metrics=metrics)
 
     @app.exception_handler(FissionError)
@@ -189,5 +197,6 @@ def create_app(
     app.include_router(sandbox_router(service.sandboxes))
     app.include_router(snapshot_router(service.sandboxes))
     app.include_router(ports_router(service.sandboxes))
-    app.mount("/ui", create_dashboard(service, gate))  # the operator's pages: docs/dashboard.md
+    # the operator's pages: docs/dashboard.md
+    app.mount("/ui", create_dashboard(service, gate, stopping))
     return app

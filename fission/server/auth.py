@@ -65,6 +65,12 @@ class Gatekeeper:
         self.rates = RateLimiter()
         self.telemetry = telemetry or Telemetry()
 
+    def paused_retention_of(self, owner: str) -> float | None:
+        """The paused retention of the key ``owner`` (None: the daemon's applies)."""
+        if self.keys is None:
+            return None
+        return self.keys.get(owner).limits.paused_retention
+
     async def admit(self, authorization: str | None, api_key: str | None = None) -> Caller:
         """The caller for these headers; Unauthorized or QuotaExceeded when refused."""
         if self.keys is None:

@@ -27,7 +27,7 @@ from fission.auth.db import default_db_path
 from fission.config import daemon_socket, daemon_state_dir
 from fission.core import keeper
 from fission.core.languages import resolve_language
-from fission.core.sandboxes import ON_STOP, PAUSED_RETENTION
+from fission.core.sandbox_lifetimes import ON_STOP, PAUSED_RETENTION
 from fission.core.service import Service, ServiceConfig
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.core.state_dirs import lock_state_dir
@@ -271,24 +271,29 @@ def listen_config(config: DaemonConfig, app: ASGIApp) -> Any:
     )
 
 
-def server_for(server_config: Any, watch: IdleWatch | None) -> Any:
-    """A uvicorn Server that also shuts down gracefully once ``watch`` says it is idle."""
+def server_for(
+    server_config: Any, watch: IdleWatch | None, on_stopping: Callable[[], None] | None = None
+) -> Any:
+    """A uvicorn Server that also shuts down gracefully once ``watch`` says it is idle, and
+    calls ``on_stopping`` as its shutdown begins (before it waits for open responses)."""
     import uvicorn
 
-    if watch is None:
-        return uvicorn.Server(server_config)
-    idle: IdleWatch = watch
-
-    class IdleExitServer(uvicorn.Server):
+    class DaemonServer(uvicorn.Server):
         async def on_tick(self, counter: int) -> bool:
             if await super().on_tick(counter):
                 return True
-            if counter % 10 or not idle.expired():  # ticks are 0.1 s apart: look once a second
+            # ticks are 0.1 s apart: look once a second
+            if watch is None or counter % 10 or not watch.expired():
                 return False
-            log.warning("fission daemon: idle for %g s with no sandbox: exiting", idle.idle_exit)
+            log.warning("fission daemon: idle for %g s with no sandbox: exiting", watch.idle_exit)
             return True
 
-    return IdleExitServer(server_config)
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            if on_stopping is not None:
+                on_stopping()  # live streams end now instead of holding the shutdown up
+            await super().shutdown(sockets)
+
+    return DaemonServer(server_config)
 
 
 def make_service(config: DaemonConfig) -> Service:
@@ -334,7 +339,7 @@ def serve(config: DaemonConfig) -> None:
             watch = IdleWatch(app, config.idle_exit, service.sandboxes.count)
         outer: ASGIApp = watch or app
         if config.metrics_port is None:
-            server_for(listen_config(config, outer), watch).run()
+            server_for(listen_config(config, outer), watch, app.state.stopping.set).run()
             return
         metrics_listener = metrics_socket(config.metrics_port)
         try:
@@ -342,7 +347,7 @@ def serve(config: DaemonConfig) -> None:
             server_config = listen_config(config, outer)
             # One server, two listening sockets: the API's and the metrics port.
             sockets = [server_config.bind_socket(), metrics_listener]
-            server_for(server_config, watch).run(sockets=sockets)
+            server_for(server_config, watch, app.state.stopping.set).run(sockets=sockets)
         finally:
             metrics_listener.close()
     finally:

@@ -21,7 +21,7 @@ from fission.config import cache_dir, runtime_dir
 from fission.errors import FissionError
 from fission.vmm import accel, cgroups, jail_plan, jailer
 from fission.vmm.binary import qemu_binary, qemu_version
-from fission.vmm.qemu import SANDBOX_OPTS, TCG_TB_SIZE_MB
+from fission.vmm.qemu_argv import SANDBOX_OPTS, TCG_TB_SIZE_MB
 from fission.waiting import WaitTimeout, wait_until
 
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")

@@ -47,7 +47,7 @@ from fission.vmm.base import (
     new_vm_id,
     vm_workdir,
 )
-from fission.vmm.qemu import BASE_KERNEL_ARGS
+from fission.vmm.qemu_argv import BASE_KERNEL_ARGS
 
 TEMPLATE_FORMAT = "1"
 

@@ -9,6 +9,8 @@ run whose output streams into the page runs in a real microVM. Each page's scree
 from __future__ import annotations
 
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,35 @@ def test_a_sandbox_made_through_the_sdk_appears_live_and_its_run_streams_in(
         assert box.run("print(6 * 7)").stdout.strip() == b"42"
 
 
+def test_a_snapshot_and_a_fork_are_taken_from_the_sandbox_page(
+    page: Any, daemon: TcpDaemon, user_key: str
+) -> None:
+    with Sandbox.create("python", url=daemon.url, api_key=user_key, ttl=600) as box:
+        box.run("open('/home/sandbox/mark', 'w').write('forked')")
+        page.goto(f"{daemon.url}/ui/sandboxes/{box.id}")
+        page.fill("#sandbox-snapshots input[name=name]", "from the dashboard")
+        page.click("#snapshot")
+        row = page.wait_for_selector("#snapshots tbody tr")
+        assert "from the dashboard" in row.inner_text() and "snapshot" in row.inner_text()
+        page.click("#fork")  # one fork: its page opens
+        page.wait_for_url(re.compile(r".*/ui/sandboxes/sbx_[0-9a-f]+$"))
+        clone_id = page.url.rsplit("/", 1)[1]
+        assert clone_id != box.id
+        page.wait_for_selector("#sandbox-state:has-text('running')")
+        clone = Sandbox.connect(clone_id, url=daemon.url, api_key=user_key)
+        try:
+            assert clone.run("print(open('/home/sandbox/mark').read())").stdout.strip() == b"forked"
+            page.goto(f"{daemon.url}/ui/snapshots")
+            page.wait_for_selector("section[data-owner] table.snapshots")
+            kinds = page.locator("section[data-owner] tbody td:nth-child(3)").all_inner_texts()
+            assert sorted(kinds) == ["fork", "snapshot"]
+            assert "MB quota" in page.inner_text("section[data-owner] .usage")
+            shot(page, "snapshots")
+        finally:
+            clone.delete()
+            clone.close()
+
+
 def test_a_key_is_shown_once_and_revoked(page: Any, daemon: TcpDaemon) -> None:
     page.goto(f"{daemon.url}/ui/keys")
     page.fill("#create-key input[name=name]", "bob")
@@ -241,3 +272,27 @@ def test_a_forged_cookie_and_an_unknown_sandbox_are_clear_4xx_pages(
     assert "expired or is not valid" in tab.inner_text("#error-message")
     shot(tab, "forged-cookie")
     context.close()
+
+
+def test_a_daemon_with_a_live_stream_open_stops_within_seconds() -> None:
+    """A dashboard page left open does not hold up SIGTERM (uvicorn waits for open responses:
+    the live streams end as the shutdown begins)."""
+    own = TcpDaemon()
+    own.start()
+    try:
+        client, _ = session_client(own, own.create_key("ops", "--role", "admin"))
+        try:
+            with client.stream("GET", "/ui/live/overview") as stream:
+                lines = stream.iter_lines()
+                while "event: fragment" not in next(lines):
+                    pass  # the page's first fragment: the stream is open
+                assert own.proc is not None
+                stopping_at = time.monotonic()
+                own.proc.send_signal(signal.SIGTERM)
+                own.proc.wait(timeout=30)
+                took = time.monotonic() - stopping_at
+        finally:
+            client.close()
+        assert took < 3.0, f"the daemon took {took:.1f} s to stop: {own.log()}"
+    finally:
+        own.stop()

@@ -32,7 +32,8 @@ from fission.images.store import image_set
 from fission.vmm import cgroups, jail_plan, jailer, qemu_snapshots
 from fission.vmm.base import VirtualMachine, default_driver
 from fission.vmm.binary import qemu_binary
-from fission.vmm.qemu import TCG_TB_SIZE_MB, QemuVM
+from fission.vmm.qemu import QemuVM
+from fission.vmm.qemu_argv import TCG_TB_SIZE_MB
 from fission.vmm.qemu_driver import clone_config, detect_host
 from tests.integration.conftest import fission_cli
 

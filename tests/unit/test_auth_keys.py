@@ -83,6 +83,7 @@ def test_to_json(store: KeyStore) -> None:
         "rate_per_minute": 600,
         "role": "user",
         "max_snapshot_mb": 4096,
+        "paused_retention": None,
     }
     assert body["created_at"].endswith("+00:00")
 

@@ -179,11 +179,13 @@ def test_key_management_is_audited(db: Path) -> None:
         "max_concurrent_sandboxes": 2,
         "rate_per_minute": 5,
         "max_snapshot_mb": 4096,
+        "paused_retention": None,
     }
     assert events[3]["limits"] == {
         "max_concurrent_sandboxes": 2,
         "rate_per_minute": 600,
         "max_snapshot_mb": 4096,
+        "paused_retention": None,
     }
     assert events[3]["detail"]["key"] == key_id and events[3]["detail"]["name"] == "ci"
     assert all(e["detail"]["user"] for e in events)

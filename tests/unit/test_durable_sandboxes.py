@@ -20,6 +20,7 @@ from fission.core import keeper
 from fission.core.catalog import Catalog, CatalogEntry, config_of, entry_for, record_of
 from fission.core.languages import resolve_language
 from fission.core.limits import Limits
+from fission.core.managed_sandbox import vm_memory_mb
 from fission.core.sandbox_spec import (
     NetworkPolicy,
     SandboxRecord,
@@ -28,7 +29,6 @@ from fission.core.sandbox_spec import (
     spec_from_json,
     spec_to_json,
 )
-from fission.core.sandboxes import vm_memory_mb
 from fission.core.service import Service, ServiceConfig
 from fission.errors import Busy, InvalidInput, SandboxNotFound, SandboxNotRunning
 from fission.vmm import jailer

@@ -117,7 +117,7 @@ async def test_a_pooled_vm_that_died_while_stopped_is_replaced(
 @pytest_asyncio.fixture(loop_scope="function")
 async def quick_idle(start_service: ServiceStarter, monkeypatch: pytest.MonkeyPatch) -> Service:
     """A Service whose sandboxes stop after 50 ms with nothing in flight, checked every 10 ms."""
-    monkeypatch.setattr("fission.core.sandboxes.EXPIRY_INTERVAL", 0.01)
+    monkeypatch.setattr("fission.core.sandbox_lifetimes.EXPIRY_INTERVAL", 0.01)
     return await start_service(sandbox_idle_stop=0.05)
 
 
@@ -198,7 +198,7 @@ async def test_pausing_a_stopped_sandbox_saves_it_and_resume_brings_it_back(
 async def test_a_service_can_keep_idle_sandboxes_running(
     start_service: ServiceStarter, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("fission.core.sandboxes.EXPIRY_INTERVAL", 0.01)
+    monkeypatch.setattr("fission.core.sandbox_lifetimes.EXPIRY_INTERVAL", 0.01)
     service = await start_service(sandbox_idle_stop=None)
     record = await service.sandboxes.create(SANDBOX)
     await asyncio.sleep(0.2)

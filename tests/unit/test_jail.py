@@ -12,7 +12,7 @@ from fission.vmm import cgroups, jail_plan, jailer
 from fission.vmm.base import VMConfig
 from fission.vmm.cgroups import CgroupLimits, Hierarchy, Layout
 from fission.vmm.jail_plan import HostFacts, Placement
-from fission.vmm.qemu import TCG_TB_SIZE_MB, qemu_argv
+from fission.vmm.qemu_argv import TCG_TB_SIZE_MB, qemu_argv
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 IMAGES = Path("/cache/fission/images")

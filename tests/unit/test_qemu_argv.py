@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fission.vmm.base import VMConfig
-from fission.vmm.qemu import BASE_KERNEL_ARGS, TCG_TB_SIZE_MB, qemu_argv
+from fission.vmm.qemu_argv import BASE_KERNEL_ARGS, TCG_TB_SIZE_MB, qemu_argv
 
 ACCELS = ["tcg", "kvm"]
 

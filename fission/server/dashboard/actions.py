@@ -9,6 +9,7 @@ A run streams its output as server-sent events to the page's script.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable
 from typing import Annotated, Any
@@ -195,10 +196,12 @@ async def revoke_key(request: Request, session: ChangingSession, key_id: KeyId) 
 
 @router.post("/keys/{key_id}")
 async def update_key(request: Request, session: ChangingSession, key_id: KeyId) -> Response:
-    """Change a key's limits and role."""
+    """Change a key's limits and role (the limits the form does not show stay as they are)."""
     dash = dashboard_of(request)
     form = form_of(request)
-    limits = KeyLimits(
+    current: ApiKey = await dash.with_keys(KeyStore.get, key_id)
+    limits = dataclasses.replace(
+        current.limits,
         max_concurrent_sandboxes=whole_number(form, "max_sandboxes", "max sandboxes"),
         rate_per_minute=whole_number(form, "rate_per_minute", "requests per minute"),
     )

@@ -8,6 +8,7 @@ second), so tables follow the service without reloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
@@ -31,7 +32,7 @@ from fission.server.dashboard.data import (
 from fission.server.dashboard.site import CurrentSession, Dashboard, dashboard_of
 
 router = APIRouter()
-LIVE_STREAM_SECONDS = 10.0  # then the browser reconnects; a daemon stopping waits this long
+LIVE_STREAM_SECONDS = 10.0  # then the browser reconnects (a stopping server ends it at once)
 KEY_RECHECK_TICKS = 10  # a live stream re-checks its session's key every this many looks
 SandboxId = Annotated[str, Path(max_length=100)]
 
@@ -48,7 +49,7 @@ def live_response(
         deadline = time.monotonic() + LIVE_STREAM_SECONDS
         tick = 0
         yield b"retry: 2000\n\n"
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not dash.stopping.is_set():
             session = dash.sessions.peek(session_id)
             recheck = tick % KEY_RECHECK_TICKS == 0
             if session is None or (recheck and not await still_admin(dash, session.key_id)):
@@ -63,7 +64,9 @@ def live_response(
                 yield sse("fragment", html)
                 last = html
             tick += 1
-            await asyncio.sleep(LIVE_INTERVAL)
+            # uvicorn's graceful shutdown waits for open responses: a stop ends the wait at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dash.stopping.wait(), LIVE_INTERVAL)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

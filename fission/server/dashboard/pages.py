@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fission.auth.keys import ApiKey, KeyStore
+from fission.core.sandbox_snapshots import MAX_FORK
 from fission.core.sandbox_spec import SandboxState
 from fission.errors import FissionError
 from fission.server.dashboard import views
@@ -25,6 +26,7 @@ from fission.server.dashboard.data import (
 )
 from fission.server.dashboard.sessions import COOKIE
 from fission.server.dashboard.site import PREFIX, CurrentSession, dashboard_of
+from fission.server.dashboard.snapshots import sandbox_snapshots, snapshot_summary
 
 router = APIRouter()
 MAX_FILE_VIEW = 256 * 1024
@@ -49,7 +51,9 @@ async def login_page(request: Request) -> Response:
 async def overview(request: Request, _: CurrentSession) -> HTMLResponse:
     """Memory budget, VMs by state, pools, runs per minute, errors and latency."""
     dash = dashboard_of(request)
-    return dash.page("overview.html", request, nav="overview", **await overview_data(dash))
+    data = await overview_data(dash)
+    summary = snapshot_summary(dash)
+    return dash.page("overview.html", request, nav="overview", snapshots=summary, **data)
 
 
 @router.get("/sandboxes", response_class=HTMLResponse)
@@ -99,6 +103,8 @@ async def sandbox(
         parent=parent_of(path or "."),
         files=files,
         files_error=files_error,
+        snapshots=sandbox_snapshots(dash, sandbox_id),
+        max_fork=MAX_FORK,
         **data,
     )
 

@@ -81,6 +81,8 @@ class Dashboard:
     secure_cookies: bool | None = None
     sessions: SessionStore = field(default_factory=SessionStore)
     templates: jinja2.Environment = field(default_factory=lambda: make_templates())
+    # Set when the server starts to stop: live streams end then rather than hold it up.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     _audit_reader: AuditLog | None = field(default=None, repr=False)
     overview_cache: tuple[float, Any] | None = field(default=None, repr=False)
@@ -314,16 +316,23 @@ def secure_cookies_from_env() -> bool | None:
     return None if not value else value not in ("0", "false", "no")
 
 
-def create_dashboard(service: Service, gate: Gatekeeper) -> FastAPI:
-    """The dashboard app over ``service``; mount it at ``/ui``."""
-    from fission.server.dashboard import actions, live, pages
+def create_dashboard(
+    service: Service, gate: Gatekeeper, stopping: asyncio.Event | None = None
+) -> FastAPI:
+    """The dashboard app over ``service``; mount it at ``/ui``. ``stopping``: set when the
+    server starts to stop (live streams then end at once)."""
+    from fission.server.dashboard import actions, live, pages, snapshots
 
     app = FastAPI(title="fission dashboard", version=__version__, docs_url=None, redoc_url=None)
-    app.state.dashboard = Dashboard(service, gate, secure_cookies_from_env())
+    dashboard = Dashboard(service, gate, secure_cookies_from_env())
+    if stopping is not None:
+        dashboard.stopping = stopping
+    app.state.dashboard = dashboard
     install_error_pages(app)
     app.include_router(pages.router)
     app.include_router(live.router)
     app.include_router(actions.router)
+    app.include_router(snapshots.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(SecurityHeaders)
     return app
