@@ -87,6 +87,7 @@ def one_shot_run(
     network: Mapping[str, Any] | None = None,
     uploads: Sequence[tuple[str, bytes]] = (),
     downloads: Sequence[str] = (),
+    template: str | None = None,
 ) -> Call:
     """Run ``code`` once in a fresh VM; ``limits`` holds ``timeout`` and the other limits.
 
@@ -104,6 +105,8 @@ def one_shot_run(
         body["uploads"] = files_body(uploads)
     if downloads:
         body["downloads"] = list(downloads)
+    if template is not None:
+        body["template"] = template
     return Call(
         "POST", "/v1/run", json=body, run_timeout=float(limits["timeout"]), headers=_ndjson()
     )
