@@ -86,7 +86,7 @@ def test_a_bad_template_names_the_file_and_the_problem(
 
 
 def test_a_missing_template_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="nothere.toml: cannot be read"):
+    with pytest.raises(InvalidInput, match=r"nothere\.toml: cannot be read"):
         load(tmp_path / "nothere.toml")
 
 
