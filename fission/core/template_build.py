@@ -23,6 +23,7 @@ from fission.core.languages import Language, resolve_language
 from fission.core.limits import Limits
 from fission.core.provision import (
     REGISTRY_HOSTS,
+    WORKDIR,
     install_script,
     package_env,
     shell_language,
@@ -50,7 +51,7 @@ class TemplatePlan:
     @property
     def snapshot_name(self) -> str:
         """The derived snapshot's name prefix."""
-        return f"template-{self.spec.name}"
+        return f"{derived.NAMED_PREFIX}{self.spec.name}"
 
 
 def setup_script(spec: TemplateSpec) -> str:
@@ -86,6 +87,13 @@ def plan_build(spec: TemplateSpec) -> TemplatePlan:
     digests = [f"{upload.remote}={hashlib.sha256(upload.data).hexdigest()}" for upload in uploads]
     key_parts = (FORMAT, script, spec.index_url or "", *digests)
     return TemplatePlan(spec, setup, uploads, key_parts)
+
+
+def run_env(spec: TemplateSpec) -> dict[str, str]:
+    """The environment the template's runs get: its own, and where its npm packages are
+    (``npm install`` put them in the workdir; node resolves from the script's directory)."""
+    extra = {"NODE_PATH": f"{WORKDIR}/node_modules"} if spec.language.name == "node" else {}
+    return extra | spec.env if spec.packages else dict(spec.env)
 
 
 # -- the record of built templates ---------------------------------------------------------------
@@ -130,7 +138,7 @@ def save(plan: TemplatePlan, key: str, snapshot: Path, source: Path) -> BuiltTem
     """Record ``plan``'s template as built into ``snapshot``."""
     spec = plan.spec
     built = BuiltTemplate(
-        spec.name, spec.language, key, snapshot, str(source), spec.env, spec.limits
+        spec.name, spec.language, key, snapshot, str(source), run_env(spec), spec.limits
     )
     path = templates_dir() / f"{spec.name}.json"
     tmp = path.with_suffix(".tmp")

@@ -177,6 +177,7 @@ def create_sandbox(
     allow_hosts: Sequence[str] | None = None,
     from_snapshot: str | None = None,
     on_timeout: str = "delete",
+    template: str | None = None,
 ) -> Call:
     """Create a sandbox (from a snapshot: its language, limits, memory and files)."""
     body = {
@@ -192,6 +193,8 @@ def create_sandbox(
     }
     if from_snapshot is not None:
         body["from_snapshot"] = from_snapshot
+    if template is not None:
+        body["template"] = template
     if on_timeout != "delete":  # the daemon's default; older daemons know no other
         body["on_timeout"] = on_timeout
     return Call("POST", "/v1/sandboxes", json=body)

@@ -146,6 +146,11 @@ class SandboxCreate(LimitsBody):
         description="Start from this snapshot (its language, limits, env, memory and files); "
         "ttl and metadata apply when given.",
     )
+    template: str | None = Field(
+        None,
+        description="Start from this built template (`fission template build`): its language, "
+        "files and packages, its env under this one, its limits where these are defaults.",
+    )
     on_timeout: str = Field(
         "delete", description='At the end of the ttl: "delete" the sandbox, or "pause" it.'
     )
