@@ -74,3 +74,40 @@ async def test_a_template_run_that_does_not_fit_the_snapshot_is_refused(
     spec = RunSpec(BASH, "true", Limits(cpus=2), template="unit")
     with pytest.raises(InvalidInput, match="template unit runs with the default"):
         await service.run(spec)
+
+
+async def test_the_mcp_tools_build_list_use_and_delete_a_template(
+    service: Service, tmp_path: Path
+) -> None:
+    from fission.mcp.files import HostFiles
+    from fission.mcp.tools import FissionTools
+
+    template(tmp_path)
+    tools = FissionTools(HostFiles(tmp_path))
+    tools.running = service
+    built = await tools.template_build("t.toml")
+    assert (built.template.name, built.template.language, built.cached) == ("unit", "bash", False)
+    assert [t.name for t in (await tools.template_list()).templates] == ["unit"]
+    ran = await tools.run_code("echo $MODE", template="unit")
+    assert ran.stdout == "t\n"
+    box = await tools.sandbox_create(template="unit")
+    assert box.language == "bash"
+    await tools.sandbox_delete(box.id)
+    assert (await tools.template_delete("unit")).templates == []
+
+
+async def test_the_mcp_build_refuses_files_outside_the_shared_directory(
+    service: Service, tmp_path: Path
+) -> None:
+    from fission.errors import PathNotAllowed
+    from fission.mcp.files import HostFiles
+    from fission.mcp.tools import FissionTools
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (tmp_path / "secret.txt").write_text("no")
+    (shared / "t.toml").write_text('base = "bash"\n[files]\n"/home/sandbox/s" = "../secret.txt"\n')
+    tools = FissionTools(HostFiles(shared))
+    tools.running = service
+    with pytest.raises(PathNotAllowed, match="outside"):
+        await tools.template_build("t.toml")
