@@ -478,13 +478,17 @@ class Service:
     ) -> tuple[BuiltTemplate, bool]:
         """Build the template file at ``path`` (or find it cached); (template, cached)."""
         plan = template_build.plan_build(templates.load(path, template_build.source_of))
-        image = plan.spec.language.image
+        await asyncio.to_thread(template_build.prepare_image, plan)
+        image = plan.language.image
         key = await derived.derived_key(image, *plan.key_parts, driver=self.driver)
         directory = derived.find(plan.snapshot_name, key)
         cached = directory is not None
         if directory is None:
 
-            async def set_up(machine: Machine) -> tuple[bool, RunResult]:
+            async def set_up(machine: Machine) -> tuple[bool, RunResult | None]:
+                if plan.setup is None:  # files only
+                    await push(machine.agent, plan.uploads)
+                    return True, None
                 result = await self._run_on(
                     machine, plan.setup, on_output, who, plan.uploads, action="template.build"
                 )
@@ -494,6 +498,7 @@ class Service:
                 plan.snapshot_name, key, image, set_up, driver=self.driver
             )
             if directory is None:
+                assert result is not None
                 raise template_build.setup_failed(plan, result)
         return template_build.save(plan, key, directory, path.resolve()), cached
 

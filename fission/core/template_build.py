@@ -26,13 +26,14 @@ from fission.core.provision import (
     WORKDIR,
     install_script,
     package_env,
-    shell_language,
     url_host,
 )
 from fission.core.spec import RunResult, RunSpec
 from fission.core.templates import NAME, TemplateSpec
 from fission.core.transfers import Upload
 from fission.errors import ImageBuildFailed, InvalidInput, NotFound
+from fission.images import oci
+from fission.images.store import images_dir
 from fission.net.policy import NetworkPolicy
 
 BUILD_TIMEOUT = 900.0
@@ -41,10 +42,12 @@ FORMAT = "template-1"
 
 @dataclass(frozen=True)
 class TemplatePlan:
-    """What building a template does: uploads, then one set-up script, saved if it succeeds."""
+    """What building a template does: uploads, then a set-up script (if it has one to run),
+    saved if it succeeds."""
 
     spec: TemplateSpec
-    setup: RunSpec
+    language: Language  # the spec's, on the OCI image's root disk when it has one
+    setup: RunSpec | None
     uploads: tuple[Upload, ...]
     key_parts: tuple[str, ...]  # with the language's warm template, the cache key
 
@@ -70,6 +73,9 @@ def plan_build(spec: TemplateSpec) -> TemplatePlan:
             f"template {spec.name}: Debian packages ({', '.join(spec.apt)}) are not supported "
             "yet: use pip/npm/go packages, or add them to an image recipe"
         )
+    language = spec.language
+    if spec.oci is not None:
+        language = replace(language, image=oci.image_name(language.name, spec.oci))
     uploads = tuple(Upload(guest, path.read_bytes()) for guest, path in sorted(spec.files.items()))
     hosts: list[str] = []
     if spec.packages:
@@ -81,12 +87,26 @@ def plan_build(spec: TemplateSpec) -> TemplatePlan:
     network = NetworkPolicy.allowing(hosts) if hosts else NetworkPolicy()
     env = package_env(spec.language, spec.index_url) if spec.packages else {}
     script = setup_script(spec)
-    setup = RunSpec(
-        shell_language(spec.language), script, Limits(timeout=BUILD_TIMEOUT), env, network=network
-    )
+    setup = None
+    if spec.packages or spec.start:
+        # sh, not bash: an OCI image may have no bash.
+        shell = Language(
+            f"{language.name}-setup", language.image, ("sh",), "setup.sh", env=language.env
+        )
+        setup = RunSpec(shell, script, Limits(timeout=BUILD_TIMEOUT), env, network=network)
     digests = [f"{upload.remote}={hashlib.sha256(upload.data).hexdigest()}" for upload in uploads]
     key_parts = (FORMAT, script, spec.index_url or "", *digests)
-    return TemplatePlan(spec, setup, uploads, key_parts)
+    return TemplatePlan(spec, language, setup, uploads, key_parts)
+
+
+def prepare_image(plan: TemplatePlan) -> None:
+    """Build the root disk of the template's OCI image unless cached (blocking: run it in a
+    thread)."""
+    if plan.spec.oci is not None:
+        log = images_dir() / "logs" / f"oci-{plan.spec.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        built = oci.build_oci_rootfs(plan.spec.oci, plan.spec.language.name, log)
+        assert built == plan.language.image
 
 
 def run_env(spec: TemplateSpec) -> dict[str, str]:
@@ -125,6 +145,7 @@ class BuiltTemplate:
         return {
             "name": self.name,
             "language": self.language.name,
+            "image": self.language.image,
             "key": self.key,
             "snapshot": str(self.snapshot),
             "source": self.source,
@@ -138,7 +159,7 @@ def save(plan: TemplatePlan, key: str, snapshot: Path, source: Path) -> BuiltTem
     """Record ``plan``'s template as built into ``snapshot``."""
     spec = plan.spec
     built = BuiltTemplate(
-        spec.name, spec.language, key, snapshot, str(source), run_env(spec), spec.limits
+        spec.name, plan.language, key, snapshot, str(source), run_env(spec), spec.limits
     )
     path = templates_dir() / f"{spec.name}.json"
     tmp = path.with_suffix(".tmp")
@@ -151,9 +172,10 @@ def save(plan: TemplatePlan, key: str, snapshot: Path, source: Path) -> BuiltTem
 
 
 def _from_json(data: dict[str, Any]) -> BuiltTemplate:
+    language = resolve_language(str(data["language"]))
     return BuiltTemplate(
         str(data["name"]),
-        resolve_language(str(data["language"])),
+        replace(language, image=str(data.get("image") or language.image)),
         str(data["key"]),
         Path(data["snapshot"]),
         str(data.get("source", "")),

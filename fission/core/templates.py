@@ -42,7 +42,21 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 APT_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 # Which package list each language's package manager installs.
 PACKAGE_KINDS = {"python": "pip", "node": "npm", "go": "go"}
-KEYS = {"name", "base", "apt", "pip", "npm", "go", "index_url", "start", "files", "env", "limits"}
+KEYS = {
+    "name",
+    "base",
+    "language",
+    "apt",
+    "pip",
+    "npm",
+    "go",
+    "index_url",
+    "start",
+    "files",
+    "env",
+    "limits",
+}
+OCI_PREFIX = "oci:"
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
@@ -59,6 +73,7 @@ class TemplateSpec:
     files: dict[str, Path] = field(default_factory=dict)  # guest path -> host file
     env: dict[str, str] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)  # Limits fields, checked
+    oci: Path | None = None  # an OCI image (archive or layout) as the root filesystem
 
     def default_limits(self) -> Limits:
         """The template's default limits (``Limits`` defaults for what it leaves out)."""
@@ -158,7 +173,13 @@ def _load(path: Path, lookup: Lookup, chain: tuple[Path, ...]) -> TemplateSpec:
     base_name = data.get("base")
     if not isinstance(base_name, str) or not base_name:
         raise bad(source, "base is missing: name a language (python, node, go, bash) or template")
-    base = _base(source, base_name, path, lookup, (*chain, path))
+    language_name = data.get("language")
+    if language_name is not None and not base_name.startswith(OCI_PREFIX):
+        raise bad(source, "language is for an oci: base; other bases bring their language")
+    if base_name.startswith(OCI_PREFIX):
+        base = _oci_base(source, base_name, path, language_name)
+    else:
+        base = _base(source, base_name, path, lookup, (*chain, path))
     language = base.language
     apt = _strings(source, data, "apt")
     _check_packages(source, "apt", apt, APT_PACKAGE)
@@ -187,7 +208,24 @@ def _load(path: Path, lookup: Lookup, chain: tuple[Path, ...]) -> TemplateSpec:
         files=base.files | _files(source, data, path.parent),
         env=base.env | _env(source, data),
         limits=base.limits | _limits(source, data),
+        oci=base.oci,
     )
+
+
+def _oci_base(source: str, base: str, path: Path, language: object) -> TemplateSpec:
+    """An empty template on the OCI image ``base`` names (``oci:PATH``, beside the file)."""
+    image = (path.parent / base.removeprefix(OCI_PREFIX)).resolve()
+    if not image.exists():
+        raise bad(source, f"base {base!r}: {image} does not exist (an OCI archive or layout)")
+    if language is None:
+        language = "python"
+    if not isinstance(language, str):
+        raise bad(source, "language must be a string (python, node, go or bash)")
+    try:
+        resolved = resolve_language(language)
+    except UnknownLanguage as exc:
+        raise bad(source, str(exc)) from exc
+    return TemplateSpec(base, resolved, oci=image)
 
 
 def _base(
