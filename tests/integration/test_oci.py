@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from fission.images.store import images_dir
+from fission.sdk import Sandbox
 from tests.integration.conftest import fission_cli
+from tests.integration.servers import TcpDaemon
 
 NAME = "itest-oci"
 
@@ -116,7 +118,19 @@ def test_an_oci_archive_made_here_boots_as_a_base(tmp_path: Path, debian_tree: P
         )
         run = fission_cli("run", "--no-daemon", "--template", NAME, program)
         assert run.returncode == 0, run.stderr.decode()
-        assert run.stdout.decode().splitlines() == ["from layer two", "False", "['c.txt']", "1000"]
+        expected = ["from layer two", "False", "['c.txt']", "1000"]
+        assert run.stdout.decode().splitlines() == expected
+        # A sandbox on it, through the SDK and the daemon's REST API.
+        daemon = TcpDaemon()
+        try:
+            daemon.start()
+            key = daemon.create_key("oci")
+            with Sandbox(template=NAME, url=daemon.url, api_key=key) as box:
+                result = box.run(program)
+                assert result.stdout.decode().splitlines() == expected
+                assert box.info().language == "python"
+        finally:
+            daemon.stop()
         print(f"OCI image ({archive.stat().st_size >> 20} MB) built into a base in {build_s:.1f} s")
     finally:
         fission_cli("template", "rm", NAME)
