@@ -111,3 +111,15 @@ async def test_the_mcp_build_refuses_files_outside_the_shared_directory(
     tools.running = service
     with pytest.raises(PathNotAllowed, match="outside"):
         await tools.template_build("t.toml")
+
+
+def test_grpc_and_rest_requests_carry_the_template() -> None:
+    from fission.api import fission_pb2 as pb
+    from fission.server.grpc_messages import run_spec
+    from fission.server.models import RunRequest, SandboxCreate
+
+    assert run_spec(pb.RunRequest(code="1", template="t1")).template == "t1"
+    assert run_spec(pb.RunRequest(code="1")).template is None
+    assert RunRequest(code="1", template="t1").to_spec().template == "t1"
+    assert SandboxCreate(template="t1").template == "t1"
+    assert pb.CreateSandboxRequest(template="t1").HasField("template")
