@@ -84,7 +84,7 @@ class RunEvent(_message.Message):
     def __init__(self, output: _Optional[_Union[Output, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("language", "code", "limits", "env", "stdin", "network")
+    __slots__ = ("language", "code", "limits", "env", "stdin", "network", "template")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,13 +98,15 @@ class RunRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     language: str
     code: str
     limits: Limits
     env: _containers.ScalarMap[str, str]
     stdin: bytes
     network: NetworkPolicy
-    def __init__(self, language: _Optional[str] = ..., code: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., stdin: _Optional[bytes] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ...) -> None: ...
+    template: str
+    def __init__(self, language: _Optional[str] = ..., code: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., stdin: _Optional[bytes] = ..., network: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., template: _Optional[str] = ...) -> None: ...
 
 class NetworkPolicy(_message.Message):
     __slots__ = ("enabled", "allow_hosts", "max_connections", "max_bytes")
@@ -217,7 +219,7 @@ class Sandbox(_message.Message):
     def __init__(self, id: _Optional[str] = ..., language: _Optional[str] = ..., state: _Optional[_Union[SandboxState, str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., on_timeout: _Optional[str] = ..., lost_reason: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("language", "limits", "ttl", "env", "metadata", "network", "network_policy", "from_snapshot", "on_timeout")
+    __slots__ = ("language", "limits", "ttl", "env", "metadata", "network", "network_policy", "from_snapshot", "on_timeout", "template")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +243,7 @@ class CreateSandboxRequest(_message.Message):
     NETWORK_POLICY_FIELD_NUMBER: _ClassVar[int]
     FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     language: str
     limits: Limits
     ttl: float
@@ -250,7 +253,8 @@ class CreateSandboxRequest(_message.Message):
     network_policy: NetworkPolicy
     from_snapshot: str
     on_timeout: str
-    def __init__(self, language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ttl: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., from_snapshot: _Optional[str] = ..., on_timeout: _Optional[str] = ...) -> None: ...
+    template: str
+    def __init__(self, language: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ttl: _Optional[float] = ..., env: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., network: _Optional[str] = ..., network_policy: _Optional[_Union[NetworkPolicy, _Mapping]] = ..., from_snapshot: _Optional[str] = ..., on_timeout: _Optional[str] = ..., template: _Optional[str] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
     __slots__ = ("id", "name", "kind", "sandbox_id", "language", "limits", "size_bytes", "created_at", "last_used_at")

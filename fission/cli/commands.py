@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import audit, cluster, doctor, gc, images, install, keys, mcp, run, serve
+from fission.cli import (
+    audit,
+    cluster,
+    doctor,
+    gc,
+    images,
+    install,
+    keys,
+    mcp,
+    run,
+    serve,
+    template,
+)
 
 app = typer.Typer(
     name="fission",
@@ -17,6 +29,7 @@ app.command("run", context_settings={"allow_interspersed_args": True})(run.run_c
 app.command("install")(install.install_command)
 app.command("repo")(install.repo_command)
 app.add_typer(images.app, name="images")
+app.add_typer(template.app, name="template")
 app.command("serve")(serve.serve_command)
 app.add_typer(serve.pool_app, name="pool")
 app.add_typer(cluster.app, name="cluster")

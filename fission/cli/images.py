@@ -24,7 +24,7 @@ app = typer.Typer(help="Build and list the VM images.", no_args_is_help=True)
 @app.command("build")
 def build_command(
     languages: Annotated[
-        list[str] | None, typer.Argument(help="python, node, bash or all.")
+        list[str] | None, typer.Argument(help="python, node, bash, go or all.")
     ] = None,
     snapshots: Annotated[
         bool, typer.Option(help="Also boot, warm and save each language's warm snapshot.")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -52,7 +53,7 @@ def run_command(
         str | None, typer.Argument(help="The program text.", show_default=False)
     ] = None,
     lang: Annotated[
-        str, typer.Option("--lang", "-l", help="python, node (javascript) or bash.")
+        str, typer.Option("--lang", "-l", help="python, node (javascript), go or bash.")
     ] = "python",
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="Read the program from PATH.")
@@ -92,6 +93,12 @@ def run_command(
         list[str] | None,
         typer.Option("--download", help="REMOTE:LOCAL, repeatable: copy a file out after the run."),
     ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", "-t", help="Start from this built template (its language, env, limits)."
+        ),
+    ] = None,
     no_daemon: Annotated[
         bool,
         typer.Option("--no-daemon", help="Run in this process even if a daemon is running."),
@@ -120,6 +127,8 @@ def run_command(
             stdin=sys.stdin.buffer.read() if stdin else None,
             network=network_policy(network, allow_host),
         )
+        if template is not None:  # resolved where the run happens (daemon or this process)
+            spec = replace(spec, template=template)
         uploads = tuple(parse_upload(u) for u in upload or [])
         downloads = tuple(parse_download(d) for d in download or [])
         on_output = None if as_json else LiveOutput()

@@ -10,7 +10,9 @@ overlay, so the cached disk never changes and every restore starts identical. Li
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +26,15 @@ from fission.config import cache_dir
 from fission.core import snapshots
 from fission.core.sandbox_vm import pause_vm
 from fission.images.recipes import cache_key
-from fission.vmm.base import DISK_NAME, Driver, Machine, VMConfig, VMRequest, default_driver
+from fission.vmm.base import (
+    DISK_NAME,
+    STATE_NAME,
+    Driver,
+    Machine,
+    VMConfig,
+    VMRequest,
+    default_driver,
+)
 
 T = TypeVar("T")
 Setup = Callable[[Machine], Awaitable[tuple[bool, T]]]
@@ -32,9 +42,15 @@ Setup = Callable[[Machine], Awaitable[tuple[bool, T]]]
 _restoring: Counter[Path] = Counter()
 
 
+# Named derived snapshots (templates: ``template_build``) go only when their owner removes them,
+# never to the snapshot budget: sandboxes' disks may be layered on them.
+NAMED_PREFIX = "template-"
+
+
 def in_use(directory: Path) -> bool:
-    """Whether this process is restoring the derived snapshot in ``directory``."""
-    return _restoring[directory] > 0
+    """Whether the budget must keep the derived snapshot in ``directory``: this process is
+    restoring it, or it is a template's."""
+    return _restoring[directory] > 0 or directory.name.startswith(NAMED_PREFIX)
 
 
 def derived_dir() -> Path:
@@ -115,3 +131,26 @@ async def restore(directory: Path, image: str, driver: Driver | None = None) -> 
         return await driver.start(driver.restored(config, directory, keep_writes=False))
     finally:
         _restoring[directory] -= 1
+
+
+async def restore_into(
+    source: Path, image: str, directory: Path, driver: Driver, *, detached: bool = False
+) -> tuple[Machine, VMConfig]:
+    """Start a VM from the derived snapshot in ``source`` whose writes go to a disk of its own
+    in ``directory`` (a sandbox's); the cached disk is its read-only backing file."""
+    _restoring[source] += 1
+    disk = directory / DISK_NAME
+    try:
+        clone = await driver.configure(_clone(image))
+        await asyncio.to_thread(driver.layer_disk, source / DISK_NAME, disk)
+        config = dataclasses.replace(
+            driver.restored(clone, directory, keep_writes=True),
+            incoming=source / STATE_NAME,
+            detached=detached,
+        )
+        return await driver.start(config), config
+    except BaseException:
+        disk.unlink(missing_ok=True)
+        raise
+    finally:
+        _restoring[source] -= 1

@@ -38,7 +38,17 @@ from fission.auth.audit_log import (
     outcome_of_result,
 )
 from fission.config import runtime_dir, use_runtime_dir
-from fission.core import derived, idle, keeper, orchestrator, sandbox_restore, snapshots, telemetry
+from fission.core import (
+    derived,
+    idle,
+    keeper,
+    orchestrator,
+    sandbox_restore,
+    snapshots,
+    telemetry,
+    template_build,
+    templates,
+)
 from fission.core.audit_events import audit_egress, audit_event, audit_local_egress
 from fission.core.catalog import Catalog
 from fission.core.execution import execute
@@ -54,8 +64,9 @@ from fission.core.service_options import default_budget_mb
 from fission.core.spec import RunResult, RunSpec
 from fission.core.state_dirs import lock_state_dir, sweep_stale
 from fission.core.telemetry import Telemetry, outcome_kind
+from fission.core.template_build import BuiltTemplate
 from fission.core.transfers import Upload, check_transfers, pull, push
-from fission.errors import Busy
+from fission.errors import Busy, InvalidInput
 from fission.net.egress import attach
 from fission.vmm.base import Driver, default_driver
 
@@ -236,11 +247,16 @@ class Service:
     async def acquire(self, spec: RunSpec) -> Lease:
         """A machine for ``spec``: from its pool when one fits, else started now (Busy if full)."""
         requested = time.monotonic()
+        if spec.template is not None:
+            spec = template_build.run_spec(spec.template, spec)
         language = spec.language.name
         pool = self.pools.get(language)
-        pooled = pool is not None and snapshots.fits(spec.limits)
+        pooled = pool is not None and snapshots.fits(spec.limits) and spec.template is None
         try:
-            if pool is not None and pooled:
+            if spec.template is not None:
+                lease = await self._template_lease(spec, spec.template)
+                lease.requested = requested
+            elif pool is not None and pooled:
                 machine = await pool.acquire(self.config.acquire_timeout)
                 lease = Lease(machine, lambda: pool.release(machine), requested=requested)
             else:
@@ -321,6 +337,8 @@ class Service:
         """
         started = time.monotonic()
         try:
+            if spec.template is not None:  # its language, env and default limits
+                spec = template_build.run_spec(spec.template, spec)
             check_transfers(uploads, downloads)
             if lease is None:
                 lease = await self.acquire(spec)
@@ -475,6 +493,49 @@ class Service:
         """Clone ``url`` (or, with None, use ``files`` uploaded into the workdir), then run."""
         spec = plan_repo(language, url, command, ref=ref, allow_hosts=allow_hosts, limits=limits)
         return await self.run(spec, on_output, who=who, uploads=files, action="repo")
+
+    # -- templates ---------------------------------------------------------------------------------
+    async def build_template(
+        self, path: Path, on_output: OutputSink | None = None, *, who: str = LOCAL
+    ) -> tuple[BuiltTemplate, bool]:
+        """Build the template file at ``path`` (or find it cached); (template, cached)."""
+        plan = template_build.plan_build(templates.load(path, template_build.source_of))
+        await asyncio.to_thread(template_build.prepare_image, plan)
+        image = plan.language.image
+        key = await derived.derived_key(image, *plan.key_parts, driver=self.driver)
+        directory = derived.find(plan.snapshot_name, key)
+        cached = directory is not None
+        if directory is None:
+
+            async def set_up(machine: Machine) -> tuple[bool, RunResult | None]:
+                if plan.setup is None:  # files only
+                    await push(machine.agent, plan.uploads)
+                    return True, None
+                result = await self._run_on(
+                    machine, plan.setup, on_output, who, plan.uploads, action="template.build"
+                )
+                return result.exit_code == 0, result
+
+            directory, result = await derived.build(
+                plan.snapshot_name, key, image, set_up, driver=self.driver
+            )
+            if directory is None:
+                assert result is not None
+                raise template_build.setup_failed(plan, result)
+        return template_build.save(plan, key, directory, path.resolve()), cached
+
+    async def _template_lease(self, spec: RunSpec, name: str) -> Lease:
+        """A machine restored from the template's snapshot."""
+        built = template_build.get(name)
+        if not snapshots.fits(spec.limits):
+            raise InvalidInput(
+                f"template {name} runs with the default --cpus and --disk "
+                f"and at most {snapshots.TEMPLATE_CAPACITY_MB} MB of memory"
+            )
+        image = built.language.image
+        return await self._own_machine(
+            spec, lambda: derived.restore(built.snapshot, image, driver=self.driver)
+        )
 
     # -- audit -------------------------------------------------------------------------------------
     async def _audit(

@@ -11,6 +11,7 @@ template's shape (``TEMPLATE_*``).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 from fission.agent.client import AgentClient
@@ -69,7 +70,8 @@ def warm_template(image: str) -> WarmTemplate:
 
     For Python the guest's fork server preloads the language's modules (``fission.zygote``).
     """
-    language = resolve_language(image)
+    # An OCI image's name is LANGUAGE@oci-KEY (``fission.images.oci``): warmed as its language.
+    language = replace(resolve_language(image.partition("@")[0]), image=image)
     kernel_args: tuple[str, ...] = ()
     if language.mode == "python":
         kernel_args = ("fission.zygote=" + (",".join(language.preload) or "none"),)

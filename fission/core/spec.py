@@ -35,6 +35,8 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     stdin: bytes | None = None
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # A built template's name: the run starts from its snapshot (``core.template_build``).
+    template: str | None = None
 
     def __post_init__(self) -> None:
         _check_text("the program", self.code)

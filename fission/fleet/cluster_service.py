@@ -32,7 +32,7 @@ from fission.core.provision import InstallResult
 from fission.core.spec import RunResult, RunSpec
 from fission.core.telemetry import Telemetry
 from fission.core.transfers import Upload
-from fission.errors import Busy, NotReady
+from fission.errors import Busy, NotReady, Unsupported
 from fission.fleet import placement
 from fission.fleet.cluster_sandboxes import ClusterSandboxes
 from fission.fleet.control import CONTROL_NAME, NAMESPACE, FleetControl
@@ -287,6 +287,17 @@ class ClusterService:
         options = {"index_url": index_url, "allow_hosts": tuple(allow_hosts), "limits": limits}
         args = (language, tuple(packages), command)
         return await self._stream(host.name, "install", args, options | {"who": who}, on_output)
+
+    async def build_template(
+        self, path: Path, on_output: OutputSink | None = None, *, who: str = LOCAL
+    ) -> Any:
+        """Templates are each host's own cache, built from a file on that host: a front end
+        cannot build one for the fleet (yet); it says how to build them instead."""
+        raise Unsupported(
+            f"templates are built per host: run `fission template build {path.name}` on each "
+            "host of the fleet (same file, same cached result), then runs and sandboxes may "
+            "name the template"
+        )
 
     async def repo(
         self,

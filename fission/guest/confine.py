@@ -105,6 +105,20 @@ def attach_stdio(stdin: int, stdout: int, stderr: int) -> None:
             os.close(fd)
 
 
+def add_user_site(env: dict[str, str]) -> None:
+    """Put the user's site-packages on ``sys.path`` when it appeared after this interpreter
+    started (``pip install --user`` in a template or ``fission install``): ``site`` adds it
+    only if it exists at start-up, and warm interpreters start before any install."""
+    if env.get("PYTHONNOUSERSITE") or not env.get("HOME"):
+        return
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    user_site = os.path.join(env["HOME"], ".local", "lib", version, "site-packages")
+    if user_site not in sys.path and os.path.isdir(user_site):
+        import site
+
+        site.addsitedir(user_site)
+
+
 def fresh_stdio(env: dict[str, str]) -> None:
     """Standard streams over fds 0-2 as ``python3`` would make them for this environment."""
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))

@@ -118,6 +118,7 @@ def serve(sock: socket.socket) -> None:
         except OSError as exc:
             print(f"fission: cannot enter {request['cwd']}: {exc}", file=sys.stderr)
         confine.fresh_stdio(env)
+        confine.add_user_site(env)
         cells += 1
         with open(request["path"], encoding="utf-8") as f:
             source = f.read()

@@ -50,11 +50,11 @@ from typing import Any
 
 if __package__:
     from . import confine, context
-    from .confine import exit_code_of, fresh_stdio, reseed
+    from .confine import add_user_site, exit_code_of, fresh_stdio, reseed
 else:  # run as a script inside the guest
     import confine  # type: ignore[no-redef]
     import context  # type: ignore[no-redef]
-    from confine import exit_code_of, fresh_stdio, reseed  # type: ignore[no-redef]
+    from confine import add_user_site, exit_code_of, fresh_stdio, reseed  # type: ignore[no-redef]
 
 MAX_MESSAGE = 64 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -116,6 +116,7 @@ def run_script(request: dict[str, Any], status_fd: int, times: tuple[float, ...]
     path = request["path"]
     sys.argv = [path]
     sys.path[0] = os.path.dirname(path)
+    add_user_site(env)
     code = 0
     try:
         with open(path, "rb") as f:

@@ -68,6 +68,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     "node": Recipe("node", ("python3", "nodejs", "npm"), "Node.js and npm"),
     "bash": Recipe("bash", ("python3", "bash", "coreutils"), "bash and coreutils"),
+    # ca-certificates: `fission install --lang go` fetches modules over TLS through the proxy.
+    "go": Recipe("go", ("python3", "golang-go", "ca-certificates"), "Go (Debian's golang-go)"),
 }
 
 

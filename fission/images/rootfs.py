@@ -125,9 +125,18 @@ def build_rootfs(recipe: Recipe, log: Path) -> dict[str, Any]:
     for name, data in agent_sources().items():
         (opt / name).write_bytes(data)
         (opt / name).chmod(0o644)
+    make_ext4(base, path, log, what=f"mkfs.ext4 of the {recipe.name} root disk")
+    for stale in images_dir().glob(f"rootfs-{recipe.name}-*.ext4"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return entry
+
+
+def make_ext4(tree: Path, path: Path, log: Path, *, what: str) -> None:
+    """Write the read-only root disk ``path`` holding ``tree`` (atomically: all or nothing)."""
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
-    size_mb = ext4_size_mb(tree_size(base))
+    size_mb = ext4_size_mb(tree_size(tree))
     with open(tmp, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     try:
@@ -141,18 +150,14 @@ def build_rootfs(recipe: Recipe, log: Path) -> dict[str, Any]:
                 "-m",
                 "0",
                 "-d",
-                str(base),
+                str(tree),
                 str(tmp),
             ],
             log,
             timeout=900,
-            what=f"mkfs.ext4 of the {recipe.name} root disk",
+            what=what,
         )
         tmp.chmod(0o444)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    for stale in images_dir().glob(f"rootfs-{recipe.name}-*.ext4"):
-        if stale != path:
-            stale.unlink(missing_ok=True)
-    return entry

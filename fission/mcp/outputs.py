@@ -92,7 +92,9 @@ class SandboxInfo(BaseModel):
     """A persistent sandbox."""
 
     id: str = Field(description="Pass this as sandbox_id to the other sandbox_* tools.")
-    language: str = Field(description="The language sandbox_run_code runs: python, node or bash.")
+    language: str = Field(
+        description="The language sandbox_run_code runs: python, node, bash or go."
+    )
     state: str = Field(
         description="running; paused (resume it before using it); or lost (its VM or saved "
         "state is gone, see lost_reason: delete it and create another)."

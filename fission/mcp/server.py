@@ -74,8 +74,11 @@ TOOLS: dict[str, ToolAnnotations] = {
     "sandbox_rewind": _acts(destructive=True),
     "snapshot_list": _read_only(),
     "snapshot_delete": _acts(destructive=True, idempotent=True),
+    "template_list": _read_only(),
+    "template_delete": _acts(destructive=True, idempotent=True),
 }
 HOST_FILE_TOOLS: dict[str, ToolAnnotations] = {
+    "template_build": _acts(idempotent=True),
     "sandbox_upload": _acts(destructive=True, idempotent=True),
     "sandbox_download": _acts(destructive=True, idempotent=True),
 }

@@ -15,6 +15,7 @@ from pydantic import Field
 from fission.core.languages import resolve_language
 from fission.core.limits import RANGES, Limits
 from fission.core.sandbox_spec import MAX_PAGE_SIZE, MAX_TTL, SandboxSpec
+from fission.core.sandbox_templates import create_from_template
 from fission.core.service import Service
 from fission.core.spec import RunSpec
 from fission.errors import NotReady
@@ -45,15 +46,26 @@ from fission.mcp.outputs import (
     snapshot_info,
     step_output,
 )
+from fission.mcp.template_tools import TemplateTools
 
 # Output for an LLM's context: far below the core's 10 MB default.
 OUTPUT_LIMIT_MB = 1.0
 DEFAULT_TTL = 600.0
-LanguageName = Literal["python", "node", "bash"]
+LanguageName = Literal["python", "node", "bash", "go"]
 
 Language = Annotated[
     LanguageName,
-    Field(description="python (Python 3 with numpy and pandas), node (Node.js) or bash."),
+    Field(
+        description="python (Python 3 with numpy and pandas), node (Node.js), bash or go "
+        "(a main package, compiled in the VM)."
+    ),
+]
+Template = Annotated[
+    str | None,
+    Field(
+        description="A built template's name (template_list) to start from: its language, "
+        "packages, files and env (language is then the template's)."
+    ),
 ]
 Timeout = Annotated[
     float,
@@ -106,7 +118,7 @@ def shell_program(language: LanguageName, command: str) -> str:
     )
 
 
-class FissionTools:
+class FissionTools(TemplateTools):
     """The tools of one MCP server; ``running`` is its service while the server runs."""
 
     def __init__(self, host_files: HostFiles | None = None) -> None:
@@ -133,6 +145,7 @@ class FissionTools:
         code: Annotated[str, Field(description="The program's source code.")],
         language: Language = "python",
         timeout: Timeout = 30.0,
+        template: Template = None,
     ) -> RunOutput:
         """Run a program once in a fresh, isolated microVM and return what it printed.
 
@@ -143,7 +156,7 @@ class FissionTools:
         Programs get 256 MB of memory; stdout and stderr together are capped at 1 MiB (the rest
         is dropped and truncated is true).
         """
-        spec = RunSpec(resolve_language(language), code, self._limits(timeout))
+        spec = RunSpec(resolve_language(language), code, self._limits(timeout), template=template)
         return run_output(await self.service.run(spec))
 
     async def run_command(
@@ -202,6 +215,7 @@ class FissionTools:
             Literal["delete", "pause"],
             Field(description='At the end of the ttl: "delete" the sandbox, or "pause" it.'),
         ] = "delete",
+        template: Template = None,
     ) -> SandboxInfo:
         """Create a persistent sandbox: an isolated microVM that keeps its files and state.
 
@@ -224,6 +238,9 @@ class FissionTools:
             metadata=metadata or {},
             on_timeout=on_timeout,
         )
+        if template is not None:
+            manager = self.service.sandboxes
+            return sandbox_info(await create_from_template(manager, spec, template))
         return sandbox_info(await self.service.sandboxes.create(spec))
 
     async def sandbox_run_code(

@@ -279,6 +279,7 @@ class DaemonBackend:
             network=spec.network.to_json(),
             uploads=[(upload.remote, upload.data) for upload in uploads],
             downloads=downloads,
+            template=spec.template,
         )
         return self._stream(call, on_output)[0]
 

@@ -42,6 +42,7 @@ class SandboxCore:
         network: str | Mapping[str, Any] = "none",
         allow_hosts: Sequence[str] | None = None,
         from_snapshot: str | None = None,
+        template: str | None = None,
         on_timeout: str = "delete",
         url: str | None = None,
         api_key: str | None = None,
@@ -49,12 +50,14 @@ class SandboxCore:
     ) -> None:
         """Describe a sandbox; it is created on entering a ``with`` block (or by ``create``).
 
-        ``language``: python, node or bash. ``ttl``: seconds it lives. ``timeout``: default
+        ``language``: python, node, go or bash. ``ttl``: seconds it lives. ``timeout``: default
         seconds per run or command. ``memory_mb``, ``cpus``, ``disk_mb``: its VM's size.
         ``env``: variables every run sees. ``metadata``: labels to find it by (``list``).
         ``network``: ``"none"`` (no network) or a policy object; ``allow_hosts``: ``HOST[:PORT]``
         entries the sandbox may reach through the host's egress proxy. ``from_snapshot``: a
-        snapshot id to start from (its language, limits, memory and files). ``on_timeout``:
+        snapshot id to start from (its language, limits, memory and files). ``template``: a
+        built template's name (``fission template build``) to start from: its language, env
+        and default limits, its files and packages. ``on_timeout``:
         what the end of its ttl does, ``"delete"`` it or ``"pause"`` it. ``url``: the daemon,
         ``http://HOST:PORT`` or ``unix:/PATH`` (default: ``FISSION_URL``, else the local socket).
         ``api_key``: sent as a bearer token (default: ``FISSION_API_KEY``).
@@ -73,6 +76,7 @@ class SandboxCore:
             network=network,
             allow_hosts=allow_hosts,
             from_snapshot=from_snapshot,
+            template=template,
             on_timeout=on_timeout,
         )
 

@@ -30,17 +30,20 @@ def run(
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
     allow_hosts: Sequence[str] | None = None,
+    template: str | None = None,
     url: str | None = None,
     api_key: str | None = None,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
 ) -> RunResult:
     """Run ``code`` once in a fresh microVM; a non-zero exit is a result, not an error.
 
-    ``language``: python, node or bash. ``timeout``: seconds the program may run (boot not
+    ``language``: python, node, go or bash. ``timeout``: seconds the program may run (boot not
     included). ``memory_mb``, ``cpus``: its VM's size. ``env``: its environment (the host's
     never leaks in). ``stdin``: bytes (or text) fed to it. ``on_stdout``/``on_stderr`` get each
     chunk (bytes) as it is printed. ``allow_hosts``: ``HOST[:PORT]`` entries it may reach
-    (network on, through the host's egress proxy; default: no network). Goes through the
+    (network on, through the host's egress proxy; default: no network). ``template``: a built
+    template's name (``fission template build``): the run starts from its snapshot, in its
+    language and env, with its limits where these are left at their defaults. Goes through the
     daemon at ``url`` (else ``FISSION_URL``, else the local socket); with no url and no local
     daemon, runs embedded in this process.
     """
@@ -51,6 +54,7 @@ def run(
         dict(env or {}),
         stdin.encode("utf-8") if isinstance(stdin, str) else stdin,
         NetworkPolicy.allowing(list(allow_hosts)) if allow_hosts else NetworkPolicy(),
+        template=template,
     )
 
     def sink(stream: str, chunk: bytes) -> None:

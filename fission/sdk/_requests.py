@@ -95,6 +95,7 @@ def one_shot_run(
     network: Mapping[str, Any] | None = None,
     uploads: Sequence[tuple[str, bytes]] = (),
     downloads: Sequence[str] = (),
+    template: str | None = None,
 ) -> Call:
     """Run ``code`` once in a fresh VM; ``limits`` holds ``timeout`` and the other limits.
 
@@ -112,6 +113,8 @@ def one_shot_run(
         body["uploads"] = files_body(uploads)
     if downloads:
         body["downloads"] = list(downloads)
+    if template is not None:
+        body["template"] = template
     return Call(
         "POST", "/v1/run", json=body, run_timeout=float(limits["timeout"]), headers=_ndjson()
     )
@@ -182,6 +185,7 @@ def create_sandbox(
     allow_hosts: Sequence[str] | None = None,
     from_snapshot: str | None = None,
     on_timeout: str = "delete",
+    template: str | None = None,
 ) -> Call:
     """Create a sandbox (from a snapshot: its language, limits, memory and files)."""
     body = {
@@ -197,6 +201,8 @@ def create_sandbox(
     }
     if from_snapshot is not None:
         body["from_snapshot"] = from_snapshot
+    if template is not None:
+        body["template"] = template
     if on_timeout != "delete":  # the daemon's default; older daemons know no other
         body["on_timeout"] = on_timeout
     return Call("POST", "/v1/sandboxes", json=body)

@@ -84,7 +84,13 @@ def run_spec(request: pb.RunRequest) -> RunSpec:
     stdin = optional(request, "stdin")
     network = network_policy(request.network) if request.HasField("network") else None
     return RunSpec(
-        language, request.code, limits, dict(request.env), stdin, network or NetworkPolicy()
+        language,
+        request.code,
+        limits,
+        dict(request.env),
+        stdin,
+        network or NetworkPolicy(),
+        template=optional(request, "template"),
     )
 
 

@@ -34,6 +34,7 @@ from fission.agent.client import OutputSink
 from fission.api import fission_pb2 as pb
 from fission.api import fission_pb2_grpc as pb_grpc
 from fission.auth.audit_log import LOCAL
+from fission.core.sandbox_templates import create_from_template
 from fission.core.sandboxes import SandboxManager
 from fission.core.service import Service
 from fission.core.spec import RunResult
@@ -218,6 +219,11 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
             )
             return sandbox_message(record)
         spec = sandbox_spec(request)
+        if request.HasField("template"):
+            record = await create_from_template(
+                self.manager, spec, request.template, who.owner, who.max_sandboxes
+            )
+            return sandbox_message(record)
         return sandbox_message(await self.manager.create(spec, who.owner, who.max_sandboxes))
 
     @unary

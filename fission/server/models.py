@@ -89,6 +89,11 @@ class RunRequest(LimitsBody):
         default_factory=list,
         description="guest paths read out after the run, streamed back as file lines",
     )
+    template: str | None = Field(
+        None,
+        description="a built template's name: the run starts from its snapshot, with its "
+        "language, env and the limits left at their defaults",
+    )
 
     def to_spec(self) -> RunSpec:
         """Validate into a RunSpec (raises InvalidInput subclasses)."""
@@ -101,6 +106,7 @@ class RunRequest(LimitsBody):
             self.env,
             decode_stdin(self.stdin_b64),
             network,
+            template=self.template,
         )
 
 
@@ -139,6 +145,11 @@ class SandboxCreate(LimitsBody):
         None,
         description="Start from this snapshot (its language, limits, env, memory and files); "
         "ttl and metadata apply when given.",
+    )
+    template: str | None = Field(
+        None,
+        description="Start from this built template (`fission template build`): its language, "
+        "files and packages, its env under this one, its limits where these are defaults.",
     )
     on_timeout: str = Field(
         "delete", description='At the end of the ttl: "delete" the sandbox, or "pause" it.'

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from fission.agent.client import OutputSink
 from fission.core.sandbox_spec import SandboxState
+from fission.core.sandbox_templates import create_from_template
 from fission.core.sandboxes import SandboxManager
 from fission.core.spec import RunResult
 from fission.errors import InvalidInput
@@ -65,6 +66,10 @@ def sandbox_router(manager: SandboxManager) -> APIRouter:
             ttl = body.ttl if "ttl" in body.model_fields_set else None
             record = await manager.snapshots.create_from(
                 body.from_snapshot, who.owner, who.max_sandboxes, ttl=ttl, metadata=body.metadata
+            )
+        elif body.template is not None:
+            record = await create_from_template(
+                manager, body.to_spec(), body.template, who.owner, who.max_sandboxes
             )
         else:
             record = await manager.create(body.to_spec(), who.owner, who.max_sandboxes)

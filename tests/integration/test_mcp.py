@@ -43,6 +43,13 @@ TOOLS = {
     "sandbox_resume",
     "sandbox_delete",
     "sandbox_list",
+    "sandbox_snapshot",
+    "sandbox_fork",
+    "sandbox_rewind",
+    "snapshot_list",
+    "snapshot_delete",
+    "template_list",
+    "template_delete",
 }
 CALL_DEADLINE = 120.0
 START_DEADLINE = 30.0
@@ -214,7 +221,7 @@ async def test_stdio_files_contexts_and_a_20_mb_transfer(runtime_dir: Path, tmp_
     with (tmp_path / "server.log").open("w+") as errlog:
         async with stdio_session(runtime_dir, errlog, "--allow-host-files", str(shared)) as session:
             names = {tool.name for tool in (await session.list_tools()).tools}
-            assert names == TOOLS | {"sandbox_upload", "sandbox_download"}
+            assert names == TOOLS | {"sandbox_upload", "sandbox_download", "template_build"}
             box = (await ok(session, "sandbox_create", language="python"))["id"]
 
             await ok(session, "sandbox_run_code", sandbox_id=box, code="x = 41")

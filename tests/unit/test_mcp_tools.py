@@ -56,8 +56,10 @@ SANDBOX_TOOLS = {
     "sandbox_fork",
     "sandbox_rewind",
 }
+TEMPLATE_TOOLS = {"template_list", "template_delete"}
 TOOLS = {"run_code", "run_command", "snapshot_list", "snapshot_delete"} | SANDBOX_TOOLS
-HOST_TOOLS = {"sandbox_upload", "sandbox_download"}
+TOOLS |= TEMPLATE_TOOLS
+HOST_TOOLS = {"sandbox_upload", "sandbox_download", "template_build"}
 RUN_SECONDS = 0.01234  # every run takes this long by the fake driver's clock
 
 
@@ -189,7 +191,7 @@ async def test_input_schemas(runtime: Path) -> None:
         schemas = {tool.name: tool.input_schema for tool in (await client.list_tools()).tools}
     assert schemas["run_code"]["required"] == ["code"]
     language = schemas["run_code"]["properties"]["language"]
-    assert language["enum"] == ["python", "node", "bash"] and language["default"] == "python"
+    assert language["enum"] == ["python", "node", "bash", "go"] and language["default"] == "python"
     timeout = schemas["run_code"]["properties"]["timeout"]
     assert (timeout["default"], timeout["minimum"], timeout["maximum"]) == (30.0, 0.1, 3600)
     assert schemas["run_command"]["properties"]["language"]["default"] == "bash"
