@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fission.cli import audit, doctor, gc, images, install, keys, mcp, run, serve
+from fission.cli import audit, doctor, gc, images, install, keys, mcp, run, serve, shell
 
 app = typer.Typer(
     name="fission",
@@ -16,6 +16,7 @@ app = typer.Typer(
 app.command("run", context_settings={"allow_interspersed_args": True})(run.run_command)
 app.command("install")(install.install_command)
 app.command("repo")(install.repo_command)
+app.command("shell")(shell.shell_command)
 app.add_typer(images.app, name="images")
 app.command("serve")(serve.serve_command)
 app.add_typer(serve.pool_app, name="pool")

@@ -63,6 +63,7 @@ from fission.sdk._models import (
     StreamEvent,
 )
 from fission.sdk._oneshot import run
+from fission.sdk._pty import AsyncTerminal, Terminal
 from fission.sdk._sync import Files, Sandbox
 
 sandbox = Sandbox.create
@@ -73,6 +74,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncOutputCallback",
     "AsyncSandbox",
+    "AsyncTerminal",
     "BootTimeout",
     "Busy",
     "Conflict",
@@ -106,6 +108,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFound",
     "StreamEvent",
+    "Terminal",
     "Unauthorized",
     "UnknownLanguage",
     "VMError",
