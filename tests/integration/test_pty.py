@@ -1,0 +1,196 @@
+"""Terminals on real VMs: ``fission shell`` on a real host PTY (pexpect) and ``sandbox.pty``.
+
+One keyed daemon on loopback TCP and one sandbox serve the module. ``fission shell`` runs in a
+pseudo-terminal of its own, as in a user's terminal: its output, full-screen escape sequences,
+Ctrl-C, a resize seen by ``stty size``, ``~.`` leaving with the local terminal restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import termios
+import time
+from collections.abc import Iterator
+
+import pexpect
+import pytest
+
+import fission
+from fission.errors import SandboxNotFound, Unauthorized
+from fission.sdk import Terminal
+from fission.sdk._connection import Connection, resolve_connection
+from tests.integration.conftest import FISSION
+from tests.integration.servers import TcpDaemon
+
+pytestmark = pytest.mark.vm
+
+PROMPT = re.compile(rb"[$#] ")
+TIMEOUT = 60  # seconds any one answer of the shell may take on a busy TCG host
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[tuple[TcpDaemon, str, str]]:
+    server = TcpDaemon("--pool", "python=0")
+    owner = server.create_key("owner")
+    other = server.create_key("other")
+    server.start()
+    try:
+        yield server, owner, other
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def box(daemon: tuple[TcpDaemon, str, str]) -> Iterator[str]:
+    server, owner, _ = daemon
+    with server.client(owner) as client:
+        made = client.post("/v1/sandboxes", json={"language": "python", "ttl": 600})
+        assert made.status_code == 201, made.text
+        sandbox_id = str(made.json()["id"])
+        yield sandbox_id
+        client.delete(f"/v1/sandboxes/{sandbox_id}")
+
+
+def shell(server: TcpDaemon, key: str, sandbox_id: str) -> pexpect.spawn:
+    """``fission shell`` on a fresh 24x80 pseudo-terminal, at its first prompt."""
+    env = dict(os.environ, FISSION_URL=server.url, FISSION_API_KEY=key, TERM="xterm-256color")
+    child = pexpect.spawn(
+        FISSION, ["shell", sandbox_id], env=env, dimensions=(24, 80), timeout=TIMEOUT
+    )
+    child.expect(PROMPT)
+    return child
+
+
+def test_fission_shell_echo_screen_ctrl_c_resize_and_leave(
+    daemon: tuple[TcpDaemon, str, str], box: str
+) -> None:
+    server, owner, _ = daemon
+    child = shell(server, owner, box)
+    try:
+        child.sendline("echo hello-$((6 * 7))")
+        child.expect("hello-42")
+        child.expect(PROMPT)
+
+        # Full-screen output: the terminal's capabilities come from terminfo in the guest.
+        child.sendline("tput clear; tput cup 5 10; echo placed; tput cols")
+        child.expect(re.escape(b"\x1b[H\x1b[2J"))  # xterm's clear screen
+        child.expect(re.escape(b"\x1b[6;11H") + b"placed")  # cursor at row 5, column 10
+        child.expect(b"\r\n80\r\n")
+        child.expect(PROMPT)
+        child.sendline(
+            "python3 -c \"import curses; curses.wrapper(lambda s: (s.addstr(2, 3, 'curses-ok'),"
+            ' s.refresh()))"; echo curses-done'
+        )
+        child.expect(b"curses-ok")
+        child.expect(b"curses-done")
+        child.expect(PROMPT)
+
+        # Ctrl-C reaches the foreground job of the remote terminal at once.
+        child.sendline("sleep 30; echo not-interrupted")
+        time.sleep(1)
+        started = time.monotonic()
+        child.sendcontrol("c")
+        child.expect(PROMPT)
+        assert time.monotonic() - started < 15
+        assert b"\nnot-interrupted" not in child.before  # echoed as typed, never printed
+        child.sendline("echo status-$?")
+        child.expect(b"status-130")
+        child.expect(PROMPT)
+
+        # A window size change reaches the shell (SIGWINCH -> resize -> TIOCSWINSZ).
+        child.setwinsize(40, 120)
+        time.sleep(1)
+        child.sendline("stty size")
+        child.expect(b"40 120")
+        child.expect(PROMPT)
+
+        # ~. at the start of a line leaves; fission exits 0 and the terminal is as it was.
+        child.send("\r~.")
+        child.expect(pexpect.EOF)
+        lflag = termios.tcgetattr(child.child_fd)[3]
+        assert lflag & termios.ICANON and lflag & termios.ECHO  # cooked again, not raw
+        child.close()
+        assert child.exitstatus == 0, child.before
+    finally:
+        child.close(force=True)
+
+
+def test_fission_shell_exits_with_the_shells_code(
+    daemon: tuple[TcpDaemon, str, str], box: str
+) -> None:
+    server, owner, _ = daemon
+    child = shell(server, owner, box)
+    try:
+        child.sendline("exit 7")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 7
+    finally:
+        child.close(force=True)
+
+
+def test_sdk_terminal_sync_and_async(daemon: tuple[TcpDaemon, str, str], box: str) -> None:
+    server, owner, _ = daemon
+    sandbox = fission.Sandbox.connect(box, url=server.url, api_key=owner)
+    with sandbox.pty(cols=100, rows=30) as term:
+        term.send(b"stty size; echo sdk-$((2 + 3))\n")
+        assert b"30 100" in read_until(term, b"sdk-5")
+        term.resize(90, 20)
+        term.send("stty size\n")
+        read_until(term, b"20 90")
+        term.send("exit 3\n")
+        assert term.wait(timeout=TIMEOUT) == 3
+        assert term.exit_code == 3
+    sandbox.close()
+
+    async def drive() -> int | None:
+        remote = await fission.AsyncSandbox.connect(box, url=server.url, api_key=owner)
+        try:
+            async with await remote.pty() as term:
+                await term.send(b"echo async-ok; exit 4\n")
+                seen = b""
+                while b"async-ok" not in seen:
+                    chunk = await term.read(timeout=TIMEOUT)
+                    assert chunk, seen
+                    seen += chunk
+                return await term.wait(timeout=TIMEOUT)
+        finally:
+            await remote.close()
+
+    assert asyncio.run(drive()) == 4
+
+
+def read_until(term: Terminal, marker: bytes) -> bytes:
+    """Output up to and including ``marker`` (TIMEOUT seconds at most per read)."""
+    seen = b""
+    while marker not in seen:
+        chunk = term.read(timeout=TIMEOUT)
+        assert chunk, seen
+        seen += chunk
+    return seen
+
+
+def test_refusals_another_key_no_key_and_a_deleted_sandbox(
+    daemon: tuple[TcpDaemon, str, str], box: str
+) -> None:
+    server, owner, other = daemon
+    with pytest.raises(SandboxNotFound):
+        Terminal._open(conn(server, other), box, 80, 24)
+    with pytest.raises(Unauthorized):
+        Terminal._open(conn(server, None), box, 80, 24)
+    with server.client(owner) as client:
+        made = client.post("/v1/sandboxes", json={"language": "python", "ttl": 600})
+        assert made.status_code == 201, made.text
+        doomed = made.json()["id"]
+        assert client.delete(f"/v1/sandboxes/{doomed}").status_code == 204
+    with pytest.raises(SandboxNotFound):
+        Terminal._open(conn(server, owner), doomed, 80, 24)
+
+
+def conn(server: TcpDaemon, key: str | None) -> Connection:
+
+    if key is None:
+        return resolve_connection(server.url, api_key="")
+    return resolve_connection(server.url, api_key=key)
