@@ -106,7 +106,8 @@ class Terminal(_TerminalState):
                 ws = connect(uri, additional_headers=conn.headers, max_size=None)
         except OSError as exc:
             raise FissionError(f"cannot open a terminal at {conn.where}: {exc}") from exc
-        terminal = cls(conn, ws)
+        # Entered as a context manager here (websockets 17 warns otherwise); ``close`` leaves it.
+        terminal = cls(conn, ws.__enter__())
         terminal._pending = terminal._first_refusal()
         return terminal
 
