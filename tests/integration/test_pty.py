@@ -14,15 +14,18 @@ import termios
 import time
 from collections.abc import Iterator
 
+import grpc
 import pexpect
 import pytest
 
 import fission
+from fission.api import fission_pb2 as pb
+from fission.api import fission_pb2_grpc as pb_grpc
 from fission.errors import SandboxNotFound, Unauthorized
 from fission.sdk import Terminal
 from fission.sdk._connection import Connection, resolve_connection
 from tests.integration.conftest import FISSION
-from tests.integration.servers import TcpDaemon
+from tests.integration.servers import TcpDaemon, free_port
 
 pytestmark = pytest.mark.vm
 
@@ -32,7 +35,7 @@ TIMEOUT = 60  # seconds any one answer of the shell may take on a busy TCG host
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[tuple[TcpDaemon, str, str]]:
-    server = TcpDaemon("--pool", "python=0")
+    server = TcpDaemon("--pool", "python=0", "--grpc-port", str(free_port()))
     owner = server.create_key("owner")
     other = server.create_key("other")
     server.start()
@@ -194,3 +197,60 @@ def conn(server: TcpDaemon, key: str | None) -> Connection:
     if key is None:
         return resolve_connection(server.url, api_key="")
     return resolve_connection(server.url, api_key=key)
+
+
+def grpc_ports(server: TcpDaemon) -> tuple[grpc.Channel, pb_grpc.PortsStub]:
+    """A channel to the daemon's gRPC port and the Ports service on it."""
+    port = server.args[server.args.index("--grpc-port") + 1]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, pb_grpc.PortsStub(channel)
+
+
+def test_grpc_pty_and_ports(daemon: tuple[TcpDaemon, str, str], box: str) -> None:
+    server, owner, other = daemon
+    channel, ports = grpc_ports(server)
+    keyed = (("authorization", f"Bearer {owner}"),)
+    with channel:
+
+        def inputs() -> Iterator[pb.PtyInput]:
+            yield pb.PtyInput(start=pb.PtyStart(sandbox_id=box, cols=70, rows=15))
+            yield pb.PtyInput(data=b"stty size; echo grpc-$((1 + 1))\n")
+            time.sleep(3)  # the first command has run before the resize
+            yield pb.PtyInput(resize=pb.PtySize(cols=60, rows=12))
+            yield pb.PtyInput(data=b"stty size; exit 5\n")
+
+        seen, exit_code = b"", None
+        for output in ports.Pty(inputs(), metadata=keyed, timeout=TIMEOUT):
+            if output.WhichOneof("part") == "data":
+                seen += output.data
+            else:
+                exit_code = output.exit.exit_code
+        assert b"15 70" in seen and b"grpc-2" in seen and b"12 60" in seen, seen
+        assert exit_code == 5
+
+        others = (("authorization", f"Bearer {other}"),)
+        start = [pb.PtyInput(start=pb.PtyStart(sandbox_id=box))]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(ports.Pty(iter(start), metadata=others, timeout=TIMEOUT))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as nobody:
+            list(ports.Pty(iter(start), timeout=TIMEOUT))
+        assert nobody.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        exposed = ports.Expose(pb.ExposePortRequest(sandbox_id=box, port=8000), metadata=keyed)
+        assert exposed.path == f"/v1/sandboxes/{box}/ports/8000/"
+        token = ports.MintPortToken(
+            pb.MintPortTokenRequest(sandbox_id=box, port=8000), metadata=keyed
+        )
+        assert token.token.startswith("fpt_")
+        listed = ports.ListPorts(pb.ListPortsRequest(sandbox_id=box), metadata=keyed)
+        assert [(p.port, list(p.token_ids)) for p in listed.ports] == [(8000, [token.token_id])]
+        ports.RevokePortToken(
+            pb.RevokePortTokenRequest(sandbox_id=box, port=8000, token_id=token.token_id),
+            metadata=keyed,
+        )
+        ports.Unexpose(pb.UnexposePortRequest(sandbox_id=box, port=8000), metadata=keyed)
+        assert not ports.ListPorts(pb.ListPortsRequest(sandbox_id=box), metadata=keyed).ports
+        with pytest.raises(grpc.RpcError) as strange:
+            ports.Expose(pb.ExposePortRequest(sandbox_id=box, port=8000), metadata=others)
+        assert strange.value.code() == grpc.StatusCode.NOT_FOUND
