@@ -45,6 +45,7 @@ from fission.mcp.outputs import (
     snapshot_info,
     step_output,
 )
+from fission.mcp.ports import PortTools
 
 # Output for an LLM's context: far below the core's 10 MB default.
 OUTPUT_LIMIT_MB = 1.0
@@ -106,7 +107,7 @@ def shell_program(language: LanguageName, command: str) -> str:
     )
 
 
-class FissionTools:
+class FissionTools(PortTools):
     """The tools of one MCP server; ``running`` is its service while the server runs."""
 
     def __init__(self, host_files: HostFiles | None = None) -> None:
