@@ -106,7 +106,9 @@ class GuestTunnel:
             return  # a stream that ended here first; the host learns it from our CLOSE
         if frame.type == protocol.FrameType.RESIZE:
             if isinstance(stream.sock, terminal.Terminal):
-                stream.sock.resize(protocol.decode_json(frame.payload))
+                # A bad size leaves the terminal as it was; the stream goes on.
+                with contextlib.suppress(OSError, ValueError, protocol.ProtocolError):
+                    stream.sock.resize(protocol.decode_json(frame.payload))
         elif frame.type == protocol.FrameType.STREAM:
             if len(stream.outgoing) + len(frame.payload) > protocol.STREAM_WINDOW:
                 self._end(stream, reset=True)  # the host overran the window
