@@ -254,3 +254,29 @@ def test_grpc_pty_and_ports(daemon: tuple[TcpDaemon, str, str], box: str) -> Non
         with pytest.raises(grpc.RpcError) as strange:
             ports.Expose(pb.ExposePortRequest(sandbox_id=box, port=8000), metadata=others)
         assert strange.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_big_output_arrives_whole_and_terminals_are_capped(
+    daemon: tuple[TcpDaemon, str, str], box: str
+) -> None:
+    server, owner, _ = daemon
+    sandbox = fission.Sandbox.connect(box, url=server.url, api_key=owner)
+    try:
+        with sandbox.pty() as term:
+            # 2 MB through the flow-controlled stream (8 windows): nothing lost or reordered.
+            term.send(b"echo ST''ART; head -c 2000000 /dev/zero | tr '\\0' Q; echo EN''D\n")
+            seen = read_until(term, b"END")
+            body = seen[seen.index(b"START") : seen.index(b"END")]
+            assert body.count(b"Q") == 2_000_000
+        opened = [sandbox.pty() for _ in range(4)]
+        try:
+            with pytest.raises(fission.sdk.Busy):
+                sandbox.pty()
+        finally:
+            for term in opened:
+                term.close()
+        with sandbox.pty() as again:  # a closed terminal frees its place
+            again.send(b"exit\n")
+            assert again.wait(timeout=TIMEOUT) == 0
+    finally:
+        sandbox.close()
