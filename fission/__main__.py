@@ -25,7 +25,6 @@ EXTRA_OF: dict[str, str] = {
     "google": "server",
     "prometheus_client": "server",
     "jinja2": "server",
-    "websockets": "server",
     "ray": "cluster",
 }
 

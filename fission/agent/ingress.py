@@ -5,9 +5,10 @@ it never meets a guest-chosen egress id), sends CONNECT {port} or PTY {cols, row
 guest answers OPEN once the stream is up or CLOSE if it cannot be (nothing listens on the port).
 From then on the stream is a ``TunnelStream``: flow-controlled both ways by the same window and
 CREDIT frames, at most ``STREAM_WINDOW`` bytes buffered here, a guest that overruns it losing
-the stream. The guest is hostile: an OPEN, STREAM or CREDIT for a stream the host did not open
-is ignored, a bad CREDIT changes nothing. ``aclose`` ends every stream (the sandbox paused,
-stopped or was deleted), so nothing outlives the VM.
+the stream; a terminal's ends with CLOSE ``exit`` {exit_code} when its shell exits. The guest
+is hostile: an OPEN, STREAM or CREDIT for a stream the host did not open is ignored, a bad
+CREDIT changes nothing. ``aclose`` ends every stream (the sandbox paused, stopped or was
+deleted), so nothing outlives the VM.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class IngressTunnel:
                 detail = message.get("error")
                 opening.set_result(str(detail)[:MAX_DETAIL] if detail else "refused")
                 return
+            code = message.get("exit_code")
+            if message.get("how") == "exit" and type(code) is int and 0 <= code <= 255:
+                stream.exit_code = code
             stream.feed_eof(reset=message.get("how") != "eof")
         # any other type (CONNECT, PTY, RESIZE) is the host's to send: ignored
 

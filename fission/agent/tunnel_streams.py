@@ -31,6 +31,7 @@ class TunnelStream:
         self._eof = False  # the guest sends no more (it shut down its side, or is gone)
         self._reset = False  # the guest's connection is gone: nothing more can be written
         self._closed = False  # we closed
+        self.exit_code: int | None = None  # a terminal's shell exited with it (its CLOSE said)
         self._readable = asyncio.Event()
         self._credit = protocol.STREAM_WINDOW
         self._writable = asyncio.Event()

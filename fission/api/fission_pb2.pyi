@@ -554,3 +554,125 @@ class RemoveFileRequest(_message.Message):
 class RemoveFileResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ExposePortRequest(_message.Message):
+    __slots__ = ("sandbox_id", "port")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class ExposedPort(_message.Message):
+    __slots__ = ("sandbox_id", "port", "path", "token_ids", "streams")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    path: str
+    token_ids: _containers.RepeatedScalarFieldContainer[str]
+    streams: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., token_ids: _Optional[_Iterable[str]] = ..., streams: _Optional[int] = ...) -> None: ...
+
+class UnexposePortRequest(_message.Message):
+    __slots__ = ("sandbox_id", "port")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class UnexposePortResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPortsRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class ListPortsResponse(_message.Message):
+    __slots__ = ("ports",)
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ports: _containers.RepeatedCompositeFieldContainer[ExposedPort]
+    def __init__(self, ports: _Optional[_Iterable[_Union[ExposedPort, _Mapping]]] = ...) -> None: ...
+
+class MintPortTokenRequest(_message.Message):
+    __slots__ = ("sandbox_id", "port")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class PortToken(_message.Message):
+    __slots__ = ("token_id", "token", "port", "path")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    token: str
+    port: int
+    path: str
+    def __init__(self, token_id: _Optional[str] = ..., token: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class RevokePortTokenRequest(_message.Message):
+    __slots__ = ("sandbox_id", "port", "token_id")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    token_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class RevokePortTokenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PtyStart(_message.Message):
+    __slots__ = ("sandbox_id", "cols", "rows")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    cols: int
+    rows: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., cols: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class PtySize(_message.Message):
+    __slots__ = ("cols", "rows")
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    cols: int
+    rows: int
+    def __init__(self, cols: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class PtyInput(_message.Message):
+    __slots__ = ("start", "data", "resize")
+    START_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    start: PtyStart
+    data: bytes
+    resize: PtySize
+    def __init__(self, start: _Optional[_Union[PtyStart, _Mapping]] = ..., data: _Optional[bytes] = ..., resize: _Optional[_Union[PtySize, _Mapping]] = ...) -> None: ...
+
+class PtyExit(_message.Message):
+    __slots__ = ("exit_code",)
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    def __init__(self, exit_code: _Optional[int] = ...) -> None: ...
+
+class PtyOutput(_message.Message):
+    __slots__ = ("data", "exit")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    exit: PtyExit
+    def __init__(self, data: _Optional[bytes] = ..., exit: _Optional[_Union[PtyExit, _Mapping]] = ...) -> None: ...

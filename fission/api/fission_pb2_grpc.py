@@ -1152,3 +1152,310 @@ class Sandboxes:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PortsStub:
+    """---------------------------------------------------------------------------------------------
+    Exposed ports and terminals
+
+    A sandbox's exposed ports and their tokens (the proxying itself is HTTP only: a port's `path`
+    on the daemon's REST address), and shells on terminals in it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Expose = channel.unary_unary(
+                '/fission.v1.Ports/Expose',
+                request_serializer=fission_dot_api_dot_fission__pb2.ExposePortRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.ExposedPort.FromString,
+                _registered_method=True)
+        self.Unexpose = channel.unary_unary(
+                '/fission.v1.Ports/Unexpose',
+                request_serializer=fission_dot_api_dot_fission__pb2.UnexposePortRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.UnexposePortResponse.FromString,
+                _registered_method=True)
+        self.ListPorts = channel.unary_unary(
+                '/fission.v1.Ports/ListPorts',
+                request_serializer=fission_dot_api_dot_fission__pb2.ListPortsRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.ListPortsResponse.FromString,
+                _registered_method=True)
+        self.MintPortToken = channel.unary_unary(
+                '/fission.v1.Ports/MintPortToken',
+                request_serializer=fission_dot_api_dot_fission__pb2.MintPortTokenRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.PortToken.FromString,
+                _registered_method=True)
+        self.RevokePortToken = channel.unary_unary(
+                '/fission.v1.Ports/RevokePortToken',
+                request_serializer=fission_dot_api_dot_fission__pb2.RevokePortTokenRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.RevokePortTokenResponse.FromString,
+                _registered_method=True)
+        self.Pty = channel.stream_stream(
+                '/fission.v1.Ports/Pty',
+                request_serializer=fission_dot_api_dot_fission__pb2.PtyInput.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.PtyOutput.FromString,
+                _registered_method=True)
+
+
+class PortsServicer:
+    """---------------------------------------------------------------------------------------------
+    Exposed ports and terminals
+
+    A sandbox's exposed ports and their tokens (the proxying itself is HTTP only: a port's `path`
+    on the daemon's REST address), and shells on terminals in it.
+    """
+
+    def Expose(self, request, context):
+        """Make a port (1-65535) where a program in the sandbox listens reachable through the daemon.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unexpose(self, request, context):
+        """Refuse the port from now on (its tokens too) and end its open connections.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPorts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MintPortToken(self, request, context):
+        """A revocable token that opens one exposed port without the owner's key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokePortToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pty(self, request_iterator, context):
+        """A shell on a new terminal: the first message is `start`, then keystrokes (`data`) and
+        `resize`; the answer is the terminal's output (`data`), then `exit` once the shell ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PortsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Expose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Expose,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.ExposePortRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.ExposedPort.SerializeToString,
+            ),
+            'Unexpose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unexpose,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.UnexposePortRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.UnexposePortResponse.SerializeToString,
+            ),
+            'ListPorts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPorts,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.ListPortsRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.ListPortsResponse.SerializeToString,
+            ),
+            'MintPortToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.MintPortToken,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.MintPortTokenRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.PortToken.SerializeToString,
+            ),
+            'RevokePortToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokePortToken,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.RevokePortTokenRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.RevokePortTokenResponse.SerializeToString,
+            ),
+            'Pty': grpc.stream_stream_rpc_method_handler(
+                    servicer.Pty,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.PtyInput.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.PtyOutput.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fission.v1.Ports', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fission.v1.Ports', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Ports:
+    """---------------------------------------------------------------------------------------------
+    Exposed ports and terminals
+
+    A sandbox's exposed ports and their tokens (the proxying itself is HTTP only: a port's `path`
+    on the daemon's REST address), and shells on terminals in it.
+    """
+
+    @staticmethod
+    def Expose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Ports/Expose',
+            fission_dot_api_dot_fission__pb2.ExposePortRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.ExposedPort.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unexpose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Ports/Unexpose',
+            fission_dot_api_dot_fission__pb2.UnexposePortRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.UnexposePortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPorts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Ports/ListPorts',
+            fission_dot_api_dot_fission__pb2.ListPortsRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.ListPortsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MintPortToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Ports/MintPortToken',
+            fission_dot_api_dot_fission__pb2.MintPortTokenRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.PortToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokePortToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fission.v1.Ports/RevokePortToken',
+            fission_dot_api_dot_fission__pb2.RevokePortTokenRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.RevokePortTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pty(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fission.v1.Ports/Pty',
+            fission_dot_api_dot_fission__pb2.PtyInput.SerializeToString,
+            fission_dot_api_dot_fission__pb2.PtyOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -15,6 +15,7 @@ from fission.cli import (
     mcp,
     run,
     serve,
+    shell,
     template,
 )
 
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.command("run", context_settings={"allow_interspersed_args": True})(run.run_command)
 app.command("install")(install.install_command)
 app.command("repo")(install.repo_command)
+app.command("shell")(shell.shell_command)
 app.add_typer(images.app, name="images")
 app.add_typer(template.app, name="template")
 app.command("serve")(serve.serve_command)

@@ -43,12 +43,16 @@ def mcp_command(
 ) -> None:
     """Serve fission as an MCP server: tools to run code and manage sandboxes in microVMs."""
     # Imported here: the SDK is heavy, and `fission --help` should stay fast.
+    import dataclasses
+
     from fission.mcp import build_options, serve
+    from fission.server.ports_listener import ports_listener
 
     # Plain lines on stderr (stdout may be the MCP channel); set before the SDK sets its own.
     logging.basicConfig(level=logging.WARNING, format="fission mcp: %(levelname)s %(message)s")
     try:
         options = build_options(pool or [], memory_budget, allow_host_files)
+        options = dataclasses.replace(options, ports_listener=ports_listener)
         if transport == Transport.HTTP:
             where = f"[{host}]" if ":" in host else host
             typer.echo(f"fission MCP server on http://{where}:{port}/mcp", err=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fission.agent.ingress import IngressTunnel, StreamRefused
 from fission.agent.tunnel_streams import TunnelStream
 from fission.core.limits import MB
-from fission.errors import InvalidInput, PortNotExposed, PortUnreachable, Unauthorized
+from fission.errors import Busy, InvalidInput, PortNotExposed, PortUnreachable, Unauthorized
 from fission.net.egress import PROXY_PORT
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_STREAMS = 32  # port and terminal streams open into one sandbox at once
 MAX_TOKENS = 16  # tokens per exposed port
+MAX_PTYS = 4  # terminals open into one sandbox at once (each is a shell and its own cgroup)
 TOKEN_PREFIX = "fpt_"
 DEFAULT_SHELL_SIZE = (80, 24)
 
@@ -48,6 +49,14 @@ def check_port(port: object) -> int:
             "listen on another port"
         )
     return port
+
+
+def check_size(cols: object, rows: object) -> tuple[int, int]:
+    """A terminal's (cols, rows) if each is a whole number from 1 to 1000; InvalidInput if not."""
+    for name, value in (("cols", cols), ("rows", rows)):
+        if type(value) is not int or not 1 <= value <= 1000:
+            raise InvalidInput(f"{name} must be a whole number from 1 to 1000, not {value!r}")
+    return cols, rows  # type: ignore[return-value]
 
 
 def ports_path(sandbox_id: str, port: int) -> str:
@@ -92,9 +101,13 @@ def digest(secret: str) -> str:
 class SandboxPorts:
     """Exposed ports, their tokens and the open streams of one ``SandboxManager``."""
 
-    def __init__(self, manager: SandboxManager, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(
+        self, manager: SandboxManager, max_streams: int = MAX_STREAMS, max_ptys: int = MAX_PTYS
+    ) -> None:
         self.manager = manager
         self.max_streams = max_streams
+        self.max_ptys = max_ptys
+        self._ptys: dict[str, int] = {}  # terminals open per sandbox
         self._exposed: dict[str, dict[int, Exposure]] = {}
         # The ingress of each running sandbox's VM, made on first use, closed by ``detach``.
         self._ingress: dict[str, tuple[Machine, IngressTunnel]] = {}
@@ -189,11 +202,14 @@ class SandboxPorts:
         cols: int = DEFAULT_SHELL_SIZE[0],
         rows: int = DEFAULT_SHELL_SIZE[1],
     ) -> AsyncIterator[tuple[TunnelStream, IngressTunnel]]:
-        """A shell on a new terminal in the sandbox, under the sandbox's limits."""
-        for name, value in (("cols", cols), ("rows", rows)):
-            if type(value) is not int or not 1 <= value <= 1000:
-                raise InvalidInput(f"{name} must be a whole number from 1 to 1000, not {value!r}")
+        """A shell on a new terminal in the sandbox, under the sandbox's limits (at most
+        ``max_ptys`` at once); the stream's ``exit_code`` is the shell's once it ended."""
+        check_size(cols, rows)
         box = self.manager._box(sandbox_id, owner)
+        if self._ptys.get(sandbox_id, 0) >= self.max_ptys:
+            raise Busy(
+                f"sandbox {sandbox_id} has {self.max_ptys} terminals open already: close one first"
+            )
         limits, spec = box.record.spec.limits, box.record.spec
         request = {
             "cols": cols,
@@ -202,8 +218,14 @@ class SandboxPorts:
             "memory_bytes": limits.memory_mb * MB,
             "pids_max": limits.pids,
         }
-        async with self._stream(sandbox_id, lambda ingress: ingress.pty(request)) as stream:
-            yield stream, self._ingress[sandbox_id][1]
+        self._ptys[sandbox_id] = self._ptys.get(sandbox_id, 0) + 1
+        try:
+            async with self._stream(sandbox_id, lambda ingress: ingress.pty(request)) as stream:
+                yield stream, self._ingress[sandbox_id][1]
+        finally:
+            self._ptys[sandbox_id] -= 1
+            if not self._ptys[sandbox_id]:
+                del self._ptys[sandbox_id]
 
     @contextlib.asynccontextmanager
     async def _stream(self, sandbox_id: str, opener: Any) -> AsyncIterator[TunnelStream]:
@@ -215,7 +237,7 @@ class SandboxPorts:
             except StreamRefused as exc:
                 raise PortUnreachable(
                     f"nothing in sandbox {sandbox_id} accepted the stream ({exc}): start the "
-                    "program that listens on the port first"
+                    "program that listens on the port first (a terminal: see the reason)"
                 ) from exc
         try:
             yield stream

@@ -353,6 +353,8 @@ class Agent:
             execution = self.pids.get(pid)
             if execution is not None:
                 execution.set_status(status, "exit_collected")
+            else:
+                self.tunnel.child_exited(pid, status)
 
     def prepare_snapshot(self) -> bool:
         """Get a warm child of each kind waiting and flush the disks; True if they wait."""
@@ -406,6 +408,8 @@ class Agent:
             execution = self.pids.get(pid)
             if execution is not None:
                 execution.set_status(status, "exit_collected")
+            else:
+                self.tunnel.child_exited(pid, status)
 
     def remove_cgroup_later(self, cgroup: str) -> None:
         """Remove a run's cgroup once its last process is gone."""

@@ -58,6 +58,19 @@ class Terminal:
         cols, rows = check_size(message)
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
+    def try_wait(self) -> int | None:
+        """The shell's wait status if it has exited (and was not reaped elsewhere), else None."""
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        return status if pid else None
+
+    def hang_up(self) -> None:
+        """Kill what the shell's session left behind, so the terminal's last holder lets go."""
+        with contextlib.suppress(OSError):
+            confine.write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
+
     def close(self) -> None:
         """Hang the terminal up and kill every process of its session's cgroup (idempotent)."""
         if self.master < 0:
@@ -65,8 +78,7 @@ class Terminal:
         with contextlib.suppress(OSError):
             os.close(self.master)
         self.master = -1
-        with contextlib.suppress(OSError):
-            confine.write_file(os.path.join(self.cgroup, "cgroup.kill"), "1")
+        self.hang_up()
         self._remove_cgroup(self.cgroup)
 
 

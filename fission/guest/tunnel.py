@@ -12,7 +12,9 @@ more than that per stream; a peer that overruns the window loses the stream.
 The host opens streams too (ids with ``INGRESS_BIT`` set): CONNECT {port} joins a program
 listening on 127.0.0.1:port inside the guest (an exposed port), PTY starts a shell on a new
 terminal (``terminal.py``; RESIZE changes its size). The agent answers OPEN once the stream is
-up, or CLOSE ``reset`` if it cannot be; from then on it is a stream like any other.
+up, or CLOSE ``reset`` if it cannot be; from then on it is a stream like any other. When a
+terminal's shell exits, the rest of its session is killed (a hang-up), its output drains, and
+CLOSE ``exit`` {exit_code} ends the stream.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Stream:
         self.credit = protocol.STREAM_WINDOW  # bytes the host takes before its next CREDIT
         self.closing = False  # the host closed: close once ``outgoing`` is written
         self.read_done = False  # the program shut down its writing side; the host knows
+        self.exit_code: int | None = None  # a terminal's shell exited (its code)
         self.events = 0
 
 
@@ -103,7 +106,9 @@ class GuestTunnel:
             return  # a stream that ended here first; the host learns it from our CLOSE
         if frame.type == protocol.FrameType.RESIZE:
             if isinstance(stream.sock, terminal.Terminal):
-                stream.sock.resize(protocol.decode_json(frame.payload))
+                # A bad size leaves the terminal as it was; the stream goes on.
+                with contextlib.suppress(OSError, ValueError, protocol.ProtocolError):
+                    stream.sock.resize(protocol.decode_json(frame.payload))
         elif frame.type == protocol.FrameType.STREAM:
             if len(stream.outgoing) + len(frame.payload) > protocol.STREAM_WINDOW:
                 self._end(stream, reset=True)  # the host overran the window
@@ -184,6 +189,9 @@ class GuestTunnel:
             return
         except OSError:
             data = b""
+        if not data and isinstance(stream.sock, terminal.Terminal):
+            self._terminal_drained(stream)
+            return
         if not data:  # end of what the program sends; it may still read the answer
             stream.read_done = True
             self.send(protocol.FrameType.CLOSE, stream.id, protocol.dump_json({"how": "eof"}))
@@ -192,6 +200,38 @@ class GuestTunnel:
         stream.credit -= len(data)
         self.send(protocol.FrameType.STREAM, stream.id, data)
         self._watch(stream)
+
+    def child_exited(self, pid: int, status: int) -> bool:
+        """A child the agent reaped: if it is a terminal's shell, hang the terminal up (the
+        session's leftovers are killed) so its output drains; True when it was one."""
+        for stream in self.streams.values():
+            if isinstance(stream.sock, terminal.Terminal) and stream.sock.pid == pid:
+                stream.exit_code = exit_code_of(status)
+                stream.sock.hang_up()
+                if stream.read_done:
+                    self._finish_terminal(stream)
+                return True
+        return False
+
+    def _terminal_drained(self, stream: Stream) -> None:
+        """Nothing holds the terminal open any more (EIO): end the stream once the shell's
+        exit is known (the agent may not have reaped it yet)."""
+        assert isinstance(stream.sock, terminal.Terminal)
+        stream.read_done = True
+        if stream.exit_code is None:
+            status = stream.sock.try_wait()
+            if status is not None:
+                stream.exit_code = exit_code_of(status)
+        if stream.exit_code is not None:
+            self._finish_terminal(stream)
+        else:
+            self._watch(stream)
+
+    def _finish_terminal(self, stream: Stream) -> None:
+        """Tell the host the shell's exit code (CLOSE ``exit``), then forget the stream."""
+        message = {"how": "exit", "exit_code": stream.exit_code}
+        self.send(protocol.FrameType.CLOSE, stream.id, protocol.dump_json(message))
+        self._end(stream, reset=False)
 
     def _flush(self, stream: Stream) -> None:
         written = 0
@@ -252,6 +292,13 @@ class GuestTunnel:
     def state(self) -> dict[str, Any]:
         """What the tunnel holds (for tests and logs)."""
         return {"listening": self.listener is not None, "streams": len(self.streams)}
+
+
+def exit_code_of(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + the signal's number."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
 
 
 def connect_local(port: object) -> tuple[socket.socket, bool]:

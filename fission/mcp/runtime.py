@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fission.core import state_dirs
+from fission.core.sandboxes import SandboxManager
 from fission.core.service import Service, ServiceConfig, private_service
 from fission.core.service_options import default_budget_mb, parse_pool_flags
 from fission.errors import InvalidInput
@@ -23,6 +24,7 @@ log = logging.getLogger("fission.mcp")
 STATE_PREFIX = "mcp-"
 CLOSE_DEADLINE = 30.0  # seconds to destroy every VM at shutdown
 ServiceFactory = Callable[[ServiceConfig], Service]
+PortsListener = Callable[[SandboxManager, Path], contextlib.AbstractAsyncContextManager[str]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class McpOptions:
     memory_budget_mb: int | None = None  # None: half of the host's memory
     acquire_timeout: float = 10.0
     host_files: Path | None = None  # the one host directory sandbox_upload/download may use
+    # Serves exposed ports on loopback for sandbox_expose's URLs (given by `fission mcp`, which
+    # may use the server layer): (sandbox manager, state dir) -> its base URL while it runs.
+    ports_listener: PortsListener | None = None
 
 
 def build_options(

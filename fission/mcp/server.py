@@ -76,6 +76,9 @@ TOOLS: dict[str, ToolAnnotations] = {
     "snapshot_delete": _acts(destructive=True, idempotent=True),
     "template_list": _read_only(),
     "template_delete": _acts(destructive=True, idempotent=True),
+    "sandbox_expose": _acts(),
+    "sandbox_ports": _read_only(),
+    "sandbox_unexpose": _acts(destructive=True, idempotent=True),
 }
 HOST_FILE_TOOLS: dict[str, ToolAnnotations] = {
     "template_build": _acts(idempotent=True),
@@ -111,12 +114,20 @@ def build_server(
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer[Any]) -> AsyncIterator[dict[str, Any]]:
         try:
-            async with running_service(options, make_service) as service:
+            async with (
+                running_service(options, make_service) as service,
+                contextlib.AsyncExitStack() as listeners,
+            ):
+                if options.ports_listener is not None:
+                    tools.ports_url = await listeners.enter_async_context(
+                        options.ports_listener(service.sandboxes, service.config.state_dir)
+                    )
                 tools.running = service
                 try:
                     yield {}
                 finally:
                     tools.running = None
+                    tools.ports_url = None
         finally:
             if on_stop is not None:
                 on_stop()

@@ -46,6 +46,7 @@ from fission.mcp.outputs import (
     snapshot_info,
     step_output,
 )
+from fission.mcp.ports import PortTools
 from fission.mcp.template_tools import TemplateTools
 
 # Output for an LLM's context: far below the core's 10 MB default.
@@ -118,7 +119,7 @@ def shell_program(language: LanguageName, command: str) -> str:
     )
 
 
-class FissionTools(TemplateTools):
+class FissionTools(TemplateTools, PortTools):
     """The tools of one MCP server; ``running`` is its service while the server runs."""
 
     def __init__(self, host_files: HostFiles | None = None) -> None:

@@ -64,6 +64,7 @@ from fission.sdk._models import (
     StreamEvent,
 )
 from fission.sdk._oneshot import run
+from fission.sdk._pty import AsyncTerminal, Terminal
 from fission.sdk._sync import Files, Sandbox
 
 sandbox = Sandbox.create
@@ -74,6 +75,7 @@ __all__ = [
     "AsyncFiles",
     "AsyncOutputCallback",
     "AsyncSandbox",
+    "AsyncTerminal",
     "BootTimeout",
     "Busy",
     "Conflict",
@@ -107,6 +109,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotNotFound",
     "StreamEvent",
+    "Terminal",
     "Unauthorized",
     "UnknownLanguage",
     "Unsupported",

@@ -32,6 +32,7 @@ from fission.sdk._models import (
     SnapshotInfo,
     StreamEvent,
 )
+from fission.sdk._pty import AsyncTerminal
 
 
 async def drain(
@@ -313,6 +314,12 @@ class AsyncSandbox(SandboxCore):
     async def revoke_port_token(self, port: int, token_id: str) -> None:
         """Refuse a port token from now on (connections opened through the port end)."""
         await self._http.json(calls.revoke_port_token(self.id, port, token_id))
+
+    async def pty(self, cols: int = 80, rows: int = 24) -> AsyncTerminal:
+        """A shell on a new terminal in the sandbox, ``cols`` x ``rows`` characters (1-1000):
+        ``async with await sandbox.pty() as term: term.send(b"ls\\n"); term.read()``; the shell runs
+        with the sandbox's limits and ends (with what it started) when the terminal closes."""
+        return await AsyncTerminal._open(self._http.conn, self.id, cols, rows)
 
     async def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""

@@ -30,6 +30,7 @@ from fission.sdk._models import (
     SnapshotInfo,
     StreamEvent,
 )
+from fission.sdk._pty import Terminal
 
 
 def drain(
@@ -310,6 +311,12 @@ class Sandbox(SandboxCore):
     def revoke_port_token(self, port: int, token_id: str) -> None:
         """Refuse a port token from now on (connections opened through the port end)."""
         self._http.json(calls.revoke_port_token(self.id, port, token_id))
+
+    def pty(self, cols: int = 80, rows: int = 24) -> Terminal:
+        """A shell on a new terminal in the sandbox, ``cols`` x ``rows`` characters (1-1000):
+        ``with sandbox.pty() as term: term.send(b"ls\\n"); term.read()``; the shell runs
+        with the sandbox's limits and ends (with what it started) when the terminal closes."""
+        return Terminal._open(self._http.conn, self.id, cols, rows)
 
     def set_ttl(self, ttl: float) -> SandboxInfo:
         """Let the sandbox live ``ttl`` seconds from now."""

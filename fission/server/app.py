@@ -39,6 +39,7 @@ from fission.server.dashboard import create_dashboard
 from fission.server.metrics import CONTENT_TYPE, ServiceMetrics
 from fission.server.models import InstallRequest, RepoRequest, RunRequest, to_uploads
 from fission.server.ports_api import ports_router
+from fission.server.pty_api import pty_router
 from fission.server.request_ids import RequestContext
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.snapshots_api import snapshot_router
@@ -197,6 +198,7 @@ def create_app(
     app.include_router(sandbox_router(service.sandboxes))
     app.include_router(snapshot_router(service.sandboxes))
     app.include_router(ports_router(service.sandboxes))
+    app.include_router(pty_router(service.sandboxes))
     # the operator's pages: docs/dashboard.md
     app.mount("/ui", create_dashboard(service, gate, stopping))
     return app

@@ -19,7 +19,6 @@ A process that also spawns QEMU must load gRPC with ``GRPC_ENABLE_FORK_SUPPORT=f
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -38,15 +37,15 @@ from fission.core.sandbox_templates import create_from_template
 from fission.core.sandboxes import SandboxManager
 from fission.core.service import Service
 from fission.core.spec import RunResult
-from fission.errors import FissionError, InvalidInput, NotReady
+from fission.errors import InvalidInput, NotReady
 from fission.server.auth import Caller, Gatekeeper
+from fission.server.grpc_calls import Adapter, streaming, unary
 from fission.server.grpc_context import RequestContextInterceptor
 from fission.server.grpc_messages import (
     DEFAULT_PAGE_SIZE,
     MiB,
     chunks_of,
     command_of,
-    error_metadata,
     file_info_message,
     file_path,
     optional,
@@ -58,8 +57,8 @@ from fission.server.grpc_messages import (
     sandbox_spec,
     snapshot_message,
     state_filter,
-    status_of,
 )
+from fission.server.grpc_ports import PortsServicer
 from fission.server.metrics import ServiceMetrics
 
 log = logging.getLogger("fission.grpc")
@@ -109,68 +108,6 @@ async def run_events(work: Work) -> AsyncGenerator[pb.RunEvent, None]:
 
 
 # -- servicers -------------------------------------------------------------------------------------
-async def abort(context: grpc.aio.ServicerContext, error: FissionError) -> None:
-    """End the call with the status, details and trailing metadata of ``error``."""
-    await context.abort(status_of(error), error.message, trailing_metadata=error_metadata(error))
-
-
-def unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A method answering one message: admit the caller, call, map errors to statuses."""
-
-    @functools.wraps(method)
-    async def handler(self: Adapter, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context, await self.admit(context))
-        except FissionError as exc:
-            await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("gRPC %s failed", method.__name__)
-            await abort(context, FissionError(f"internal error ({type(exc).__name__})"))
-
-    return handler
-
-
-def streaming(
-    method: Callable[..., AsyncGenerator[Any, None]],
-) -> Callable[..., AsyncGenerator[Any, None]]:
-    """A method answering a stream: admit the caller, stream, map errors to statuses."""
-
-    @functools.wraps(method)
-    async def handler(
-        self: Adapter, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[Any, None]:
-        try:
-            messages = method(self, request, context, await self.admit(context))
-            try:
-                async for message in messages:
-                    yield message
-            finally:  # the client went away: end the work now, not when collected
-                await messages.aclose()
-        except FissionError as exc:
-            await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("gRPC %s failed", method.__name__)
-            await abort(context, FissionError(f"internal error ({type(exc).__name__})"))
-
-    return handler
-
-
-class Adapter:
-    """What every servicer has: the gatekeeper that admits callers."""
-
-    def __init__(self, gate: Gatekeeper) -> None:
-        self.gate = gate
-
-    async def admit(self, context: grpc.aio.ServicerContext) -> Caller:
-        """The caller named by the call's metadata; Unauthorized or QuotaExceeded if refused."""
-        metadata = {key: value for key, value in context.invocation_metadata() or ()}
-        return await self.gate.admit(metadata.get("authorization"), metadata.get("x-api-key"))
-
-
 class FissionServicer(Adapter, pb_grpc.FissionServicer):
     """One-shot runs, health and pools over ``Service``."""
 
@@ -410,7 +347,7 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
 
 # -- the server ------------------------------------------------------------------------------------
 class GrpcServer:
-    """A grpc.aio server with both services, listening on one address."""
+    """A grpc.aio server with every service, listening on one address."""
 
     def __init__(
         self,
@@ -428,6 +365,7 @@ class GrpcServer:
         pb_grpc.add_SandboxesServicer_to_server(
             SandboxesServicer(service.sandboxes, gate), self._server
         )
+        pb_grpc.add_PortsServicer_to_server(PortsServicer(service.sandboxes, gate), self._server)
 
     async def start(self) -> None:
         """Bind and start serving; NotReady when the address cannot be bound."""

@@ -50,6 +50,9 @@ TOOLS = {
     "snapshot_delete",
     "template_list",
     "template_delete",
+    "sandbox_expose",
+    "sandbox_ports",
+    "sandbox_unexpose",
 }
 CALL_DEADLINE = 120.0
 START_DEADLINE = 30.0

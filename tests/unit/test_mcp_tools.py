@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import anyio
+import httpx
 import pytest
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
@@ -55,6 +56,9 @@ SANDBOX_TOOLS = {
     "sandbox_snapshot",
     "sandbox_fork",
     "sandbox_rewind",
+    "sandbox_expose",
+    "sandbox_ports",
+    "sandbox_unexpose",
 }
 TEMPLATE_TOOLS = {"template_list", "template_delete"}
 TOOLS = {"run_code", "run_command", "snapshot_list", "snapshot_delete"} | SANDBOX_TOOLS
@@ -577,3 +581,40 @@ async def test_snapshot_fork_checkpoint_and_rewind_tools(runtime: Path) -> None:
         assert data(gone) == {"id": snap["id"], "deleted": True}
         unknown = await call(client, "sandbox_create", from_snapshot=snap["id"])
         assert unknown.is_error and "snapshot_not_found" in text_of(unknown)
+
+
+# -- exposed ports ----------------------------------------------------------------------------
+
+
+async def test_expose_gives_a_url_with_a_token_on_the_loopback_listener(runtime: Path) -> None:
+    from fission.server.ports_listener import ports_listener
+
+    options = McpOptions(ports_listener=ports_listener)
+    async with Client(build_server(options, fake_factory)) as client:
+        created = data(await call(client, "sandbox_create", language="bash", ttl=60))
+        box = created["id"]
+        exposed = data(await call(client, "sandbox_expose", sandbox_id=box, port=8000))
+        url = exposed["url"]
+        assert url.startswith("http://127.0.0.1:") and "fission_token=fpt_" in url
+        assert f"/v1/sandboxes/{box}/ports/8000/" in url
+        async with httpx.AsyncClient(timeout=10) as http:
+            # The token admits (then the fake guest has nothing listening: 502).
+            reached = await http.get(url, follow_redirects=True)
+            assert reached.status_code == 502, reached.text
+            assert reached.json()["error"]["code"] == "port_unreachable"
+            async with httpx.AsyncClient(timeout=10) as stranger:  # no token, no cookie
+                assert (await stranger.get(url.split("?")[0])).status_code == 401
+            listed = data(await call(client, "sandbox_ports", sandbox_id=box))
+            assert [p["port"] for p in listed["ports"]] == [8000]
+            data(await call(client, "sandbox_unexpose", sandbox_id=box, port=8000))
+            assert (await http.get(url)).status_code in (401, 404)
+            assert data(await call(client, "sandbox_ports", sandbox_id=box))["ports"] == []
+        await call(client, "sandbox_delete", sandbox_id=box)
+
+
+async def test_expose_without_a_listener_says_so(runtime: Path) -> None:
+    async with Client(build_server(McpOptions(), fake_factory)) as client:
+        box = data(await call(client, "sandbox_create", language="bash", ttl=60))["id"]
+        outcome = await call(client, "sandbox_expose", sandbox_id=box, port=8000)
+        assert outcome.is_error and "listener" in text_of(outcome)
+        await call(client, "sandbox_delete", sandbox_id=box)

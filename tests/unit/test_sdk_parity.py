@@ -19,13 +19,14 @@ import pytest
 import fission
 import fission.sdk
 from fission.errors import ERRORS_BY_CODE
-from fission.sdk import AsyncFiles, AsyncSandbox, Files, Sandbox
+from fission.sdk import AsyncFiles, AsyncSandbox, AsyncTerminal, Files, Sandbox, Terminal
 
-PAIRS = [(Sandbox, AsyncSandbox), (Files, AsyncFiles)]
+PAIRS = [(Sandbox, AsyncSandbox), (Files, AsyncFiles), (Terminal, AsyncTerminal)]
 DUNDER_TWINS = {"__enter__": "__aenter__", "__exit__": "__aexit__", "__init__": "__init__"}
 SYNC_TO_ASYNC = [
     (r"\bSandbox\b", "AsyncSandbox"),
     (r"\bFiles\b", "AsyncFiles"),
+    (r"\bTerminal\b", "AsyncTerminal"),
     (r"\bOutputCallback\b", "AsyncOutputCallback"),
     (r"\bGenerator\[(.*), None, None\]$", r"AsyncGenerator[\1, None]"),
 ]
