@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fission import log_context
-from fission.agent.client import AgentClient, ExecRequest, OutputSink
+from fission.agent.client import AgentClient, ExecRequest, OutputSink, WatchEvent
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker, Slot
 from fission.core import idle, integrity, sandbox_vm, snapshots
@@ -587,6 +587,23 @@ class SandboxManager:
             await self._file_op(
                 box, box.agent.remove_file(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
             )
+
+    async def watch_files(
+        self, sandbox_id: str, path: str, recursive: bool = False, owner: str | None = None
+    ) -> AsyncGenerator[list[WatchEvent], None]:
+        """Batches of changes under a directory; the first (empty) says the watch is in place.
+
+        Only the start holds the sandbox (a watch must not keep it from pausing); the stream
+        ends when the sandbox stops, pauses or is deleted.
+        """
+        box = self._box(sandbox_id, owner)
+        async with box.gate.operation():
+            stream = box.agent.watch_files(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
+            await self._file_op(box, anext(stream))
+        async with contextlib.aclosing(stream):
+            yield []
+            async for batch in stream:
+                yield batch
 
     async def _file_op(self, box: ManagedSandbox, operation: Any) -> Any:
         try:

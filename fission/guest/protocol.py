@@ -61,6 +61,9 @@ class FrameType(enum.IntEnum):
     STREAM = 20  # both ways: raw bytes of a stream (within the peer's window)
     CLOSE = 21  # both ways: {} the stream is over (the peer flushes what it holds, then closes)
     CREDIT = 22  # both ways: {bytes} the sender consumed that many bytes: the window reopens
+    # File watches (watch.py); numbered from 50 so that other features can grow below.
+    WATCH = 50  # host -> guest: {path, recursive}; RESULT {path}, then EVENTs; KILL ends it
+    EVENT = 51  # guest -> host: {events: [{type, path, to?}, ...]} changes under a watch
 
 
 # Frames of the egress tunnel (``tunnel.py``): their request id is a stream id, not a request.

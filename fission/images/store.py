@@ -33,6 +33,7 @@ AGENT_FILES = (
     "context.py",
     "files.py",
     "tunnel.py",
+    "watch.py",
 )
 
 
