@@ -25,6 +25,9 @@ EXTRA_OF: dict[str, str] = {
     "google": "server",
     "prometheus_client": "server",
     "jinja2": "server",
+    "e2b": "server",
+    "connectrpc": "server",
+    "protobuf": "server",
 }
 
 

@@ -201,9 +201,9 @@ class Watch:
             self.moves[cookie] = move
             self.push(move)
         elif mask & IN_MOVED_TO:
-            move = self.moves.pop(cookie, None)
-            if move is not None:
-                move["to"] = path
+            moved = self.moves.pop(cookie, None)
+            if moved is not None:
+                moved["to"] = path
             else:
                 self.push({"type": "create", "path": path})
         if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
@@ -229,11 +229,11 @@ class Watch:
 class Watches:
     """The watches of one agent: started by WATCH, ended by KILL, flushed every loop turn."""
 
-    def __init__(self, ops: files.FileOps, send: Send, register: Callable[[Watch], None]) -> None:
+    def __init__(self, ops: files.FileOps, send: Send, register: Callable[[Watch], object]) -> None:
         self.ops = ops
         self.send = send
         self.register = register  # puts a new watch's fd in the agent's selector
-        self.unregister: Callable[[Watch], None] = lambda _: None
+        self.unregister: Callable[[Watch], object] = lambda _: None
         self.active: dict[int, Watch] = {}
 
     def start(self, rid: int, message: dict[str, Any]) -> None:

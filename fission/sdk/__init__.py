@@ -57,6 +57,7 @@ from fission.sdk._models import (
     SandboxInfo,
     SnapshotInfo,
     StreamEvent,
+    WatchEvent,
 )
 from fission.sdk._oneshot import run
 from fission.sdk._sync import Files, Sandbox
@@ -102,6 +103,7 @@ __all__ = [
     "UnknownLanguage",
     "VMError",
     "VMStartFailed",
+    "WatchEvent",
     "run",
     "sandbox",
 ]

@@ -29,6 +29,7 @@ from fission.sdk._models import (
     SandboxInfo,
     SnapshotInfo,
     StreamEvent,
+    WatchEvent,
 )
 
 
@@ -424,3 +425,43 @@ class AsyncFiles:
         """Remove a file, or with ``recursive`` a directory and everything in it."""
         box = self._sandbox
         await box._http.json(calls.remove_file(box.id, path, recursive))
+
+    async def watch(self, path: str = ".", recursive: bool = False) -> AsyncWatchStream:
+        """Watch directory ``path`` (and below it with ``recursive``); iterate for changes.
+
+        Returns once the watch is in place. The stream ends when closed (``aclose()`` or an
+        ``async with`` block) or when the sandbox stops, pauses or is deleted.
+        """
+        box = self._sandbox
+        lines = box._http.lines(calls.watch_files(box.id, path, recursive))
+        try:
+            async for raw in lines:
+                if calls.is_watch_ready(raw):
+                    return AsyncWatchStream(lines)
+        except BaseException:
+            await lines.aclose()
+            raise
+        raise calls.missing_result()
+
+
+class AsyncWatchStream:
+    """The changes under a watched directory (``files.watch``), as ``WatchEvent``s."""
+
+    def __init__(self, lines: AsyncGenerator[str, None]) -> None:
+        self._lines = lines
+
+    async def __aiter__(self) -> AsyncGenerator[WatchEvent, None]:
+        async for raw in self._lines:
+            event = calls.parse_watch_line(raw)
+            if event is not None:
+                yield event
+
+    async def aclose(self) -> None:
+        """End the watch (safe twice)."""
+        await self._lines.aclose()
+
+    async def __aenter__(self) -> AsyncWatchStream:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()

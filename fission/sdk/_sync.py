@@ -27,6 +27,7 @@ from fission.sdk._models import (
     SandboxInfo,
     SnapshotInfo,
     StreamEvent,
+    WatchEvent,
 )
 
 
@@ -419,3 +420,43 @@ class Files:
         """Remove a file, or with ``recursive`` a directory and everything in it."""
         box = self._sandbox
         box._http.json(calls.remove_file(box.id, path, recursive))
+
+    def watch(self, path: str = ".", recursive: bool = False) -> WatchStream:
+        """Watch directory ``path`` (and below it with ``recursive``); iterate for changes.
+
+        Returns once the watch is in place. The stream ends when closed (``close()`` or a
+        ``with`` block) or when the sandbox stops, pauses or is deleted.
+        """
+        box = self._sandbox
+        return WatchStream(box._http.lines(calls.watch_files(box.id, path, recursive)))
+
+
+class WatchStream:
+    """The changes under a watched directory (``files.watch``), as ``WatchEvent``s."""
+
+    def __init__(self, lines: Generator[str, None, None]) -> None:
+        self._lines = lines
+        try:
+            for raw in lines:
+                if calls.is_watch_ready(raw):
+                    return
+        except BaseException:
+            lines.close()
+            raise
+        raise calls.missing_result()
+
+    def __iter__(self) -> Generator[WatchEvent, None, None]:
+        for raw in self._lines:
+            event = calls.parse_watch_line(raw)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        """End the watch (safe twice)."""
+        self._lines.close()
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

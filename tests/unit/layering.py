@@ -18,6 +18,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "fission"
 ROWS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("server", "mcp"),
+    ("e2b",),  # E2B's API: an adapter the server mounts (it imports nothing from the server)
     ("sdk",),
     ("api",),
     ("core",),

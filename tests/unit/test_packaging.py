@@ -33,7 +33,12 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 BASE = "base"
 RUNTIME_GROUPS = (BASE, "server", "cli")
 # The extra each layer may rely on besides the base install; unnamed layers have the base only.
-EXTRA_OF_LAYER: Mapping[str, str] = {"server": "server", "mcp": "server", "cli": "cli"}
+EXTRA_OF_LAYER: Mapping[str, str] = {
+    "server": "server",
+    "mcp": "server",
+    "e2b": "server",
+    "cli": "cli",
+}
 # The generated gRPC stubs are imported by the gRPC server alone.
 EXTRA_OF_MODULE: Mapping[str, str] = {
     "fission.api.fission_pb2": "server",

@@ -77,6 +77,8 @@ def test_frame_type_numbers_are_pinned() -> None:
         "STREAM": 20,
         "CLOSE": 21,
         "CREDIT": 22,
+        "WATCH": 50,
+        "EVENT": 51,
     }
 
 

@@ -26,6 +26,7 @@ DUNDER_TWINS = {"__enter__": "__aenter__", "__exit__": "__aexit__", "__init__": 
 SYNC_TO_ASYNC = [
     (r"\bSandbox\b", "AsyncSandbox"),
     (r"\bFiles\b", "AsyncFiles"),
+    (r"\bWatchStream\b", "AsyncWatchStream"),
     (r"\bOutputCallback\b", "AsyncOutputCallback"),
     (r"\bGenerator\[(.*), None, None\]$", r"AsyncGenerator[\1, None]"),
 ]
