@@ -14,7 +14,9 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Header, Request
 
 from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
@@ -70,6 +72,19 @@ class SandboxAccess:
                 "(Sandbox.connect) to get a current one"
             )
         return self.manager.get(sandbox_id)
+
+
+def sandbox_of_request(
+    request: Request,
+    e2b_sandbox_id: Annotated[str | None, Header()] = None,
+    x_access_token: Annotated[str | None, Header()] = None,
+) -> SandboxRecord:
+    """FastAPI dependency: the sandbox an in-sandbox HTTP call may use."""
+    access: SandboxAccess = request.app.state.access
+    return access.check(e2b_sandbox_id, x_access_token)
+
+
+Box = Annotated[SandboxRecord, Depends(sandbox_of_request)]
 
 
 def http_status(exc: FissionError) -> int:

@@ -167,18 +167,24 @@ class ControlPlane:
         return [self.listed(r) for r in shown], cursor
 
 
+async def current_caller(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """FastAPI dependency: the caller, admitted by its fission API key (``X-API-Key``)."""
+    admit: Admit = request.app.state.admit
+    return await admit(authorization, x_api_key)
+
+
+Who = Annotated[Caller, Depends(current_caller)]
+
+
 def create_control_app(manager: SandboxManager, access: SandboxAccess, admit: Admit) -> FastAPI:
     """The control plane's routes (mounted by ``create_e2b_app``)."""
     plane = ControlPlane(manager, access)
     app = FastAPI(title="fission: E2B API", openapi_url=None, docs_url=None, redoc_url=None)
-
-    async def caller(
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> Caller:
-        return await admit(authorization, x_api_key)
-
-    Who = Annotated[Caller, Depends(caller)]
+    app.state.admit = admit
 
     @app.exception_handler(FissionError)
     async def fission_error(_: Request, exc: FissionError) -> JSONResponse:

@@ -8,14 +8,13 @@ file back. Errors are E2B's ``{code, message}`` with the status its SDK maps to 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
-from fission.e2b.access import SandboxAccess, http_status
+from fission.e2b.access import Box, SandboxAccess, http_status
 from fission.e2b.paths import e2b_path, guest_path
 from fission.errors import FissionError, InvalidInput
 
@@ -38,13 +37,7 @@ def create_envd_http(manager: SandboxManager, access: SandboxAccess) -> FastAPI:
     """The HTTP side of envd (mounted by ``create_e2b_app``)."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
-    def sandbox(
-        e2b_sandbox_id: Annotated[str | None, Header()] = None,
-        x_access_token: Annotated[str | None, Header()] = None,
-    ) -> SandboxRecord:
-        return access.check(e2b_sandbox_id, x_access_token)
-
-    Box = Annotated[SandboxRecord, Depends(sandbox)]
+    app.state.access = access
 
     @app.exception_handler(FissionError)
     async def fission_error(_: Request, exc: FissionError) -> JSONResponse:

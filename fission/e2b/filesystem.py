@@ -19,13 +19,13 @@ from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from e2b.envd.filesystem import filesystem_pb
+from e2b.envd.filesystem import filesystem_connect, filesystem_pb
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
 from fission.e2b.access import SandboxAccess
-from fission.e2b.paths import e2b_path, guest_path
+from fission.e2b.paths import FISSION_HOME, e2b_path, guest_path
 from fission.e2b.rpc_errors import oneof, rpc_error
 from fission.errors import FileNotFound, FissionError
 
@@ -98,7 +98,7 @@ class Watcher:
         return taken
 
 
-class FilesystemService:
+class FilesystemService(filesystem_connect.Filesystem):
     """The ``filesystem.Filesystem`` service for every sandbox of the daemon."""
 
     def __init__(self, manager: SandboxManager, access: SandboxAccess) -> None:
@@ -107,7 +107,7 @@ class FilesystemService:
         self.watchers: dict[str, Watcher] = {}
 
     def _sandbox(self, ctx: Any) -> SandboxRecord:
-        headers = ctx.request_headers()
+        headers = ctx.request_headers
         try:
             return self.access.check(headers.get("e2b-sandbox-id"), headers.get("x-access-token"))
         except FissionError as exc:
@@ -140,14 +140,18 @@ class FilesystemService:
     async def move(self, request: Any, ctx: Any) -> filesystem_pb.MoveResponse:
         """Rename a path (``mv`` as the sandbox user; parents of the target are made)."""
         record = self._sandbox(ctx)
-        source, target = guest_path(request.source), guest_path(request.destination)
+        # Relative to the home (the command's cwd) where they are under it.
+        source, target = (
+            guest_path(path).removeprefix(FISSION_HOME + "/")
+            for path in (request.source, request.destination)
+        )
         script = 'mkdir -p -- "$(dirname -- "$2")" && mv -T -- "$1" "$2"'
         done = await self._call(
             self.manager.exec_command(
                 record.id,
                 ["/bin/sh", "-c", script, "mv", source, target],
                 owner=record.owner,
-                cwd="/home/sandbox",
+                cwd=FISSION_HOME,
             )
         )
         if done.exit_code != 0:

@@ -18,15 +18,15 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
-from fission.e2b.access import SandboxAccess, http_status
+from fission.e2b.access import Box, SandboxAccess, http_status
 from fission.e2b.paths import E2B_HOME
 from fission.errors import FissionError, InvalidInput, NotFound
 
@@ -127,13 +127,7 @@ def create_interpreter_app(manager: SandboxManager, access: SandboxAccess) -> Fa
     cells: dict[str, int] = {}
     fresh: set[tuple[str, str]] = set()  # contexts restarted: their next run starts afresh
 
-    def sandbox(
-        e2b_sandbox_id: Annotated[str | None, Header()] = None,
-        x_access_token: Annotated[str | None, Header()] = None,
-    ) -> SandboxRecord:
-        return access.check(e2b_sandbox_id, x_access_token)
-
-    Box = Annotated[SandboxRecord, Depends(sandbox)]
+    app.state.access = access
 
     @app.exception_handler(FissionError)
     async def fission_error(_: Request, exc: FissionError) -> JSONResponse:

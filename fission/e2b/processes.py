@@ -21,7 +21,7 @@ from typing import Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from e2b.envd.process import process_pb
+from e2b.envd.process import process_connect, process_pb
 
 from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
@@ -71,8 +71,9 @@ def end_event(exit_code: int, status: str, error: str | None = None) -> process_
     return process_pb.ProcessEvent(event=oneof("end", end))
 
 
-class ProcessService:
-    """The ``process.Process`` service for every sandbox of the daemon."""
+class ProcessService(process_connect.Process):
+    """The ``process.Process`` service for every sandbox of the daemon (what it does not
+    define, e.g. ``StreamInput``, answers UNIMPLEMENTED from the generated base)."""
 
     def __init__(self, manager: SandboxManager, access: SandboxAccess) -> None:
         self.manager = manager
@@ -81,7 +82,7 @@ class ProcessService:
         self.runs: dict[str, dict[int, ProcessRun]] = {}
 
     def _sandbox(self, ctx: Any) -> SandboxRecord:
-        headers = ctx.request_headers()
+        headers = ctx.request_headers
         try:
             return self.access.check(headers.get("e2b-sandbox-id"), headers.get("x-access-token"))
         except FissionError as exc:
@@ -168,7 +169,7 @@ class ProcessService:
     @staticmethod
     def _seconds(ctx: Any) -> float:
         """The command's deadline: the client's stream deadline, else fission's longest."""
-        remaining = ctx.timeout_ms()
+        remaining = ctx.timeout_ms
         if not remaining:
             return MAX_COMMAND_SECONDS
         return min(max(remaining / 1000.0, 1.0), MAX_COMMAND_SECONDS)
