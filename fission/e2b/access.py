@@ -78,10 +78,12 @@ def sandbox_of_request(
     request: Request,
     e2b_sandbox_id: Annotated[str | None, Header()] = None,
     x_access_token: Annotated[str | None, Header()] = None,
+    e2b_traffic_access_token: Annotated[str | None, Header()] = None,
 ) -> SandboxRecord:
-    """FastAPI dependency: the sandbox an in-sandbox HTTP call may use."""
+    """FastAPI dependency: the sandbox an in-sandbox HTTP call may use (the interpreter's
+    context calls send the traffic token instead of the access token: they are the same)."""
     access: SandboxAccess = request.app.state.access
-    return access.check(e2b_sandbox_id, x_access_token)
+    return access.check(e2b_sandbox_id, x_access_token or e2b_traffic_access_token)
 
 
 Box = Annotated[SandboxRecord, Depends(sandbox_of_request)]

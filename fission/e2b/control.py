@@ -98,6 +98,8 @@ class ControlPlane:
             "clientID": CLIENT_ID,
             "envdVersion": ENVD_VERSION,
             "envdAccessToken": self.access.token(record.id),
+            # The code interpreter's context calls carry only this one (the same token).
+            "trafficAccessToken": self.access.token(record.id),
             "domain": None,
         }
 
@@ -259,5 +261,11 @@ def create_control_app(manager: SandboxManager, access: SandboxAccess, admit: Ad
     async def metrics(sandbox_id: str, who: Who) -> list[dict[str, Any]]:
         manager.get(sandbox_id, who.owner)  # 404 for another's or a gone sandbox
         return []  # fission keeps no per-sandbox time series (docs/e2b.md)
+
+    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def unsupported(rest: str, request: Request, _: Who) -> JSONResponse:
+        what = f"{request.method} /{rest}"
+        message = f"fission's E2B API does not support {what} (see docs/e2b.md)"
+        return JSONResponse({"code": 404, "message": message}, 404)
 
     return app

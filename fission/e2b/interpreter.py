@@ -184,13 +184,25 @@ def create_interpreter_app(manager: SandboxManager, access: SandboxAccess) -> Fa
         fresh.discard((record.id, context_id))
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         splitter = OutputSplitter()
+        partial = {"stdout": "", "stderr": ""}  # a line's start, until its end comes
+
+        def emit(stream: str, text: str) -> None:
+            queue.put_nowait(line(stream, text=text, timestamp=time.time_ns() // 1000))
 
         def on_output(stream: str, data: bytes) -> None:
             text = data.decode("utf-8", errors="replace")
             if stream == "stdout":
                 text = splitter.stdout(text)
-            if text:
-                queue.put_nowait(line(stream, text=text, timestamp=time.time_ns() // 1000))
+            # Whole lines, as Jupyter hands them over (print's text and newline are two writes).
+            text = partial[stream] + text
+            head, newline, partial[stream] = text.rpartition("\n")
+            if newline:
+                emit(stream, head + newline)
+
+        def flush_partial() -> None:
+            for stream, rest in partial.items():
+                if rest:
+                    emit(stream, rest)
 
         async def run() -> None:
             try:
@@ -204,6 +216,7 @@ def create_interpreter_app(manager: SandboxManager, access: SandboxAccess) -> Fa
                     fresh_context=restart,
                     on_output=on_output,
                 )
+                flush_partial()
                 if splitter.report.strip():
                     report = json.loads(splitter.report.strip().splitlines()[0])
                     kind = report.pop("type")

@@ -12,8 +12,10 @@ directory. A KILL of the request ends the watch; so does the watched directory g
 The path is confined as the file operations confine theirs (``files.split_path``, openat2
 beneath the root, the sandbox user's credentials for the open): a watch reaches what the
 sandbox user could list. ``recursive`` adds a watch on every directory below, and on each
-new one as it appears. Events wait in a bounded queue per watch (``MAX_PENDING``), coalesced
-(a change already queued is not queued twice), and leave in frames of ``EVENTS_PER_FRAME``.
+new one as it appears (what a new directory already holds when its watch is added is reported
+as created: inotify cannot say what happened there before). Events wait in a bounded queue
+per watch (``MAX_PENDING``), coalesced (a change already queued is not queued twice), and
+leave in frames of ``EVENTS_PER_FRAME``.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ class Watch:
             self.close()
             raise
 
-    def add(self, relative: str) -> None:
-        """Watch the directory ``relative`` (to the watched one), and below it if recursive."""
+    def add(self, relative: str, new: bool = False) -> None:
+        """Watch the directory ``relative`` (to the watched one), and below it if recursive;
+        ``new``: it appeared under the watch (what it holds is reported as created)."""
         if len(self.dirs) >= MAX_DIRS:
             self.push({"type": "overflow"})
             return
@@ -132,11 +135,13 @@ class Watch:
             # again, so a symlink swapped in meanwhile cannot redirect the watch.
             wd = _libc().inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), MASK)
             err = ctypes.get_errno()
+            subdirs, found = [], []
             if self.recursive:
                 with os.scandir(fd) as entries:
-                    subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-            else:
-                subdirs = []
+                    for entry in entries:
+                        found.append(entry.name)
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
         finally:
             os.close(fd)
         if wd < 0:
@@ -145,8 +150,13 @@ class Watch:
             self.push({"type": "overflow"})  # out of inotify watches: say events are missed
             return
         self.dirs[wd] = relative
+        if new:
+            # A directory made under the watch: what appeared in it before its own watch was
+            # in place would go unseen, so it is reported as created.
+            for name in found:
+                self.push({"type": "create", "path": _join(relative, name)})
         for name in subdirs:
-            self.add(_join(relative, name))
+            self.add(_join(relative, name), new)
 
     def push(self, event: dict[str, Any]) -> None:
         """Queue one event unless the same change is queued already or the queue is full."""
@@ -207,7 +217,7 @@ class Watch:
             else:
                 self.push({"type": "create", "path": path})
         if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-            self.add(path)
+            self.add(path, new=True)
 
     def take(self) -> list[dict[str, Any]]:
         """The next frame's worth of queued events (removed from the queue)."""
