@@ -39,8 +39,8 @@ class E2BApp:
         self.control = create_control_app(manager, self.access, admit)
         self.envd_http = create_envd_http(manager, self.access)
         self.interpreter = create_interpreter_app(manager, self.access)
-        self.process_rpc = ProcessASGIApplication(self.processes)  # type: ignore[arg-type]
-        self.filesystem_rpc = FilesystemASGIApplication(self.filesystem)  # type: ignore[arg-type]
+        self.process_rpc = ProcessASGIApplication(self.processes)
+        self.filesystem_rpc = FilesystemASGIApplication(self.filesystem)
 
     def route(self, scope: Scope) -> ASGIApp:
         """The application that serves a request with this scope."""
