@@ -47,7 +47,9 @@ from fission.errors import (
     VMError,
     VMStartFailed,
 )
-from fission.sdk._async import AsyncFiles, AsyncSandbox
+from fission.sdk._async import AsyncFiles, AsyncSandbox, AsyncWatchStream
+from fission.sdk._commands import CommandHandle, Commands
+from fission.sdk._commands_async import AsyncCommandHandle, AsyncCommands
 from fission.sdk._models import (
     AsyncOutputCallback,
     FileInfo,
@@ -60,18 +62,23 @@ from fission.sdk._models import (
     WatchEvent,
 )
 from fission.sdk._oneshot import run
-from fission.sdk._sync import Files, Sandbox
+from fission.sdk._sync import Files, Sandbox, WatchStream
 
 sandbox = Sandbox.create
 """Create a sandbox now; ``with fission.sandbox(...) as s:`` deletes it at the end."""
 
 __all__ = [
     "AgentProtocolError",
+    "AsyncCommandHandle",
+    "AsyncCommands",
     "AsyncFiles",
     "AsyncOutputCallback",
     "AsyncSandbox",
+    "AsyncWatchStream",
     "BootTimeout",
     "Busy",
+    "CommandHandle",
+    "Commands",
     "Conflict",
     "FileInfo",
     "FileNotFound",
@@ -104,6 +111,7 @@ __all__ = [
     "VMError",
     "VMStartFailed",
     "WatchEvent",
+    "WatchStream",
     "run",
     "sandbox",
 ]

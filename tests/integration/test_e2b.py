@@ -25,6 +25,8 @@ from e2b import (
 )
 from e2b_code_interpreter import AsyncSandbox, Sandbox
 
+from fission.errors import FissionError
+from fission.sdk import AsyncSandbox as AsyncFissionSandbox
 from fission.sdk import Sandbox as FissionSandbox
 from tests.integration.servers import TcpDaemon
 
@@ -214,3 +216,56 @@ def test_fission_sdk_watches_files_on_a_real_vm(daemon: TcpDaemon, key: str) -> 
             ("create", "g", ""),
         } <= set(seen)
         assert ("delete", "g", "") in seen
+
+
+def test_fission_sdk_speaks_e2b_names(daemon: TcpDaemon, key: str) -> None:
+    with FissionSandbox(language="python", url=daemon.url, api_key=key) as box:
+        seen: list[bytes] = []
+        done = box.commands.run("echo hi; exit 3", on_stdout=seen.append)
+        assert (done.exit_code, done.stdout, seen) == (3, b"hi\n", [b"hi\n"])
+        handle = box.commands.run("echo started; sleep 120", background=True)
+        time.sleep(1.5)
+        assert handle.kill() is True and handle.kill() is False
+        with pytest.raises(FissionError):
+            handle.wait()
+        assert (
+            box.commands.run("for p in /proc/[0-9]*; do cat $p/cmdline; echo; done").stdout.count(
+                b"sleep"
+            )
+            == 0
+        )
+        quick = box.commands.run("echo bg", background=True)
+        assert quick.wait(timeout=60).stdout == b"bg\n"
+        assert box.files.make_dir("d/e").kind == "dir"
+        assert box.files.get_info("d/e").kind == "dir"
+        assert box.run_code("n = 20").exit_code == 0
+        assert box.run_code("print(n + 1)").stdout == b"21\n"  # the default context keeps state
+        assert box.run_code("print('n' in globals())", context="other").stdout == b"False\n"
+        assert box.run("print('n' in globals())").stdout == b"False\n"  # run stays stateless
+        before = box.info().expires_at
+        assert box.set_timeout(900).expires_at > before
+        again = FissionSandbox.connect(box.id, url=daemon.url, api_key=key)
+        assert again.run_code("print(n)").stdout == b"20\n"
+        again.close()
+        assert box.kill() is True
+        assert box.kill() is False
+
+
+async def test_fission_async_sdk_speaks_e2b_names(daemon: TcpDaemon, key: str) -> None:
+    async with AsyncFissionSandbox(language="python", url=daemon.url, api_key=key) as box:
+        assert (await box.commands.run("echo hi")).stdout == b"hi\n"
+        handle = await box.commands.run("sleep 120", background=True)
+        await asyncio.sleep(1.5)
+        assert await handle.kill() is True
+        with pytest.raises(FissionError):
+            await handle.wait()
+        await box.run_code("m = 2")
+        assert (await box.run_code("print(m * 3)")).stdout == b"6\n"
+        assert (await box.files.get_info(".")).kind == "dir"
+        async with await box.files.watch(".") as changes:
+            await box.files.write("seen.txt", b"x")
+            async with asyncio.timeout(20):
+                async for event in changes:
+                    # files.write lands under a temporary name, then is renamed onto its own
+                    if event.type == "move" and event.to == "seen.txt":
+                        break

@@ -19,14 +19,33 @@ import pytest
 import fission
 import fission.sdk
 from fission.errors import ERRORS_BY_CODE
-from fission.sdk import AsyncFiles, AsyncSandbox, Files, Sandbox
+from fission.sdk import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    AsyncWatchStream,
+    CommandHandle,
+    Commands,
+    Files,
+    Sandbox,
+    WatchStream,
+)
 
-PAIRS = [(Sandbox, AsyncSandbox), (Files, AsyncFiles)]
+PAIRS = [
+    (Sandbox, AsyncSandbox),
+    (Files, AsyncFiles),
+    (Commands, AsyncCommands),
+    (CommandHandle, AsyncCommandHandle),
+    (WatchStream, AsyncWatchStream),
+]
 DUNDER_TWINS = {"__enter__": "__aenter__", "__exit__": "__aexit__", "__init__": "__init__"}
 SYNC_TO_ASYNC = [
     (r"\bSandbox\b", "AsyncSandbox"),
     (r"\bFiles\b", "AsyncFiles"),
     (r"\bWatchStream\b", "AsyncWatchStream"),
+    (r"\bCommands\b", "AsyncCommands"),
+    (r"\bCommandHandle\b", "AsyncCommandHandle"),
     (r"\bOutputCallback\b", "AsyncOutputCallback"),
     (r"\bGenerator\[(.*), None, None\]$", r"AsyncGenerator[\1, None]"),
 ]
