@@ -4,6 +4,7 @@ and the host's checks of its events; the request parser fuzzed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import AsyncGenerator
 
@@ -157,3 +158,56 @@ async def test_host_queue_bounded_for_a_slow_consumer() -> None:
     for n in range(10):
         queue.put(WatchEvent("create", f"f{n}"))
     assert queue.take()[-1] == WatchEvent("overflow") and queue.take() == []
+
+
+async def test_grpc_streams_a_watch(service: Service, fake_driver: FakeDriver) -> None:
+    from fission.api import fission_pb2 as pb
+    from tests.unit.test_grpc_servicers import bash_sandbox, harness, md
+
+    async with harness(service) as h:
+        sandbox_id, vm = await bash_sandbox(h, fake_driver)
+        request = pb.WatchFilesRequest(sandbox_id=sandbox_id, path=".", recursive=True)
+        stream = h.sandboxes.WatchFiles(request, metadata=md(h.key))
+        first = await stream.read()
+        assert (first.type, first.path) == ("ready", ".")
+        (vm.home / "made.txt").write_bytes(b"x")  # a change in the guest's files
+        async with asyncio.timeout(10):
+            event = await stream.read()
+        assert (event.type, event.path) == ("create", "made.txt")
+        stream.cancel()
+        await service.sandboxes.delete(sandbox_id)
+
+
+async def test_rest_streams_a_watch_as_ndjson(service: Service, fake_driver: FakeDriver) -> None:
+    import httpx
+    import uvicorn
+
+    from fission.server.app import create_app
+    from tests.unit.test_e2b_api import free_port
+
+    record = await service.sandboxes.create(BASH)
+    port = free_port()
+    # No keys: a local caller. The app's lifespan is not run (the service is started already).
+    config = uvicorn.Config(create_app(service), port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            url = f"/v1/sandboxes/{record.id}/files/watch"
+            missing = await client.get(url, params={"path": "no"})
+            assert missing.status_code == 404
+            params = {"path": ".", "recursive": "true"}
+            async with client.stream("GET", url, params=params) as answer:
+                lines = answer.aiter_lines()
+                assert json.loads(await anext(lines)) == {"type": "ready", "path": "."}
+                (fake_driver.live[0].home / "r.txt").write_bytes(b"1")
+                async with asyncio.timeout(10):
+                    change = json.loads(await anext(lines))
+                assert change == {"type": "change", "event": "create", "path": "r.txt"}
+    finally:
+        server.should_exit = True
+        await task
+        await service.sandboxes.delete(record.id)
