@@ -28,7 +28,7 @@ from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
 from fission.e2b.access import Box, SandboxAccess, http_status
 from fission.e2b.paths import E2B_HOME
-from fission.errors import FissionError, InvalidInput, NotFound
+from fission.errors import FissionError, InvalidInput, NotFound, SandboxNotFound
 
 DEFAULT_CONTEXT = "e2b-default"
 MARK = "\x1e"  # starts the runner's report line; user output before it streams as it is
@@ -138,6 +138,16 @@ def create_interpreter_app(manager: SandboxManager, access: SandboxAccess) -> Fa
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def forget_gone() -> None:
+        """Drop what this app keeps for sandboxes that no longer exist."""
+        for sandbox_id in list(contexts) + list(cells):
+            try:
+                manager.get(sandbox_id)
+            except SandboxNotFound:
+                contexts.pop(sandbox_id, None)
+                cells.pop(sandbox_id, None)
+                fresh.difference_update({key for key in fresh if key[0] == sandbox_id})
+
     def known(record: SandboxRecord, context_id: str) -> dict[str, str]:
         found = contexts.get(record.id, {}).get(context_id)
         if found is None:
@@ -147,6 +157,7 @@ def create_interpreter_app(manager: SandboxManager, access: SandboxAccess) -> Fa
     @app.post("/contexts")
     async def create_context(body: ContextBody, record: Box) -> dict[str, str]:
         python_only(body.language)
+        forget_gone()
         context = {
             "id": f"ctx-{secrets.token_hex(8)}",
             "language": "python",
@@ -179,6 +190,8 @@ def create_interpreter_app(manager: SandboxManager, access: SandboxAccess) -> Fa
         if body.context_id:
             known(record, body.context_id)
         manager.check_running(record.id, record.owner)
+        if record.id not in cells:
+            forget_gone()  # once per sandbox: what earlier sandboxes left goes
         cells[record.id] = cell = cells.get(record.id, 0) + 1
         restart = (record.id, context_id) in fresh
         fresh.discard((record.id, context_id))

@@ -47,7 +47,7 @@ from fission.errors import (
     VMError,
     VMStartFailed,
 )
-from fission.sdk._async import AsyncFiles, AsyncSandbox, AsyncWatchStream
+from fission.sdk._async import AsyncFiles, AsyncSandbox
 from fission.sdk._commands import CommandHandle, Commands
 from fission.sdk._commands_async import AsyncCommandHandle, AsyncCommands
 from fission.sdk._models import (
@@ -62,7 +62,9 @@ from fission.sdk._models import (
     WatchEvent,
 )
 from fission.sdk._oneshot import run
-from fission.sdk._sync import Files, Sandbox, WatchStream
+from fission.sdk._sync import Files, Sandbox
+from fission.sdk._watch import WatchStream
+from fission.sdk._watch_async import AsyncWatchStream
 
 sandbox = Sandbox.create
 """Create a sandbox now; ``with fission.sandbox(...) as s:`` deletes it at the end."""

@@ -30,8 +30,8 @@ from fission.sdk._models import (
     SandboxInfo,
     SnapshotInfo,
     StreamEvent,
-    WatchEvent,
 )
+from fission.sdk._watch_async import AsyncWatchStream
 
 
 async def drain(
@@ -493,26 +493,3 @@ class AsyncFiles:
             await lines.aclose()
             raise
         raise calls.missing_result()
-
-
-class AsyncWatchStream:
-    """The changes under a watched directory (``files.watch``), as ``WatchEvent``s."""
-
-    def __init__(self, lines: AsyncGenerator[str, None]) -> None:
-        self._lines = lines
-
-    async def __aiter__(self) -> AsyncGenerator[WatchEvent, None]:
-        async for raw in self._lines:
-            event = calls.parse_watch_line(raw)
-            if event is not None:
-                yield event
-
-    async def close(self) -> None:
-        """End the watch (safe twice)."""
-        await self._lines.aclose()
-
-    async def __aenter__(self) -> AsyncWatchStream:
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.close()

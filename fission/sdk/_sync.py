@@ -28,8 +28,8 @@ from fission.sdk._models import (
     SandboxInfo,
     SnapshotInfo,
     StreamEvent,
-    WatchEvent,
 )
+from fission.sdk._watch import WatchStream
 
 
 def drain(
@@ -480,34 +480,3 @@ class Files:
         """
         box = self._sandbox
         return WatchStream(box._http.lines(calls.watch_files(box.id, path, recursive)))
-
-
-class WatchStream:
-    """The changes under a watched directory (``files.watch``), as ``WatchEvent``s."""
-
-    def __init__(self, lines: Generator[str, None, None]) -> None:
-        self._lines = lines
-        try:
-            for raw in lines:
-                if calls.is_watch_ready(raw):
-                    return
-        except BaseException:
-            lines.close()
-            raise
-        raise calls.missing_result()
-
-    def __iter__(self) -> Generator[WatchEvent, None, None]:
-        for raw in self._lines:
-            event = calls.parse_watch_line(raw)
-            if event is not None:
-                yield event
-
-    def close(self) -> None:
-        """End the watch (safe twice)."""
-        self._lines.close()
-
-    def __enter__(self) -> WatchStream:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()

@@ -139,6 +139,23 @@ async def test_watch_sees_a_write(e2b_url: str) -> None:
     await sdk(sbx.kill)
 
 
+async def test_code_interpreter_results_and_errors(e2b_url: str) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    # The fake guest keeps no context state (each run starts afresh): results and errors only.
+    sbx = await sdk(CodeSandbox.create, timeout=60)
+    done = await sdk(sbx.run_code, "print('a', flush=True)\nprint('b')\n6 * 7")
+    assert (done.logs.stdout, done.text, done.error) == (["a\n", "b\n"], "42", None)
+    failed = await sdk(sbx.run_code, "def f():\n    raise KeyError('k')\nf()")
+    assert failed.error is not None and failed.error.name == "KeyError"
+    assert failed.error.value == "'k'" and "raise KeyError('k')" in failed.error.traceback
+    context = await sdk(sbx.create_code_context)
+    assert [c.id for c in await sdk(sbx.list_code_contexts)] == [context.id]
+    assert (await sdk(sbx.run_code, "1 + 1", context=context)).text == "2"
+    await sdk(sbx.remove_code_context, context)
+    await sdk(sbx.kill)
+
+
 async def test_errors_the_e2b_way(e2b_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(NotFoundException):
         await sdk(Sandbox.connect, "sbx_nothere")

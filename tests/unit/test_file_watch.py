@@ -126,6 +126,12 @@ def test_watch_request_parsing_never_crashes(message: dict[str, object]) -> None
     assert isinstance(path, str) and path and isinstance(recursive, bool)
 
 
+@given(st.binary(max_size=200))
+def test_inotify_event_parsing_never_crashes(raw: bytes) -> None:
+    for event in watch.parse_events(raw):
+        assert [type(part) for part in event] == [int, int, int, str] and "\0" not in event[3]
+
+
 @given(st.fixed_dictionaries({"path": st.text(max_size=40), "recursive": st.booleans()}))
 def test_watch_paths_are_confined(message: dict[str, object]) -> None:
     try:
