@@ -26,6 +26,9 @@ EXTRA_OF: dict[str, str] = {
     "prometheus_client": "server",
     "jinja2": "server",
     "ray": "cluster",
+    "e2b": "server",
+    "connectrpc": "server",
+    "protobuf": "server",
 }
 
 

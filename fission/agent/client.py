@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fission.agent.channel import Channel
-from fission.agent.file_ops import FileInfo, FileOperations, decode, guest_error
+from fission.agent.file_ops import FileInfo, decode, guest_error
+from fission.agent.file_watch import FileWatches, WatchEvent
 from fission.agent.ingress import IngressTunnel
 from fission.agent.tunnel_streams import HostTunnel, TunnelStream
 from fission.errors import AgentProtocolError, InvalidInput
@@ -34,6 +35,7 @@ __all__ = [
     "FileInfo",
     "OutputSink",
     "TraceSteps",
+    "WatchEvent",
     "parse_exit",
     "parse_trace",
 ]
@@ -171,7 +173,7 @@ def check_context(context_id: str | None) -> None:
             raise InvalidInput(exc.message) from exc
 
 
-class AgentClient(FileOperations):
+class AgentClient(FileWatches):
     """Speaks the framed protocol to one guest agent over a byte stream."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -495,6 +495,26 @@ class FileChunk(_message.Message):
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
+class WatchFilesRequest(_message.Message):
+    __slots__ = ("sandbox_id", "path", "recursive")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    path: str
+    recursive: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., path: _Optional[str] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("type", "path", "to")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    path: str
+    to: str
+    def __init__(self, type: _Optional[str] = ..., path: _Optional[str] = ..., to: _Optional[str] = ...) -> None: ...
+
 class FileInfo(_message.Message):
     __slots__ = ("name", "path", "kind", "size", "mode", "mtime")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -286,6 +286,11 @@ class SandboxesStub:
                 request_serializer=fission_dot_api_dot_fission__pb2.RemoveFileRequest.SerializeToString,
                 response_deserializer=fission_dot_api_dot_fission__pb2.RemoveFileResponse.FromString,
                 _registered_method=True)
+        self.WatchFiles = channel.unary_stream(
+                '/fission.v1.Sandboxes/WatchFiles',
+                request_serializer=fission_dot_api_dot_fission__pb2.WatchFilesRequest.SerializeToString,
+                response_deserializer=fission_dot_api_dot_fission__pb2.WatchEvent.FromString,
+                _registered_method=True)
         self.Snapshot = channel.unary_unary(
                 '/fission.v1.Sandboxes/Snapshot',
                 request_serializer=fission_dot_api_dot_fission__pb2.SnapshotSandboxRequest.SerializeToString,
@@ -423,6 +428,14 @@ class SandboxesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchFiles(self, request, context):
+        """A directory's changes (inotify in the guest): a "ready" event once the watch is in place,
+        then one event per change; the stream ends when the sandbox stops, pauses or is deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Snapshot(self, request, context):
         """Save a running sandbox (memory and disk) as a snapshot; it keeps running.
         """
@@ -540,6 +553,11 @@ def add_SandboxesServicer_to_server(servicer, server):
                     servicer.RemoveFile,
                     request_deserializer=fission_dot_api_dot_fission__pb2.RemoveFileRequest.FromString,
                     response_serializer=fission_dot_api_dot_fission__pb2.RemoveFileResponse.SerializeToString,
+            ),
+            'WatchFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFiles,
+                    request_deserializer=fission_dot_api_dot_fission__pb2.WatchFilesRequest.FromString,
+                    response_serializer=fission_dot_api_dot_fission__pb2.WatchEvent.SerializeToString,
             ),
             'Snapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.Snapshot,
@@ -981,6 +999,33 @@ class Sandboxes:
             '/fission.v1.Sandboxes/RemoveFile',
             fission_dot_api_dot_fission__pb2.RemoveFileRequest.SerializeToString,
             fission_dot_api_dot_fission__pb2.RemoveFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fission.v1.Sandboxes/WatchFiles',
+            fission_dot_api_dot_fission__pb2.WatchFilesRequest.SerializeToString,
+            fission_dot_api_dot_fission__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Files in a running sandbox: write (streamed), read (streamed), list, stat, mkdir, remove.
+"""Files in a running sandbox: write and read (streamed), list, stat, mkdir, remove, watch.
 
 Each transfer holds the sandbox's gate as an operation, so it may overlap runs and other
 transfers but not a pause or resume; a sandbox deleted meanwhile reports ``SandboxNotFound``.
@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
+from fission.agent.client import WatchEvent
 from fission.core.managed_sandbox import ManagedSandbox, gone, is_gone
 from fission.errors import FissionError
 
@@ -66,6 +67,23 @@ async def remove_file(box: ManagedSandbox, path: str, recursive: bool = False) -
         await _file_op(
             box, box.agent.remove_file(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
         )
+
+
+async def watch_files(
+    box: ManagedSandbox, path: str, recursive: bool = False
+) -> AsyncGenerator[list[WatchEvent], None]:
+    """Batches of changes under a directory; the first (empty) says the watch is in place.
+
+    Only the start holds the sandbox (a watch must not keep it from pausing); the stream ends
+    when the sandbox stops, pauses or is deleted.
+    """
+    async with box.gate.operation():
+        stream = box.agent.watch_files(path, recursive=recursive, timeout=FILE_OP_TIMEOUT)
+        await _file_op(box, anext(stream))
+    async with contextlib.aclosing(stream):
+        yield []
+        async for batch in stream:
+            yield batch
 
 
 async def _file_op(box: ManagedSandbox, operation: Awaitable[Any]) -> Any:

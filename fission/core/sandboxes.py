@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fission import log_context
-from fission.agent.client import ExecRequest, OutputSink
+from fission.agent.client import ExecRequest, OutputSink, WatchEvent
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker
 from fission.core import idle, sandbox_files, sandbox_pause, sandbox_vm
@@ -397,6 +397,13 @@ class SandboxManager:
     ) -> None:
         """Remove a file (or a directory tree with ``recursive``) in the sandbox."""
         await sandbox_files.remove_file(self._box(sandbox_id, owner), path, recursive)
+
+    def watch_files(
+        self, sandbox_id: str, path: str, recursive: bool = False, owner: str | None = None
+    ) -> AsyncGenerator[list[WatchEvent], None]:
+        """Batches of changes under a directory; the first (empty) says the watch is in place
+        (see ``sandbox_files.watch_files``)."""
+        return sandbox_files.watch_files(self._box(sandbox_id, owner), path, recursive)
 
     # -- pause, resume, delete ------------------------------------------------------------------
     async def pause(self, sandbox_id: str, owner: str | None = None) -> SandboxRecord:

@@ -231,6 +231,17 @@ class ClusterSandboxes:
         async for chunk in stream(generator, host, "reading a file"):
             yield chunk
 
+    async def watch_files(
+        self, sandbox_id: str, path: str, recursive: bool = False, owner: str | None = None
+    ) -> AsyncIterator[list[Any]]:
+        """Changes under a directory of a sandbox, streamed from its host."""
+        host, agent = self._home(sandbox_id, owner)
+        generator = agent.watch_files.options(num_returns="streaming").remote(
+            sandbox_id, path, recursive, owner
+        )
+        async for batch in stream(generator, host, "watching files"):
+            yield batch
+
     async def _on_home(self, sandbox_id: str, owner: str | None, method: str, *args: Any) -> Any:
         host, agent = self._home(sandbox_id, owner)
         ref = agent.call.remote("sandboxes", method, sandbox_id, *args, owner)

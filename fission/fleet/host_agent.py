@@ -207,6 +207,17 @@ class HostAgent:
         finally:
             await chunks.aclose()
 
+    async def watch_files(
+        self, sandbox_id: str, path: str, recursive: bool, owner: str | None
+    ) -> Any:
+        """Batches of changes under a directory in a sandbox, streamed as they come."""
+        batches = self._service().sandboxes.watch_files(sandbox_id, path, recursive, owner)
+        try:
+            async for batch in batches:
+                yield batch
+        finally:
+            await batches.aclose()
+
     async def export_paused(self, sandbox_id: str) -> tuple[CatalogEntry, bytes]:
         """A paused sandbox's catalog row and packed files, to move it to another host."""
         return await sandbox_moves.export_paused(self._service().sandboxes, sandbox_id)

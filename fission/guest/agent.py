@@ -43,7 +43,7 @@ import traceback
 from typing import Any
 
 if __package__:
-    from . import confine, context, files, protocol, tunnel, warm
+    from . import confine, context, files, protocol, tunnel, warm, watch
     from .confine import DEFAULT_PATH, SANDBOX_HOME, build_env
     from .protocol import INVALID_INPUT, AgentError
     from .runs import CGROUP_ROOT, DRAIN_SECONDS, RUN_DIR, WARM_WAIT, Execution, log, remove_tree
@@ -55,6 +55,7 @@ else:  # run as a script inside the guest, with its modules beside it
     import protocol  # type: ignore[no-redef]
     import tunnel  # type: ignore[no-redef]
     import warm  # type: ignore[no-redef]
+    import watch  # type: ignore[no-redef]
     from confine import DEFAULT_PATH, SANDBOX_HOME, build_env  # type: ignore[no-redef]
     from protocol import INVALID_INPUT, AgentError  # type: ignore[no-redef]
     from runs import (  # type: ignore[no-redef]
@@ -124,6 +125,8 @@ class Agent:
         self.channel_poll_out.register(channel_fd, select.POLLOUT)
         self.selector.register(wake_r, selectors.EVENT_READ, ("wake", None))
         self.files = files.FileOps(self.send)
+        self.watches = watch.Watches(self.files, self.send, self.watch_fd)
+        self.watches.unregister = lambda w: self.selector.unregister(w.fd)
         self.contexts = context.Contexts(self.selector, self.remove_cgroup_later)
         self.tunnel = tunnel.GuestTunnel(self.selector, self.send, self.remove_cgroup_later)
         self.warm_next = False  # a run was not the VM's last: keep warm processes ready
@@ -157,6 +160,7 @@ class Agent:
         self.orphans.update(self.files.downloads)
         for rid in list(self.files.uploads) + list(self.files.downloads):
             self.files.cancel(rid)
+        self.watches.cancel_all()
         for stream in list(self.tunnel.streams.values()):
             self.tunnel.drop(stream)
         log("the host left the channel; runs and contexts go on")
@@ -197,7 +201,10 @@ class Agent:
                     execution.on_status()
                 elif kind == "context" and execution is not None:
                     self.contexts.on_event(execution)
+                elif kind == "watch":
+                    execution.on_readable()
             self.files.pump()
+            self.watches.flush()
             self.take_zygote_exits()
             now = time.monotonic()
             for request_id, execution in list(self.executions.items()):
@@ -317,12 +324,14 @@ class Agent:
             running = self.executions.get(rid)
             if running is not None:
                 running.kill()
-            else:
+            elif not self.watches.cancel(rid):
                 self.files.cancel(rid)
         elif kind == protocol.FrameType.FILE:
             self.files.handle(rid, protocol.decode_json(frame.payload))
         elif kind == protocol.FrameType.DATA:
             self.files.data(rid, frame.payload)
+        elif kind == protocol.FrameType.WATCH:
+            self.watches.start(rid, protocol.decode_json(frame.payload))
         elif kind in protocol.STREAM_FRAMES:
             self.tunnel.handle(frame)
         elif kind == protocol.FrameType.LISTEN:
@@ -336,6 +345,10 @@ class Agent:
             self.send_json(protocol.FrameType.RESULT, rid, {"dropped": self.contexts.drop(name)})
         else:
             raise ValueError(f"frame type {kind.name} is not for the guest")
+
+    def watch_fd(self, started: watch.Watch) -> None:
+        """Have the loop read a new watch's inotify events."""
+        self.selector.register(started.fd, selectors.EVENT_READ, ("watch", started))
 
     def enter_context(self, execution: Execution) -> context.Context:
         """The context a run names (see ``context.Contexts.enter``)."""

@@ -65,6 +65,9 @@ class FrameType(enum.IntEnum):
     CONNECT = 40  # host -> guest: {port} connect to 127.0.0.1:port; answered OPEN or CLOSE
     PTY = 41  # host -> guest: {cols, rows, ...} a shell on a new terminal; answered OPEN or CLOSE
     RESIZE = 42  # host -> guest: {cols, rows} the terminal of stream <request id> changed size
+    # File watches (watch.py); numbered from 50 so that other features can grow below.
+    WATCH = 50  # host -> guest: {path, recursive}; RESULT {path}, then EVENTs; KILL ends it
+    EVENT = 51  # guest -> host: {events: [{type, path, to?}, ...]} changes under a watch
 
 
 # Frames of the tunnel (``tunnel.py``): their request id is a stream id, not a request.

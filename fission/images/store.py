@@ -34,6 +34,7 @@ AGENT_FILES = (
     "files.py",
     "tunnel.py",
     "terminal.py",
+    "watch.py",
 )
 
 

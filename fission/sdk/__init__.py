@@ -51,6 +51,8 @@ from fission.errors import (
     VMStartFailed,
 )
 from fission.sdk._async import AsyncFiles, AsyncSandbox
+from fission.sdk._commands import CommandHandle, Commands
+from fission.sdk._commands_async import AsyncCommandHandle, AsyncCommands
 from fission.sdk._models import (
     AsyncOutputCallback,
     ExposedPort,
@@ -62,22 +64,30 @@ from fission.sdk._models import (
     SandboxInfo,
     SnapshotInfo,
     StreamEvent,
+    WatchEvent,
 )
 from fission.sdk._oneshot import run
 from fission.sdk._pty import AsyncTerminal, Terminal
 from fission.sdk._sync import Files, Sandbox
+from fission.sdk._watch import WatchStream
+from fission.sdk._watch_async import AsyncWatchStream
 
 sandbox = Sandbox.create
 """Create a sandbox now; ``with fission.sandbox(...) as s:`` deletes it at the end."""
 
 __all__ = [
     "AgentProtocolError",
+    "AsyncCommandHandle",
+    "AsyncCommands",
     "AsyncFiles",
     "AsyncOutputCallback",
     "AsyncSandbox",
     "AsyncTerminal",
+    "AsyncWatchStream",
     "BootTimeout",
     "Busy",
+    "CommandHandle",
+    "Commands",
     "Conflict",
     "ExposedPort",
     "FileInfo",
@@ -115,6 +125,8 @@ __all__ = [
     "Unsupported",
     "VMError",
     "VMStartFailed",
+    "WatchEvent",
+    "WatchStream",
     "run",
     "sandbox",
 ]

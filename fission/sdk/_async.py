@@ -17,7 +17,8 @@ from typing import Any, BinaryIO
 
 from fission.errors import SandboxNotFound
 from fission.sdk import _requests as calls
-from fission.sdk._base import DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
+from fission.sdk._base import DEFAULT_CONTEXT, DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
+from fission.sdk._commands_async import AsyncCommands
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
 from fission.sdk._http import AsyncHTTP
 from fission.sdk._local import abody_of, atomic_target, open_source
@@ -33,6 +34,7 @@ from fission.sdk._models import (
     StreamEvent,
 )
 from fission.sdk._pty import AsyncTerminal
+from fission.sdk._watch_async import AsyncWatchStream
 
 
 async def drain(
@@ -178,6 +180,11 @@ class AsyncSandbox(SandboxCore):
         except BaseException:
             await self.close()
             raise
+
+    @property
+    def commands(self) -> AsyncCommands:
+        """The sandbox's commands under E2B's names: ``commands.run(cmd, background=...)``."""
+        return AsyncCommands(self)
 
     @property
     def files(self) -> AsyncFiles:
@@ -387,6 +394,43 @@ class AsyncSandbox(SandboxCore):
         """Destroy the sandbox: its VM, disk and saved state."""
         await self._http.json(calls.delete_sandbox(self.id))
 
+    async def kill(self) -> bool:
+        """E2B's name for ``delete``: True if it was deleted, False if it was gone already."""
+        try:
+            await self.delete()
+        except SandboxNotFound:
+            return False
+        return True
+
+    async def set_timeout(self, timeout: float) -> SandboxInfo:
+        """E2B's name for ``set_ttl``: keep the sandbox ``timeout`` more seconds from now."""
+        return await self.set_ttl(timeout)
+
+    async def run_code(
+        self,
+        code: str,
+        *,
+        context: str = DEFAULT_CONTEXT,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        on_stdout: AsyncOutputCallback | None = None,
+        on_stderr: AsyncOutputCallback | None = None,
+    ) -> RunResult:
+        """Run Python ``code`` in a context whose variables persist (E2B's ``run_code``).
+
+        Every call without ``context`` shares the sandbox's default context, as E2B's code
+        interpreter does; name another ``context`` for a separate one. ``run`` stays
+        stateless unless given a context. ``timeout``: seconds (default: the sandbox's).
+        """
+        return await self.run(
+            code,
+            timeout=timeout,
+            env=env,
+            context=context,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
     async def close(self) -> None:
         """Close the connection to the daemon; the sandbox itself lives on (safe twice)."""
         await self._http.close()
@@ -448,6 +492,14 @@ class AsyncFiles:
         box = self._sandbox
         return calls.parse_file_info(await box._http.json(calls.stat_file(box.id, path)))
 
+    async def make_dir(self, path: str) -> FileInfo:
+        """E2B's name for ``mkdir``: create a directory and its parents."""
+        return await self.mkdir(path)
+
+    async def get_info(self, path: str) -> FileInfo:
+        """E2B's name for ``stat``: facts about one file or directory."""
+        return await self.stat(path)
+
     async def mkdir(self, path: str) -> FileInfo:
         """Create a directory and its parents."""
         box = self._sandbox
@@ -457,3 +509,20 @@ class AsyncFiles:
         """Remove a file, or with ``recursive`` a directory and everything in it."""
         box = self._sandbox
         await box._http.json(calls.remove_file(box.id, path, recursive))
+
+    async def watch(self, path: str = ".", recursive: bool = False) -> AsyncWatchStream:
+        """Watch directory ``path`` (and below it with ``recursive``); iterate for changes.
+
+        Returns once the watch is in place. The stream ends when closed (``close()`` or an
+        ``async with`` block) or when the sandbox stops, pauses or is deleted.
+        """
+        box = self._sandbox
+        lines = box._http.lines(calls.watch_files(box.id, path, recursive))
+        try:
+            async for raw in lines:
+                if calls.is_watch_ready(raw):
+                    return AsyncWatchStream(lines)
+        except BaseException:
+            await lines.aclose()
+            raise
+        raise calls.missing_result()

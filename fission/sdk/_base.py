@@ -17,6 +17,7 @@ from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve
 from fission.sdk._models import SandboxInfo
 
 DEFAULT_TTL = 300.0
+DEFAULT_CONTEXT = "default"  # the code context run_code shares when none is named
 DEFAULT_TIMEOUT = 30.0
 
 

@@ -38,6 +38,19 @@ AsyncOutputCallback = Callable[[bytes], object | Awaitable[object]]
 
 
 @dataclass(frozen=True)
+class WatchEvent:
+    """One change under a watched directory (``files.watch``); paths are relative to it.
+
+    ``type`` is create, modify, delete, move (``to``: the new name, when it stays under the
+    watch), chmod, or overflow (changes were lost: the sandbox's queue filled).
+    """
+
+    type: str
+    path: str = ""
+    to: str = ""  # empty unless a move whose new name is under the watch
+
+
+@dataclass(frozen=True)
 class SandboxInfo:
     """A sandbox's facts as the daemon reports them; times are Unix seconds."""
 

@@ -30,6 +30,7 @@ from fission.sdk._models import (
     RunResult,
     SandboxInfo,
     SnapshotInfo,
+    WatchEvent,
 )
 
 CHUNK_SIZE = 1024 * 1024  # file transfers move in pieces of this many bytes
@@ -464,6 +465,36 @@ def remove_file(sandbox_id: str, path: str, recursive: bool) -> Call:
     """Remove a file, or a directory tree with ``recursive``."""
     params = (("path", path), ("recursive", "true" if recursive else "false"))
     return Call("DELETE", sandbox_path(sandbox_id, "/files"), params)
+
+
+WATCH_SILENCE = 365 * 86400.0  # a watch may see no change for a long time: no read deadline
+
+
+def watch_files(sandbox_id: str, path: str, recursive: bool) -> Call:
+    """A directory's changes, streamed (a ``ready`` line first)."""
+    params = (("path", path), ("recursive", "true" if recursive else "false"))
+    return Call(
+        "GET",
+        sandbox_path(sandbox_id, "/files/watch"),
+        params,
+        run_timeout=WATCH_SILENCE,
+        headers=_ndjson(),
+    )
+
+
+def is_watch_ready(raw: str | bytes) -> bool:
+    """Whether a watch stream's line says the watch is in place."""
+    return bool(raw and raw.strip()) and json.loads(raw).get("type") == "ready"
+
+
+def parse_watch_line(raw: str | bytes) -> WatchEvent | None:
+    """The change a watch stream's line reports (None for ``ready``, ``end`` or a blank)."""
+    if not raw or not raw.strip():
+        return None
+    line = json.loads(raw)
+    if not isinstance(line, dict) or line.get("type") != "change":
+        return None
+    return WatchEvent(str(line.get("event")), str(line.get("path", "")), str(line.get("to", "")))
 
 
 def _ndjson() -> dict[str, str]:

@@ -15,7 +15,8 @@ from typing import Any, BinaryIO
 
 from fission.errors import SandboxNotFound
 from fission.sdk import _requests as calls
-from fission.sdk._base import DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
+from fission.sdk._base import DEFAULT_CONTEXT, DEFAULT_TIMEOUT, DEFAULT_TTL, SandboxCore
+from fission.sdk._commands import Commands
 from fission.sdk._connection import DEFAULT_REQUEST_TIMEOUT, Connection, resolve_connection
 from fission.sdk._http import SyncHTTP
 from fission.sdk._local import atomic_target, body_of, open_source
@@ -31,6 +32,7 @@ from fission.sdk._models import (
     StreamEvent,
 )
 from fission.sdk._pty import Terminal
+from fission.sdk._watch import WatchStream
 
 
 def drain(
@@ -175,6 +177,11 @@ class Sandbox(SandboxCore):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def commands(self) -> Commands:
+        """The sandbox's commands under E2B's names: ``commands.run(cmd, background=...)``."""
+        return Commands(self)
 
     @property
     def files(self) -> Files:
@@ -384,6 +391,43 @@ class Sandbox(SandboxCore):
         """Destroy the sandbox: its VM, disk and saved state."""
         self._http.json(calls.delete_sandbox(self.id))
 
+    def kill(self) -> bool:
+        """E2B's name for ``delete``: True if it was deleted, False if it was gone already."""
+        try:
+            self.delete()
+        except SandboxNotFound:
+            return False
+        return True
+
+    def set_timeout(self, timeout: float) -> SandboxInfo:
+        """E2B's name for ``set_ttl``: keep the sandbox ``timeout`` more seconds from now."""
+        return self.set_ttl(timeout)
+
+    def run_code(
+        self,
+        code: str,
+        *,
+        context: str = DEFAULT_CONTEXT,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult:
+        """Run Python ``code`` in a context whose variables persist (E2B's ``run_code``).
+
+        Every call without ``context`` shares the sandbox's default context, as E2B's code
+        interpreter does; name another ``context`` for a separate one. ``run`` stays
+        stateless unless given a context. ``timeout``: seconds (default: the sandbox's).
+        """
+        return self.run(
+            code,
+            timeout=timeout,
+            env=env,
+            context=context,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
     def close(self) -> None:
         """Close the connection to the daemon; the sandbox itself lives on (safe twice)."""
         self._http.close()
@@ -443,6 +487,14 @@ class Files:
         box = self._sandbox
         return calls.parse_file_info(box._http.json(calls.stat_file(box.id, path)))
 
+    def make_dir(self, path: str) -> FileInfo:
+        """E2B's name for ``mkdir``: create a directory and its parents."""
+        return self.mkdir(path)
+
+    def get_info(self, path: str) -> FileInfo:
+        """E2B's name for ``stat``: facts about one file or directory."""
+        return self.stat(path)
+
     def mkdir(self, path: str) -> FileInfo:
         """Create a directory and its parents."""
         box = self._sandbox
@@ -452,3 +504,12 @@ class Files:
         """Remove a file, or with ``recursive`` a directory and everything in it."""
         box = self._sandbox
         box._http.json(calls.remove_file(box.id, path, recursive))
+
+    def watch(self, path: str = ".", recursive: bool = False) -> WatchStream:
+        """Watch directory ``path`` (and below it with ``recursive``); iterate for changes.
+
+        Returns once the watch is in place. The stream ends when closed (``close()`` or a
+        ``with`` block) or when the sandbox stops, pauses or is deleted.
+        """
+        box = self._sandbox
+        return WatchStream(box._http.lines(calls.watch_files(box.id, path, recursive)))

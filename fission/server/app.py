@@ -33,6 +33,7 @@ from fission.core.provision import InstallResult
 from fission.core.service import Service
 from fission.core.spec import RunResult
 from fission.core.transfers import check_transfers
+from fission.e2b import create_e2b_app
 from fission.errors import FissionError, InvalidInput, QuotaExceeded, Unauthorized
 from fission.server.auth import Admin, Gatekeeper, Who
 from fission.server.dashboard import create_dashboard
@@ -44,6 +45,7 @@ from fission.server.request_ids import RequestContext
 from fission.server.sandboxes_api import sandbox_router
 from fission.server.snapshots_api import snapshot_router
 from fission.server.streaming import WantsSse, streaming_response
+from fission.server.watch_api import watch_router
 
 
 def create_app(
@@ -199,6 +201,8 @@ def create_app(
     app.include_router(snapshot_router(service.sandboxes))
     app.include_router(ports_router(service.sandboxes))
     app.include_router(pty_router(service.sandboxes))
+    app.include_router(watch_router(service.sandboxes))
     # the operator's pages: docs/dashboard.md
     app.mount("/ui", create_dashboard(service, gate, stopping))
+    app.mount("/e2b", create_e2b_app(service.sandboxes, gate.admit))  # E2B's API: docs/e2b.md
     return app

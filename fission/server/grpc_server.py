@@ -19,6 +19,7 @@ A process that also spawns QEMU must load gRPC with ``GRPC_ENABLE_FORK_SUPPORT=f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -321,6 +322,19 @@ class SandboxesServicer(Adapter, pb_grpc.SandboxesServicer):
                     yield pb.FileChunk(data=piece)
         finally:
             await chunks.aclose()
+
+    @streaming
+    async def WatchFiles(
+        self, request: Any, context: Any, who: Caller
+    ) -> AsyncGenerator[pb.WatchEvent, None]:
+        path = file_path(request.path or ".")
+        stream = self.manager.watch_files(request.sandbox_id, path, request.recursive, who.owner)
+        async with contextlib.aclosing(stream):
+            async for batch in stream:
+                if not batch:  # the first, empty batch: the watch is in place
+                    yield pb.WatchEvent(type="ready", path=path)
+                for event in batch:
+                    yield pb.WatchEvent(type=event.type, path=event.path, to=event.to or "")
 
     @unary
     async def ListFiles(self, request: Any, context: Any, who: Caller) -> pb.ListFilesResponse:

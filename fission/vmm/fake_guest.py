@@ -36,7 +36,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
-from fission.guest import context, files, protocol
+from fission.guest import context, files, protocol, watch
 from fission.guest.agent import DRAIN_SECONDS, Execution
 from fission.guest.protocol import INVALID_INPUT, AgentError, FrameType
 
@@ -97,6 +97,9 @@ class FakeGuest:
         self._next_sock: asyncio.Queue[socket.socket] = asyncio.Queue()
         self._orphans: set[int] = set()  # runs of a host that went away: output dropped
         self.files = RootedFiles(self._send, root)
+        # The agent's own watches (real inotify on the host directories), read by the loop.
+        self.watches = watch.Watches(self.files, self._send, self._watch_fd)
+        self.watches.unregister = lambda w: asyncio.get_running_loop().remove_reader(w.fd)
         self.runs: dict[int, Run] = {}
         self.execs: list[dict[str, Any]] = []  # every EXEC request received, for tests
         self.inits: list[dict[str, Any]] = []  # every INIT received (the wall clock and a seed)
@@ -193,12 +196,16 @@ class FakeGuest:
             self.kills.append(rid)
             if rid in self.runs:
                 self.runs[rid].signal(signal.SIGKILL)
+            elif self.watches.cancel(rid):
+                pass
             elif self.files.cancel(rid):
                 self.cancelled_transfers += 1
         elif kind == FrameType.FILE:
             self.files.handle(rid, protocol.decode_json(frame.payload))
         elif kind == FrameType.DATA:
             self.files.data(rid, frame.payload)
+        elif kind == FrameType.WATCH:
+            self.watches.start(rid, protocol.decode_json(frame.payload))
         elif kind == FrameType.DROP:
             context.check_context_id(protocol.decode_json(frame.payload).get("context"))
             self._send_json(FrameType.RESULT, rid, {"dropped": False})
@@ -219,6 +226,13 @@ class FakeGuest:
 
     def _send_json(self, frame_type: FrameType, request_id: int, message: dict[str, Any]) -> None:
         self._send(frame_type, request_id, protocol.dump_json(message))
+
+    def _watch_fd(self, started: watch.Watch) -> None:
+        def readable() -> None:
+            started.on_readable()
+            self.watches.flush()
+
+        asyncio.get_running_loop().add_reader(started.fd, readable)
 
     async def _drain(self) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -264,6 +278,7 @@ class FakeGuest:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for rid in list(self.files.uploads) + list(self.files.downloads):
             self.files.cancel(rid)
+        self.watches.cancel_all()
 
     def close(self) -> None:
         """Close this end of the channel (the host then reads its end; idempotent)."""

@@ -18,7 +18,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "fission"
 ROWS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("server", "mcp"),
-    ("fleet",),
+    # The fleet (a Service spread over hosts) and E2B's API (an adapter the server mounts; it
+    # imports nothing from the server): peers, neither imports the other.
+    ("fleet", "e2b"),
     ("sdk",),
     ("api",),
     ("core",),

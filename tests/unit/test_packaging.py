@@ -38,6 +38,7 @@ ADDON_GROUPS = ("cluster",)
 EXTRA_OF_LAYER: Mapping[str, str] = {
     "server": "server",
     "mcp": "server",
+    "e2b": "server",
     "cli": "cli",
     "fleet": "cluster",
 }

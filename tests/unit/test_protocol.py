@@ -80,6 +80,8 @@ def test_frame_type_numbers_are_pinned() -> None:
         "CONNECT": 40,
         "PTY": 41,
         "RESIZE": 42,
+        "WATCH": 50,
+        "EVENT": 51,
     }
 
 

@@ -19,14 +19,37 @@ import pytest
 import fission
 import fission.sdk
 from fission.errors import ERRORS_BY_CODE
-from fission.sdk import AsyncFiles, AsyncSandbox, AsyncTerminal, Files, Sandbox, Terminal
+from fission.sdk import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    AsyncTerminal,
+    AsyncWatchStream,
+    CommandHandle,
+    Commands,
+    Files,
+    Sandbox,
+    Terminal,
+    WatchStream,
+)
 
-PAIRS = [(Sandbox, AsyncSandbox), (Files, AsyncFiles), (Terminal, AsyncTerminal)]
+PAIRS = [
+    (Sandbox, AsyncSandbox),
+    (Files, AsyncFiles),
+    (Terminal, AsyncTerminal),
+    (Commands, AsyncCommands),
+    (CommandHandle, AsyncCommandHandle),
+    (WatchStream, AsyncWatchStream),
+]
 DUNDER_TWINS = {"__enter__": "__aenter__", "__exit__": "__aexit__", "__init__": "__init__"}
 SYNC_TO_ASYNC = [
     (r"\bSandbox\b", "AsyncSandbox"),
     (r"\bFiles\b", "AsyncFiles"),
     (r"\bTerminal\b", "AsyncTerminal"),
+    (r"\bWatchStream\b", "AsyncWatchStream"),
+    (r"\bCommands\b", "AsyncCommands"),
+    (r"\bCommandHandle\b", "AsyncCommandHandle"),
     (r"\bOutputCallback\b", "AsyncOutputCallback"),
     (r"\bGenerator\[(.*), None, None\]$", r"AsyncGenerator[\1, None]"),
 ]
