@@ -15,6 +15,12 @@ import httpx
 from tests.integration.conftest import FISSION
 
 
+def deleting_on_stop(args: tuple[str, ...] | list[str]) -> list[str]:
+    """``args`` for a test daemon that destroys its sandboxes when stopped (the default keeps
+    them running for the next daemon; test_durable tests that), unless they say otherwise."""
+    return [*args] if "--on-stop" in args else [*args, "--on-stop", "delete"]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
@@ -67,7 +73,7 @@ class TcpDaemon:
             str(self.state),
             "--db",
             str(self.db),
-            *self.args,
+            *deleting_on_stop(self.args),
         ]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

@@ -96,5 +96,6 @@ def test_images_list_json() -> None:
         "python": "ready",
         "node": "ready",
         "bash": "ready",
+        "go": "ready",
     }
     assert listing["kernel"].startswith("linux-image-")

@@ -91,6 +91,8 @@ class GrpcDaemon:
             str(self.db),
             "--pool",
             "python=1",
+            "--on-stop",
+            "delete",
         ]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

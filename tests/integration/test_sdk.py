@@ -40,6 +40,7 @@ from fission.sdk import (
 )
 from fission.sdk._backend import DaemonBackend
 from tests.integration.conftest import FISSION, vmm_processes
+from tests.integration.servers import deleting_on_stop
 
 pytestmark = pytest.mark.vm
 
@@ -102,7 +103,7 @@ class Daemon:
             str(self.state),
             "--db",
             str(self.db),
-            *self.args,
+            *deleting_on_stop(self.args),
         ]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

@@ -20,6 +20,7 @@ from fission.errors import Busy
 from fission.sdk._backend import DaemonBackend
 from tests.integration.conftest import FISSION, fission_cli
 from tests.integration.helpers import run_spec
+from tests.integration.servers import deleting_on_stop
 
 pytestmark = pytest.mark.vm
 
@@ -66,7 +67,7 @@ class Daemon:
             str(self.socket),
             "--state-dir",
             str(self.state),
-            *self.args,
+            *deleting_on_stop(self.args),
         ]
         with open(self.dir / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(
