@@ -70,7 +70,8 @@ def warm_template(image: str) -> WarmTemplate:
 
     For Python the guest's fork server preloads the language's modules (``fission.zygote``).
     """
-    # An OCI image's name is LANGUAGE@oci-KEY (``fission.images.oci``): warmed as its language.
+    # An OCI or apt image is LANGUAGE@oci-KEY or LANGUAGE@apt-KEY (``fission.images.oci``,
+    # ``apt_images``): warmed as its language.
     language = replace(resolve_language(image.partition("@")[0]), image=image)
     kernel_args: tuple[str, ...] = ()
     if language.mode == "python":

@@ -32,7 +32,7 @@ from fission.core.spec import RunResult, RunSpec
 from fission.core.templates import NAME, TemplateSpec
 from fission.core.transfers import Upload
 from fission.errors import ImageBuildFailed, InvalidInput, NotFound
-from fission.images import oci
+from fission.images import apt_images, oci
 from fission.images.store import images_dir
 from fission.net.policy import NetworkPolicy
 
@@ -68,12 +68,15 @@ def setup_script(spec: TemplateSpec) -> str:
 
 def plan_build(spec: TemplateSpec) -> TemplatePlan:
     """The template's build plan; InvalidInput for what a plain language image cannot hold."""
-    if spec.apt:
-        raise InvalidInput(
-            f"template {spec.name}: Debian packages ({', '.join(spec.apt)}) are not supported "
-            "yet: use pip/npm/go packages, or add them to an image recipe"
-        )
     language = spec.language
+    if spec.apt and spec.oci is not None:
+        raise InvalidInput(
+            f"template {spec.name}: Debian packages go on a language image, not on an OCI "
+            "image: install them in the OCI image itself"
+        )
+    if spec.apt:
+        apt_images.check_packages(spec.name, spec.apt)
+        language = replace(language, image=apt_images.image_name(language.name, spec.apt))
     if spec.oci is not None:
         language = replace(language, image=oci.image_name(language.name, spec.oci))
     uploads = tuple(Upload(guest, path.read_bytes()) for guest, path in sorted(spec.files.items()))
@@ -100,8 +103,13 @@ def plan_build(spec: TemplateSpec) -> TemplatePlan:
 
 
 def prepare_image(plan: TemplatePlan) -> None:
-    """Build the root disk of the template's OCI image unless cached (blocking: run it in a
-    thread)."""
+    """Build the root disk of the template's OCI image, or of its language with its Debian
+    packages, unless cached (blocking: run it in a thread)."""
+    if plan.spec.apt:
+        log = images_dir() / "logs" / f"apt-{plan.spec.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        built = apt_images.build_apt_rootfs(plan.spec.language.name, plan.spec.apt, log)
+        assert built == plan.language.image
     if plan.spec.oci is not None:
         log = images_dir() / "logs" / f"oci-{plan.spec.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,21 @@ def test_a_bad_template_fails_before_any_vm(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert b"absent.txt is not a file" in proc.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_template_with_a_debian_package_gets_an_image_of_its_own(tmp_path: Path) -> None:
+    """`apt = ["jq"]` builds bash's recipe plus jq with mmdebstrap (from the Debian mirror the
+    images come from, as `make setup` does), then runs with jq there and bash's own image
+    without it."""
+    name = "itest-apt"
+    path = tmp_path / "apt.toml"
+    path.write_text(f'name = "{name}"\nbase = "bash"\napt = ["jq"]\n')
+    try:
+        built = fission_cli("template", "build", str(path), timeout=1200)
+        assert built.returncode == 0, built.stderr.decode()
+        run = fission_cli("run", "--no-daemon", "--template", name, "echo '{\"a\": 7}' | jq .a")
+        assert (run.returncode, run.stdout) == (0, b"7\n"), run.stderr.decode()
+        plain = fission_cli("run", "--no-daemon", "--lang", "bash", "command -v jq || echo none")
+        assert plain.stdout == b"none\n"
+    finally:
+        fission_cli("template", "rm", name)

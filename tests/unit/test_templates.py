@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from fission.core.limits import Limits
 from fission.core.spec import RunSpec
 from fission.core.templates import load
 from fission.errors import InvalidInput, NotFound
+from fission.images import apt_images
 
 
 def write(path: Path, text: str) -> Path:
@@ -98,9 +100,37 @@ def test_a_cycle_of_bases_is_refused(tmp_path: Path) -> None:
         load(tmp_path / "a.toml")
 
 
-def test_debian_packages_are_refused_before_a_vm_starts(tmp_path: Path) -> None:
-    spec = load(write(tmp_path / "t.toml", 'base = "python"\napt = ["jq"]\n'))
-    with pytest.raises(InvalidInput, match=r"Debian packages \(jq\) are not supported"):
+needs_apt = pytest.mark.skipif(
+    shutil.which("apt-cache") is None, reason="no apt-cache on this host to look packages up"
+)
+
+
+@needs_apt
+def test_debian_packages_give_the_template_an_image_of_its_own(tmp_path: Path) -> None:
+    plan = template_build.plan_build(
+        load(write(tmp_path / "t.toml", 'base = "bash"\napt = ["jq"]\n'))
+    )
+    assert plan.language.name == "bash"
+    assert plan.language.image == apt_images.image_name("bash", ("jq",))
+    assert plan.language.image.startswith("bash@apt-")
+    again = load(write(tmp_path / "u.toml", 'base = "bash"\napt = ["jq", "jq"]\n'))
+    assert template_build.plan_build(again).language.image == plan.language.image
+    other = load(write(tmp_path / "v.toml", 'base = "bash"\napt = ["file"]\n'))
+    assert template_build.plan_build(other).language.image != plan.language.image
+
+
+@needs_apt
+def test_an_unknown_debian_package_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    spec = load(write(tmp_path / "t.toml", 'base = "bash"\napt = ["jq", "no-such-package-xyz"]\n'))
+    with pytest.raises(InvalidInput, match=r"Debian has no package no-such-package-xyz \(check"):
+        template_build.plan_build(spec)
+
+
+def test_debian_packages_on_an_oci_base_are_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    spec = replace(load(write(tmp_path / "t.toml", 'base = "bash"\napt = ["jq"]\n')), oci=tmp_path)
+    with pytest.raises(InvalidInput, match="install them in the OCI image itself"):
         template_build.plan_build(spec)
 
 
