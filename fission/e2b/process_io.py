@@ -1,8 +1,9 @@
 """What envd's processes take while they run: a command's stdin, a PTY's terminal.
 
 A command started with ``stdin=True`` gets a ``StdinPipe``: ``SendInput``/``StreamInput`` put
-chunks in a bounded queue the execution drains into the guest (a writer waits while it is
-full, as one writing to a full pipe does), ``CloseStdin`` ends it (the program reads EOF).
+chunks in a bounded queue the execution drains into the guest as fast as the agent channel
+takes them (a writer waits while the queue is full; what the program has not read yet waits
+in the guest agent), ``CloseStdin`` ends it (the program reads EOF).
 A PTY is fission's terminal (``SandboxManager.ports.open_pty``: the sandbox user's login
 shell, under the sandbox's limits); ``Terminal`` holds its stream for input and resizes.
 """

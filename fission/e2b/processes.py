@@ -134,6 +134,7 @@ class ProcessService(process_connect.Process):
         run = ProcessRun(next(self._pids), record.id, config, request.tag or None)
         queue: asyncio.Queue[process_pb.ProcessEvent | None] = asyncio.Queue()
         run.listeners.append(queue)
+        self.runs.setdefault(record.id, {})[run.pid] = run  # its task's end forgets it
         if request.pty is not None:
             opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             run.task = asyncio.create_task(self._terminal(run, record, size, opened, ctx))
@@ -145,7 +146,6 @@ class ProcessService(process_connect.Process):
         else:
             run.stdin = StdinPipe() if request.stdin else None
             run.task = asyncio.create_task(self._execute(run, record, self._seconds(ctx)))
-        self.runs.setdefault(record.id, {})[run.pid] = run
         started = process_pb.ProcessEvent.StartEvent(pid=run.pid)
         yield process_pb.StartResponse(event=process_pb.ProcessEvent(event=oneof("start", started)))
         async for event in self._follow(run, queue):
