@@ -14,7 +14,7 @@ import dataclasses
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "ExecRequest",
     "FileInfo",
     "OutputSink",
+    "Stdin",
     "TraceSteps",
     "WatchEvent",
     "parse_exit",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 OutputSink = Callable[[str, bytes], None]
+# A program's stdin: all of it at the start, or chunks that arrive while it runs (EOF when the
+# iterable ends; the caller bounds how much it holds, the channel how fast it is sent).
+Stdin = bytes | AsyncIterable[bytes]
 # A guest's trace: (step, ms since the agent read the EXEC frame), in the order it sent them.
 TraceSteps = tuple[tuple[str, float], ...]
 STDIN_CHUNK = 64 * 1024
@@ -225,7 +229,7 @@ class AgentClient(FileWatches):
         self,
         request: ExecRequest,
         on_output: OutputSink,
-        stdin: bytes | None = None,
+        stdin: Stdin | None = None,
         *,
         marks: dict[str, float] | None = None,
     ) -> ExecOutcome:
@@ -254,12 +258,20 @@ class AgentClient(FileWatches):
                 if feeder is not None:
                     feeder.cancel()
 
-    async def _feed_stdin(self, request_id: int, data: bytes) -> None:
+    async def _feed_stdin(self, request_id: int, stdin: Stdin) -> None:
+        if isinstance(stdin, bytes):
+            await self._send_stdin(request_id, stdin)
+        else:
+            async for chunk in stdin:
+                if chunk:  # an empty STDIN frame is the EOF: it goes only at the end
+                    await self._send_stdin(request_id, chunk)
+        await self._send(protocol.encode(FrameType.STDIN, request_id, b""))
+
+    async def _send_stdin(self, request_id: int, data: bytes) -> None:
         for start in range(0, len(data), STDIN_CHUNK):
             await self._send(
                 protocol.encode(FrameType.STDIN, request_id, data[start : start + STDIN_CHUNK])
             )
-        await self._send(protocol.encode(FrameType.STDIN, request_id, b""))
 
     async def _collect(
         self, request_id: int, output_limit: int, on_output: OutputSink

@@ -24,7 +24,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fission.agent.client import AgentClient, ExecOutcome, ExecRequest, OutputSink, TraceSteps
+from fission.agent.client import (
+    AgentClient,
+    ExecOutcome,
+    ExecRequest,
+    OutputSink,
+    Stdin,
+    TraceSteps,
+)
 from fission.core.spec import RunResult
 from fission.errors import VMError
 
@@ -85,12 +92,13 @@ async def execute(
     agent: AgentClient,
     request: ExecRequest,
     on_output: OutputSink | None = None,
-    stdin: bytes | None = None,
+    stdin: Stdin | None = None,
     *,
     boot_ms: float = 0.0,
     diagnostics: Callable[[], str] | None = None,
 ) -> Execution:
-    """Run ``request`` through ``agent``, streaming output to ``on_output`` as it arrives.
+    """Run ``request`` through ``agent``, streaming output to ``on_output`` as it arrives
+    and ``stdin`` (bytes, or an async iterable drained while it runs) to the program.
 
     A ``VMError`` (the VM died under the run) is re-raised with ``diagnostics()`` appended.
     """

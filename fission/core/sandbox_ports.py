@@ -201,9 +201,13 @@ class SandboxPorts:
         owner: str | None,
         cols: int = DEFAULT_SHELL_SIZE[0],
         rows: int = DEFAULT_SHELL_SIZE[1],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
     ) -> AsyncIterator[tuple[TunnelStream, IngressTunnel]]:
         """A shell on a new terminal in the sandbox, under the sandbox's limits (at most
-        ``max_ptys`` at once); the stream's ``exit_code`` is the shell's once it ended."""
+        ``max_ptys`` at once), with ``env`` over the sandbox's and in ``cwd`` (else home);
+        the stream's ``exit_code`` is the shell's once it ended."""
         check_size(cols, rows)
         box = self.manager._box(sandbox_id, owner)
         if self._ptys.get(sandbox_id, 0) >= self.max_ptys:
@@ -214,10 +218,12 @@ class SandboxPorts:
         request = {
             "cols": cols,
             "rows": rows,
-            "env": dict(spec.env),
+            "env": spec.env | (env or {}),
             "memory_bytes": limits.memory_mb * MB,
             "pids_max": limits.pids,
         }
+        if cwd is not None:
+            request["cwd"] = cwd
         self._ptys[sandbox_id] = self._ptys.get(sandbox_id, 0) + 1
         try:
             async with self._stream(sandbox_id, lambda ingress: ingress.pty(request)) as stream:

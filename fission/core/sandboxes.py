@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fission import log_context
-from fission.agent.client import ExecRequest, OutputSink, WatchEvent
+from fission.agent.client import ExecRequest, OutputSink, Stdin, WatchEvent
 from fission.auth.audit_log import LOCAL, AuditLog, outcome_of_error, outcome_of_result
 from fission.auth.quotas import ConcurrencyTracker
 from fission.core import idle, sandbox_files, sandbox_pause, sandbox_vm
@@ -302,15 +302,17 @@ class SandboxManager:
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
-        stdin: bytes | None = None,
+        stdin: Stdin | None = None,
         on_output: OutputSink | None = None,
         checkpoint: bool = False,
         max_snapshot_mb: int | None = None,
     ) -> RunResult:
-        """Run a shell command line (a string) or an argv (a list) in the sandbox."""
+        """Run a shell command line (a string) or an argv (a list) in the sandbox; ``stdin``
+        is its input: bytes, or an async iterable of chunks fed to it while it runs."""
         argv = command_argv(command)
         box = self._box(sandbox_id, owner)
-        spec = run_spec(box.record.spec, " ".join(argv), timeout, env, stdin)
+        whole = stdin if isinstance(stdin, bytes) else None  # a stream's size is not known
+        spec = run_spec(box.record.spec, " ".join(argv), timeout, env, whole)
         request = command_request(spec, argv, cwd)
         result = await self._exec(box, "sandbox.exec", spec, request, on_output, stdin)
         return await self._checkpoint(box, result, checkpoint, max_snapshot_mb)
@@ -331,7 +333,7 @@ class SandboxManager:
         spec: RunSpec,
         request: ExecRequest,
         on_output: OutputSink | None,
-        stdin: bytes | None,
+        stdin: Stdin | None,
     ) -> RunResult:
         started = time.monotonic()
         async with box.gate.operation():

@@ -4,10 +4,9 @@ Each started process is a fission ``exec_command`` in a task of its own, with a 
 this table's; its output goes to every stream attached to it (``Start`` and any ``Connect``),
 so a background command goes on when its starting stream is dropped and can be connected to
 again, listed and killed. A kill (or SIGTERM) cancels the command: the agent kills its whole
-process group. What fission does not have: a PTY (the SDK shows ``UNIMPLEMENTED``; PTYs come
-with fission's own terminal support), and stdin sent after the start (a command gets no
-stdin: ``send_stdin`` answers ``UNIMPLEMENTED``). Commands run as the sandbox user; ``user``
-is ignored. ``/home/user`` (E2B's home) means ``/home/sandbox`` (``paths.guest_path``).
+process group. A command started with ``stdin=True`` takes input while it runs, a PTY is
+fission's terminal (``process_io``). Commands run as the sandbox user; ``user`` is ignored.
+``/home/user`` (E2B's home) means ``/home/sandbox`` (``paths.guest_path``).
 """
 
 from __future__ import annotations
@@ -28,6 +27,13 @@ from fission.core.sandbox_spec import SandboxRecord
 from fission.core.sandboxes import SandboxManager
 from fission.e2b.access import SandboxAccess
 from fission.e2b.paths import guest_path
+from fission.e2b.process_io import (
+    StdinPipe,
+    Terminal,
+    check_pty_command,
+    pty_size,
+    route_input,
+)
 from fission.e2b.rpc_errors import oneof, rpc_error
 from fission.errors import FissionError
 
@@ -52,6 +58,8 @@ class ProcessRun:
     listeners: list[asyncio.Queue[process_pb.ProcessEvent | None]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     killed: bool = False
+    stdin: StdinPipe | None = None  # started with stdin=True
+    terminal: Terminal | None = None  # a PTY, once its shell started
 
     def publish(self, event: process_pb.ProcessEvent | None) -> None:
         """Hand ``event`` (None: the stream is over) to every attached stream."""
@@ -59,8 +67,8 @@ class ProcessRun:
             queue.put_nowait(event)
 
     def output(self, stream: str, data: bytes) -> None:
-        """An output chunk of the command, as envd's DataEvent."""
-        name = "stdout" if stream == "stdout" else "stderr"
+        """An output chunk of the command (``stdout``, ``stderr``, ``pty``), as a DataEvent."""
+        name = stream if stream in ("stdout", "pty") else "stderr"
         data_event = process_pb.ProcessEvent.DataEvent(output=oneof(name, data))
         self.publish(process_pb.ProcessEvent(event=oneof("data", data_event)))
 
@@ -113,13 +121,12 @@ class ProcessService(process_connect.Process):
     async def start(self, request: Any, ctx: Any) -> AsyncIterator[process_pb.StartResponse]:
         """Start a command and stream its events (start, output, end)."""
         record = self._sandbox(ctx)
-        if request.pty is not None:
-            raise ConnectError(
-                Code.UNIMPLEMENTED, "PTYs are not supported by fission's E2B API yet"
-            )
         config = request.process or process_pb.ProcessConfig()
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "the process has no cmd")
+        if request.pty is not None:
+            check_pty_command(config)
+            size = pty_size(request.pty.size)
         try:
             self.manager.check_running(record.id, record.owner)
         except FissionError as exc:
@@ -127,8 +134,18 @@ class ProcessService(process_connect.Process):
         run = ProcessRun(next(self._pids), record.id, config, request.tag or None)
         queue: asyncio.Queue[process_pb.ProcessEvent | None] = asyncio.Queue()
         run.listeners.append(queue)
-        self.runs.setdefault(record.id, {})[run.pid] = run
-        run.task = asyncio.create_task(self._execute(run, record, self._seconds(ctx)))
+        self.runs.setdefault(record.id, {})[run.pid] = run  # its task's end forgets it
+        if request.pty is not None:
+            opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            run.task = asyncio.create_task(self._terminal(run, record, size, opened, ctx))
+            try:
+                await opened  # the shell started, or why not (an RPC error for the caller)
+            except BaseException:
+                run.task.cancel()
+                raise
+        else:
+            run.stdin = StdinPipe() if request.stdin else None
+            run.task = asyncio.create_task(self._execute(run, record, self._seconds(ctx)))
         started = process_pb.ProcessEvent.StartEvent(pid=run.pid)
         yield process_pb.StartResponse(event=process_pb.ProcessEvent(event=oneof("start", started)))
         async for event in self._follow(run, queue):
@@ -152,26 +169,53 @@ class ProcessService(process_connect.Process):
         record = self._sandbox(ctx)
         run = self._find(record, request.process)
         run.killed = True
-        await asyncio.sleep(max(0.0, run.started_at + KILL_SETTLE_SECONDS - time.monotonic()))
+        if run.terminal is None:  # a terminal's release always reaches its shell
+            await asyncio.sleep(max(0.0, run.started_at + KILL_SETTLE_SECONDS - time.monotonic()))
         if run.task is not None:
             run.task.cancel()
         return process_pb.SendSignalResponse()
 
     async def send_input(self, request: Any, ctx: Any) -> process_pb.SendInputResponse:
-        """Not supported: fission feeds a command's stdin only when it starts."""
-        self._sandbox(ctx)
-        raise ConnectError(Code.UNIMPLEMENTED, "fission's E2B API sends no stdin to a command")
+        """Bytes for a command's stdin (started with stdin=True) or a PTY's terminal."""
+        record = self._sandbox(ctx)
+        run = self._find(record, request.process)
+        await route_input(request.input, run.stdin, run.terminal)
+        return process_pb.SendInputResponse()
+
+    async def stream_input(self, request: Any, ctx: Any) -> process_pb.StreamInputResponse:
+        """A stream of input: a start event naming the process, then data events, in order."""
+        record = self._sandbox(ctx)
+        run = None
+        async for message in request:
+            event = message.event
+            if event is None or event.field == "keepalive":
+                continue
+            if event.field == "start":
+                run = self._find(record, event.value.process)
+            elif run is None:
+                raise ConnectError(Code.INVALID_ARGUMENT, "the input stream must start first")
+            else:
+                await route_input(event.value.input, run.stdin, run.terminal)
+        return process_pb.StreamInputResponse()
 
     async def close_stdin(self, request: Any, ctx: Any) -> process_pb.CloseStdinResponse:
-        """A command's stdin is closed from its start: nothing to do."""
+        """EOF on a command's stdin (without stdin=True it had none: nothing to do)."""
         record = self._sandbox(ctx)
-        self._find(record, request.process)
+        run = self._find(record, request.process)
+        if run.stdin is not None:
+            await run.stdin.close()
         return process_pb.CloseStdinResponse()
 
     async def update(self, request: Any, ctx: Any) -> process_pb.UpdateResponse:
-        """Resizing a PTY: not supported."""
-        self._sandbox(ctx)
-        raise ConnectError(Code.UNIMPLEMENTED, "PTYs are not supported by fission's E2B API yet")
+        """Resize a PTY."""
+        record = self._sandbox(ctx)
+        run = self._find(record, request.process)
+        if run.terminal is None:
+            raise ConnectError(Code.FAILED_PRECONDITION, f"process {run.pid} has no PTY")
+        if request.pty is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, "the update has no PTY size")
+        await run.terminal.resize(request.pty.size)
+        return process_pb.UpdateResponse()
 
     @staticmethod
     def _seconds(ctx: Any) -> float:
@@ -194,6 +238,7 @@ class ProcessService(process_connect.Process):
                 env=dict(config.envs) or None,
                 cwd=guest_path(config.cwd) if config.cwd else None,
                 on_output=run.output,
+                stdin=run.stdin.chunks() if run.stdin is not None else None,
             )
             if result.timed_out:
                 end = end_event(KILLED, "signal: killed", f"timed out after {seconds:g} s")
@@ -205,9 +250,60 @@ class ProcessService(process_connect.Process):
         except FissionError as exc:
             end = end_event(KILLED, "error", str(exc))
         finally:
-            self.runs.get(run.sandbox_id, {}).pop(run.pid, None)
-            run.publish(end)
-            run.publish(None)
+            if run.stdin is not None:
+                run.stdin.end()
+            self._finish(run, end)
+
+    async def _terminal(
+        self,
+        run: ProcessRun,
+        record: SandboxRecord,
+        size: tuple[int, int],
+        opened: asyncio.Future[None],
+        ctx: Any,
+    ) -> None:
+        """Run a PTY: open fission's terminal, stream its bytes until the shell exits."""
+        config = run.config
+        seconds = self._seconds(ctx)
+        end = end_event(KILLED, "signal: killed")
+        try:
+            async with self.manager.ports.open_pty(
+                record.id,
+                record.owner,
+                *size,
+                env=dict(config.envs),
+                cwd=guest_path(config.cwd) if config.cwd else None,
+            ) as (stream, ingress):
+                run.terminal = Terminal(stream, ingress)
+                opened.set_result(None)
+                async with asyncio.timeout(seconds):
+                    while data := await stream.read():
+                        run.output("pty", data)
+                code = stream.exit_code
+                if code is None:
+                    end = end_event(KILLED, "error", "the sandbox stopped under the terminal")
+                else:
+                    end = end_event(code, f"exit status {code}")
+        except TimeoutError:
+            end = end_event(KILLED, "signal: killed", f"timed out after {seconds:g} s")
+        except asyncio.CancelledError:
+            if not run.killed:
+                raise
+        except FissionError as exc:
+            if not opened.done():
+                opened.set_exception(rpc_error(exc))
+            end = end_event(KILLED, "error", str(exc))
+        finally:
+            if not opened.done():  # the guest did not answer in time, or the start was dropped
+                why = "the sandbox's terminal did not start in time"
+                opened.set_exception(ConnectError(Code.UNAVAILABLE, why))
+            self._finish(run, end)
+
+    def _finish(self, run: ProcessRun, end: process_pb.ProcessEvent) -> None:
+        """Publish the run's end to its streams and forget it."""
+        self.runs.get(run.sandbox_id, {}).pop(run.pid, None)
+        run.publish(end)
+        run.publish(None)
 
     @staticmethod
     async def _follow(

@@ -20,6 +20,7 @@ from e2b import (
     CommandExitException,
     FileType,
     NotFoundException,
+    PtySize,
     RateLimitException,
     SandboxQuery,
 )
@@ -94,6 +95,35 @@ def test_background_command_killed_by_its_handle(sbx: Sandbox) -> None:
     with pytest.raises(CommandExitException):
         handle.wait()
     assert handle.pid not in [p.pid for p in sbx.commands.list()]
+
+
+def test_stdin_sent_to_a_running_command(sbx: Sandbox) -> None:
+    asked = sbx.commands.run("python3 -c \"print('read', input())\"", background=True, stdin=True)
+    sbx.commands.send_stdin(asked.pid, "typed\n")
+    assert asked.wait().stdout == "read typed\n"
+    cat = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.send_stdin(cat.pid, "one ")
+    sbx.commands.stream_input(cat.pid, ["two ", b"three\n"])
+    sbx.commands.close_stdin(cat.pid)
+    assert cat.wait().stdout == "one two three\n"
+
+
+def test_pty_shell_resize_exit_code_and_kill(sbx: Sandbox) -> None:
+    terminal = sbx.pty.create(PtySize(rows=24, cols=80))
+    assert terminal.pid in [p.pid for p in sbx.commands.list()]
+    sbx.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(terminal.pid, b"stty size; echo mark-$((6 * 7))\nexit 3\n")
+    screen: list[bytes] = []
+    with pytest.raises(CommandExitException) as ended:
+        terminal.wait(on_pty=screen.append)
+    assert ended.value.exit_code == 3
+    text = b"".join(screen)
+    assert b"30 100" in text and b"mark-42" in text, text  # typed, run, answered
+    other = sbx.pty.create(PtySize(rows=24, cols=80))
+    assert sbx.pty.kill(other.pid) is True
+    with pytest.raises(CommandExitException):
+        other.wait()
+    assert other.pid not in [p.pid for p in sbx.commands.list()]
 
 
 def test_files_and_a_watch_that_sees_a_write(sbx: Sandbox) -> None:

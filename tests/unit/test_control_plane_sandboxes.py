@@ -7,6 +7,7 @@ live in its directory and survive a pause in the saved state, as a QEMU sandbox'
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -56,6 +57,36 @@ async def test_create_run_exec_and_delete(service: Service, fake_driver: FakeDri
     assert fake_driver.live == [] and service.budget.used_mb == 0
     with pytest.raises(SandboxNotFound):
         await sandboxes.run_code(record.id, "print(1)")
+
+
+async def test_exec_takes_stdin_while_it_runs(service: Service) -> None:
+    sandboxes = service.sandboxes
+    record = await sandboxes.create(BASH)
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+    seen: list[bytes] = []
+    echoed = asyncio.Event()
+
+    async def typed() -> AsyncIterator[bytes]:
+        while (line := await lines.get()) is not None:
+            yield line
+
+    def on_output(stream: str, data: bytes) -> None:
+        seen.append(data)
+        echoed.set()
+
+    command = "while read -r line; do echo got $line; done; echo eof"
+    running = asyncio.create_task(
+        sandboxes.exec_command(record.id, command, stdin=typed(), on_output=on_output)
+    )
+    lines.put_nowait(b"one\n")
+    async with asyncio.timeout(10):
+        await echoed.wait()  # answered while the command still runs: its input is live
+    assert b"".join(seen) == b"got one\n" and not running.done()
+    lines.put_nowait(b"two\n")
+    lines.put_nowait(None)
+    done = await asyncio.wait_for(running, 10)
+    assert (done.exit_code, done.stdout) == (0, b"got one\ngot two\neof\n")
+    await sandboxes.delete(record.id)
 
 
 async def test_files_round_trip(service: Service, fake_driver: FakeDriver) -> None:

@@ -16,9 +16,12 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     FileType,
+    InvalidArgumentException,
     NotFoundException,
+    PtySize,
     RateLimitException,
     Sandbox,
+    SandboxException,
     SandboxQuery,
 )
 
@@ -119,6 +122,36 @@ async def test_background_command_killed_by_its_handle(e2b_url: str) -> None:
     assert await sdk(handle.kill) is True
     with pytest.raises(CommandExitException):
         await sdk(handle.wait)
+    assert await sdk(sbx.commands.list) == []
+    await sdk(sbx.kill)
+
+
+async def test_stdin_sent_to_a_running_command(e2b_url: str) -> None:
+    sbx = await sdk(Sandbox.create, "bash", timeout=60)
+    handle = await sdk(sbx.commands.run, "cat", background=True, stdin=True)
+    await sdk(sbx.commands.send_stdin, handle.pid, "hello ")
+    await sdk(sbx.commands.stream_input, handle.pid, ["streamed ", b"bytes\n"])
+    await sdk(sbx.commands.close_stdin, handle.pid)
+    result = await sdk(handle.wait)
+    assert (result.exit_code, result.stdout) == (0, "hello streamed bytes\n")
+
+    # Without stdin=True a command reads EOF at once and takes no input.
+    quiet = await sdk(sbx.commands.run, "cat; sleep 30", background=True)
+    with pytest.raises(SandboxException, match="without stdin"):
+        await sdk(sbx.commands.send_stdin, quiet.pid, "x")
+    with pytest.raises(SandboxException, match="has no PTY"):
+        await sdk(sbx.pty.resize, quiet.pid, PtySize(rows=10, cols=40))
+    await sdk(quiet.kill)
+    await sdk(sbx.kill)
+
+
+async def test_pty_refusals(e2b_url: str) -> None:
+    # The fake guest has no terminals: the start fails with the reason, nothing is left.
+    sbx = await sdk(Sandbox.create, "bash", timeout=60)
+    with pytest.raises(SandboxException, match="accepted the stream"):
+        await sdk(sbx.pty.create, PtySize(rows=24, cols=80))
+    with pytest.raises(InvalidArgumentException, match="cols must be"):
+        await sdk(sbx.pty.create, PtySize(rows=24, cols=5000))
     assert await sdk(sbx.commands.list) == []
     await sdk(sbx.kill)
 
