@@ -109,7 +109,10 @@ def spawn(message: dict[str, Any], name: str, remove_cgroup: Callable[[str], Non
     memory_bytes, pids_max = message.get("memory_bytes", 0), message.get("pids_max", 0)
     if type(memory_bytes) is not int or type(pids_max) is not int:
         raise ValueError("memory_bytes and pids_max must be ints")
-    env = confine.build_env(message.get("env") or {})
+    requested = message.get("env") or {}
+    if not isinstance(requested, dict):
+        raise ValueError("env must be an object of strings")
+    env = confine.build_env(requested)
     env.setdefault("TERM", "xterm-256color")
     cwd = message.get("cwd") or confine.SANDBOX_HOME
     if not isinstance(cwd, str):
