@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,10 +39,6 @@ from fission.errors import FissionError
 MAX_COMMAND_SECONDS = 3600.0  # fission's longest execution (limits.RANGES["timeout"])
 KEEPALIVE_SECONDS = 30.0
 KILLED = -1
-# A kill waits until the command has run this long: a KILL that reaches the guest agent while
-# it is still handing the program to a warm process can miss the program (seen on TCG within
-# ~0.2 s of the start), which then outlives its run.
-KILL_SETTLE_SECONDS = 1.0
 
 
 @dataclass
@@ -54,7 +49,6 @@ class ProcessRun:
     sandbox_id: str
     config: process_pb.ProcessConfig
     tag: str | None
-    started_at: float = field(default_factory=time.monotonic)
     listeners: list[asyncio.Queue[process_pb.ProcessEvent | None]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     killed: bool = False
@@ -169,8 +163,6 @@ class ProcessService(process_connect.Process):
         record = self._sandbox(ctx)
         run = self._find(record, request.process)
         run.killed = True
-        if run.terminal is None:  # a terminal's release always reaches its shell
-            await asyncio.sleep(max(0.0, run.started_at + KILL_SETTLE_SECONDS - time.monotonic()))
         if run.task is not None:
             run.task.cancel()
         return process_pb.SendSignalResponse()

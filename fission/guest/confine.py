@@ -51,6 +51,18 @@ def new_cgroup(path: str) -> None:
     write_file(os.path.join(path, "memory.oom.group"), "1")
 
 
+def move_to_cgroup(cgroup: str, pid: int) -> None:
+    """Put a child just forked into its run's cgroup, from the parent, before it is announced.
+
+    The child moves itself too (``confine_process``), but maybe only much later (it prepares at
+    idle priority): a ``cgroup.kill`` in between would miss it, and a KILL sent right after
+    its run starts would be lost. A child that has died already needs no moving, and one the
+    move failed for fails its own move and exits without running anything.
+    """
+    with contextlib.suppress(OSError):
+        write_file(os.path.join(cgroup, "cgroup.procs"), str(pid))
+
+
 def lower_priority(pid: int = 0) -> None:
     """Run ``pid`` (0: this process) only when the CPU is otherwise idle (SCHED_IDLE)."""
     with contextlib.suppress(OSError, AttributeError):

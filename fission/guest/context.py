@@ -203,6 +203,7 @@ def spawn_kernel(cgroup: str) -> tuple[int, socket.socket]:
             os.execve(sys.executable, argv, {"PATH": KERNEL_PATH})
         finally:
             os._exit(127)
+    confine.move_to_cgroup(cgroup, pid)  # a kill of the context from now on reaches it
     child_end.close()
     return pid, parent_end
 

@@ -3,7 +3,8 @@
 Starting ``python3`` under a software CPU costs hundreds of milliseconds, and importing numpy
 and pandas seconds. So the agent starts this process once: it imports the preload modules,
 freezes its heap (``gc.freeze()``, so children dirty fewer shared pages) and forks *warm
-children* ahead of time. A warm child puts itself in a fresh cgroup, confines itself exactly as
+children* ahead of time. A warm child is in a fresh cgroup from the moment the agent learns of
+it (the zygote puts it there: a run's kill must reach it), confines itself exactly as
 an exec'd program would be (``confine.confine_process``: sandbox user, no_new_privs, no fds but
 its hand-off socket), reseeds every random generator it holds (it shares the zygote's), runs a
 warm-up snippet, tells the agent it is waiting, and blocks. The zygote forks at idle priority
@@ -292,6 +293,7 @@ class Zygote:
             self.sock.close()
             warm_child(child_end, cgroup, rehearsed)
         confine.wake(0)
+        confine.move_to_cgroup(cgroup, pid)  # before the agent can hand it a run (and kill it)
         child_end.close()
         send(self.sock, {"warm": pid, "cgroup": cgroup}, [parent_end.fileno()])
         parent_end.close()

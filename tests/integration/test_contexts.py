@@ -5,18 +5,23 @@ One VM serves the whole module; each test uses context ids of its own.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from fission.core.languages import resolve_language
 from fission.core.limits import Limits
-from fission.core.machines import Machine
+from fission.core.machines import Machine, exec_request
+from fission.core.spec import RunSpec
 from fission.errors import InvalidInput
 from tests.integration.module_vm import boot_python, leftovers, run
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
+KILLED_WITHIN = 20.0  # s: a KILL that missed its program leaves the run going for its 120 s
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -168,3 +173,31 @@ async def test_commands_run_in_a_warm_child_inside_the_same_box(machine: Machine
     missing = await run(machine, "", argv=["/no/such/program"], mode="exec", script=None)
     assert missing.outcome.exit_code == 127
     assert missing.stderr.startswith(b"fission: cannot start program: FileNotFoundError")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05, 0.2])
+async def test_a_kill_right_after_the_start_ends_the_run(machine: Machine, delay: float) -> None:
+    # Back to back, each run takes a warm child forked just after the previous one ended, which
+    # may not have confined itself yet: the KILL must reach it all the same, on every path.
+    python = exec_request(RunSpec(resolve_language("python"), "", Limits(timeout=300)))
+    sleep = "import time\ntime.sleep(120)"
+    requests = {
+        "command (lean child)": dataclasses.replace(
+            python, argv=["sleep", "120"], script=None, mode="exec"
+        ),
+        "stdlib script (lean child)": dataclasses.replace(python, script=sleep),
+        "numpy script (full child)": dataclasses.replace(python, script=f"import numpy\n{sleep}"),
+        "new context": dataclasses.replace(python, script=sleep, context="killed"),
+    }
+    for what, request in requests.items():
+        request_id = machine.agent._next_request  # the id this run gets: the one to KILL
+        running = asyncio.create_task(machine.agent.exec(request, lambda stream, data: None))
+        await asyncio.sleep(delay)
+        await machine.agent.kill(request_id)
+        try:
+            async with asyncio.timeout(KILLED_WITHIN):
+                outcome = await running
+        except TimeoutError:
+            pytest.fail(f"{what}: killed {delay} s after its start, it went on running")
+        assert (outcome.exit_code, outcome.signal, outcome.timed_out) == (137, 9, False), what
+    assert (await run(machine, "print('still serving')")).stdout == b"still serving\n"

@@ -32,6 +32,7 @@ from fission.sdk import Sandbox as FissionSandbox
 from tests.integration.servers import TcpDaemon
 
 pytestmark = pytest.mark.vm
+PROGRAMS = "for p in /proc/[0-9]*; do cat $p/cmdline; echo; done"  # every process's command line
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,12 @@ def test_background_command_killed_by_its_handle(sbx: Sandbox) -> None:
     with pytest.raises(CommandExitException):
         handle.wait()
     assert handle.pid not in [p.pid for p in sbx.commands.list()]
+    # Killed right after its start, the program is gone too (a KILL that reached the guest
+    # while it handed the program over used to miss it); a dying one may show a moment more.
+    deadline = time.monotonic() + 10
+    while "sleep" in (programs := sbx.commands.run(PROGRAMS).stdout):
+        assert time.monotonic() < deadline, programs
+        time.sleep(0.2)
 
 
 def test_stdin_sent_to_a_running_command(sbx: Sandbox) -> None:

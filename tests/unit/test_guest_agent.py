@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import select
 import selectors
 import socket
 import stat
@@ -17,12 +18,20 @@ from typing import Any, cast
 
 import pytest
 
+from fission.guest import confine, context
 from fission.guest.agent import DEFAULT_PATH, SANDBOX_HOME, Agent, build_env, stderr_first
 from fission.guest.confine import write_file
 from fission.guest.protocol import FrameType
 from fission.guest.runs import MAX_TRACE_STEPS, Execution, write_script
 from fission.guest.warm import ForkServers, stdlib_only
-from fission.guest.zygote import CHILD_STEPS, WarmChild, ZygoteHandle, child_steps
+from fission.guest.zygote import (
+    CHILD_STEPS,
+    WarmChild,
+    Zygote,
+    ZygoteHandle,
+    child_steps,
+    recv_with_fds,
+)
 from fission.images.store import AGENT_FILES
 
 AGENT_DIR = Path(__file__).resolve().parents[2] / "fission" / "guest"
@@ -301,6 +310,77 @@ def test_a_hand_over_to_a_child_that_died_says_so() -> None:
     assert child.hand_over({"argv": ["true"]}, [r, w]) is False
     os.close(r)
     os.close(w)
+
+
+class CgroupMoves:
+    """Stands in for cgroup writes and ``fork`` (the parent's side only): records each move
+    into a cgroup, and whether the agent's end of ``sock`` had a message by then."""
+
+    CHILD = 4242
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, agent_end: socket.socket | None) -> None:
+        self.agent_end = agent_end
+        self.moves: list[tuple[str, str, bool]] = []
+        monkeypatch.setattr(confine, "new_cgroup", lambda path: None)
+        monkeypatch.setattr(confine, "lower_priority", lambda pid=0: None)
+        monkeypatch.setattr(confine, "wake", lambda pid: None)
+        monkeypatch.setattr(confine, "write_file", self.write)
+        monkeypatch.setattr(os, "fork", lambda: self.CHILD)
+
+    def write(self, path: str, text: str) -> None:
+        announced = self.agent_end is not None and bool(
+            select.select([self.agent_end], [], [], 0)[0]
+        )
+        self.moves.append((path, text, announced))
+
+
+def test_a_warm_child_is_in_its_cgroup_before_the_agent_learns_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Else a KILL right after its run's EXEC writes cgroup.kill while the child, preparing at
+    # idle priority, has not moved itself there yet: the kill misses, and the program runs on.
+    zygote_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    moves = CgroupMoves(monkeypatch, agent_end)
+    server = Zygote.__new__(Zygote)
+    server.sock, server.forked = zygote_end, 0
+    server.fork_warm()
+    message, fds = recv_with_fds(agent_end, 0)
+    cgroup = json.loads(message)["cgroup"]
+    assert json.loads(message)["warm"] == CgroupMoves.CHILD and len(fds) == 1
+    assert moves.moves == [(f"{cgroup}/cgroup.procs", str(CgroupMoves.CHILD), False)]
+    for fd in fds:
+        os.close(fd)
+    zygote_end.close()
+    agent_end.close()
+
+
+def test_a_child_gone_before_its_move_is_still_announced(monkeypatch: pytest.MonkeyPatch) -> None:
+    zygote_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    CgroupMoves(monkeypatch, agent_end)
+
+    def gone(path: str, text: str) -> None:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(confine, "write_file", gone)
+    server = Zygote.__new__(Zygote)
+    server.sock, server.forked = zygote_end, 0
+    server.fork_warm()  # the agent then finds the child dead (its hand-over fails, it forks)
+    message, fds = recv_with_fds(agent_end, 0)
+    assert json.loads(message)["warm"] == CgroupMoves.CHILD
+    for fd in fds:
+        os.close(fd)
+    zygote_end.close()
+    agent_end.close()
+
+
+def test_a_context_kernel_started_afresh_is_in_its_cgroup_on_return(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    moves = CgroupMoves(monkeypatch, None)
+    pid, sock = context.spawn_kernel("/sys/fs/cgroup/run-7")
+    sock.close()
+    assert pid == CgroupMoves.CHILD
+    assert moves.moves == [("/sys/fs/cgroup/run-7/cgroup.procs", str(pid), False)]
 
 
 def test_a_script_is_written_once_readable_by_the_sandbox_user(tmp_path: Path) -> None:
