@@ -54,6 +54,9 @@ MAX_TRACE_STEPS = 24  # the host accepts no more (``fission.agent.client``)
 STATUS_WAIT = 0.02  # once a run's output ended, how long to wait for its exit status at once
 DRAIN_READS = 16  # reads of a pipe at a status: a whole pipe (at most 1 MiB) in OUTPUT_CHUNKs
 KILLED_POLL = 0.1  # a run killed at its deadline: how often to look for its end meanwhile
+# Stdin the program has not read yet, at most (the host's cap on a run's stdin): input streamed
+# past it while the program does not read would only grow the agent, which the OOM killer spares.
+MAX_PENDING_STDIN = 16 * 1024 * 1024
 
 
 def log(message: str) -> None:
@@ -410,7 +413,11 @@ class Execution:
         """Queue bytes for the program's stdin; empty ``data`` closes it after the queue."""
         if self.stdin_fd < 0:
             return
-        if data:
+        if data and len(self.stdin_buffer) + len(data) > MAX_PENDING_STDIN:
+            log(f"run {self.request_id}: over {MAX_PENDING_STDIN} bytes of stdin unread; closed")
+            self.stdin_buffer.clear()
+            self.stdin_closing = True
+        elif data:
             self.stdin_buffer += data
         else:
             self.stdin_closing = True

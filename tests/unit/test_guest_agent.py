@@ -450,3 +450,27 @@ def test_an_init_marks_prepared_children_unless_the_vm_was_only_stopped(
     agent.forks = cast(Any, SimpleNamespace(mark_reseed=lambda: marked.append(True)))
     agent.init(message)  # no clock, no seed: only the marking
     assert bool(marked) is reseeds
+
+
+def test_unread_stdin_is_bounded_and_then_closed() -> None:
+    """Input streamed to a program that does not read it stops at MAX_PENDING_STDIN: the
+    program's stdin is closed then (it sees EOF after what it read), the agent keeps nothing."""
+    from fission.guest import runs
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    run = execution({})
+    run.stdin_fd = write_end
+    try:
+        chunk = b"x" * (1024 * 1024)
+        fed = 0
+        while run.stdin_fd >= 0 and fed <= 2 * runs.MAX_PENDING_STDIN:
+            run.feed_stdin(chunk)
+            fed += len(chunk)
+            assert len(run.stdin_buffer) <= runs.MAX_PENDING_STDIN
+        assert run.stdin_fd == -1 and not run.stdin_buffer  # closed, nothing kept
+        assert fed <= runs.MAX_PENDING_STDIN + 2 * len(chunk)
+    finally:
+        os.close(read_end)
+        if run.stdin_fd >= 0:
+            os.close(run.stdin_fd)
