@@ -31,6 +31,7 @@ from fission.errors import Unauthorized
 
 T = TypeVar("T")
 KEY = "fission_test_key"
+OTHER_KEY = "fission_other_key"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class FakeCaller:
 
 
 async def admit(authorization: str | None, api_key: str | None) -> FakeCaller:
+    if api_key == OTHER_KEY:
+        return FakeCaller("key-2", 3)
     if api_key != KEY:
         raise Unauthorized("that API key is not known")
     return FakeCaller("key-1", 3)
@@ -201,3 +204,46 @@ async def test_errors_the_e2b_way(e2b_url: str, monkeypatch: pytest.MonkeyPatch)
         await sdk(Sandbox.create, "bash")
     for box in boxes:
         await sdk(box.kill)
+
+
+async def test_another_key_and_forged_access_tokens_are_refused(
+    e2b_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox is the key's that made it; envd calls need that sandbox's own access token."""
+    import httpx
+
+    mine = await sdk(Sandbox.create, "bash", timeout=60)
+    theirs = await sdk(Sandbox.create, "bash", timeout=60)
+    try:
+        monkeypatch.setenv("E2B_API_KEY", OTHER_KEY)
+        with pytest.raises(NotFoundException):
+            await sdk(Sandbox.connect, mine.sandbox_id)
+        assert mine.sandbox_id not in [s.sandbox_id for s in await sdk(_all_listed)]
+        monkeypatch.setenv("E2B_API_KEY", KEY)
+        async with httpx.AsyncClient(base_url=e2b_url) as client:
+            connected = await client.post(
+                f"/sandboxes/{mine.sandbox_id}/connect",
+                json={"timeout": 60},
+                headers={"X-API-Key": KEY},
+            )
+            token = connected.json()["envdAccessToken"]  # what the control plane hands out
+
+            async def read(sandbox_id: str, token: str | None) -> int:
+                headers = {"E2b-Sandbox-Id": sandbox_id}
+                if token is not None:
+                    headers["X-Access-Token"] = token
+                answer = await client.get("/files", params={"path": "x"}, headers=headers)
+                return answer.status_code
+
+            assert await read(mine.sandbox_id, None) == 401
+            assert await read(mine.sandbox_id, "0" * 64) == 401
+            assert await read(theirs.sandbox_id, token) == 401  # another sandbox's token
+            assert await read(mine.sandbox_id, token) in (200, 404)  # its own: let in
+    finally:
+        monkeypatch.setenv("E2B_API_KEY", KEY)
+        for box in (mine, theirs):
+            await sdk(box.kill)
+
+
+def _all_listed() -> list[Any]:
+    return Sandbox.list().next_items()
