@@ -12,9 +12,7 @@ sandbox holds nothing (``lose``): only its record stays, ``paused_retention`` se
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
 from pathlib import Path
 
 from fission.core.catalog import CatalogEntry, config_of, record_of
@@ -100,17 +98,8 @@ async def lose(manager: SandboxManager, box: ManagedSandbox, reason: str) -> Non
     machine, box.machine, box.config = box.machine, None, None
     log.warning("sandbox %s is lost: %s", box.record.id, reason)
     try:
-        await manager._detach(box)
-        if machine is not None:
-            await machine.destroy()
-            manager._forget_vm(machine)
+        await manager._free(box, machine, was_running)
     finally:
-        if was_running:
-            manager.budget.release(box.reserved_mb)
-        if box.slot is not None:
-            box.slot.release()
-            box.slot = None
-        await asyncio.to_thread(shutil.rmtree, box.directory, True)
         manager._save(box)
     await manager._audit(
         box.record.owner,

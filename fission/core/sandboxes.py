@@ -429,16 +429,8 @@ class SandboxManager:
         box.record.state = SandboxState.DELETED
         machine, box.machine = box.machine, None
         try:
-            await self._detach(box)
-            if machine is not None:
-                await machine.destroy()
-                self._forget_vm(machine)
+            await self._free(box, machine, was_running)
         finally:
-            if was_running:
-                self.budget.release(box.reserved_mb)
-            if box.slot is not None:
-                box.slot.release()
-            await asyncio.to_thread(shutil.rmtree, box.directory, True)
             self.snapshots.sandbox_gone(box.record.id)
             self.ports.sandbox_gone(box.record.id)
             if self.catalog is not None:
@@ -537,6 +529,22 @@ class SandboxManager:
             )
 
         return await attach(machine.agent, record.spec.network, on_event)
+
+    async def _free(self, box: ManagedSandbox, machine: Machine | None, was_running: bool) -> None:
+        """Give back what a deleted or lost sandbox holds: its streams, its VM, its memory (if
+        it ran), its quota slot and its directory."""
+        try:
+            await self._detach(box)
+            if machine is not None:
+                await machine.destroy()
+                self._forget_vm(machine)
+        finally:
+            if was_running:
+                self.budget.release(box.reserved_mb)
+            if box.slot is not None:
+                box.slot.release()
+                box.slot = None
+            await asyncio.to_thread(shutil.rmtree, box.directory, True)
 
     async def _detach(self, box: ManagedSandbox) -> None:
         """Close the sandbox's egress proxy, if any, and its port and terminal streams (before

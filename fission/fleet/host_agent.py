@@ -17,11 +17,12 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fission.agent.client import OutputSink
 from fission.core import idle, sandbox_moves
 from fission.core.catalog import CatalogEntry
 from fission.core.sandbox_spec import MAX_PAGE_SIZE, SandboxRecord
@@ -140,27 +141,9 @@ class HostAgent:
         service = self._service()
         if "lease" in kwargs:
             kwargs["lease"] = self.leases.pop(kwargs["lease"], None)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
         method = getattr(service, action)
-
-        async def work() -> Any:
-            try:
-                return await method(
-                    *args, lambda s, d: queue.put_nowait(("output", s, d)), **kwargs
-                )
-            finally:
-                queue.put_nowait(END)
-
-        task = asyncio.create_task(work())
-        try:
-            while (item := await queue.get()) is not END:
-                yield item
-            yield ("result", await task)
-        finally:
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        async for item in output_then_result(lambda sink: method(*args, sink, **kwargs)):
+            yield item
 
     # -- sandboxes -------------------------------------------------------------------------------
     async def call(self, target: str, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -177,26 +160,9 @@ class HostAgent:
 
     async def sandbox_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A sandbox run or command (``run_code``, ``exec_command``), streamed like ``stream``."""
-        manager = self._service().sandboxes
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def work() -> Any:
-            try:
-                sink = lambda s, d: queue.put_nowait(("output", s, d))  # noqa: E731
-                return await getattr(manager, method)(*args, on_output=sink, **kwargs)
-            finally:
-                queue.put_nowait(END)
-
-        task = asyncio.create_task(work())
-        try:
-            while (item := await queue.get()) is not END:
-                yield item
-            yield ("result", await task)
-        finally:
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        call = getattr(self._service().sandboxes, method)
+        async for item in output_then_result(lambda sink: call(*args, on_output=sink, **kwargs)):
+            yield item
 
     async def read_file(self, sandbox_id: str, path: str, owner: str | None) -> Any:
         """A sandbox file's bytes, streamed in the agent's chunks."""
@@ -269,3 +235,29 @@ class HostAgent:
         if self.service is None:
             raise RuntimeError(f"host {self.name} is not started")
         return self.service
+
+
+async def output_then_result(
+    start: Callable[[OutputSink], Awaitable[Any]],
+) -> AsyncIterator[tuple[Any, ...]]:
+    """Run ``start(sink)``, yielding ``("output", stream, data)`` for what it writes to the sink
+    as it comes, then ``("result", result)``; its error ends the stream by raising, and a
+    consumer that stops early cancels it."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def work() -> Any:
+        try:
+            return await start(lambda stream, data: queue.put_nowait(("output", stream, data)))
+        finally:
+            queue.put_nowait(END)
+
+    task = asyncio.create_task(work())
+    try:
+        while (item := await queue.get()) is not END:
+            yield item
+        yield ("result", await task)
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task

@@ -304,15 +304,7 @@ class Jail:
 
     def to_json(self) -> dict[str, Any]:
         """What a later process needs to release this jail (``AdoptedJail``), as JSON."""
-        return {
-            "vm_id": self.plan.vm_id,
-            "uid": self.plan.uid,
-            "cgroup_dirs": [str(d) for d in self.cgroup_dirs],
-            "lent": [
-                [str(path), before.st_mode, before.st_uid, before.st_gid]
-                for path, before in self.lent
-            ],
-        }
+        return AdoptedJail(self.plan.vm_id, self.plan.uid, self.cgroup_dirs, self.lent).to_json()
 
     def join_cgroups(self) -> None:
         """In the child before exec: enter the VM's cgroups (so no instant runs outside them)."""
