@@ -170,21 +170,26 @@ async def test_a_moved_sandbox_whose_files_changed_on_the_way_is_refused(
 
 
 # -- single host mode ------------------------------------------------------------------------------
-def test_single_host_mode_never_imports_ray() -> None:
+def test_single_host_mode_never_imports_ray(tmp_path: Path) -> None:
     code = """
 import json, sys
 from pathlib import Path
 import fission.cli.commands, fission.server.app, fission.server.daemon, fission.mcp.server
 from fission.server.daemon import build_config, make_service
 config = build_config(config_file=None, pools=[], memory_budget_mb=512, acquire_timeout=None,
-    socket=Path("/tmp/x.sock"), host=None, port=None, state_dir=Path("/tmp/x-state"))
+    socket=Path(sys.argv[1], "d.sock"), host=None, port=None, state_dir=Path(sys.argv[1], "state"))
 service = make_service(config)
 fission.server.app.create_app(service)
 print(json.dumps(sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "fission.fleet")))))
 """
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
