@@ -40,6 +40,7 @@ from fission.fleet.host_agent import HostSettings
 from fission.fleet.routing import Fleet, call, stream
 
 log = logging.getLogger("fission.fleet")
+HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives its head node only
 
 
 @dataclass
@@ -98,7 +99,6 @@ def connect(
                 "`fission serve --cluster auto`"
             ) from None
         return control, dict(ray.get(control.ready.remote()))
-    here = ray.get_runtime_context().get_node_id()
     control = (
         ray.remote(FleetControl)
         .options(
@@ -108,12 +108,21 @@ def connect(
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=10_000,
-            # The catalog's file is on the node the first front end ran on; kept there.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            # The catalog's file lives on the head node, the cluster's one fixed point: a front
+            # end's process may be attached to any raylet of its machine, which may be a worker.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=True),
         )
         .remote(settings, simulated_hosts)
     )
     return control, dict(ray.get(control.ready.remote()))
+
+
+def head_node_id() -> str:
+    """The Ray head node's id (this process's own node if none is marked head)."""
+    for node in ray.nodes():
+        if node.get("Alive") and HEAD_RESOURCE in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return str(ray.get_runtime_context().get_node_id())
 
 
 class ClusterService:
