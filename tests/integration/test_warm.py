@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -94,10 +93,8 @@ class Daemon:
         self.proc.wait(timeout=60)
 
     def stop(self) -> None:
-        """Stop the daemon if it still runs, and remove its directory (socket, state, log)."""
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGTERM)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +104,9 @@ def daemon() -> Iterator[Daemon]:
     yield d
     d.stop()
     assert qemu_pids(d.state) == []
+    import shutil
+
+    shutil.rmtree(d.dir, ignore_errors=True)
 
 
 def daemon_env(d: Daemon) -> dict[str, str]:
